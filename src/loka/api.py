@@ -1,0 +1,58 @@
+"""The top-level API: ``edit`` turns requests into an artifact, applied to the model by default."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from .artifact import Artifact
+from .errors import RequestError
+from .methods import default_hparams, get_method
+from .methods.base import HParams
+from .requests import EditRequest, subject_last_token
+
+log = logging.getLogger(__name__)
+
+
+def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
+    """Check every request against the model's tokenizer (subject is a token span, target non-empty)."""
+    if not requests:
+        raise RequestError("no requests given")
+    for r in requests:
+        if not isinstance(r, EditRequest):
+            raise RequestError(f"expected EditRequest, got {type(r).__name__}")
+        subject_last_token(handle.tokenizer, r.prompt, r.subject)
+
+
+def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "rome",
+         hparams: HParams | dict | None = None, *, apply: bool = True, progress: bool = True) -> Artifact:
+    """Run ``method`` on ``requests`` and return the artifact (applied to ``handle`` unless ``apply=False``).
+
+    The model's weights are untouched if the method fails; hyperparameters default to the
+    per-model config file (``loka/configs/<method>/<model>.json``), with ``hparams`` overriding.
+    """
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    requests = list(requests)
+    validate_requests(handle, requests)
+    m = get_method(method)
+    if isinstance(hparams, HParams):
+        hp = hparams
+    else:
+        hp = default_hparams(method, handle, hparams or {})
+    t0 = time.time()
+    bar = tqdm(total=len(requests), desc=f"{method} edits", unit="req", disable=not progress)
+    try:
+        deltas, info = m.run(handle, requests, hp, progress=bar)
+    finally:
+        bar.close()
+    seconds = time.time() - t0
+    art = Artifact.create(deltas, method=method, hparams=hp.to_dict(), requests=[r.to_dict() for r in requests],
+                          handle=handle, extra={"seconds": round(seconds, 3), **info})
+    log.info("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
+    if apply:
+        art.apply(handle)
+    return art

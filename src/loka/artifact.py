@@ -1,0 +1,213 @@
+"""Edits as artifacts: weight deltas (safetensors) + a JSON manifest, applied and reverted exactly.
+
+An artifact folder ``NAME.loka/`` holds ``deltas.safetensors`` and ``manifest.json`` (method,
+hyperparameters, requests, model identity hash, library version, creation time, sha256 of the
+tensors). Applying keeps a copy of the touched parameters, so a revert restores them bit for bit,
+in any order. Saving is atomic; loading checks the sha256 and refuses a corrupt or foreign file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ArtifactError
+from .utils.io import atomic_dir, atomic_write_json, hash_json, hash_tensors, sha256_file
+
+log = logging.getLogger(__name__)
+
+FORMAT = "loka-artifact"
+FORMAT_VERSION = 1
+_STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _model_of(target) -> tuple[nn.Module, str | None]:
+    if isinstance(target, nn.Module):
+        return target, None
+    return target.model, target.model_hash
+
+
+@contextlib.contextmanager
+def preserved_weights(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
+    """Restore the named parameters exactly when the block exits, normally or by an exception."""
+    names = list(dict.fromkeys(names))
+    backup = {n: model.get_parameter(n).detach().clone() for n in names}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in backup.items():
+                model.get_parameter(n).copy_(t)
+
+
+@dataclass
+class Artifact:
+    """Weight deltas (in each parameter's stored orientation) and the manifest that explains them."""
+
+    deltas: dict[str, torch.Tensor]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, deltas: dict[str, torch.Tensor], *, method: str, hparams: dict, requests: list[dict],
+               handle, extra: dict | None = None) -> Artifact:
+        deltas = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in deltas.items()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "kind": "weight-delta",
+            "method": method,
+            "hparams": hparams,
+            "requests": requests,
+            "model": {"name": handle.name, "hash": handle.model_hash, "family": handle.spec.family,
+                      "source": handle.source},
+            "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in deltas.items()},
+            "loka_version": _version(),
+            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "extra": extra or {},
+        }
+        manifest["id"] = hash_json([hash_tensors(deltas), method, hparams, requests, handle.model_hash])[:16]
+        return cls(deltas, manifest)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.manifest.get("id", "")
+
+    @property
+    def method(self) -> str:
+        return self.manifest.get("method", "?")
+
+    def __repr__(self) -> str:
+        return f"Artifact(id={self.id}, method={self.method}, params={list(self.deltas)})"
+
+    # -- apply / revert ---------------------------------------------------------------------
+    def check_compatible(self, target, *, force: bool = False) -> nn.Module:
+        model, model_hash = _model_of(target)
+        want = self.manifest.get("model", {}).get("hash")
+        if model_hash is not None and want and model_hash != want and not force:
+            raise ArtifactError(
+                f"artifact {self.id} was made for model {self.manifest['model'].get('name')} "
+                f"(hash {want[:12]}), not for this one (hash {model_hash[:12]}); load the same model, "
+                "or pass force=True / --force if you know the weights match"
+            )
+        for name, delta in self.deltas.items():
+            try:
+                p = model.get_parameter(name)
+            except AttributeError:
+                raise ArtifactError(f"artifact {self.id} edits {name!r}, which this model does not have") from None
+            if tuple(p.shape) != tuple(delta.shape):
+                raise ArtifactError(f"artifact {self.id}: {name} has shape {tuple(delta.shape)}, model has {tuple(p.shape)}")
+        return model
+
+    def apply(self, target, *, force: bool = False) -> Artifact:
+        """Add the deltas to the model (a handle or a module), remembering the originals."""
+        model = self.check_compatible(target, force=force)
+        stack = model.__dict__.setdefault(_STACK_ATTR, [])
+        if any(a.id == self.id for a, _ in stack):
+            raise ArtifactError(f"artifact {self.id} is already applied to this model")
+        backup = {n: model.get_parameter(n).detach().clone() for n in self.deltas}
+        with torch.no_grad():
+            for n, d in self.deltas.items():
+                p = model.get_parameter(n)
+                p.add_(d.to(p.device, p.dtype))
+        stack.append((self, backup))
+        return self
+
+    def revert(self, target) -> Artifact:
+        """Undo :meth:`apply` exactly (bit for bit), also when later artifacts were applied after it."""
+        model, _ = _model_of(target)
+        stack = model.__dict__.get(_STACK_ATTR, [])
+        pos = next((i for i, (a, _) in enumerate(stack) if a.id == self.id), None)
+        if pos is None:
+            raise ArtifactError(f"artifact {self.id} is not applied to this model")
+        later = stack[pos + 1:]
+        with torch.no_grad():
+            for _, backup in reversed(stack[pos:]):  # unwind to the state before this artifact
+                for n, t in backup.items():
+                    model.get_parameter(n).copy_(t)
+        del stack[pos:]
+        for art, _ in later:  # re-apply the later ones on top of the restored weights
+            art.apply(model, force=True)
+        return self
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (a folder, conventionally ``*.loka``) atomically."""
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file(self.deltas, str(tmp / "deltas.safetensors"), metadata={"loka_artifact": self.id})
+            manifest = dict(self.manifest, tensors_sha256=sha256_file(tmp / "deltas.safetensors"))
+            atomic_write_json(tmp / "manifest.json", manifest)
+        self.manifest = manifest
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Artifact:
+        path = Path(path)
+        mf, tf = path / "manifest.json", path / "deltas.safetensors"
+        if not path.is_dir():
+            raise ArtifactError(f"{path} is not an artifact folder (expected manifest.json + deltas.safetensors)")
+        if not mf.exists() or not tf.exists():
+            raise ArtifactError(f"{path} is incomplete: needs manifest.json and deltas.safetensors")
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{mf} is not valid JSON ({e.msg}); the artifact is corrupt") from None
+        if manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{mf} is not a loka artifact manifest (format={manifest.get('format')!r})")
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise ArtifactError(f"{path} needs a newer loka (format_version {manifest['format_version']})")
+        if sha256_file(tf) != manifest.get("tensors_sha256"):
+            raise ArtifactError(f"{tf} does not match the sha256 in its manifest: the artifact is corrupt or was modified")
+        deltas = load_file(str(tf))
+        if set(deltas) != set(manifest.get("params", {})):
+            raise ArtifactError(f"{path}: tensors do not match the manifest's parameter list")
+        return cls(deltas, manifest)
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest plus the norm of each delta (what ``loka inspect`` prints)."""
+        out = {k: v for k, v in self.manifest.items() if k != "requests"}
+        out["n_requests"] = len(self.manifest.get("requests", []))
+        out["requests"] = self.manifest.get("requests", [])
+        out["delta_norms"] = {k: round(float(v.norm()), 6) for k, v in self.deltas.items()}
+        return out
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Load an artifact folder, checking its sha256 (see :meth:`Artifact.load`)."""
+    return Artifact.load(path)
+
+
+def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
+    """One artifact whose deltas are the sums of several (all made for the same model)."""
+    if not artifacts:
+        raise ArtifactError("nothing to stack")
+    hashes = {a.manifest.get("model", {}).get("hash") for a in artifacts}
+    if len(hashes) > 1:
+        raise ArtifactError("cannot stack artifacts made for different models")
+    deltas: dict[str, torch.Tensor] = {}
+    for a in artifacts:
+        for k, v in a.deltas.items():
+            deltas[k] = deltas[k] + v if k in deltas else v.clone()
+    base = artifacts[0].manifest
+    manifest = dict(base, method="stack", hparams={}, requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
+                    parents=[a.id for a in artifacts], params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()})
+    manifest.pop("tensors_sha256", None)
+    manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
+    return Artifact(deltas, manifest)

@@ -1,0 +1,88 @@
+"""The method interface, the registry, and typed hyperparameters with per-model config files.
+
+A method takes a model handle, requests and typed hyperparameters and returns an
+:class:`~loka.artifact.Artifact`; it never leaves the model modified (weights are restored even when
+it fails), so the caller decides whether to apply the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, ClassVar
+
+from ..errors import LokaError, ModelError
+
+
+@dataclass
+class HParams:
+    """Base of every method's hyperparameters: typed fields, loaded from JSON, unknown keys refused."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, where: str = "hyperparameters"):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - {"_comment", "_evidence"})
+        if unknown:
+            raise LokaError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return self.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+
+class Method:
+    """Interface: ``run(handle, requests, hparams) -> Artifact``."""
+
+    name: ClassVar[str]
+    hparams_cls: ClassVar[type[HParams]]
+
+    def run(self, handle, requests, hparams):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise LokaError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]()
+
+
+def _config(method: str, key: str) -> dict | None:
+    f = resources.files("loka") / "configs" / method / f"{key}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def default_hparams(method: str, handle, overrides: dict[str, Any] | None = None) -> HParams:
+    """Hyperparameters for ``method`` on ``handle``: ``configs/<method>/<model name>.json``, else the
+    family file, else ``default.json`` (layers given as fractions of the depth), then ``overrides``."""
+    cls = get_method(method).hparams_cls
+    data = _config(method, handle.name) or _config(method, handle.spec.family) or _config(method, "default")
+    if data is None:
+        raise LokaError(f"no configuration for method {method!r}")
+    data = dict(data)
+    n = handle.n_layers
+    if "layer_frac" in data:
+        data["layer"] = min(n - 1, max(0, round(data.pop("layer_frac") * n)))
+    if "layers_frac" in data:
+        lo, hi = data.pop("layers_frac")
+        a, b = max(0, round(lo * n)), min(n - 1, max(round(lo * n), round(hi * n)))
+        data["layers"] = list(range(a, b + 1))
+    hp = cls.from_dict(data, where=f"configs/{method}")
+    if overrides:
+        hp = hp.replace(**overrides)
+    for layer in getattr(hp, "layers", None) or [getattr(hp, "layer", 0)]:
+        if not 0 <= layer < n:
+            raise ModelError(f"layer {layer} is out of range: {handle.name} has layers 0..{n - 1}")
+    return hp

@@ -1,0 +1,261 @@
+"""Shared machinery of locate-and-edit methods (ROME, MEMIT and their descendants).
+
+* :func:`build_prompts` — every request × context template, right-padded into one batch, with the
+  subject's last token (ROME's ``subject_last``) and the target positions of each row.
+* :class:`Replay` — one no-grad forward records the input of block ``l`` and the keyword arguments
+  (masks, rotary embeddings) of every block above; later forwards re-run only blocks ``l..L-1`` and
+  unembed only the positions the loss reads. Exact: the lower layers do not depend on ``δ``.
+* :func:`optimize_values` — ROME's ``compute_v`` / MEMIT's ``compute_z`` for many requests at
+  once: ``δ_i`` added at the subject's last token, Adam on
+  ``NLL(o* | ctx ⊕ p(s)) + kl_factor·KL(p_δ ‖ p_0) + wd·‖δ‖/‖v_0‖²`` with the norm clamp
+  ``‖δ‖ ≤ clamp·‖v_0‖`` (ROME Eq. 4). Stops early once every request's target NLL is below
+  ``early_stop_loss`` (ROME tests the total loss, whose decay term alone can stay above it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import RequestError
+from ..requests import EditRequest, subject_last_token
+from ..trace import add_at_positions, block_output, capture, run_until_stopped
+
+log = logging.getLogger(__name__)
+
+
+def target_ids(tokenizer, target: str) -> list[int]:
+    """Token ids of a target answer, with the leading space ROME adds when missing."""
+    text = target if target.startswith(" ") else " " + target
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RequestError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+@dataclass
+class PromptBatch:
+    input_ids: torch.Tensor  # (B, T), right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    lookup: torch.Tensor  # (B,) index of the subject's last token
+    owner: torch.Tensor  # (B,) request index of each row
+    is_kl: torch.Tensor  # (B,) bool: row is a KL ("{} is a") prompt
+    template: torch.Tensor  # (B,) context-template index (-1 for KL rows)
+    tgt_rows: torch.Tensor  # (N,) rows of every target token
+    tgt_cols: torch.Tensor  # (N,) positions whose logits predict it
+    tgt_tokens: torch.Tensor  # (N,) the token ids
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def build_prompts(
+    handle,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    *,
+    with_targets: bool = True,
+    kl_prompts: Sequence[str] = ("{} is a",),
+) -> PromptBatch:
+    tok = handle.tokenizer
+    rows: list[list[int]] = []
+    lookup, owner, is_kl, tmpl, tr, tc, tt = [], [], [], [], [], [], []
+    for i, req in enumerate(requests):
+        tids = target_ids(tok, req.target_new)
+        for j, ctx in enumerate(templates):
+            text_t = ctx.replace("{}", req.prompt)
+            li = subject_last_token(tok, text_t, req.subject)
+            ids = tok(text_t.replace("{}", req.subject))["input_ids"]
+            if with_targets:
+                n = len(ids)
+                for k, t in enumerate(tids):
+                    tr.append(len(rows))
+                    tc.append(n - 1 + k)
+                    tt.append(t)
+                ids = ids + tids[:-1]
+            rows.append(ids)
+            lookup.append(li)
+            owner.append(i)
+            is_kl.append(False)
+            tmpl.append(j)
+        for kp in kl_prompts:
+            li = subject_last_token(tok, kp, req.subject)
+            rows.append(tok(kp.replace("{}", req.subject))["input_ids"])
+            lookup.append(li)
+            owner.append(i)
+            is_kl.append(True)
+            tmpl.append(-1)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, seq in enumerate(rows):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+    as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
+    return PromptBatch(ids, mask, as_t(lookup), as_t(owner), as_t(is_kl, torch.bool), as_t(tmpl),
+                       as_t(tr), as_t(tc), as_t(tt))
+
+
+def _forward(handle, batch: PromptBatch, **kw):
+    dev = handle.device
+    return handle.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                        use_cache=False, **kw)
+
+
+@torch.no_grad()
+def module_io_at_lookup(handle, batch: PromptBatch, layers: Sequence[int], stop_layer: int | None = None,
+                        block_out_layer: int | None = None) -> dict:
+    """Keys (inputs of each layer's rewritten matrix) and outputs at the lookup tokens, one forward.
+
+    Returns ``{"keys": {layer: (B, d_in)}, "values": {layer: (B, d_out)}, "block_out": (B, d) | None}``.
+    """
+    paths = [handle.spec.mlp_out_path(layer) for layer in layers]
+    top = max([*layers, *([block_out_layer] if block_out_layer is not None else [])])
+    extra = [handle.spec.block_path(block_out_layer)] if block_out_layer is not None else []
+    stop = handle.spec.block_path(stop_layer if stop_layer is not None else top)
+    rows = torch.arange(len(batch))
+    with capture(handle.model, paths + extra, stop_after=stop) as rec:
+        run_until_stopped(lambda: _forward(handle, batch))
+    keys = {layer: rec[p].input[rows, batch.lookup] for layer, p in zip(layers, paths)}
+    vals = {layer: rec[p].output[rows, batch.lookup] for layer, p in zip(layers, paths)}
+    bo = rec[extra[0]].output[rows, batch.lookup] if extra else None
+    return {"keys": keys, "values": vals, "block_out": bo}
+
+
+def mean_over_templates(x: torch.Tensor, batch: PromptBatch, n_requests: int) -> torch.Tensor:
+    """Average rows of ``x`` (B, d) over the non-KL rows of each request -> (n_requests, d)."""
+    sel = ~batch.is_kl
+    out = torch.zeros(n_requests, x.shape[1], dtype=x.dtype)
+    cnt = torch.zeros(n_requests, dtype=x.dtype)
+    out.index_add_(0, batch.owner[sel], x[sel])
+    cnt.index_add_(0, batch.owner[sel], torch.ones(int(sel.sum()), dtype=x.dtype))
+    return out / cnt[:, None]
+
+
+class Replay:
+    """Re-run the model from block ``start`` upwards with the recorded inputs of a reference forward."""
+
+    def __init__(self, handle, batch: PromptBatch, start: int):
+        self.handle, self.batch, self.start = handle, batch, start
+        spec = handle.spec
+        self.blocks = [handle.block(i) for i in range(start, handle.n_layers)]
+        paths = [spec.block_path(i) for i in range(start, handle.n_layers)]
+        with torch.no_grad(), capture(handle.model, paths, outputs=False, kwargs=True,
+                                      stop_after=spec.final_norm) as rec:
+            run_until_stopped(lambda: _forward(handle, batch))
+        self.h0 = rec[paths[0]].input
+        self.calls = []
+        for p in paths:
+            kw = dict(rec[p].kwargs)
+            args = kw.pop("__args__", ())
+            kw.pop("hidden_states", None)
+            self.calls.append((args, kw))
+        self.norm = handle.module(spec.final_norm)
+        self.unembed = handle.module(spec.unembed)
+        self.softcap = getattr(handle.config, "final_logit_softcapping", None)
+
+    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        h = self.h0
+        for block, (args, kw) in zip(self.blocks, self.calls):
+            h = block_output(block(h, *args, **kw))
+        logits = self.unembed(self.norm(h[rows, cols]))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+
+@dataclass
+class ValueResult:
+    targets: torch.Tensor  # (n, d) optimised values v* = v_0 + δ
+    init: torch.Tensor  # (n, d) original values v_0 at the plain prompt
+    keys: torch.Tensor  # (n, d_in) keys of ``key_layer`` averaged over templates (k*)
+    plain_keys: torch.Tensor  # (n, d_in) keys at the plain prompt
+    nll: list[float]  # final NLL of the target per request
+    steps: int
+
+
+def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templates: Sequence[str], hp,
+                    *, where: str = "mlp_out", key_layer: int | None = None, progress=None) -> ValueResult:
+    """Optimise one vector per request so that the target becomes likely (see module docstring).
+
+    ``where="mlp_out"``: δ is added to the output of ``layer``'s rewritten matrix (ROME);
+    ``where="block_out"``: to the residual stream after block ``layer`` (MEMIT's ``z``).
+    Requests are processed ``hp.v_batch_size`` at a time; each chunk shares its forward passes.
+    """
+    key_layer = layer if key_layer is None else key_layer
+    chunks = [list(range(i, min(i + hp.v_batch_size, len(requests)))) for i in range(0, len(requests), hp.v_batch_size)]
+    outs = []
+    for idx in chunks:
+        outs.append(_optimize_chunk(handle, [requests[i] for i in idx], layer, templates, hp, where, key_layer))
+        if progress is not None:
+            progress.update(len(idx))
+    return ValueResult(
+        targets=torch.cat([o.targets for o in outs]), init=torch.cat([o.init for o in outs]),
+        keys=torch.cat([o.keys for o in outs]), plain_keys=torch.cat([o.plain_keys for o in outs]),
+        nll=[x for o in outs for x in o.nll], steps=max(o.steps for o in outs),
+    )
+
+
+def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) -> ValueResult:
+    n = len(requests)
+    batch = build_prompts(handle, requests, templates)
+    rows = torch.arange(len(batch))
+    hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
+    # reference values and keys at the lookup tokens
+    io = module_io_at_lookup(handle, batch, [key_layer, layer] if key_layer != layer else [layer],
+                             block_out_layer=layer if where == "block_out" else None)
+    vals = io["values"][layer] if where == "mlp_out" else io["block_out"]
+    plain = (batch.template == 0).nonzero().squeeze(1)  # rows of the bare "{}" template, one per request
+    v0 = vals[plain]
+    keys_all = io["keys"][key_layer]
+    k_star = mean_over_templates(keys_all, batch, n)
+    k_plain = keys_all[plain]
+
+    replay = Replay(handle, batch, layer)
+    kl_rows = batch.is_kl.nonzero().squeeze(1)
+    kl_cols = batch.lookup[kl_rows]
+    with torch.no_grad():
+        kl_ref = F.log_softmax(replay.logits_at(kl_rows, kl_cols), dim=-1)
+
+    delta = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    positions = torch.stack([rows, batch.lookup], 1)
+    owner = batch.owner
+    v0_norm = v0.norm(dim=1)
+    max_norm = hp.clamp_norm_factor * v0_norm
+    tgt_owner = owner[batch.tgt_rows]
+    # number of target tokens per rewrite row, to average NLL per prompt then per request
+    row_ntok = torch.zeros(len(batch)).index_add_(0, batch.tgt_rows, torch.ones(len(batch.tgt_rows)))
+    prompts_per_req = torch.zeros(n).index_add_(0, owner[~batch.is_kl], torch.ones(int((~batch.is_kl).sum())))
+    steps = 0
+    nll_req = torch.zeros(n)
+    with add_at_positions(hook_mod, lambda: delta[owner], positions):
+        for step in range(hp.v_steps):
+            steps = step + 1
+            logits = replay.logits_at(torch.cat([batch.tgt_rows, kl_rows]), torch.cat([batch.tgt_cols, kl_cols]))
+            tl, kl_logits = logits[: len(batch.tgt_rows)], logits[len(batch.tgt_rows):]
+            tok_nll = F.cross_entropy(tl, batch.tgt_tokens, reduction="none")
+            per_row = torch.zeros(len(batch)).index_add(0, batch.tgt_rows, tok_nll) / row_ntok.clamp(min=1)
+            nll_req = torch.zeros(n).index_add(0, owner, per_row) / prompts_per_req
+            kl_new = F.log_softmax(kl_logits, dim=-1)
+            kl = (kl_new.exp() * (kl_new - kl_ref)).sum(-1)  # KL(p_δ ‖ p_0) at the subject token
+            kl_req = torch.zeros(n).index_add(0, owner[kl_rows], kl)
+            wd = hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2
+            loss_req = nll_req + hp.kl_factor * kl_req + wd
+            if float(nll_req.detach().max()) < hp.early_stop_loss:  # every target already likely
+                break
+            opt.zero_grad()
+            loss_req.sum().backward()
+            opt.step()
+            with torch.no_grad():  # ‖δ_i‖ ≤ clamp · ‖v_0,i‖
+                norms = delta.norm(dim=1)
+                scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+                delta.mul_(scale[:, None])
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
+    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_req.detach()], steps)

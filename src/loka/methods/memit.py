@@ -1,0 +1,78 @@
+"""MEMIT: mass-editing memory in a transformer (Meng et al. 2023, arXiv 2210.07229).
+
+``z_i = h_L + δ_i`` at the last edit layer ``L`` (:func:`optimize_values` with ``where="block_out"``),
+then for each layer ``l`` in ascending order the remaining residual ``R = Z − H_L`` (recomputed
+with the lower layers already edited) is spread evenly over the layers left and solved as
+``ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹`` in float64 (MEMIT Eq. 14).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import env
+from ..artifact import preserved_weights
+from ..corpus import corpus_from_spec
+from ..stats import second_moments
+from .base import HParams, Method, register
+from .locate import build_prompts, mean_over_templates, module_io_at_lookup, optimize_values
+from .templates import context_templates
+
+
+@dataclass
+class MemitHParams(HParams):
+    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    early_stop_loss: float = 0.05
+    v_batch_size: int = 16
+    mom2_update_weight: float = 15000.0
+    mom2_corpus: str = "self"
+    mom2_n_tokens: int = 20_000
+    context_per_prefix: int = 1
+    context_length: int = 10
+    seed: int = 0
+
+
+def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor:
+    """``ΔW = R Kᵀ (λC + KKᵀ)⁻¹`` for keys ``K`` (n × d_in) and residuals ``R`` (n × d_out).
+
+    The minimiser of ``‖ΔW Kᵀ − Rᵀ‖² + λ tr(ΔW C ΔWᵀ)``; returned as (d_out × d_in), float32.
+    """
+    Kt = K.to(env.SOLVE_DTYPE).T  # d_in × n
+    A = lam * C.to(env.SOLVE_DTYPE) + Kt @ Kt.T
+    return torch.linalg.solve(A, Kt @ R.to(env.SOLVE_DTYPE)).T.to(torch.float32)
+
+
+@register
+class Memit(Method):
+    name = "memit"
+    hparams_cls = MemitHParams
+
+    def run(self, handle, requests, hp: MemitHParams, progress=None):
+        layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)
+        top = layers[-1]
+        corpus = corpus_from_spec(hp.mom2_corpus, handle, hp.mom2_n_tokens)
+        covs = second_moments(handle, layers, corpus, hp.mom2_n_tokens)
+        templates = context_templates(handle, hp.context_per_prefix, hp.context_length, hp.seed)
+        vr = optimize_values(handle, requests, top, templates, hp, where="block_out", progress=progress)
+        names = [handle.weight_name(layer) for layer in layers]
+        deltas = {}
+        n = len(requests)
+        key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
+        plain = (key_batch.template == 0).nonzero().squeeze(1)
+        with preserved_weights(handle.model, names):
+            for i, layer in enumerate(layers):
+                io = module_io_at_lookup(handle, key_batch, [layer], block_out_layer=top)
+                K = mean_over_templates(io["keys"][layer], key_batch, n)
+                R = (vr.targets - io["block_out"][plain]) / (len(layers) - i)
+                dW = memit_solve(K, R, covs[layer], hp.mom2_update_weight)
+                with torch.no_grad():
+                    handle.param(handle.weight_name(layer)).add_(handle.to_param_orientation(dW))
+                deltas[handle.weight_name(layer)] = handle.to_param_orientation(dW)
+        return deltas, {"nll": vr.nll, "steps": vr.steps}

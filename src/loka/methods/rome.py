@@ -1,0 +1,77 @@
+"""ROME: rank-one model editing (Meng et al. 2022, arXiv 2202.05262).
+
+For each request: ``k*`` = key at the subject's last token (averaged over context templates),
+``u = C⁻¹k* / ‖C⁻¹k*‖`` (``compute_u``), ``v*`` from :func:`optimize_values` (``compute_v``), and
+``ΔW = (v* − W k) uᵀ / (uᵀ k)`` (ROME Eq. 2 in the code's normalised form), so that ``Ŵ k = v*``.
+Several requests are applied one after another, each on the model edited by the previous ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import env
+from ..artifact import preserved_weights
+from ..corpus import corpus_from_spec
+from ..stats import second_moments
+from .base import HParams, Method, register
+from .locate import optimize_values
+from .templates import context_templates
+
+
+@dataclass
+class RomeHParams(HParams):
+    layer: int = 4
+    v_lr: float = 0.5
+    v_steps: int = 20
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+    v_batch_size: int = 16
+    mom2_adjustment: bool = True
+    mom2_corpus: str = "self"
+    mom2_n_tokens: int = 20_000
+    context_per_prefix: int = 1
+    context_length: int = 10
+    seed: int = 0
+
+
+def rome_update(k_star, k, v_target, v_current, C) -> torch.Tensor:
+    """ROME's rank-one ``ΔW`` (out × in): direction ``u ∝ C⁻¹k*`` (``k*`` = template average, solved in
+    float64), scaled so that ``(W + ΔW) k = v_target`` on the plain-prompt key ``k``."""
+    k64, ks64 = k.to(env.SOLVE_DTYPE), k_star.to(env.SOLVE_DTYPE)
+    u = torch.linalg.solve(C.to(env.SOLVE_DTYPE), ks64) if C is not None else ks64.clone()
+    u = u / u.norm()
+    right = (v_target - v_current).to(env.SOLVE_DTYPE) / (k64 @ u)
+    return torch.outer(right, u).to(torch.float32)
+
+
+@register
+class Rome(Method):
+    name = "rome"
+    hparams_cls = RomeHParams
+
+    def run(self, handle, requests, hp: RomeHParams, progress=None):
+        layer = handle.check_layer(hp.layer, "layer")
+        C = None
+        if hp.mom2_adjustment:
+            corpus = corpus_from_spec(hp.mom2_corpus, handle, hp.mom2_n_tokens)
+            C = second_moments(handle, [layer], corpus, hp.mom2_n_tokens)[layer]
+        templates = context_templates(handle, hp.context_per_prefix, hp.context_length, hp.seed)
+        name = handle.weight_name(layer)
+        total = torch.zeros_like(handle.weight(layer), dtype=torch.float32)
+        info = []
+        with preserved_weights(handle.model, [name]):
+            for req in requests:
+                vr = optimize_values(handle, [req], layer, templates, hp, where="mlp_out")
+                dW = rome_update(vr.keys[0], vr.plain_keys[0], vr.targets[0], vr.init[0], C)
+                with torch.no_grad():
+                    handle.param(name).add_(handle.to_param_orientation(dW))
+                total += dW
+                info.append({"nll": vr.nll[0], "steps": vr.steps, "delta_norm": float(dW.norm())})
+                if progress is not None:
+                    progress.update(1)
+        return {name: handle.to_param_orientation(total)}, {"per_request": info}

