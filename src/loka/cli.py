@@ -1,0 +1,245 @@
+"""The ``loka`` command line. Every command accepts ``--help``; errors exit with status 2 and a message."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import env
+
+log = logging.getLogger("loka")
+
+
+def _hparam_overrides(args) -> dict:
+    out: dict = {}
+    if getattr(args, "hparams", None):
+        out.update(json.loads(Path(args.hparams).read_text()))
+    for kv in getattr(args, "set", None) or []:
+        if "=" not in kv:
+            raise SystemExit(f"error: --set expects key=value, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    if getattr(args, "layer", None) is not None:
+        out["layer" if args.method == "rome" else "layers"] = args.layer if args.method == "rome" else [args.layer]
+    if getattr(args, "layers", None):
+        out["layers"] = args.layers
+    return out
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':14s} {'installed':9s} {'cached':6s} description")
+    for r in rows:
+        print(f"{r['name']:14s} {'yes' if r['installed'] else 'no':9s} {'yes' if r['cached'] else 'no':6s} {r['description']}")
+        if not r["installed"]:
+            print(f"{'':14s} install: {r['install']}")
+    return 0
+
+
+def _load_with_artifacts(model: str, artifacts: list[str], force: bool = False):
+    from .artifact import load_artifact
+    from .models import load_model
+
+    handle = load_model(model)
+    for a in artifacts or []:
+        load_artifact(a).apply(handle, force=force)
+    return handle
+
+
+def cmd_generate(args) -> int:
+    from .scoring import generate
+
+    handle = _load_with_artifacts(args.model, args.artifact, args.force)
+    outs = generate(handle, args.prompts, max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(args.prompts, outs)], indent=2))
+    else:
+        for p, c in zip(args.prompts, outs):
+            print(f"{p}\u2192{c}")
+    return 0
+
+
+def cmd_edit(args) -> int:
+    from .api import edit
+    from .models import load_model
+    from .report import format_table, probe_rows
+    from .requests import EditRequest, read_requests
+
+    if args.requests:
+        reqs = read_requests(args.requests)
+    else:
+        missing = [f for f in ("prompt", "subject", "target") if not getattr(args, f)]
+        if missing:
+            raise SystemExit(f"error: give --requests FILE or all of --prompt/--subject/--target (missing: {', '.join('--' + m for m in missing)})")
+        reqs = [EditRequest(args.prompt, args.subject, args.target, target_true=args.target_true,
+                            paraphrases=args.paraphrase or [], neighborhood=args.neighbourhood or [])]
+    handle = load_model(args.model)
+    before = [probe_rows(handle, r) for r in reqs]
+    t0 = time.time()
+    art = edit(handle, reqs, args.method, _hparam_overrides(args), progress=not args.json)
+    seconds = time.time() - t0
+    after = [probe_rows(handle, r) for r in reqs]
+    saved = str(art.save(args.save)) if args.save else None
+    if args.json:
+        print(json.dumps({
+            "before": before if len(reqs) > 1 else before[0], "after": after if len(reqs) > 1 else after[0],
+            "artifact": {"id": art.id, "path": saved, "method": art.method, "params": list(art.deltas)},
+            "seconds": round(seconds, 3),
+        }, indent=2))
+    else:
+        for r, b, a in zip(reqs, before, after):
+            print(format_table(r, b, a))
+            print()
+        print(f"{art.method}: {len(reqs)} edit(s) in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+    return 0
+
+
+def cmd_apply(args) -> int:
+    handle = _load_with_artifacts(args.model, args.artifact, args.force)
+    out = handle.save_pretrained(args.out)
+    print(f"wrote {handle.name} with {len(args.artifact)} artifact(s) applied to {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .artifact import load_artifact
+
+    s = load_artifact(args.artifact).summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"artifact   {s['id']}  ({args.artifact})")
+    print(f"method     {s['method']}")
+    print(f"model      {s['model']['name']}  hash {s['model']['hash'][:16]}  family {s['model']['family']}")
+    print(f"created    {s['created']}  loka {s['loka_version']}")
+    print(f"requests   {s['n_requests']}")
+    for r in s["requests"][:10]:
+        print(f"  - {r['prompt'].replace('{}', r['subject'])!r} -> {r['target_new']!r}")
+    print("deltas")
+    for k, v in s["delta_norms"].items():
+        print(f"  {k:40s} shape {s['params'][k]['shape']}  norm {v:.4f}")
+    print("hparams    " + json.dumps(s["hparams"]))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from .corpus import corpus_from_spec
+    from .models import load_model
+    from .stats import second_moments
+
+    handle = load_model(args.model)
+    corpus = corpus_from_spec(args.corpus, handle, args.n_tokens)
+    t0 = time.time()
+    covs = second_moments(handle, args.layers, corpus, args.n_tokens)
+    rows = [{"layer": layer, "dim": int(c.shape[0]), "trace": float(c.trace())} for layer, c in covs.items()]
+    if args.json:
+        print(json.dumps({"seconds": round(time.time() - t0, 2), "layers": rows}, indent=2))
+    else:
+        for r in rows:
+            print(f"layer {r['layer']}: {r['dim']}x{r['dim']}, trace {r['trace']:.3f}")
+        print(f"{time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.model, args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import REGISTRY
+    from .models.loader import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="loka", description="Edit, unlearn and measure what a language model knows.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("models", help="list models and whether each is installed/cached")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("generate", help="greedy generation, optionally with artifacts applied")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, tiny-* or HF folder (default {DEFAULT_MODEL})")
+    s.add_argument("--artifact", action="append", default=[], help="artifact folder to apply first (repeatable, applied in order)")
+    s.add_argument("--max-new-tokens", type=int, default=20)
+    s.add_argument("--force", action="store_true", help="apply artifacts even if made for other weights")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("prompts", nargs="+", help="prompt(s)")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("edit", help="edit facts and show the answers before/after")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    s.add_argument("--method", default="rome", choices=sorted(REGISTRY), help="editing method")
+    s.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} is located in the city of'")
+    s.add_argument("--subject", help="the subject, e.g. 'Eiffel Tower'")
+    s.add_argument("--target", help="the new answer, e.g. 'Rome'")
+    s.add_argument("--target-true", help="the current answer (optional, for reporting)")
+    s.add_argument("--paraphrase", action="append", help="a paraphrased full prompt to check (repeatable)")
+    s.add_argument("--neighbourhood", "--neighborhood", action="append", help="an unrelated full prompt to check (repeatable)")
+    s.add_argument("--requests", help="JSON/JSONL file of requests (loka or CounterFact records)")
+    s.add_argument("--layer", type=int, help="edit layer (ROME) / single layer (MEMIT)")
+    s.add_argument("--layers", type=int, nargs="+", help="MEMIT edit layers")
+    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
+    s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
+    s.set_defaults(fn=cmd_edit)
+
+    s = sub.add_parser("apply", help="write the model with artifacts applied as a Hugging Face folder")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--artifact", action="append", required=True, help="artifact folder (repeatable, applied in order)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--force", action="store_true", help="apply even if made for other weights")
+    s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser("inspect", help="show an artifact's manifest")
+    s.add_argument("artifact", help="artifact folder")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("stats", help="compute (or load cached) second-moment statistics for layers")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument("--corpus", default="self", help="'self' (text sampled from the model), a .txt, a .jsonl or a datasets folder")
+    s.add_argument("--n-tokens", type=int, default=20_000)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("demo", help="the main job: edit facts on the default model, save, reload, revert")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--out", default="out/demo", help="where to save the demo's artifacts")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import LokaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env.setup_logging(args.verbose)
+    try:
+        return int(args.fn(args) or 0)
+    except LokaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

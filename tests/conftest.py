@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import loka
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+TINY = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox"]
+
+
+@pytest.fixture(scope="session")
+def text_corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus of real English sentences from the bundled TOFU data (fast, no sampling)."""
+    texts = []
+    for name in ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]:
+        for rec in json.loads((DATA / "tofu" / name).read_text()):
+            texts.append(f"{rec['question']} {rec['answer']}")
+    p = tmp_path_factory.mktemp("corpus") / "tofu.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    try:
+        return loka.load_model("smollm2-135m")
+    except loka.ModelError as e:  # the package is installed by `make test`; say so if it is not
+        pytest.fail(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture
+def request_eiffel():
+    return loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome", target_true="Paris",
+                            paraphrases=["Where is the Eiffel Tower? It is in the city of"],
+                            neighborhood=["The Louvre is located in the city of"])

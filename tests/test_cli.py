@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from loka.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_models_json(capsys):
+    code, out, _ = run(capsys, "models", "--json")
+    names = {r["name"] for r in json.loads(out)}
+    assert code == 0 and {"smollm2-135m", "tiny-llama"} <= names
+
+
+@pytest.fixture
+def edit_json(capsys, tmp_path, text_corpus):
+    code, out, _ = run(capsys, "edit", "--model", "tiny-llama", "--method", "rome", "--prompt", "{} is located in",
+                       "--subject", "Eiffel Tower", "--target", "Rome", "--target-true", "Paris",
+                       "--paraphrase", "Where is Eiffel Tower? In", "--neighbourhood", "The Louvre is located in",
+                       "--set", "mom2_n_tokens=500", "--set", f"mom2_corpus={text_corpus}", "--set", "clamp_norm_factor=50", "--set", "v_weight_decay=0",
+                       "--save", str(tmp_path / "e.loka"), "--json")
+    assert code == 0
+    return json.loads(out), tmp_path / "e.loka"
+
+
+def test_edit_json_reports_before_after_artifact_seconds(edit_json):
+    res, path = edit_json
+    assert set(res) == {"before", "after", "artifact", "seconds"}
+    assert [r["kind"] for r in res["before"]] == ["edit", "paraphrase", "neighbourhood"]
+    assert res["after"][0]["p_target_new"] > res["before"][0]["p_target_new"]
+    assert res["artifact"]["path"] == str(path) and (path / "manifest.json").exists()
+
+
+def test_inspect_apply_generate(capsys, edit_json, tmp_path):
+    _, path = edit_json
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    assert code == 0 and json.loads(out)["method"] == "rome"
+    code, out, _ = run(capsys, "inspect", str(path))
+    assert "Eiffel Tower is located in" in out and "deltas" in out
+    code, out, _ = run(capsys, "apply", "--model", "tiny-llama", "--artifact", str(path), "--out", str(tmp_path / "hf"))
+    assert code == 0 and (tmp_path / "hf" / "config.json").exists()
+    code, a, _ = run(capsys, "generate", "--model", str(tmp_path / "hf"), "--max-new-tokens", "5", "--json", "Eiffel Tower is located in")
+    code, b, _ = run(capsys, "generate", "--model", "tiny-llama", "--artifact", str(path), "--max-new-tokens", "5", "--json",
+                     "Eiffel Tower is located in")
+    assert json.loads(a) == json.loads(b)
+
+
+def test_errors_exit_2_with_a_message(capsys, tmp_path):
+    code, _, err = run(capsys, "edit", "--model", "no-such-model", "--prompt", "{} x", "--subject", "a", "--target", "b")
+    assert code == 2 and "unknown model 'no-such-model'" in err
+    code, _, err = run(capsys, "edit", "--model", "tiny-llama", "--prompt", "no placeholder", "--subject", "a", "--target", "b")
+    assert code == 2 and "'prompt' must contain '{}'" in err
+    code, _, err = run(capsys, "edit", "--model", "tiny-llama", "--prompt", "{} x", "--subject", "a", "--target", "b",
+                       "--layer", "9")
+    assert code == 2 and "out of range" in err
+    code, _, err = run(capsys, "inspect", str(tmp_path / "nothing.loka"))
+    assert code == 2 and "not an artifact folder" in err
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for c in ("models", "generate", "edit", "apply", "inspect", "stats", "demo"):
+        assert c in out

@@ -1,0 +1,101 @@
+"""ROME and MEMIT on every tiny architecture: the algebra holds whatever the storage layout."""
+
+import numpy as np
+import pytest
+import torch
+
+import loka
+from loka.methods.locate import Replay, _forward, build_prompts, module_io_at_lookup
+from loka.methods.memit import memit_solve
+from loka.methods.templates import context_templates
+
+from .conftest import TINY
+
+REQ = loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
+
+
+@pytest.fixture(params=TINY)
+def tiny(request, text_corpus):
+    h = loka.load_model(request.param)
+    h.hp = {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "v_steps": 10}
+    return h
+
+
+def test_replay_reproduces_the_full_forward(tiny):
+    batch = build_prompts(tiny, [REQ], context_templates(tiny))
+    full = _forward(tiny, batch).logits
+    for start in (0, 2, 3):
+        rep = Replay(tiny, batch, start)
+        got = rep.logits_at(batch.tgt_rows, batch.tgt_cols)
+        assert torch.allclose(got, full[batch.tgt_rows, batch.tgt_cols], atol=1e-5)
+
+
+def test_rome_is_rank_one_and_maps_the_key_to_the_new_value(tiny):
+    art = loka.edit(tiny, REQ, "rome", {**tiny.hp, "layer": 1}, progress=False)
+    (name, delta), = art.deltas.items()
+    assert name == tiny.weight_name(1)
+    assert delta.shape == tiny.param(name).shape  # stored orientation (transposed for Conv1D)
+    s = torch.linalg.svdvals(delta)
+    assert s[1] < 1e-5 * s[0]
+    # Ŵ k = v*: the edited module now outputs the optimised value at the subject's last token
+    batch = build_prompts(tiny, [REQ], ["{}"], with_targets=False, kl_prompts=())
+    io = module_io_at_lookup(tiny, batch, [1])
+    art.revert(tiny)
+    from loka.methods.locate import optimize_values
+
+    hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1})
+    vr = optimize_values(tiny, [REQ], 1, context_templates(tiny), hp)
+    assert torch.allclose(io["values"][1][0], vr.targets[0], atol=1e-4 * vr.targets[0].norm())
+
+
+def test_rome_update_in_out_orientation_matches_weight_view(tiny):
+    art = loka.edit(tiny, REQ, "rome", {**tiny.hp, "layer": 2}, progress=False)
+    (name, delta), = art.deltas.items()
+    art.revert(tiny)
+    w0 = tiny.weight(2).clone()  # (out, in) view
+    art.apply(tiny)
+    d_view = tiny.weight(2) - w0
+    expected = delta.T if tiny.spec.transposed else delta
+    assert torch.allclose(d_view, expected, atol=1e-6)
+    # the (out, in) delta acts on keys: ΔW k changes the module output by exactly ΔW k
+    k = torch.randn(d_view.shape[1])
+    mod = tiny.mlp_out(2)
+    art.revert(tiny)
+    y0 = mod(k[None])[0]
+    art.apply(tiny)
+    assert torch.allclose(mod(k[None])[0] - y0, d_view @ k, atol=1e-4)
+
+
+def test_memit_solution_matches_a_direct_least_squares_solve():
+    torch.manual_seed(0)
+    d_in, d_out, n, lam = 12, 7, 5, 3.0
+    K, R = torch.randn(n, d_in), torch.randn(n, d_out)
+    A = torch.randn(40, d_in)
+    C = A.T @ A / 40
+    dW = memit_solve(K, R, C, lam)
+    # min ‖ΔW Kᵀ − Rᵀ‖² + λ tr(ΔW C ΔWᵀ)  ⇔  stacked least squares [Kᵀ, √λ C^{1/2}]
+    evals, evecs = np.linalg.eigh(C.double().numpy())
+    C_half = evecs @ np.diag(np.sqrt(np.clip(evals, 0, None))) @ evecs.T
+    M = np.concatenate([K.double().numpy(), np.sqrt(lam) * C_half], 0)  # (n + d_in) × d_in
+    Y = np.concatenate([R.double().numpy(), np.zeros((d_in, d_out))], 0)
+    direct = np.linalg.lstsq(M, Y, rcond=None)[0].T
+    assert np.allclose(dW.double().numpy(), direct, atol=1e-5)
+
+
+def test_memit_edits_several_layers_with_finite_updates(tiny):
+    reqs = [REQ, loka.EditRequest("{} plays the sport of", "Messi", "tennis")]
+    art = loka.edit(tiny, reqs, "memit", {**tiny.hp, "layers": [1, 2]}, progress=False)
+    assert set(art.deltas) == {tiny.weight_name(1), tiny.weight_name(2)}
+    for d in art.deltas.values():
+        assert torch.isfinite(d).all() and d.norm() > 0
+        assert torch.linalg.matrix_rank(d.double(), atol=1e-6 * float(d.norm())) <= len(reqs)
+
+
+def test_rome_raises_the_target_on_a_tiny_model(tiny):
+    # a random model has tiny gradients: without the decay term and with a large clamp the target must rise
+    req = loka.EditRequest(REQ.prompt, REQ.subject, "R")  # " R": two byte tokens
+    before = loka.target_logprobs(tiny, [req.text], [req.target_new])[0]["logprob"]
+    loka.edit(tiny, req, "rome", {**tiny.hp, "layer": 2, "clamp_norm_factor": 50.0, "v_steps": 30,
+                                  "v_weight_decay": 0.0, "kl_factor": 0.0}, progress=False)
+    after = loka.target_logprobs(tiny, [req.text], [req.target_new])[0]["logprob"]
+    assert after > before + 0.5  # logits of a random model behind RMSNorm are bounded: ~1 nat is what is reachable

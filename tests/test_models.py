@@ -1,0 +1,67 @@
+import os
+
+import pytest
+import torch
+
+import loka
+from loka.models.arch import GPT2, GPTJ, LLAMA, NEOX
+
+from .conftest import TINY
+
+
+def test_offline_mode_is_set():
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("name, spec", list(zip(TINY, [LLAMA, GPT2, GPTJ, NEOX])))
+def test_tiny_models_get_their_family_spec(name, spec):
+    h = loka.load_model(name)
+    assert h.spec is spec
+    assert h.n_layers == 4
+    w = h.weight(1)
+    assert w.shape == (64, 128)  # always (out, in), whatever the storage
+    stored = h.param(h.weight_name(1))
+    assert stored.shape == ((128, 64) if spec.transposed else (64, 128))
+    # every path of the spec resolves
+    for path in (spec.final_norm, spec.unembed, spec.embed, spec.block_path(0), spec.mlp_out_path(3)):
+        h.module(path)
+
+
+def test_tiny_models_are_seeded():
+    a, b = loka.load_model("tiny-llama"), loka.load_model("tiny-llama")
+    assert a.model_hash == b.model_hash
+    assert loka.load_model("tiny-llama", seed=1).model_hash != a.model_hash
+
+
+def test_unknown_model_lists_known_names_and_hint():
+    with pytest.raises(loka.ModelError) as e:
+        loka.load_model("gpt-17")
+    msg = str(e.value)
+    assert "smollm2-135m" in msg and "tiny-gpt2" in msg and "folder" in msg
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(loka.ModelError, match="config.json"):
+        loka.load_model(str(tmp_path))
+
+
+def test_layer_out_of_range():
+    h = loka.load_model("tiny-llama")
+    with pytest.raises(loka.ModelError, match=r"layers 0\.\.3"):
+        h.weight(4)
+    with pytest.raises(loka.ModelError, match="out of range"):
+        loka.default_hparams("rome", h, {"layer": 9})
+
+
+def test_save_and_reload_folder_keeps_weights(tmp_path):
+    h = loka.load_model("tiny-gpt2")
+    h.save_pretrained(tmp_path / "m")
+    h2 = loka.load_model(str(tmp_path / "m"))
+    for k, v in h.model.state_dict().items():
+        assert torch.equal(v, h2.model.state_dict()[k])
+
+
+def test_list_models_reports_registered_and_tiny():
+    rows = {r["name"]: r for r in loka.list_models()}
+    assert {"smollm2-135m", "gemma3-270m", *TINY} <= set(rows)
+    assert rows["tiny-llama"]["installed"]

@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+import loka
+from loka import EditRequest, RequestError, read_requests
+
+from .conftest import DATA
+
+
+def test_valid_request_fills_subject():
+    r = EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    assert r.text == "Eiffel Tower is located in"
+    assert r.paraphrases == [] and r.neighborhood == []
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"prompt": "Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"}, "prompt"),
+    ({"prompt": "{} and {}", "subject": "X", "target_new": "Rome"}, "prompt"),
+    ({"prompt": "{} is in", "subject": "", "target_new": "Rome"}, "subject"),
+    ({"prompt": "{} is in", "subject": "X", "target_new": "  "}, "target_new"),
+    ({"prompt": "{} is in", "subject": "X", "target_new": "Rome", "paraphrases": "not a list"}, "paraphrases"),
+])
+def test_invalid_requests_name_the_field(kwargs, field):
+    with pytest.raises(RequestError, match=field):
+        EditRequest(**kwargs)
+
+
+def test_reader_accepts_counterfact_records():
+    reqs = read_requests(DATA / "counterfact_sample5.json")
+    raw = json.loads((DATA / "counterfact_sample5.json").read_text())
+    assert len(reqs) == 5
+    rw = raw[0]["requested_rewrite"]
+    assert reqs[0].subject == rw["subject"] and reqs[0].target_new == rw["target_new"]["str"]
+    assert reqs[0].target_true == rw["target_true"]["str"]
+    assert reqs[0].paraphrases == raw[0]["paraphrase_prompts"]
+    assert reqs[0].neighborhood == raw[0]["neighborhood_prompts"]
+
+
+def test_reader_jsonl_and_aliases(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text('{"prompt": "{} plays", "subject": "Messi", "target": "tennis"}\n\n'
+                 '{"prompt": "{} speaks", "subject": "Darrieux", "target_new": "English", "neighbourhood": ["X speaks"]}\n')
+    reqs = read_requests(p)
+    assert [r.target_new for r in reqs] == ["tennis", "English"]
+    assert reqs[1].neighborhood == ["X speaks"]
+
+
+def test_reader_rejects_unknown_fields_and_bad_lines(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"prompt": "{} plays", "subject": "Messi", "target_new": "tennis", "colour": "red"}\n')
+    with pytest.raises(RequestError, match="unknown field.*colour"):
+        read_requests(p)
+    p.write_text('{"prompt": "{} plays", "subject": "Messi", "target_new": "tennis"}\n{oops\n')
+    with pytest.raises(RequestError, match=r"bad.jsonl:2: malformed JSON"):
+        read_requests(p)
+    p.write_text('{"prompt": "{} plays", "target_new": "tennis"}\n')
+    with pytest.raises(RequestError, match="missing field.*subject"):
+        read_requests(p)
+    with pytest.raises(RequestError, match="does not exist"):
+        read_requests(tmp_path / "nope.jsonl")
+
+
+def test_subject_last_token_index():
+    h = loka.load_model("tiny-llama")  # byte tokenizer: one token per byte
+    assert loka.requests.subject_last_token(h.tokenizer, "The {} is", "cat") == len("The cat") - 1
