@@ -18,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import loka  # noqa: E402
 from _facts import counterfactual_requests  # noqa: E402
+
+import loka  # noqa: E402
 
 
 def score(handle, reqs) -> dict:

@@ -133,8 +133,9 @@ def read_requests(path: str | Path) -> list[EditRequest]:
 def subject_last_token(tokenizer, text_template: str, subject: str) -> int:
     """Index of the last token of ``subject`` in ``text_template.replace('{}', subject)``.
 
-    Tokenises the prefix up to the end of the subject (ROME's ``subject_last`` rule) and checks
-    that those tokens really start the full prompt; otherwise the subject is not a token span.
+    Tokenises the prefix up to the end of the subject (ROME's ``subject_last`` rule) and checks that
+    the full prompt's tokens up to there really end with the subject; otherwise the subject is
+    merged with the text around it and is not a token span.
     """
     idx = text_template.find("{}")
     if idx < 0:
@@ -142,12 +143,11 @@ def subject_last_token(tokenizer, text_template: str, subject: str) -> int:
     full = text_template.replace("{}", subject)
     prefix = text_template[:idx] + subject
     full_ids = tokenizer(full)["input_ids"]
-    pre_ids = tokenizer(prefix)["input_ids"]
-    before_ids = tokenizer(text_template[:idx])["input_ids"] if idx else []
-    n = len(pre_ids)
-    if n == 0 or n > len(full_ids) or full_ids[: n - 1] != pre_ids[: n - 1] or n <= len(before_ids) and idx:
+    n = len(tokenizer(prefix)["input_ids"])
+    covered = tokenizer.decode(full_ids[:n], skip_special_tokens=True) if 0 < n <= len(full_ids) else ""
+    if not covered.rstrip().endswith(subject.rstrip()):
         raise RequestError(
-            f"subject {subject!r} was not found as a token span in the tokenised prompt {full!r}; "
-            "check the spelling and that the prompt's '{}' is where the subject goes"
+            f"subject {subject!r} was not found as a token span in the tokenised prompt {full!r} (the tokens "
+            f"there spell {covered!r}); check the spelling, and that '{{}}' is not inside a word"
         )
     return n - 1

@@ -8,6 +8,7 @@ with the lower layers already edited) is spread evenly over the layers left and 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -57,10 +58,16 @@ class Memit(Method):
     def run(self, handle, requests, hp: MemitHParams, progress=None):
         layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)
         top = layers[-1]
+        t = time.perf_counter()
         corpus = corpus_from_spec(hp.mom2_corpus, handle, hp.mom2_n_tokens)
         covs = second_moments(handle, layers, corpus, hp.mom2_n_tokens)
+        timings = {"stats": time.perf_counter() - t}
+        t = time.perf_counter()
         templates = context_templates(handle, hp.context_per_prefix, hp.context_length, hp.seed)
+        timings["templates"] = time.perf_counter() - t
         vr = optimize_values(handle, requests, top, templates, hp, where="block_out", progress=progress)
+        timings.update(vr.timings)
+        t = time.perf_counter()
         names = [handle.weight_name(layer) for layer in layers]
         deltas = {}
         n = len(requests)
@@ -75,4 +82,5 @@ class Memit(Method):
                 with torch.no_grad():
                     handle.param(handle.weight_name(layer)).add_(handle.to_param_orientation(dW))
                 deltas[handle.weight_name(layer)] = handle.to_param_orientation(dW)
-        return deltas, {"nll": vr.nll, "steps": vr.steps}
+        timings["update"] = time.perf_counter() - t
+        return deltas, {"nll": vr.nll, "steps": vr.steps, "timings": timings}

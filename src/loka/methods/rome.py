@@ -8,6 +8,7 @@ Several requests are applied one after another, each on the model edited by the 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -56,22 +57,31 @@ class Rome(Method):
 
     def run(self, handle, requests, hp: RomeHParams, progress=None):
         layer = handle.check_layer(hp.layer, "layer")
+        timings = {"stats": 0.0, "templates": 0.0, "keys": 0.0, "values": 0.0, "update": 0.0}
+        t = time.perf_counter()
         C = None
         if hp.mom2_adjustment:
             corpus = corpus_from_spec(hp.mom2_corpus, handle, hp.mom2_n_tokens)
             C = second_moments(handle, [layer], corpus, hp.mom2_n_tokens)[layer]
+        timings["stats"] = time.perf_counter() - t
+        t = time.perf_counter()
         templates = context_templates(handle, hp.context_per_prefix, hp.context_length, hp.seed)
+        timings["templates"] = time.perf_counter() - t
         name = handle.weight_name(layer)
         total = torch.zeros_like(handle.weight(layer), dtype=torch.float32)
         info = []
         with preserved_weights(handle.model, [name]):
             for req in requests:
                 vr = optimize_values(handle, [req], layer, templates, hp, where="mlp_out")
+                timings["keys"] += vr.timings["keys"]
+                timings["values"] += vr.timings["values"]
+                t = time.perf_counter()
                 dW = rome_update(vr.keys[0], vr.plain_keys[0], vr.targets[0], vr.init[0], C)
                 with torch.no_grad():
                     handle.param(name).add_(handle.to_param_orientation(dW))
                 total += dW
+                timings["update"] += time.perf_counter() - t
                 info.append({"nll": vr.nll[0], "steps": vr.steps, "delta_norm": float(dW.norm())})
                 if progress is not None:
                     progress.update(1)
-        return {name: handle.to_param_orientation(total)}, {"per_request": info}
+        return {name: handle.to_param_orientation(total)}, {"per_request": info, "timings": timings}

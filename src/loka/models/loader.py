@@ -177,9 +177,14 @@ def _weights_hash(folder: Path) -> str:
 
 def _load_folder(folder: Path, name: str, known_hash: str | None = None) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE)
+    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE)
+    finally:
+        hf_logging.enable_progress_bar()
     return _finish(model, tok, name, str(folder), known_hash, (lambda: _weights_hash(folder)))
 
 
