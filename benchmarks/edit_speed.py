@@ -33,13 +33,16 @@ def peak_mb() -> float:
 
 
 def timing_corpus(path: Path) -> Path:
-    """Plain English from the bundled MQuAKE-hard and TOFU files (>100k tokens), for timing the pass."""
+    """Plain English from the bundled MQuAKE-hard, TOFU and known-facts files (>100k tokens), for timing."""
     texts = []
     for case in json.loads((DATA / "mquake" / "MQuAKE-hard.json").read_text()):
         texts.append(" ".join(case.get("questions", [])) + " " + " ".join(
             f"{h.get('cloze', '')} {h.get('answer', '')}." for h in case.get("single_hops", [])))
+        texts.append(" ".join(f"{h.get('question', '')} {h.get('answer', '')}." for h in case.get("new_single_hops", [])))
     for name in ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]:
         texts += [f"{r['question']} {r['answer']}" for r in json.loads((DATA / "tofu" / name).read_text())]
+    texts += [f["prompt"] + " " + f["attribute"] + "." for f in json.loads((DATA / "known_1000.json").read_text())]
+    texts = texts * 2  # repeated once so that the pass can reach 100k tokens: this corpus is for timing only
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path
 
@@ -51,14 +54,19 @@ def main() -> None:
     ap.add_argument("--memit-edits", type=int, default=10)
     ap.add_argument("--stats-tokens", type=int, default=100_000)
     ap.add_argument("--skip-cold-stats", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter override for both methods, e.g. v_dtype=bfloat16")
     ap.add_argument("--out", default="benchmarks/results/edit_speed.json")
     args = ap.parse_args()
     res: dict = {"model": args.model, "threads": __import__("torch").get_num_threads()}
     t = time.time()
     handle = loka.load_model(args.model)
     res["load_s"] = round(time.time() - t, 2)
-    rome_hp = loka.default_hparams("rome", handle)
-    memit_hp = loka.default_hparams("memit", handle)
+    over = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+            for k, v in (kv.split("=", 1) for kv in args.set)}
+    res["overrides"] = over
+    rome_hp = loka.default_hparams("rome", handle, over)
+    memit_hp = loka.default_hparams("memit", handle, over)
     rows = []
 
     if not args.skip_cold_stats:
@@ -84,11 +92,11 @@ def main() -> None:
 
     reqs = counterfactual_requests(max(args.rome_edits, args.memit_edits), seed=2)
     # warm the caches the methods use (statistics of the default corpus, templates)
-    loka.edit(handle, reqs[0], "rome", progress=False).revert(handle)
+    loka.edit(handle, reqs[0], "rome", rome_hp, progress=False).revert(handle)
     per = []
     for r in reqs[: args.rome_edits]:
         t = time.time()
-        art = loka.edit(handle, r, "rome", progress=False)
+        art = loka.edit(handle, r, "rome", rome_hp, progress=False)
         per.append((time.time() - t, art.manifest["extra"]["timings"]))
         art.revert(handle)
     med = statistics.median(p for p, _ in per)
@@ -96,9 +104,9 @@ def main() -> None:
     rows.append({"job": f"ROME, median of {len(per)} single edits (layer {rome_hp.layer})", "total_s": med, **avg,
                  "target": "<= 5 s", "peak_rss_mb": peak_mb()})
 
-    loka.edit(handle, reqs[:1], "memit", progress=False).revert(handle)  # warm statistics for its layers
+    loka.edit(handle, reqs[:1], "memit", memit_hp, progress=False).revert(handle)  # warm statistics for its layers
     t = time.time()
-    art = loka.edit(handle, reqs[: args.memit_edits], "memit", progress=False)
+    art = loka.edit(handle, reqs[: args.memit_edits], "memit", memit_hp, progress=False)
     total = time.time() - t
     art.revert(handle)
     rows.append({"job": f"MEMIT, {args.memit_edits} edits in one batch (layers {memit_hp.layers})", "total_s": total,

@@ -66,3 +66,20 @@ def test_memit_batch_edits_each_fact(smollm2, hp):
 def test_subject_that_is_not_a_token_span_is_refused(smollm2):
     with pytest.raises(loka.RequestError, match="not found as a token span"):
         loka.edit(smollm2, loka.EditRequest("The {}er is tall", "Tow", "x"), "rome", progress=False)
+
+
+def test_batched_values_with_early_stopping_match_one_by_one(smollm2, hp):
+    """Requests in one batch are optimised independently: converged ones are frozen and dropped."""
+    from loka.methods.locate import optimize_values
+    from loka.methods.templates import context_templates
+
+    h = smollm2
+    reqs = [loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
+            loka.EditRequest("{} plays the sport of", "Lionel Messi", "basketball")]
+    rome = loka.default_hparams("rome", h, hp)
+    tm = context_templates(h)
+    both = optimize_values(h, reqs, rome.layer, tm, rome)
+    for i, r in enumerate(reqs):
+        alone = optimize_values(h, [r], rome.layer, tm, rome)
+        assert both.nll[i] < rome.early_stop_loss
+        assert torch.allclose(both.targets[i], alone.targets[0], rtol=1e-3, atol=1e-3 * float(alone.targets[0].norm()))

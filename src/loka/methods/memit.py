@@ -32,6 +32,7 @@ class MemitHParams(HParams):
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 0.05
     v_batch_size: int = 16
+    v_dtype: str = "float32"
     mom2_update_weight: float = 15000.0
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000

@@ -32,6 +32,7 @@ class RomeHParams(HParams):
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 0.05
     v_batch_size: int = 16
+    v_dtype: str = "float32"
     mom2_adjustment: bool = True
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000

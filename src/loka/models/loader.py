@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import env
 from ..errors import ModelError
-from ..utils.io import atomic_dir, atomic_write_json, hash_tensors, sha256_file
+from ..utils.io import atomic_dir, atomic_write_json, hash_tensors, sha256_bytes, sha256_file
 from .arch import ArchSpec, spec_for
 from .tiny import TINY_NAMES, build_tiny
 
@@ -172,7 +172,7 @@ def _weights_hash(folder: Path) -> str:
         raise ModelError(f"{folder} holds no *.safetensors or *.bin weights")
     if len(files) == 1:
         return sha256_file(files[0])
-    return hash_tensors({p.name: torch.frombuffer(bytearray(sha256_file(p).encode()), dtype=torch.uint8) for p in files})
+    return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
 
 
 def _load_folder(folder: Path, name: str, known_hash: str | None = None) -> ModelHandle:
