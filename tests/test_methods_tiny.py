@@ -21,13 +21,22 @@ def tiny(request, text_corpus):
     return h
 
 
-def test_replay_reproduces_the_full_forward(tiny):
-    batch = build_prompts(tiny, [REQ], context_templates(tiny))
-    full = _forward(tiny, batch).logits
+@pytest.mark.parametrize("align", [False, True])
+def test_replay_reproduces_the_full_forward(tiny, align):
+    reqs = [REQ, loka.EditRequest("The sport {} plays is", "Lionel Messi", "tennis")]
+    batch = build_prompts(tiny, reqs, context_templates(tiny), align=align)
+    plain = build_prompts(tiny, reqs, context_templates(tiny))
+    ref = _forward(tiny, plain).logits[plain.tgt_rows, plain.tgt_cols]  # unpadded positions, no alignment
     for start in (0, 2, 3):
         rep = Replay(tiny, batch, start)
-        got = rep.logits_at(batch.tgt_rows, batch.tgt_cols)
-        assert torch.allclose(got, full[batch.tgt_rows, batch.tgt_cols], atol=1e-5)
+        assert (rep.split is not None) == align  # the suffix-only path is really taken
+        for _ in range(2):  # the cache is cropped back between replays
+            got = rep.logits_at(batch.tgt_rows, batch.tgt_cols)
+            assert torch.allclose(got, ref, atol=1e-4)
+        sub = rep.subset(torch.tensor([0, 2, 3]))
+        keep = torch.isin(batch.tgt_rows, torch.tensor([0, 2, 3]))
+        new_rows = torch.tensor([0, -1, 1, 2])[batch.tgt_rows[keep]]
+        assert torch.allclose(sub.logits_at(new_rows, batch.tgt_cols[keep]), ref[keep], atol=1e-4)
 
 
 def test_rome_is_rank_one_and_maps_the_key_to_the_new_value(tiny):

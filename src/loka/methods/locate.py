@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -49,6 +50,8 @@ class PromptBatch:
     tgt_rows: torch.Tensor  # (N,) rows of every target token
     tgt_cols: torch.Tensor  # (N,) positions whose logits predict it
     tgt_tokens: torch.Tensor  # (N,) the token ids
+    position_ids: torch.Tensor | None = None  # (B, T) positions of real tokens (left padding aware)
+    split: int | None = None  # with aligned rows: every row's subject ends at column ``split``
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -61,7 +64,10 @@ def build_prompts(
     *,
     with_targets: bool = True,
     kl_prompts: Sequence[str] = ("{} is a",),
+    align: bool = False,
 ) -> PromptBatch:
+    """Right-padded rows; with ``align=True`` rows are also left-padded so that every subject's last
+    token sits in the same column (``split``): all columns before it are then independent of δ."""
     tok = handle.tokenizer
     rows: list[list[int]] = []
     lookup, owner, is_kl, tmpl, tr, tc, tt = [], [], [], [], [], [], []
@@ -90,22 +96,30 @@ def build_prompts(
             owner.append(i)
             is_kl.append(True)
             tmpl.append(-1)
-    width = max(len(r) for r in rows)
+    split = max(lookup) if align else None
+    offset = [split - li for li in lookup] if align else [0] * len(rows)
+    width = max(o + len(r) for o, r in zip(offset, rows))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, seq in enumerate(rows):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
+    for r, (o, seq) in enumerate(zip(offset, rows)):
+        ids[r, o: o + len(seq)] = torch.tensor(seq)
+        mask[r, o: o + len(seq)] = 1
     as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
-    return PromptBatch(ids, mask, as_t(lookup), as_t(owner), as_t(is_kl, torch.bool), as_t(tmpl),
-                       as_t(tr), as_t(tc), as_t(tt))
+    off = as_t(offset)
+    lookup_t = as_t(lookup) + off
+    tr_t = as_t(tr)
+    tc_t = as_t(tc) + (off[tr_t] if len(tr) else 0)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    return PromptBatch(ids, mask, lookup_t, as_t(owner), as_t(is_kl, torch.bool), as_t(tmpl),
+                       tr_t, tc_t, as_t(tt), pos, split)
 
 
 def _forward(handle, batch: PromptBatch, **kw):
     dev = handle.device
+    extra = {"position_ids": batch.position_ids.to(dev)} if batch.position_ids is not None else {}
     return handle.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                        use_cache=False, **kw)
+                        use_cache=False, **extra, **kw)
 
 
 @torch.no_grad()
@@ -139,16 +153,40 @@ def mean_over_templates(x: torch.Tensor, batch: PromptBatch, n_requests: int) ->
 
 
 class Replay:
-    """Re-run the model from block ``start`` upwards with the recorded inputs of a reference forward."""
+    """Re-run the model from block ``start`` upwards with the recorded inputs of a reference forward.
 
-    def __init__(self, handle, batch: PromptBatch, start: int):
+    With an aligned batch (``batch.split``), the columns before the subject's last token are run
+    once into a key/value cache and each replay recomputes only the columns from ``split`` on — they
+    are the only ones δ can change. Falls back to full rows where a cache cannot be cropped.
+    """
+
+    def __init__(self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = ()):
+        """``probes``: module paths whose input and output at the subject's last token are recorded
+        during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d))."""
         self.handle, self.batch, self.start = handle, batch, start
+        self.probes = list(probes)
         spec = handle.spec
         self.blocks = [handle.block(i) for i in range(start, handle.n_layers)]
         paths = [spec.block_path(i) for i in range(start, handle.n_layers)]
-        with torch.no_grad(), capture(handle.model, paths, outputs=False, kwargs=True,
-                                      stop_after=spec.final_norm) as rec:
-            run_until_stopped(lambda: _forward(handle, batch))
+        self.split, self.cache = None, None
+        if batch.split:
+            try:
+                self._capture_suffix(paths)
+            except Exception as e:  # an architecture whose cache cannot be reused this way
+                log.debug("suffix replay unavailable (%s); replaying full rows", e)
+                self.split, self.cache = None, None
+        if self.split is None:
+            with torch.no_grad(), capture(handle.model, paths, outputs=False, kwargs=True,
+                                          stop_after=spec.final_norm) as rec, \
+                    capture(handle.model, self.probes) as probe:
+                run_until_stopped(lambda: _forward(handle, batch))
+            self._store(rec, paths)
+            self._store_probes(probe, torch.arange(len(batch)), batch.lookup)
+        self.norm = handle.module(spec.final_norm)
+        self.unembed = handle.module(spec.unembed)
+        self.softcap = getattr(handle.config, "final_logit_softcapping", None)
+
+    def _store(self, rec, paths) -> None:
         self.h0 = rec[paths[0]].input
         self.calls = []
         for p in paths:
@@ -156,9 +194,35 @@ class Replay:
             args = kw.pop("__args__", ())
             kw.pop("hidden_states", None)
             self.calls.append((args, kw))
-        self.norm = handle.module(spec.final_norm)
-        self.unembed = handle.module(spec.unembed)
-        self.softcap = getattr(handle.config, "final_logit_softcapping", None)
+
+    def _store_probes(self, rec, rows, cols) -> None:
+        self.probe_in = {p: rec[p].input[rows, cols] for p in self.probes}
+        self.probe_out = {p: rec[p].output[rows, cols] for p in self.probes}
+
+    def _reset_cache(self) -> None:
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - self.split
+            if extra > 0:
+                layer.crop(-extra)
+            if getattr(layer, "keys", None) is not None:  # the prefix must not carry the last step's graph
+                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+
+    def _capture_suffix(self, paths) -> None:
+        b, s, dev = self.batch, self.batch.split, self.handle.device
+        model = self.handle.model
+        with torch.no_grad():
+            out = model(input_ids=b.input_ids[:, :s].to(dev), attention_mask=b.attention_mask[:, :s].to(dev),
+                        position_ids=b.position_ids[:, :s].to(dev), use_cache=True)
+            cache = out.past_key_values
+            with capture(model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm) as rec, \
+                    capture(model, self.probes) as probe:
+                run_until_stopped(lambda: model(
+                    input_ids=b.input_ids[:, s:].to(dev), attention_mask=b.attention_mask.to(dev),
+                    position_ids=b.position_ids[:, s:].to(dev), past_key_values=cache, use_cache=True))
+        self.split, self.cache = s, cache
+        self._reset_cache()
+        self._store(rec, paths)
+        self._store_probes(probe, torch.arange(len(b)), torch.zeros(len(b), dtype=torch.long))  # lookup = column 0
 
     def subset(self, keep: torch.Tensor) -> Replay:
         """The same replay restricted to batch rows ``keep`` (tensors of batch size are sliced)."""
@@ -174,10 +238,22 @@ class Replay:
         new = object.__new__(Replay)
         new.__dict__.update(self.__dict__)
         new.h0 = self.h0[keep]
-        new.calls = [(tuple(cut(a) for a in args), {k: cut(v) for k, v in kw.items()}) for args, kw in self.calls]
+        if self.cache is not None:
+            self._reset_cache()  # back to the (detached) prefix before copying
+            cache = copy.deepcopy(self.cache)
+            cache.batch_select_indices(keep)
+            new.cache = cache
+            swap = lambda x: cache if x is self.cache else cut(x)  # noqa: E731
+        else:
+            swap = cut
+        new.calls = [(tuple(swap(a) for a in args), {k: swap(v) for k, v in kw.items()}) for args, kw in self.calls]
         return new
 
     def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Logits at (row, column) positions of the batch (columns as in the full rows)."""
+        if self.cache is not None:
+            self._reset_cache()  # drop the suffix keys/values of the previous replay
+            cols = cols - self.split
         h = self.h0
         for block, (args, kw) in zip(self.blocks, self.calls):
             h = block_output(block(h, *args, **kw))
@@ -231,7 +307,8 @@ class _ActiveView:
         self.n_rows = len(keep)
         self.replay = replay if len(keep) == len(batch) else replay.subset(keep)
         self.owner = batch.owner[keep]
-        self.positions = torch.stack([torch.arange(len(keep)), batch.lookup[keep]], 1)
+        # δ goes in at the subject's last token; a suffix replay's columns start at ``split``
+        self.positions = torch.stack([torch.arange(len(keep)), batch.lookup[keep] - (replay.split or 0)], 1)
         t_keep = new_index[batch.tgt_rows] >= 0
         self.tgt_rows = new_index[batch.tgt_rows[t_keep]]
         self.tgt_tokens = batch.tgt_tokens[t_keep]
@@ -260,19 +337,18 @@ def _autocast(handle, hp):
 def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) -> ValueResult:
     n = len(requests)
     t0 = time.perf_counter()
-    batch = build_prompts(handle, requests, templates)
+    batch = build_prompts(handle, requests, templates, align=True)
     hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
-    # reference values and keys at the lookup tokens
-    io = module_io_at_lookup(handle, batch, [key_layer, layer] if key_layer != layer else [layer],
-                             block_out_layer=layer if where == "block_out" else None)
-    vals = io["values"][layer] if where == "mlp_out" else io["block_out"]
+    # one reference forward: keys and values at the lookup tokens, and what the replay needs
+    key_path, val_path = handle.spec.mlp_out_path(key_layer), (
+        handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer))
+    replay = Replay(handle, batch, layer, probes=[key_path, val_path])
     plain = (batch.template == 0).nonzero().squeeze(1)  # rows of the bare "{}" template, one per request
-    v0 = vals[plain]
-    keys_all = io["keys"][key_layer]
+    v0 = replay.probe_out[val_path][plain]
+    keys_all = replay.probe_in[key_path]
     k_star = mean_over_templates(keys_all, batch, n)
     k_plain = keys_all[plain]
 
-    replay = Replay(handle, batch, layer)
     kl_rows = batch.is_kl.nonzero().squeeze(1)  # one "{} is a" row per request, in request order
     kl_cols = batch.lookup[kl_rows]
     with torch.no_grad():

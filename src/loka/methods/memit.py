@@ -16,6 +16,7 @@ import torch
 from .. import env
 from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
+from ..errors import ModelError
 from ..stats import second_moments
 from .base import HParams, Method, register
 from .locate import build_prompts, mean_over_templates, module_io_at_lookup, optimize_values
@@ -57,6 +58,12 @@ class Memit(Method):
     hparams_cls = MemitHParams
 
     def run(self, handle, requests, hp: MemitHParams, progress=None):
+        if handle.spec.post_mlp_norm:
+            raise ModelError(
+                f"memit is not supported for the {handle.spec.family} family yet: it normalises the MLP output "
+                f"({handle.spec.post_mlp_norm}) before the residual stream, so MEMIT's residual targets do not map "
+                "linearly onto the down-projection. Use --method rome for this model."
+            )
         layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)
         top = layers[-1]
         t = time.perf_counter()

@@ -22,6 +22,7 @@ class ArchSpec:
     unembed: str  # path of the unembedding (LM head)
     embed: str  # path of the token embedding
     transposed: bool = False  # weight stored as (in, out), e.g. GPT-2's Conv1D
+    post_mlp_norm: str | None = None  # path, inside a block, of a norm applied to the MLP output (Gemma 2/3)
     n_layers_attr: str = "num_hidden_layers"
 
     def block_path(self, layer: int) -> str:
@@ -37,13 +38,24 @@ class ArchSpec:
 
 LLAMA = ArchSpec(
     family="llama",
-    model_types=("llama", "qwen2", "mistral", "gemma3_text", "gemma2", "gemma"),
+    model_types=("llama", "qwen2", "mistral", "gemma"),
     blocks="model.layers",
     mlp_out="mlp.down_proj",
     mlp="mlp",
     final_norm="model.norm",
     unembed="lm_head",
     embed="model.embed_tokens",
+)
+GEMMA3 = ArchSpec(
+    family="gemma3",
+    model_types=("gemma3_text", "gemma2"),
+    blocks="model.layers",
+    mlp_out="mlp.down_proj",
+    mlp="mlp",
+    final_norm="model.norm",
+    unembed="lm_head",
+    embed="model.embed_tokens",
+    post_mlp_norm="post_feedforward_layernorm",
 )
 GPT2 = ArchSpec(
     family="gpt2",
@@ -79,7 +91,7 @@ NEOX = ArchSpec(
     embed="gpt_neox.embed_in",
 )
 
-SPECS: tuple[ArchSpec, ...] = (LLAMA, GPT2, GPTJ, NEOX)
+SPECS: tuple[ArchSpec, ...] = (LLAMA, GEMMA3, GPT2, GPTJ, NEOX)
 
 
 def spec_for(config) -> ArchSpec:
