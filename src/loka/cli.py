@@ -26,7 +26,7 @@ def _hparam_overrides(args) -> dict:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
             out[k] = v
-    if getattr(args, "layer", None) is not None:
+    if getattr(args, "layer", None) is not None and getattr(args, "method", None) != "none":
         out["layer" if args.method == "rome" else "layers"] = args.layer if args.method == "rome" else [args.layer]
     if getattr(args, "layers", None):
         out["layers"] = args.layers
@@ -153,6 +153,46 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_data_counterfact(args) -> int:
+    from .bench.counterfact import build_counterfact, facts_known_by, load_known
+    from .utils.io import atomic_write_json
+
+    if args.source != "known":
+        raise SystemExit(f"error: --from {args.source!r} is not supported; use --from known")
+    facts = load_known(args.known_file)
+    edited = facts
+    if args.known_by:
+        from .models import load_model
+
+        edited = facts_known_by(load_model(args.known_by), facts)
+        log.info("%s gets %d of %d known facts right", args.known_by, len(edited), len(facts))
+    recs = build_counterfact(edited, args.n, args.seed, all_facts=facts)
+    atomic_write_json(args.out, recs)
+    info = {"records": len(recs), "facts": len(facts), "known_by": args.known_by, "facts_known": len(edited), "out": args.out}
+    print(json.dumps(info) if args.json else f"wrote {len(recs)} CounterFact-format records to {args.out}"
+          + (f" ({args.known_by} knows {len(edited)} of {len(facts)} facts)" if args.known_by else ""))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.data import load_cases
+    from .eval.runner import EvalConfig, format_summary, run_eval
+    from .models import load_model
+
+    cases = load_cases(args.data, args.n)
+    handle = load_model(args.model)
+    cfg = EvalConfig(method=args.method, mode=args.mode, batch_size=args.batch_size, hparams=_hparam_overrides(args),
+                     generation=args.generation, guard=not args.no_guard)
+    out = args.out or f"out/eval/{handle.name}-{args.method}-{args.mode}"
+    summary = run_eval(handle, cases, cfg, out, resume=args.resume)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print(f"results in {out} (summary.json, results.jsonl" + (", sequential.png)" if args.mode == "sequential" else ")"))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -217,6 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-tokens", type=int, default=20_000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
+
+    s = sub.add_parser("data", help="build benchmark data offline")
+    dsub = s.add_subparsers(dest="data_command", required=True, metavar="KIND")
+    d = dsub.add_parser("counterfact", help="CounterFact-format records from the known facts")
+    d.add_argument("--from", dest="source", default="known", help="source of facts (only 'known': data/known_1000.json)")
+    d.add_argument("--known-file", help="another file in known_1000.json format")
+    d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--known-by", metavar="MODEL", help="keep only facts this model completes correctly")
+    d.add_argument("--out", required=True, help="output JSON file")
+    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    d.set_defaults(fn=cmd_data_counterfact)
+
+    s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--method", default="rome", choices=["none", *sorted(REGISTRY)], help="'none' gives the unedited row")
+    s.add_argument("--data", required=True, help="CounterFact / zsRE / MQuAKE / loka JSON(L) file")
+    s.add_argument("--n", type=int, help="use the first N cases")
+    s.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    s.add_argument("--batch-size", type=int, default=1, help="cases per edit (batch and sequential modes)")
+    s.add_argument("--out", help="output folder (default out/eval/MODEL-METHOD-MODE)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
+    s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    s.add_argument("--json", action="store_true", help="print summary.json")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="the main job: edit facts on the default model, save, reload, revert")
     s.add_argument("--model", default=DEFAULT_MODEL)

@@ -212,7 +212,7 @@ class Replay:
         model = self.handle.model
         with torch.no_grad():
             out = model(input_ids=b.input_ids[:, :s].to(dev), attention_mask=b.attention_mask[:, :s].to(dev),
-                        position_ids=b.position_ids[:, :s].to(dev), use_cache=True)
+                        position_ids=b.position_ids[:, :s].to(dev), use_cache=True, logits_to_keep=1)
             cache = out.past_key_values
             with capture(model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm) as rec, \
                     capture(model, self.probes) as probe:

@@ -1,0 +1,1 @@
+"""Evaluation: data readers, the metric registry and the resumable runner."""

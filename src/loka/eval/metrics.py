@@ -1,0 +1,212 @@
+"""Editing metrics, one registry. Each metric is a small function of a case's scores.
+
+A case is scored with one batched forward (:func:`score_case`): every probe prompt with the new and
+the true target, teacher-forced. Probability metrics follow CounterFact (ROME §3.3; mean per-token
+log-probability compares targets of different lengths); token-accuracy metrics follow EasyEdit.
+Generation metrics need greedy decoding and are computed only when asked (:func:`generation_scores`).
+RS (reference score) is not implemented: it needs Wikipedia reference texts we do not have.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from ..scoring import generate, score_targets
+from .data import EvalCase
+
+MetricFn = Callable[[dict, dict | None], float | None]
+METRICS: dict[str, MetricFn] = {}
+#: Metrics whose summary is a mean over cases, in the order tables print them.
+TABLE = ["ES", "PS", "NS", "EM", "PM", "NM", "reliability", "generalization", "locality", "portability",
+         "gen_success", "GE", "multihop"]
+
+
+def metric(name: str):
+    def deco(fn: MetricFn) -> MetricFn:
+        METRICS[name] = fn
+        return fn
+    return deco
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def score_case(handle, case: EvalCase) -> dict:
+    """Teacher-forced scores of every probe of ``case`` with the new and the true target."""
+    rows: list[tuple[str, str, int, str]] = []  # (group, which, index, ...)
+    prompts, targets = [], []
+
+    def add(group, which, plist, target):
+        for i, p in enumerate(plist):
+            rows.append((group, which, i, p))
+            prompts.append(p)
+            targets.append(target)
+
+    for group in ("rewrite", "paraphrase", "neighborhood"):
+        plist = getattr(case, group)
+        add(group, "new", plist, case.target_new)
+        if case.target_true:
+            add(group, "true", plist, case.target_true)
+    for group in ("locality", "portability"):
+        for i, (p, a) in enumerate(getattr(case, group)):
+            rows.append((group, "answer", i, p))
+            prompts.append(p)
+            targets.append(a)
+    scored = score_targets(handle, prompts, targets) if prompts else []
+    out: dict = {}
+    for (group, which, _i, _p), sc in zip(rows, scored):
+        out.setdefault(group, {}).setdefault(which, []).append(sc)
+    return out
+
+
+def _mean_lp(sc: dict) -> float:
+    return float(np.mean(sc["token_logprobs"]))
+
+
+def _token_acc(sc: dict) -> float:
+    return float(np.mean([a == t for a, t in zip(sc["argmax_ids"], sc["target_ids"])]))
+
+
+def _pairs(s: dict, group: str):
+    g = s.get(group, {})
+    if "new" not in g or "true" not in g:
+        return []
+    return list(zip(g["new"], g["true"]))
+
+
+def _mean(xs):
+    xs = list(xs)
+    return float(np.mean(xs)) if xs else None
+
+
+# -- CounterFact (probability) -------------------------------------------------------------------
+@metric("ES")
+def efficacy_success(post, pre=None):
+    """Fraction of edit prompts with P(new) > P(true) (mean per-token log-probabilities)."""
+    return _mean(_mean_lp(a) > _mean_lp(b) for a, b in _pairs(post, "rewrite"))
+
+
+@metric("PS")
+def paraphrase_success(post, pre=None):
+    return _mean(_mean_lp(a) > _mean_lp(b) for a, b in _pairs(post, "paraphrase"))
+
+
+@metric("NS")
+def neighborhood_success(post, pre=None):
+    """Fraction of neighbourhood prompts that still prefer the true object: P(true) > P(new)."""
+    return _mean(_mean_lp(b) > _mean_lp(a) for a, b in _pairs(post, "neighborhood"))
+
+
+def _prob(sc):
+    return math.exp(_mean_lp(sc))
+
+
+@metric("EM")
+def efficacy_magnitude(post, pre=None):
+    """Mean P(new) − P(true) on edit prompts (per-token probabilities, as CounterFact)."""
+    return _mean(_prob(a) - _prob(b) for a, b in _pairs(post, "rewrite"))
+
+
+@metric("PM")
+def paraphrase_magnitude(post, pre=None):
+    return _mean(_prob(a) - _prob(b) for a, b in _pairs(post, "paraphrase"))
+
+
+@metric("NM")
+def neighborhood_magnitude(post, pre=None):
+    return _mean(_prob(b) - _prob(a) for a, b in _pairs(post, "neighborhood"))
+
+
+# -- EasyEdit (teacher-forced token accuracy) ----------------------------------------------------
+@metric("reliability")
+def reliability(post, pre=None):
+    return _mean(_token_acc(sc) for sc in post.get("rewrite", {}).get("new", []))
+
+
+@metric("generalization")
+def generalization(post, pre=None):
+    return _mean(_token_acc(sc) for sc in post.get("paraphrase", {}).get("new", []))
+
+
+@metric("locality")
+def locality(post, pre):
+    """Fraction of out-of-scope target tokens whose argmax is the same before and after the edit."""
+    if pre is None:
+        return None
+    same = []
+    for group, which in (("neighborhood", "true"), ("locality", "answer")):
+        for a, b in zip(post.get(group, {}).get(which, []), pre.get(group, {}).get(which, [])):
+            same += [x == y for x, y in zip(a["argmax_ids"], b["argmax_ids"])]
+    return _mean(same)
+
+
+@metric("portability")
+def portability(post, pre=None):
+    return _mean(_token_acc(sc) for sc in post.get("portability", {}).get("answer", []))
+
+
+# -- generation -----------------------------------------------------------------------------------
+def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """CounterFact's GE for one text: weighted mean of the n-gram entropies (bits), n = 2, 3."""
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    ents = []
+    for n, w in zip(ns, weights):
+        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            ents.append(0.0)
+            continue
+        f = np.array(list(grams.values()), dtype=float) / total
+        ents.append(w * float(-(f * np.log2(f)).sum()))
+    return float(np.mean(ents))
+
+
+def _contains(text: str, answers) -> bool:
+    t = text.lower()
+    return any(a.strip().lower() in t for a in answers if a and a.strip())
+
+
+def generation_scores(handle, case: EvalCase, max_new_tokens: int = 10, ge_tokens: int = 40) -> dict:
+    """Greedy generations: success (target appears) on edit and paraphrase prompts, GE, multi-hop."""
+    out: dict = {}
+    prompts = case.rewrite + case.paraphrase
+    if prompts:
+        gens = generate(handle, prompts, max_new_tokens=max_new_tokens)
+        out["gen_success"] = _mean(_contains(g, [case.target_new]) for g in gens)
+    if case.generation:
+        gens = generate(handle, case.generation, max_new_tokens=ge_tokens)
+        out["GE"] = _mean(ngram_entropy(g) for g in gens)
+    if case.multihop:
+        gens = generate(handle, [f"Q: {q}\nA:" for q in case.multihop["questions"]], max_new_tokens=max_new_tokens)
+        out["multihop"] = float(any(_contains(g, case.multihop["answers"]) for g in gens))
+    return out
+
+
+@metric("gen_success")
+def gen_success(post, pre=None):
+    return post.get("_gen", {}).get("gen_success")
+
+
+@metric("GE")
+def generation_entropy(post, pre=None):
+    return post.get("_gen", {}).get("GE")
+
+
+@metric("multihop")
+def multihop(post, pre=None):
+    """MQuAKE: the case counts as solved if any of its questions yields the new answer (or an alias)."""
+    return post.get("_gen", {}).get("multihop")
+
+
+def case_metrics(post: dict, pre: dict | None) -> dict:
+    return {name: fn(post, pre) for name, fn in METRICS.items() if fn(post, pre) is not None}
+
+
+def harmonic_mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    if not vals or any(v <= 0 for v in vals):
+        return 0.0 if vals else None
+    return len(vals) / sum(1 / v for v in vals)

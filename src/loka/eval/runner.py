@@ -1,0 +1,241 @@
+"""The evaluation runner behind ``loka eval``: single / batch / sequential editing, resumable.
+
+Layout of ``out_dir``: ``pre.jsonl`` (unedited scores per case, computed once), ``results.jsonl``
+(one line per case: metrics before/after), ``sequential.jsonl`` (one line per checkpoint),
+``artifacts/`` (sequential mode: one artifact per batch, so a resumed run re-applies them),
+``summary.json`` and, for sequential runs, ``sequential.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..api import edit
+from ..artifact import load_artifact
+from ..utils.io import atomic_write_json
+from .data import EvalCase
+from .guard import general_guard
+from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_case
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    method: str = "rome"
+    mode: str = "single"  # single | batch | sequential
+    batch_size: int = 1
+    hparams: dict = field(default_factory=dict)
+    generation: bool = False  # greedy-generation metrics (slower)
+    guard: bool = True  # perplexity + multiple choice before and after
+    checkpoints: tuple[int, ...] = (10, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000)
+
+    def __post_init__(self):
+        if self.mode not in ("single", "batch", "sequential"):
+            raise ValueError(f"mode must be single, batch or sequential, got {self.mode!r}")
+        if self.mode == "single":
+            self.batch_size = 1
+
+
+def _append(path: Path, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by an interruption: ignore it
+                log.warning("ignoring a truncated line in %s", path)
+    return out
+
+
+def _scores(handle, case: EvalCase, cfg: EvalConfig) -> dict:
+    s = score_case(handle, case)
+    if cfg.generation or case.multihop:
+        s["_gen"] = generation_scores(handle, case)
+    return s
+
+
+def summarise(rows: list[dict], key: str = "post") -> dict:
+    out = {}
+    for name in TABLE:
+        vals = [r[key][name] for r in rows if r.get(key, {}).get(name) is not None]
+        if vals:
+            out[name] = float(np.mean(vals))
+    if all(k in out for k in ("ES", "PS", "NS")):
+        out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
+    out["n"] = len(rows)
+    return out
+
+
+def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.json"
+    meta = {"model": handle.name, "model_hash": handle.model_hash, "method": cfg.method, "mode": cfg.mode,
+            "batch_size": cfg.batch_size, "hparams": cfg.hparams, "n_cases": len(cases), "generation": cfg.generation}
+    if resume and cfg_file.exists():
+        old = json.loads(cfg_file.read_text())
+        same = [k for k in meta if k != "n_cases"]  # a resumed run may extend to more cases
+        if {k: old.get(k) for k in same} != {k: meta[k] for k in same}:
+            raise ValueError(f"{out} holds a run with other settings ({old}); use another --out or drop --resume")
+    elif not resume:
+        for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
+            (out / f).unlink(missing_ok=True)
+    atomic_write_json(cfg_file, meta)
+
+    # 1. unedited scores, once
+    pre_file = out / "pre.jsonl"
+    pre = {r["case_id"]: r["scores"] for r in _read_jsonl(pre_file)}
+    todo = [c for c in cases if str(c.case_id) not in pre]
+    for c in tqdm(todo, desc="unedited scores", unit="case", disable=not todo):
+        s = _scores(handle, c, cfg)
+        pre[str(c.case_id)] = s
+        _append(pre_file, {"case_id": str(c.case_id), "scores": s})
+    summary: dict = {"config": meta}
+    if cfg.guard:
+        gfile = out / "guard_pre.json"
+        summary["guard_pre"] = json.loads(gfile.read_text()) if gfile.exists() else general_guard(handle)
+        atomic_write_json(gfile, summary["guard_pre"])
+
+    res_file = out / "results.jsonl"
+    done = {r["case_id"] for r in _read_jsonl(res_file)}
+    t0 = time.time()
+    if cfg.method == "none":
+        for c in cases:
+            if str(c.case_id) not in done:
+                p = pre[str(c.case_id)]
+                _append(res_file, {"case_id": str(c.case_id), "pre": case_metrics(p, p), "post": case_metrics(p, p)})
+    elif cfg.mode in ("single", "batch"):
+        todo = [c for c in cases if str(c.case_id) not in done]
+        bar = tqdm(total=len(todo), desc=f"{cfg.method} {cfg.mode}", unit="case")
+        for i in range(0, len(todo), cfg.batch_size):
+            chunk = todo[i: i + cfg.batch_size]
+            reqs = [r for c in chunk for r in c.requests]
+            t = time.time()
+            art = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+            sec = time.time() - t
+            try:
+                for c in chunk:
+                    post = _scores(handle, c, cfg)
+                    p = pre[str(c.case_id)]
+                    _append(res_file, {"case_id": str(c.case_id), "pre": case_metrics(p, p),
+                                       "post": case_metrics(post, p), "edit_seconds": sec / len(chunk)})
+            finally:
+                art.revert(handle)
+            bar.update(len(chunk))
+        bar.close()
+    else:
+        summary["sequential"] = _run_sequential(handle, cases, cfg, out, pre)
+    rows = _read_jsonl(res_file)
+    summary.update({"pre": summarise(rows, "pre"), "post": summarise(rows, "post"), "seconds": round(time.time() - t0, 1)})
+    if cfg.guard:
+        if cfg.mode == "sequential" and summary.get("sequential"):
+            summary["guard_post"] = summary["sequential"][-1].get("guard")
+        else:
+            summary["guard_post"] = summary["guard_pre"]  # single/batch runs revert every edit
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
+    art_dir = out / "artifacts"
+    art_dir.mkdir(exist_ok=True)
+    seq_file = out / "sequential.jsonl"
+    batches = [cases[i: i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
+    applied = []
+    # resume: re-apply the batches already edited, in order
+    for k in range(len(batches)):
+        p = art_dir / f"batch_{k:05d}.loka"
+        if not p.exists():
+            break
+        a = load_artifact(p)
+        a.apply(handle)
+        applied.append(a)
+    checkpoints = sorted({c for c in cfg.checkpoints if c < len(cases)} | {len(cases)})
+    done_ckpt = {r["n_edits"] for r in _read_jsonl(seq_file)}
+    n_edits = sum(len(b) for b in batches[: len(applied)])
+    bar = tqdm(total=len(cases), initial=n_edits, desc=f"{cfg.method} sequential", unit="case")
+    try:
+        for k in range(len(applied), len(batches)):
+            reqs = [r for c in batches[k] for r in c.requests]
+            a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+            a.save(art_dir / f"batch_{k:05d}.loka")
+            applied.append(a)
+            n_edits += len(batches[k])
+            bar.update(len(batches[k]))
+            hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]
+            if hit:
+                edited = [c for b in batches[: k + 1] for c in b]
+                rows = []
+                for c in edited:
+                    post = _scores(handle, c, cfg)
+                    p = pre[str(c.case_id)]
+                    rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
+                row = {"n_edits": n_edits, **summarise(rows, "post")}
+                if cfg.guard:
+                    row["guard"] = general_guard(handle)
+                _append(seq_file, row)
+                done_ckpt.update(hit)
+                if n_edits == len(cases):
+                    for c, r in zip(edited, rows):
+                        _append(out / "results.jsonl", {"case_id": str(c.case_id), **r})
+    finally:
+        bar.close()
+        for a in reversed(applied):
+            a.revert(handle)
+    seq = _read_jsonl(seq_file)
+    if seq:
+        plot_sequential(seq, out / "sequential.png", f"{handle.name} · {cfg.method} · batch {cfg.batch_size}")
+    return seq
+
+
+def plot_sequential(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [m for m in ("ES", "PS", "NS", "reliability", "generalization", "locality") if any(m in r for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [r["n_edits"] for r in rows]
+    for m in names:
+        ax.plot(xs, [r.get(m) for r in rows], marker="o", label=m)
+    ax.set_xlabel("number of edits")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    if any("guard" in r for r in rows):
+        ax2 = ax.twinx()
+        ax2.plot(xs, [r["guard"]["ppl"] for r in rows], "k--", label="perplexity")
+        ax2.set_ylabel("held-out perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_summary(summary: dict) -> str:
+    cols = [c for c in ["S", *TABLE] if c in summary["post"]]
+    lines = [" ".join(f"{c:>8s}" for c in ["", *cols])]
+    for key in ("pre", "post"):
+        lines.append(" ".join([f"{key:>8s}"] + [f"{summary[key].get(c, float('nan')):8.3f}" for c in cols]))
+    for g in ("guard_pre", "guard_post"):
+        if summary.get(g):
+            lines.append(f"{g}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[g].items()))
+    return "\n".join(lines)

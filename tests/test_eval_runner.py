@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+import loka
+from loka.eval.data import load_cases
+from loka.eval.runner import EvalConfig, run_eval
+
+from .conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return loka.load_model("tiny-llama")
+
+
+@pytest.fixture
+def hp(text_corpus):
+    return {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 3}
+
+
+def test_single_mode_writes_results_and_resumes(tiny, hp, tmp_path, monkeypatch):
+    cases = load_cases(DATA / "counterfact_sample5.json", n=3)
+    cfg = EvalConfig(method="rome", mode="single", hparams=hp, guard=False)
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    s = run_eval(tiny, cases[:2], cfg, tmp_path)
+    assert s["post"]["n"] == 2 and "ES" in s["post"] and "locality" in s["post"]
+    assert all(torch_equal(v, before[k]) for k, v in tiny.model.state_dict().items())  # every edit reverted
+    # resume with the third case: the first two are not edited again
+    import loka.eval.runner as runner
+
+    calls = []
+    real = runner.edit
+    monkeypatch.setattr(runner, "edit", lambda h, reqs, *a, **k: calls.append(reqs[0].subject) or real(h, reqs, *a, **k))
+    s = run_eval(tiny, cases, cfg, tmp_path, resume=True)
+    assert calls == [cases[2].requests[0].subject]
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and s["post"]["n"] == 3
+    assert json.loads((tmp_path / "summary.json").read_text())["post"]["n"] == 3
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_method_none_is_the_unedited_row(tiny, tmp_path):
+    cases = load_cases(DATA / "counterfact_sample5.json", n=2)
+    s = run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path)
+    assert s["pre"] == s["post"]
+
+
+def test_sequential_mode_checkpoints_plot_and_resume(tiny, hp, tmp_path):
+    cases = load_cases(DATA / "counterfact_sample5.json", n=4)
+    cfg = EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
+                     guard=True, checkpoints=(2,))
+    s = run_eval(tiny, cases, cfg, tmp_path)
+    ck = [json.loads(x) for x in (tmp_path / "sequential.jsonl").read_text().splitlines()]
+    assert [c["n_edits"] for c in ck] == [2, 4] and "ppl" in ck[-1]["guard"]
+    assert (tmp_path / "sequential.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["batch_00000.loka", "batch_00001.loka"]
+    # the run leaves the model as it found it
+    assert not tiny.model.__dict__.get("_loka_applied")
+    # resuming a finished run re-applies the saved batches and edits nothing new
+    s2 = run_eval(tiny, cases, cfg, tmp_path, resume=True)
+    assert len((tmp_path / "sequential.jsonl").read_text().splitlines()) == 2
+    assert s2["post"]["n"] == s["post"]["n"] == 4
+
+
+def test_resume_refuses_other_settings(tiny, hp, tmp_path):
+    cases = load_cases(DATA / "counterfact_sample5.json", n=1)
+    run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path)
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(tiny, cases, EvalConfig(method="rome", hparams=hp, guard=False), tmp_path, resume=True)
