@@ -73,3 +73,14 @@ def test_resume_refuses_other_settings(tiny, hp, tmp_path):
     run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path)
     with pytest.raises(ValueError, match="other settings"):
         run_eval(tiny, cases, EvalConfig(method="rome", hparams=hp, guard=False), tmp_path, resume=True)
+
+
+def test_unedited_scores_are_shared_between_runs(tiny, tmp_path, monkeypatch):
+    import loka.eval.runner as runner
+
+    monkeypatch.setenv("LOKA_HOME", str(tmp_path / "home"))
+    cases = load_cases(DATA / "counterfact_sample5.json", n=2)
+    run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "a")
+    monkeypatch.setattr(runner, "_scores", lambda *a, **k: pytest.fail("unedited scores recomputed"))
+    s = run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "b")
+    assert s["post"]["n"] == 2

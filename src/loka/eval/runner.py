@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import env
 from ..api import edit
 from ..artifact import load_artifact
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, hash_json
 from .data import EvalCase
 from .guard import general_guard
 from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_case
@@ -102,15 +103,25 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
     pre_file = out / "pre.jsonl"
     pre = {r["case_id"]: r["scores"] for r in _read_jsonl(pre_file)}
     todo = [c for c in cases if str(c.case_id) not in pre]
+    # shared across runs: unedited scores keyed by model hash and the case's content
+    shared_file = env.cache_dir("eval") / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}.jsonl"
+    shared = {r["key"]: r["scores"] for r in _read_jsonl(shared_file)} if todo else {}
     for c in tqdm(todo, desc="unedited scores", unit="case", disable=not todo):
-        s = _scores(handle, c, cfg)
+        key = hash_json([repr(c), cfg.generation])
+        s = shared.get(key)
+        if s is None:
+            s = _scores(handle, c, cfg)
+            _append(shared_file, {"key": key, "scores": s})
         pre[str(c.case_id)] = s
         _append(pre_file, {"case_id": str(c.case_id), "scores": s})
     summary: dict = {"config": meta}
     if cfg.guard:
         gfile = out / "guard_pre.json"
-        summary["guard_pre"] = json.loads(gfile.read_text()) if gfile.exists() else general_guard(handle)
+        shared_guard = env.cache_dir("eval") / f"guard-{handle.model_hash[:16]}.json"
+        src = gfile if gfile.exists() else shared_guard if shared_guard.exists() else None
+        summary["guard_pre"] = json.loads(src.read_text()) if src else general_guard(handle)
         atomic_write_json(gfile, summary["guard_pre"])
+        atomic_write_json(shared_guard, summary["guard_pre"])
 
     res_file = out / "results.jsonl"
     done = {r["case_id"] for r in _read_jsonl(res_file)}
