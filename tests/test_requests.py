@@ -64,3 +64,24 @@ def test_reader_rejects_unknown_fields_and_bad_lines(tmp_path):
 def test_subject_last_token_index():
     h = loka.load_model("tiny-llama")  # byte tokenizer: one token per byte
     assert loka.requests.subject_last_token(h.tokenizer, "The {} is", "cat") == len("The cat") - 1
+
+
+def test_subject_may_swallow_punctuation_but_not_letters(monkeypatch):
+    class Tok:  # a tokenizer that merges ")'" like BPE vocabularies do
+        def __call__(self, text):
+            toks = []
+            i = 0
+            while i < len(text):
+                step = 2 if text[i: i + 2] in (")'", "To") else 1
+                toks.append(text[i: i + step])
+                i += step
+            return {"input_ids": toks}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(ids)
+
+    from loka.requests import subject_last_token
+
+    assert subject_last_token(Tok(), "{}'s office", "Fed (Ont)") == len("Fed (Ont")  # the ")'" token
+    with pytest.raises(RequestError, match="not found as a token span"):
+        subject_last_token(Tok(), "The {}wer", "T")  # "T" ends inside the token "To"

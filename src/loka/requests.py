@@ -144,8 +144,11 @@ def subject_last_token(tokenizer, text_template: str, subject: str) -> int:
     prefix = text_template[:idx] + subject
     full_ids = tokenizer(full)["input_ids"]
     n = len(tokenizer(prefix)["input_ids"])
-    covered = tokenizer.decode(full_ids[:n], skip_special_tokens=True) if 0 < n <= len(full_ids) else ""
-    if not covered.rstrip().endswith(subject.rstrip()):
+    covered = (tokenizer.decode(full_ids[:n], skip_special_tokens=True) if 0 < n <= len(full_ids) else "").rstrip()
+    end = covered.rfind(subject.rstrip())
+    overflow = covered[end + len(subject.rstrip()):] if end >= 0 else ""
+    # the subject's last token may swallow following punctuation ("Section)'s" -> ")'"), not letters
+    if end < 0 or (overflow and overflow[0].isalnum()):
         raise RequestError(
             f"subject {subject!r} was not found as a token span in the tokenised prompt {full!r} (the tokens "
             f"there spell {covered!r}); check the spelling, and that '{{}}' is not inside a word"

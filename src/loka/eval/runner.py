@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .. import env
 from ..api import edit
 from ..artifact import load_artifact
+from ..errors import RequestError
 from ..utils.io import atomic_write_json, hash_json
 from .data import EvalCase
 from .guard import general_guard
@@ -79,7 +80,10 @@ def summarise(rows: list[dict], key: str = "post") -> dict:
             out[name] = float(np.mean(vals))
     if all(k in out for k in ("ES", "PS", "NS")):
         out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
-    out["n"] = len(rows)
+    out["n"] = sum(1 for r in rows if key in r)
+    errors = sum(1 for r in rows if "error" in r)
+    if errors:
+        out["skipped"] = errors
     return out
 
 
@@ -138,7 +142,14 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
             chunk = todo[i: i + cfg.batch_size]
             reqs = [r for c in chunk for r in c.requests]
             t = time.time()
-            art = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+            try:
+                art = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+            except RequestError as e:  # a malformed case is recorded and skipped, the run goes on
+                log.warning("skipping case(s) %s: %s", [c.case_id for c in chunk], e)
+                for c in chunk:
+                    _append(res_file, {"case_id": str(c.case_id), "error": str(e)})
+                bar.update(len(chunk))
+                continue
             sec = time.time() - t
             try:
                 for c in chunk:
