@@ -34,8 +34,9 @@ def metric(name: str):
 
 
 # -- scoring ------------------------------------------------------------------------------------
-def score_case(handle, case: EvalCase) -> dict:
-    """Teacher-forced scores of every probe of ``case`` with the new and the true target."""
+def score_case(handle, case: EvalCase, mode: str = "packed") -> dict:
+    """Teacher-forced scores of every probe of ``case`` with the new and the true target, all in one
+    batched call (``mode``: the scoring mode of :func:`loka.scoring.score_targets`)."""
     rows: list[tuple[str, str, int, str]] = []  # (group, which, index, ...)
     prompts, targets = [], []
 
@@ -55,7 +56,7 @@ def score_case(handle, case: EvalCase) -> dict:
             rows.append((group, "answer", i, p))
             prompts.append(p)
             targets.append(a)
-    scored = score_targets(handle, prompts, targets) if prompts else []
+    scored = score_targets(handle, prompts, targets, mode=mode) if prompts else []
     out: dict = {}
     for (group, which, _i, _p), sc in zip(rows, scored):
         out.setdefault(group, {}).setdefault(which, []).append(sc)

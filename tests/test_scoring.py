@@ -1,0 +1,48 @@
+"""Shared-prefix scoring gives the same numbers as scoring full ``prompt + target`` rows."""
+
+import pytest
+import torch
+
+import loka
+from loka import scoring
+
+from .conftest import TINY
+
+PROMPTS = ["The Eiffel Tower is in", "Paris is the capital of", "The Eiffel Tower is in", "Hi"]
+TARGETS = ["Rome", "France and more", "Paris", "x"]
+
+
+@pytest.mark.parametrize("mode", ["packed", "cache"])
+@pytest.mark.parametrize("name", TINY)
+def test_shared_prefix_matches_full_rows(name, mode, monkeypatch):
+    h = loka.load_model(name)
+    full = scoring.score_targets(h, PROMPTS, TARGETS, mode="full")
+
+    def no_fallback(*a, **k):
+        raise AssertionError("fell back to full rows")
+
+    monkeypatch.setattr(scoring, "_rows_full", no_fallback)  # the shared path must really be taken
+    shared = scoring.score_targets(h, PROMPTS, TARGETS, batch_size=2, mode=mode)  # chunks split a repeated prompt
+    for a, b in zip(full, shared):
+        assert a["target_ids"] == b["target_ids"]
+        assert a["argmax_ids"] == b["argmax_ids"]
+        assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
+
+
+def test_target_logprobs_sums_token_logprobs():
+    h = loka.load_model("tiny-llama")
+    rows = scoring.target_logprobs(h, PROMPTS, TARGETS)
+    toks = scoring.score_targets(h, PROMPTS, TARGETS)
+    for r, t in zip(rows, toks):
+        assert r["logprob"] == pytest.approx(sum(t["token_logprobs"]), abs=1e-5)
+        assert r["prob"] == pytest.approx(torch.tensor(r["logprob"]).exp().item(), rel=1e-5)
+
+
+def test_packing_splits_long_chunks():
+    h = loka.load_model("tiny-llama")
+    p_ids = [h.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    t_ids = [scoring._target_ids(h.tokenizer, t) for t in TARGETS[:2]]
+    one = scoring._rows_packed(h, p_ids, t_ids, [0, 1])
+    two = scoring._rows_packed(h, p_ids, t_ids, [0, 1], max_len=8)  # one prompt group per pack
+    for a, b in zip(one, two):
+        assert torch.allclose(a, b, atol=1e-4)
