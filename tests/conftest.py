@@ -8,7 +8,7 @@ import pytest
 import loka
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-TINY = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox"]
+TINY = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox", "tiny-gemma3"]
 
 
 @pytest.fixture(scope="session")

@@ -68,3 +68,14 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for c in ("models", "generate", "edit", "apply", "inspect", "stats", "demo"):
         assert c in out
+
+
+def test_cli_alphaedit_with_prune_saves_a_pruned_artifact(capsys, tmp_path, text_corpus):
+    out = tmp_path / "a.loka"
+    code, _, err = run(capsys, "edit", "--model", "tiny-llama", "--method", "alphaedit", "--prompt", "{} is in",
+                       "--subject", "Paris", "--target", "Rome", "--set", "layers=[1]", "--set", f"mom2_corpus={text_corpus}",
+                       "--set", "mom2_n_tokens=500", "--set", "v_steps=3", "--prune", "--save", str(out), "--json")
+    assert code == 0, err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["method"] == "alphaedit" and man["extra"]["prune_alpha"] > 2.7
+    assert "nullspace_rank" in man["extra"]

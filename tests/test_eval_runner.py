@@ -84,3 +84,33 @@ def test_unedited_scores_are_shared_between_runs(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_scores", lambda *a, **k: pytest.fail("unedited scores recomputed"))
     s = run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "b")
     assert s["post"]["n"] == 2
+
+
+def test_sequential_alphaedit_with_prune_carries_state_across_batches_and_resume(tiny, hp, tmp_path, monkeypatch):
+    from loka.state import EditState
+
+    cases = load_cases(DATA / "counterfact_sample5.json", n=4)
+    cfg = EvalConfig(method="alphaedit", mode="sequential", batch_size=2, guard=False, checkpoints=(2,),
+                     hparams={**hp, "layers": [1, 2]}, prune=2.0)
+    import loka.eval.runner as runner
+
+    seen = []
+    real_edit = runner.edit
+
+    def spy(handle, reqs, method, hparams, **kw):
+        seen.append(len(kw["state"].tensors))
+        return real_edit(handle, reqs, method, hparams, **kw)
+
+    monkeypatch.setattr(runner, "edit", spy)
+    run_eval(tiny, cases, cfg, tmp_path)
+    assert seen == [0, 4]  # the second batch sees the first's past keys and PRUNE accumulation (2 layers each)
+    state = EditState.load(tmp_path / "state")
+    assert state.meta["batches"] == 2 and set(state.meta["prune_sigma_max"]) == {tiny.weight_name(1), tiny.weight_name(2)}
+    man = json.loads((tmp_path / "artifacts" / "batch_00001.loka" / "manifest.json").read_text())
+    assert man["extra"]["prune_alpha"] == 2.0
+    # a state that lags behind the artifacts is refused on resume, with the fix in the message
+    state.meta["batches"] = 1
+    state.save(tmp_path / "state")
+    with pytest.raises(loka.LokaError, match="delete .*batch_00001.loka"):
+        run_eval(tiny, cases, cfg, tmp_path, resume=True)
+    assert not tiny.model.__dict__.get("_loka_applied")  # refused before anything was applied

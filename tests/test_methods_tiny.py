@@ -108,3 +108,33 @@ def test_rome_raises_the_target_on_a_tiny_model(tiny):
                                   "v_weight_decay": 0.0, "kl_factor": 0.0}, progress=False)
     after = loka.target_logprobs(tiny, [req.text], [req.target_new])[0]["logprob"]
     assert after > before + 0.5  # logits of a random model behind RMSNorm are bounded: ~1 nat is what is reachable
+
+
+def test_residual_maps_through_a_post_mlp_norm():
+    """Gemma's post-MLP RMSNorm: the mapped change moves the normalised output by r (first order)."""
+    from loka.methods.memit import through_post_norm
+
+    h = loka.load_model("tiny-gemma3")
+    norm = h.module(f"{h.spec.block_path(1)}.{h.spec.post_mlp_norm}")
+    with torch.no_grad():
+        norm.weight.normal_(0.0, 0.5)  # a non-trivial gain
+    g = torch.Generator().manual_seed(0)
+    m, v = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+    errs = []
+    for eps in (1e-2, 1e-3):
+        r = (norm(m + eps * v) - norm(m)).detach()  # reachable: the output of a nearby pre-norm vector
+        d = through_post_norm(norm, m, r)
+        errs.append(float((norm(m + d) - norm(m) - r).norm() / r.norm()))
+        assert float((norm(m + r) - norm(m) - r).norm() / r.norm()) > 0.1  # adding r itself is wrong
+    assert errs[0] < 0.05 and errs[1] < errs[0] / 5  # first order: the relative error shrinks with r
+
+
+def test_memit_reaches_its_target_through_gemmas_post_norm(text_corpus):
+    h = loka.load_model("tiny-gemma3")
+    req = loka.EditRequest(REQ.prompt, REQ.subject, "R")
+    before = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
+    loka.edit(h, req, "memit", {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "layers": [1, 2],
+                                "v_steps": 30, "clamp_norm_factor": 50.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
+                                "mom2_update_weight": 1.0}, progress=False)
+    after = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
+    assert after > before + 0.5

@@ -12,7 +12,9 @@ from .artifact import Artifact
 from .errors import RequestError
 from .methods import default_hparams, get_method
 from .methods.base import HParams
+from .methods.prune import prune_deltas
 from .requests import EditRequest, subject_last_token
+from .state import EditState
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,15 @@ def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
 
 
 def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "rome",
-         hparams: HParams | dict | None = None, *, apply: bool = True, progress: bool = True) -> Artifact:
+         hparams: HParams | dict | None = None, *, apply: bool = True, progress: bool = True,
+         state: EditState | None = None, prune: float | None = None) -> Artifact:
     """Run ``method`` on ``requests`` and return the artifact (applied to ``handle`` unless ``apply=False``).
 
     The model's weights are untouched if the method fails; hyperparameters default to the
     per-model config file (``loka/configs/<method>/<model>.json``), with ``hparams`` overriding.
+    ``state`` carries what sequential methods need from earlier batches (AlphaEdit's past keys,
+    PRUNE's accumulated update) and is updated in place; ``prune`` (a log base α > 1, e.g. ``math.e``)
+    restrains the accumulated update's singular values with PRUNE after the method ran.
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
@@ -45,10 +51,16 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
         hp = default_hparams(method, handle, hparams or {})
     t0 = time.time()
     bar = tqdm(total=len(requests), desc=f"{method} edits", unit="req", disable=not progress)
+    work = state.copy() if state is not None else EditState()  # committed only on success
     try:
-        deltas, info = m.run(handle, requests, hp, progress=bar)
+        deltas, info = m.run(handle, requests, hp, progress=bar, state=work)
+        if prune is not None:
+            deltas, info["prune"] = prune_deltas(handle, deltas, work, prune)
+            info["prune_alpha"] = prune
     finally:
         bar.close()
+    if state is not None:
+        state.tensors, state.meta = work.tensors, work.meta
     seconds = time.time() - t0
     art = Artifact.create(deltas, method=method, hparams=hp.to_dict(), requests=[r.to_dict() for r in requests],
                           handle=handle, extra={"seconds": round(seconds, 3), **info})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,7 @@ def cmd_edit(args) -> int:
     handle = load_model(args.model)
     before = [probe_rows(handle, r) for r in reqs]
     t0 = time.time()
-    art = edit(handle, reqs, args.method, _hparam_overrides(args), progress=not args.json)
+    art = edit(handle, reqs, args.method, _hparam_overrides(args), progress=not args.json, prune=args.prune)
     seconds = time.time() - t0
     after = [probe_rows(handle, r) for r in reqs]
     saved = str(art.save(args.save)) if args.save else None
@@ -182,8 +183,8 @@ def cmd_eval(args) -> int:
     cases = load_cases(args.data, args.n)
     handle = load_model(args.model)
     cfg = EvalConfig(method=args.method, mode=args.mode, batch_size=args.batch_size, hparams=_hparam_overrides(args),
-                     generation=args.generation, guard=not args.no_guard)
-    out = args.out or f"out/eval/{handle.name}-{args.method}-{args.mode}"
+                     generation=args.generation, guard=not args.no_guard, prune=args.prune)
+    out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
     summary = run_eval(handle, cases, cfg, out, resume=args.resume)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -235,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
     s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
+    s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
+                   help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
 
@@ -281,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
+    s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
+                   help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
     s.add_argument("--json", action="store_true", help="print summary.json")
     s.set_defaults(fn=cmd_eval)

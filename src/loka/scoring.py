@@ -86,6 +86,11 @@ def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
         packs[-1].append(g)
         size += n
     width = max(sum(len(x[0]) for g in pk for x in groups[g]) for pk in packs)
+    window = getattr(handle.config, "sliding_window", None)
+    longest = max(len(p) + max([len(t) - 1 for r, t in enumerate(t_ids) if owner[r] == i], default=0)
+                  for i, p in enumerate(p_ids))
+    if window and longest > window:  # a custom mask replaces the sliding-window mask
+        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window ({window})")
     B = len(packs)
     ids = torch.full((B, width), _pad_id(handle.tokenizer), dtype=torch.long)
     pos = torch.zeros((B, width), dtype=torch.long)

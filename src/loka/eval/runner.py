@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,10 @@ from tqdm.auto import tqdm
 from .. import env
 from ..api import edit
 from ..artifact import load_artifact
-from ..errors import RequestError
+from ..errors import LokaError, RequestError
+from ..methods import REGISTRY as METHODS
+from ..methods import get_method
+from ..state import EditState
 from ..utils.io import atomic_write_json, hash_json
 from .data import EvalCase
 from .guard import general_guard
@@ -38,6 +42,7 @@ class EvalConfig:
     generation: bool = False  # greedy-generation metrics (slower)
     guard: bool = True  # perplexity + multiple choice before and after
     checkpoints: tuple[int, ...] = (10, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000)
+    prune: float | None = None  # PRUNE log base applied after each edit (None: off)
 
     def __post_init__(self):
         if self.mode not in ("single", "batch", "sequential"):
@@ -92,7 +97,8 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
     meta = {"model": handle.name, "model_hash": handle.model_hash, "method": cfg.method, "mode": cfg.mode,
-            "batch_size": cfg.batch_size, "hparams": cfg.hparams, "n_cases": len(cases), "generation": cfg.generation}
+            "batch_size": cfg.batch_size, "hparams": cfg.hparams, "n_cases": len(cases), "generation": cfg.generation,
+            **({"prune": cfg.prune} if cfg.prune is not None else {})}
     if resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text())
         same = [k for k in meta if k != "n_cases"]  # a resumed run may extend to more cases
@@ -101,6 +107,8 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
     elif not resume:
         for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
             (out / f).unlink(missing_ok=True)
+        for d in ("artifacts", "state"):  # a fresh sequential run must not re-apply an old run's edits
+            shutil.rmtree(out / d, ignore_errors=True)
     atomic_write_json(cfg_file, meta)
 
     # 1. unedited scores, once
@@ -143,7 +151,7 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
             reqs = [r for c in chunk for r in c.requests]
             t = time.time()
             try:
-                art = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+                art = edit(handle, reqs, cfg.method, cfg.hparams, progress=False, prune=cfg.prune)
             except RequestError as e:  # a malformed case is recorded and skipped, the run goes on
                 log.warning("skipping case(s) %s: %s", [c.case_id for c in chunk], e)
                 for c in chunk:
@@ -179,13 +187,19 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     art_dir.mkdir(exist_ok=True)
     seq_file = out / "sequential.jsonl"
     batches = [cases[i: i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
+    saved = 0  # resume: the batches already edited (re-applied in order below)
+    while saved < len(batches) and (art_dir / f"batch_{saved:05d}.loka").exists():
+        saved += 1
+    state_dir = out / "state"
+    state = EditState.load(state_dir) if state_dir.exists() else EditState()
+    needs_state = cfg.prune is not None or (cfg.method in METHODS and get_method(cfg.method).stateful)
+    if needs_state and state.meta.get("batches", 0) != saved:
+        raise LokaError(f"{out}: the saved edit state covers {state.meta.get('batches', 0)} batch(es) but "
+                        f"{saved} artifact(s) exist; delete {art_dir}/batch_{saved - 1:05d}.loka "
+                        "(the batch whose state was not saved) and resume")
     applied = []
-    # resume: re-apply the batches already edited, in order
-    for k in range(len(batches)):
-        p = art_dir / f"batch_{k:05d}.loka"
-        if not p.exists():
-            break
-        a = load_artifact(p)
+    for k in range(saved):
+        a = load_artifact(art_dir / f"batch_{k:05d}.loka")
         a.apply(handle)
         applied.append(a)
     checkpoints = sorted({c for c in cfg.checkpoints if c < len(cases)} | {len(cases)})
@@ -195,9 +209,11 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     try:
         for k in range(len(applied), len(batches)):
             reqs = [r for c in batches[k] for r in c.requests]
-            a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False)
+            a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False, state=state, prune=cfg.prune)
             a.save(art_dir / f"batch_{k:05d}.loka")
             applied.append(a)
+            state.meta["batches"] = len(applied)
+            state.save(state_dir)
             n_edits += len(batches[k])
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]

@@ -36,12 +36,18 @@ class HParams:
 
 
 class Method:
-    """Interface: ``run(handle, requests, hparams) -> Artifact``."""
+    """Interface: ``run(handle, requests, hparams, progress=None, state=None) -> (deltas, info)``.
+
+    ``deltas`` maps parameter names to additive updates (stored orientation); ``info`` is JSON-able
+    and goes into the artifact manifest. ``state`` (:class:`~loka.state.EditState`) carries what a
+    sequential method needs from earlier batches; a method updates it in place.
+    """
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type[HParams]]
+    stateful: ClassVar[bool] = False  # needs the EditState of earlier batches in sequential editing
 
-    def run(self, handle, requests, hparams):  # pragma: no cover - interface
+    def run(self, handle, requests, hparams, progress=None, state=None):  # pragma: no cover - interface
         raise NotImplementedError
 
 

@@ -4,6 +4,10 @@
 then for each layer ``l`` in ascending order the remaining residual ``R = Z − H_L`` (recomputed
 with the lower layers already edited) is spread evenly over the layers left and solved as
 ``ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹`` in float64 (MEMIT Eq. 14).
+
+Families that normalise the MLP output before adding it to the residual stream (Gemma 2/3's
+``post_feedforward_layernorm``) get the residual mapped back through that norm to first order
+(:func:`through_post_norm`): the down-projection must add ``J⁺ R``, not ``R``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import torch
 from .. import env
 from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
-from ..errors import ModelError
 from ..stats import second_moments
 from .base import HParams, Method, register
 from .locate import build_prompts, mean_over_templates, module_io_at_lookup, optimize_values
@@ -52,18 +55,39 @@ def memit_solve(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, lam: float) -
     return torch.linalg.solve(A, Kt @ R.to(env.SOLVE_DTYPE)).T.to(torch.float32)
 
 
+def through_post_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The change of a pre-norm vector ``m`` that moves ``norm(m)`` by ``r``, to first order:
+    ``Δm = J⁺ r`` with ``J = ∂norm/∂m`` at ``m`` (per row, float64 least squares; ``J`` is singular
+    along ``m`` because a norm ignores scale, and the pseudo-inverse drops that direction).
+
+    It rescales ``r`` by ``rms(m) / gain`` channel by channel, which adding ``r`` to ``m`` directly
+    would ignore. A normalised output cannot leave its sphere, so for a large ``r`` the edit moves
+    less than asked; MEMIT's layer-by-layer recomputation of the residual then asks the next layers
+    for the rest. (Iterating to the exact least-squares point on the sphere edited less well on the
+    tiny test model than this single step.)
+    """
+    from torch.func import jacrev, vmap
+
+    f = lambda v: norm(v.float()).double()  # noqa: E731 (the norm module runs in its own dtype)
+    J = vmap(jacrev(f))(m.detach().double())  # (n, d, d)
+    sol = torch.linalg.lstsq(J, r.double().unsqueeze(-1), rcond=1e-6, driver="gelsd").solution  # drop the radial null
+    return sol.squeeze(-1).float()
+
+
 @register
 class Memit(Method):
     name = "memit"
     hparams_cls = MemitHParams
 
-    def run(self, handle, requests, hp: MemitHParams, progress=None):
-        if handle.spec.post_mlp_norm:
-            raise ModelError(
-                f"memit is not supported for the {handle.spec.family} family yet: it normalises the MLP output "
-                f"({handle.spec.post_mlp_norm}) before the residual stream, so MEMIT's residual targets do not map "
-                "linearly onto the down-projection. Use --method rome for this model."
-            )
+    def solve(self, handle, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hp, state) -> torch.Tensor:
+        """The (out × in) update of ``layer`` from keys ``K`` (n × d_in) and residuals ``R`` (n × d_out)."""
+        return memit_solve(K, R, C, hp.mom2_update_weight)
+
+    def after_update(self, handle, layer: int, K_after: torch.Tensor, hp, state) -> None:
+        """Called per layer with the batch's keys recomputed after all layers were updated."""
+
+    def run(self, handle, requests, hp: MemitHParams, progress=None, state=None):
+        self.info: dict = {}  # method-specific numbers for the manifest
         layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)
         top = layers[-1]
         t = time.perf_counter()
@@ -86,9 +110,17 @@ class Memit(Method):
                 io = module_io_at_lookup(handle, key_batch, [layer], block_out_layer=top)
                 K = mean_over_templates(io["keys"][layer], key_batch, n)
                 R = (vr.targets - io["block_out"][plain]) / (len(layers) - i)
-                dW = memit_solve(K, R, covs[layer], hp.mom2_update_weight)
+                if handle.spec.post_mlp_norm:
+                    spec = handle.spec
+                    norm = handle.module(f"{spec.block_path(layer)}.{spec.post_mlp_norm}")
+                    R = through_post_norm(norm, io["values"][layer][plain], R)
+                dW = self.solve(handle, layer, K, R, covs[layer], hp, state)
                 with torch.no_grad():
                     handle.param(handle.weight_name(layer)).add_(handle.to_param_orientation(dW))
                 deltas[handle.weight_name(layer)] = handle.to_param_orientation(dW)
+            if type(self).after_update is not Memit.after_update:
+                io = module_io_at_lookup(handle, key_batch, layers)
+                for layer in layers:
+                    self.after_update(handle, layer, mean_over_templates(io["keys"][layer], key_batch, n), hp, state)
         timings["update"] = time.perf_counter() - t
-        return deltas, {"nll": vr.nll, "steps": vr.steps, "timings": timings}
+        return deltas, {"nll": vr.nll, "steps": vr.steps, "timings": timings, **self.info}

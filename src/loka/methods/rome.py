@@ -56,7 +56,7 @@ class Rome(Method):
     name = "rome"
     hparams_cls = RomeHParams
 
-    def run(self, handle, requests, hp: RomeHParams, progress=None):
+    def run(self, handle, requests, hp: RomeHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
         timings = {"stats": 0.0, "templates": 0.0, "keys": 0.0, "values": 0.0, "update": 0.0}
         t = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPTJConfig,
     GPTNeoXConfig,
@@ -46,6 +47,13 @@ def _configs() -> dict:
         "tiny-neox": GPTNeoXConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             max_position_embeddings=512, rotary_pct=0.25, **common,
+        ),
+        # Gemma 3: norms around the MLP output (post_feedforward_layernorm) and sliding-window layers
+        "tiny-gemma3": Gemma3TextConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=128,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            **common,
         ),
     }
 

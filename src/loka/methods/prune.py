@@ -1,0 +1,62 @@
+"""PRUNE: restrain the singular values of the accumulated update (Ma et al. 2025, arXiv 2405.16821).
+
+After ``n`` sequential edits a matrix is ``W + ΔW``. PRUNE takes the SVD ``ΔW = U Σ Vᵀ`` of the
+*accumulated* update and maps every singular value at or above ``σ_max(W)`` (of the original
+matrix) through
+
+    F(σ) = log_α(σ) − log_α(σ_max(W)) + σ_max(W)                      (PRUNE Eq. 6)
+
+leaving smaller ones alone, so the edited matrix's spectrum (and condition number) cannot run away.
+It wraps any locate-and-edit method: after each batch, the batch's delta becomes
+``F(acc + Δ) − acc``, with ``acc`` (the restrained accumulation so far) and ``σ_max(W)`` kept in the
+:class:`~loka.state.EditState`. Each artifact stays an additive delta, so apply/revert are exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..state import EditState
+
+
+def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
+    """``F(σ)``: identity below ``sigma_max``, logarithmic (base ``alpha``) growth above it."""
+    if alpha <= 1:
+        raise ValueError(f"PRUNE log base must be > 1, got {alpha}")
+    log_a = lambda x: torch.log(x) / math.log(alpha)  # noqa: E731
+    above = sigma >= sigma_max
+    capped = log_a(sigma.clamp_min(sigma_max)) - math.log(sigma_max) / math.log(alpha) + sigma_max
+    return torch.where(above, capped, sigma)
+
+
+def restrain_matrix(delta: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
+    """``U diag(F(σ)) Vᵀ`` of ``delta`` (float64 SVD; rank and singular vectors kept)."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return ((U * restrain(S, sigma_max, alpha)) @ Vh).to(delta.dtype)
+
+
+def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e) -> tuple[dict, dict]:
+    """Restrain ``deltas`` (about to be applied on top of earlier ones) against the original weights.
+
+    Returns the new deltas and, per matrix, ``sigma_max`` of the original and the largest singular
+    value of the accumulated update before and after restraint.
+    """
+    out, info = {}, {}
+    bounds = state.meta.setdefault("prune_sigma_max", {})
+    for name, d in deltas.items():
+        acc = state.get(f"prune.acc.{name}")
+        if acc is None:
+            acc = torch.zeros_like(d)
+        if name not in bounds:  # the current weight is the original plus what was accumulated so far
+            W0 = handle.param(name).detach().double() - acc.double()
+            bounds[name] = float(torch.linalg.matrix_norm(W0, ord=2))
+        smax = bounds[name]
+        total = acc + d
+        restrained = restrain_matrix(total, smax, alpha)
+        out[name] = (restrained - acc).contiguous()
+        state.set(f"prune.acc.{name}", restrained)
+        info[name] = {"sigma_max_W": smax, "sigma_max_acc_raw": float(torch.linalg.matrix_norm(total.double(), ord=2)),
+                      "sigma_max_acc": float(torch.linalg.matrix_norm(restrained.double(), ord=2))}
+    return out, info

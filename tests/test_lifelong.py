@@ -1,0 +1,120 @@
+"""AlphaEdit (null-space projection, past keys) and PRUNE (restrained accumulated spectrum)."""
+
+import math
+
+import pytest
+import torch
+
+import loka
+from loka.corpus import corpus_from_spec
+from loka.methods.alphaedit import alphaedit_solve, nullspace_projection, past_key_name
+from loka.methods.prune import prune_deltas, restrain
+from loka.state import EditState
+
+REQ_A = loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
+REQ_B = loka.EditRequest("The sport {} plays is", "Lionel Messi", "tennis")
+
+
+@pytest.fixture
+def hp(text_corpus):
+    return {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "v_steps": 10, "layers": [1, 2]}
+
+
+def test_projection_removes_the_preserved_subspace():
+    g = torch.Generator().manual_seed(0)
+    K0 = torch.randn(200, 6, generator=g) @ torch.randn(6, 16, generator=g)  # preserved keys span 6 dims
+    P, rank = nullspace_projection(K0.T @ K0 / 200, 1e-3)  # float32 C: its zeros are ~1e-6
+    assert rank == 10
+    assert torch.allclose(P @ P, P, atol=1e-5)  # a projection
+    assert float((K0 @ P).norm() / K0.norm()) < 1e-4  # P k0 = 0
+
+
+def test_alphaedit_closed_form_is_the_papers_formula():
+    g = torch.Generator().manual_seed(1)
+    K, R = torch.randn(4, 12, generator=g), torch.randn(4, 7, generator=g)
+    Kp = torch.randn(5, 12, generator=g)
+    P, _ = nullspace_projection(torch.diag(torch.tensor([1.0] * 4 + [0.0] * 8)), 0.5)  # null space: last 8 dims
+    upd = alphaedit_solve(K, R, P, Kp.T @ Kp, 10.0).double()
+    Pd, Kd, Rd, Kpd = P.double(), K.double().T, R.double().T, Kp.double().T
+    # Eq. 9: ΔW = R K1ᵀ P (K_p K_pᵀ P + K1 K1ᵀ P + λ I)⁻¹  ⇔  ΔW (K_pK_pᵀP + K1K1ᵀP + λI) = R K1ᵀ P
+    lhs = upd @ (Kpd @ Kpd.T @ Pd + Kd @ Kd.T @ Pd + 10.0 * torch.eye(12, dtype=torch.float64))
+    assert torch.allclose(lhs, Rd @ Kd.T @ Pd, atol=1e-5)
+    assert float((upd @ (torch.eye(12, dtype=torch.float64) - Pd)).norm()) < 1e-6  # nothing outside P's range
+
+
+def test_alphaedit_update_spares_preserved_keys_and_raises_the_target(hp):
+    h = loka.load_model("tiny-llama")
+    C = loka.second_moments(h, [1], corpus_from_spec(hp["mom2_corpus"], h, 1000), 1000, progress=False)[1]
+    evals, evecs = torch.linalg.eigh(C.double())
+    thr = float(evals.median())  # half the key space is treated as preserved
+    req = loka.EditRequest(REQ_A.prompt, REQ_A.subject, "R")
+    before = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
+    art = loka.edit(h, req, "alphaedit", {**hp, "layers": [1], "nullspace_threshold": thr, "L2": 0.01,
+                                         "clamp_norm_factor": 50.0, "v_steps": 30, "v_weight_decay": 0.0,
+                                         "kl_factor": 0.0}, progress=False)
+    after = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
+    dW = art.deltas[h.weight_name(1)].double()  # llama stores (out, in)
+    kept = evecs[:, evals >= thr]  # preserved directions
+    assert float((dW @ kept).norm() / dW.norm()) < 1e-4
+    assert art.manifest["extra"]["nullspace_rank"]["1"] == int((evals < thr).sum())
+    assert after > before + 0.3
+
+
+def test_alphaedit_past_keys_protect_earlier_edits(hp):
+    h = loka.load_model("tiny-llama")
+    state = EditState()
+    thr = {"nullspace_threshold": 1e9, "L2": 1.0}  # P = I: isolate the effect of the past-key term
+    a = loka.edit(h, REQ_A, "alphaedit", {**hp, **thr}, state=state, progress=False)
+    name = past_key_name(h, 2)
+    assert state.get(name) is not None and state.get(name).shape == (128, 128)
+    from loka.methods.locate import build_prompts, mean_over_templates, module_io_at_lookup
+    from loka.methods.templates import context_templates
+    kb = build_prompts(h, [REQ_A], context_templates(h), with_targets=False, kl_prompts=())
+    kA = mean_over_templates(module_io_at_lookup(h, kb, [2])["keys"][2], kb, 1)[0].double()
+    with_state = loka.edit(h, REQ_B, "alphaedit", {**hp, **thr}, state=state.copy(), apply=False, progress=False)
+    without = loka.edit(h, REQ_B, "alphaedit", {**hp, **thr}, apply=False, progress=False)
+    w = h.weight_name(2)
+    hit = lambda art: float((art.deltas[w].double() @ kA).norm() / art.deltas[w].double().norm())  # noqa: E731
+    assert hit(with_state) < 0.5 * hit(without)
+    a.revert(h)
+
+
+def test_prune_restraint_function():
+    s = torch.tensor([0.5, 1.9, 2.0, 5.0, 50.0])
+    f = restrain(s, 2.0)
+    assert torch.equal(f[:2], s[:2])  # below σ_max: unchanged
+    assert f[2] == pytest.approx(2.0)  # continuous at σ_max
+    assert f[3] == pytest.approx(math.log(5.0) - math.log(2.0) + 2.0)
+    assert f[4] == pytest.approx(math.log(50.0) - math.log(2.0) + 2.0)
+    assert restrain(torch.tensor([8.0]), 2.0, alpha=2.0)[0] == pytest.approx(math.log2(8) - 1 + 2.0)
+
+
+def test_prune_restrains_the_accumulated_update_and_stays_revertible(hp):
+    h = loka.load_model("tiny-gpt2")  # transposed storage: the spectrum is orientation-free
+    name = h.weight_name(2)
+    w0 = h.param(name).detach().clone()
+    smax = float(torch.linalg.matrix_norm(w0.double(), ord=2))
+    state = EditState()
+    big = {name: 3.0 * smax * torch.outer(torch.randn(w0.shape[0]), torch.randn(w0.shape[1])).div(w0.shape[0] ** 0.5)}
+    arts = []
+    for _ in range(3):  # three large rank-one updates in a row
+        d, info = prune_deltas(h, {k: v.clone() for k, v in big.items()}, state)
+        art = loka.Artifact.create(d, method="test", hparams={}, requests=[], handle=h)
+        art.apply(h)
+        arts.append(art)
+        acc = (h.param(name).detach() - w0).double()
+        assert torch.allclose(acc, state.get(f"prune.acc.{name}").double(), atol=1e-5)
+        s_acc = float(torch.linalg.matrix_norm(acc, ord=2))
+        assert s_acc == pytest.approx(info[name]["sigma_max_acc"], rel=1e-4)
+        assert s_acc == pytest.approx(float(restrain(torch.tensor(info[name]["sigma_max_acc_raw"]), smax)), rel=1e-4)
+        assert s_acc < info[name]["sigma_max_acc_raw"]
+    for art in reversed(arts):
+        art.revert(h)
+    assert torch.equal(h.param(name), w0)
+
+
+def test_edit_with_prune_records_it(hp):
+    h = loka.load_model("tiny-llama")
+    art = loka.edit(h, REQ_A, "memit", hp, prune=math.e, apply=False, progress=False)
+    assert art.manifest["extra"]["prune_alpha"] == pytest.approx(math.e)
+    assert set(art.manifest["extra"]["prune"]) == set(art.deltas)
