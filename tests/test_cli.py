@@ -79,3 +79,38 @@ def test_cli_alphaedit_with_prune_saves_a_pruned_artifact(capsys, tmp_path, text
     man = json.loads((out / "manifest.json").read_text())
     assert man["method"] == "alphaedit" and man["extra"]["prune_alpha"] > 2.7
     assert "nullspace_rank" in man["extra"]
+
+
+def test_sequential_session_appends_resumes_and_rolls_back(capsys, tmp_path, text_corpus):
+    import torch
+
+    import loka
+
+    sess = tmp_path / "sess"
+    common = ["--model", "tiny-llama", "--set", "layers=[1]", "--set", f"mom2_corpus={text_corpus}",
+              "--set", "mom2_n_tokens=500", "--set", "v_steps=3", "--sequential", str(sess), "--json"]
+    code, out, err = run(capsys, "edit", "--method", "alphaedit", "--prompt", "{} is in", "--subject", "Paris",
+                         "--target", "Rome", *common)
+    assert code == 0, err and json.loads(out)["session"]["batches"] == 1
+    # a second process: the first batch is re-applied, its keys carried into the second batch
+    code, out, err = run(capsys, "edit", "--prompt", "{} plays", "--subject", "Messi", "--target", "tennis", *common)
+    assert code == 0, err
+    assert json.loads(out)["session"]["batches"] == 2
+    state = loka.EditState.load(sess / "state")
+    assert state.batches == 2 and len(state.batch_tensors("alphaedit.keys.model.layers.1.mlp.down_proj.weight")) == 2
+    # another method on the same session is refused
+    code, _, err = run(capsys, "edit", "--method", "rome", "--prompt", "{} is", "--subject", "X", "--target", "Y", *common)
+    assert code == 2 and "session uses method='alphaedit'" in err
+    # the exported model equals the original plus both deltas; rolling one back restores batch 1 exactly
+    h = loka.load_model("tiny-llama")
+    w = h.weight_name(1)
+    d0 = loka.load_artifact(sess / "batches" / "batch_00000.loka").deltas[w]
+    code, out, _ = run(capsys, "session", str(sess), "--rollback", "1", "--json", "--export", str(tmp_path / "m"))
+    info = json.loads(out)
+    assert code == 0 and info["batches"] == 1 and info["edits"] == 1
+    assert not (sess / "batches" / "batch_00001.loka").exists()
+    assert loka.EditState.load(sess / "state").batches == 1
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "m" / "model.safetensors"))[w]
+    assert torch.equal(exported, h.param(w).detach() + d0)

@@ -11,6 +11,8 @@ from .methods import default_hparams, get_method  # noqa: E402
 from .models import KNOWN_MODELS, ArchSpec, ModelHandle, list_models, load_model  # noqa: E402
 from .requests import EditRequest, read_requests, request_from_record  # noqa: E402
 from .scoring import generate, target_logprobs  # noqa: E402
+from .session import Session  # noqa: E402
+from .state import EditState  # noqa: E402
 from .stats import second_moments  # noqa: E402
 from .trace import add_at_positions, capture  # noqa: E402
 
@@ -19,5 +21,5 @@ __all__ = [
     "ArtifactError", "CacheError", "LokaError", "ModelError", "RequestError", "METHODS", "default_hparams",
     "get_method", "KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model", "EditRequest",
     "read_requests", "request_from_record", "generate", "target_logprobs", "second_moments",
-    "add_at_positions", "capture",
+    "add_at_positions", "capture", "Session", "EditState",
 ]

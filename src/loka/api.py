@@ -60,6 +60,7 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     finally:
         bar.close()
     if state is not None:
+        work.meta["batches"] = work.batches + 1
         state.tensors, state.meta = work.tensors, work.meta
     seconds = time.time() - t0
     art = Artifact.create(deltas, method=method, hparams=hp.to_dict(), requests=[r.to_dict() for r in requests],

@@ -28,7 +28,8 @@ def _hparam_overrides(args) -> dict:
         except json.JSONDecodeError:
             out[k] = v
     if getattr(args, "layer", None) is not None and getattr(args, "method", None) != "none":
-        out["layer" if args.method == "rome" else "layers"] = args.layer if args.method == "rome" else [args.layer]
+        rome = (args.method or "rome") == "rome"
+        out["layer" if rome else "layers"] = args.layer if rome else [args.layer]
     if getattr(args, "layers", None):
         out["layers"] = args.layers
     return out
@@ -87,9 +88,19 @@ def cmd_edit(args) -> int:
         reqs = [EditRequest(args.prompt, args.subject, args.target, target_true=args.target_true,
                             paraphrases=args.paraphrase or [], neighborhood=args.neighbourhood or [])]
     handle = load_model(args.model)
+    session = None
+    if args.sequential:
+        from .session import Session
+
+        new = not (Path(args.sequential) / "session.json").exists()
+        session = Session(args.sequential, handle, method=args.method or ("rome" if new else None),
+                          hparams=_hparam_overrides(args), prune=args.prune)
     before = [probe_rows(handle, r) for r in reqs]
     t0 = time.time()
-    art = edit(handle, reqs, args.method, _hparam_overrides(args), progress=not args.json, prune=args.prune)
+    if session is not None:
+        art = session.append(reqs, progress=not args.json)
+    else:
+        art = edit(handle, reqs, args.method or "rome", _hparam_overrides(args), progress=not args.json, prune=args.prune)
     seconds = time.time() - t0
     after = [probe_rows(handle, r) for r in reqs]
     saved = str(art.save(args.save)) if args.save else None
@@ -98,12 +109,41 @@ def cmd_edit(args) -> int:
             "before": before if len(reqs) > 1 else before[0], "after": after if len(reqs) > 1 else after[0],
             "artifact": {"id": art.id, "path": saved, "method": art.method, "params": list(art.deltas)},
             "seconds": round(seconds, 3),
+            **({"session": {"folder": args.sequential, "batches": session.n_batches}} if session else {}),
         }, indent=2))
     else:
         for r, b, a in zip(reqs, before, after):
             print(format_table(r, b, a))
             print()
         print(f"{art.method}: {len(reqs)} edit(s) in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+        if session:
+            print(f"session {args.sequential}: batch {session.n_batches} of {session.n_batches} saved")
+    return 0
+
+
+def cmd_session(args) -> int:
+    from .models import load_model
+    from .session import Session
+
+    meta = json.loads((Path(args.folder) / "session.json").read_text()) if (Path(args.folder) / "session.json").exists() else None
+    if meta is None:
+        raise SystemExit(f"error: {args.folder} is not a session (no session.json); start one with loka edit --sequential")
+    handle = load_model(args.model or meta["model"])
+    s = Session(args.folder, handle)
+    if args.rollback:
+        s.rollback(args.rollback)
+    if args.export:
+        handle.save_pretrained(args.export)
+    info = s.summary()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"{args.folder}: {info['model']} · {info['method']}" + (f" + PRUNE(α={info['prune']:.3g})" if info["prune"] else "")
+              + f" · {info['batches']} batch(es), {info['edits']} edit(s)")
+        for b in info["batch_list"]:
+            print(f"  batch {b['batch']:4d}  {b['id']}  {b['requests']:4d} request(s)  {b['seconds']} s")
+        if args.export:
+            print(f"wrote the edited model to {args.export}")
     return 0
 
 
@@ -223,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("edit", help="edit facts and show the answers before/after")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    s.add_argument("--method", default="rome", choices=sorted(REGISTRY), help="editing method")
+    s.add_argument("--method", choices=sorted(REGISTRY),
+                   help="editing method (default rome; with --sequential, the session's own method)")
     s.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} is located in the city of'")
     s.add_argument("--subject", help="the subject, e.g. 'Eiffel Tower'")
     s.add_argument("--target", help="the new answer, e.g. 'Rome'")
@@ -236,10 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
     s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
+    s.add_argument("--sequential", metavar="DIR",
+                   help="append this batch to the sequential-editing session in DIR (created on first use): earlier "
+                        "batches are re-applied first and the method's state (AlphaEdit keys, PRUNE base) carried on")
     s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
                    help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
+
+    s = sub.add_parser("session", help="show, roll back or export a sequential-editing session (loka edit --sequential)")
+    s.add_argument("folder", help="the session folder")
+    s.add_argument("--model", help="model (default: the one the session was made with)")
+    s.add_argument("--rollback", type=int, metavar="N", help="revert and delete the last N batches")
+    s.add_argument("--export", metavar="DIR", help="write the edited model (all remaining batches applied) as a HF folder")
+    s.add_argument("--json", action="store_true", help="print the session summary as JSON")
+    s.set_defaults(fn=cmd_session)
 
     s = sub.add_parser("apply", help="write the model with artifacts applied as a Hugging Face folder")
     s.add_argument("--model", default=DEFAULT_MODEL)

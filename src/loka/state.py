@@ -1,10 +1,13 @@
 """State carried from one edit batch to the next in sequential editing.
 
-Some methods need what earlier batches did: AlphaEdit the second moment of all keys edited so far
-(``K_p K_pᵀ`` per layer), PRUNE the accumulated update of each matrix and the original matrix's
-largest singular value. An :class:`EditState` holds those tensors by name plus JSON-able counters,
-is passed to :func:`loka.edit` (``state=``) and is saved atomically (safetensors + JSON, sha-checked
-on load) so that a sequential run can stop and resume.
+Some methods need what earlier batches did: AlphaEdit the keys of all facts edited so far (per
+layer), PRUNE the original matrices (the accumulated update is the live weight minus them) and
+their largest singular values. An :class:`EditState` holds such tensors by name plus JSON-able
+counters, is passed to :func:`loka.edit` (``state=``), which counts the batches, and is saved
+atomically (safetensors + JSON, sha-checked on load) so that a sequential run can stop and resume.
+
+Per-batch tensors are tagged with their batch index (``name@k``), so rolling back to ``n`` batches
+is dropping the tags ``>= n`` (:meth:`EditState.truncate`) — no state snapshot per batch is needed.
 """
 
 from __future__ import annotations
@@ -32,6 +35,27 @@ class EditState:
     def set(self, name: str, value: torch.Tensor) -> None:
         self.tensors[name] = value.detach().clone().contiguous()
 
+    @property
+    def batches(self) -> int:
+        """Number of edit batches this state has seen."""
+        return int(self.meta.get("batches", 0))
+
+    def add_batch_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Record ``value`` under ``name`` for the current batch (the one being edited)."""
+        self.set(f"{name}@{self.batches}", value)
+
+    def batch_tensors(self, name: str) -> list[torch.Tensor]:
+        """The tensors recorded under ``name``, in batch order."""
+        tagged = [(int(k.rsplit("@", 1)[1]), v) for k, v in self.tensors.items() if k.rsplit("@", 1)[0] == name and "@" in k]
+        return [v for _, v in sorted(tagged, key=lambda x: x[0])]
+
+    def truncate(self, n_batches: int) -> None:
+        """Forget everything recorded by batches ``>= n_batches`` (a rollback)."""
+        if not 0 <= n_batches <= self.batches:
+            raise ValueError(f"cannot roll back to {n_batches} batch(es): the state has {self.batches}")
+        self.tensors = {k: v for k, v in self.tensors.items() if "@" not in k or int(k.rsplit("@", 1)[1]) < n_batches}
+        self.meta["batches"] = n_batches
+
     def copy(self) -> EditState:
         return EditState({k: v.clone() for k, v in self.tensors.items()}, json.loads(json.dumps(self.meta)))
 
@@ -48,7 +72,7 @@ class EditState:
         try:
             info = json.loads((folder / "state.json").read_text())
             tensors = load_file(str(folder / "state.safetensors"))
-        except (OSError, ValueError) as e:
+        except Exception as e:  # missing, unreadable, or not safetensors/JSON at all
             raise ArtifactError(f"{folder}: not a readable edit state ({e})") from e
         if hash_tensors(tensors) != info.get("sha"):
             raise ArtifactError(f"{folder}: edit state does not match its recorded hash (corrupt); delete it")

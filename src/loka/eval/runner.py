@@ -193,8 +193,8 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     state_dir = out / "state"
     state = EditState.load(state_dir) if state_dir.exists() else EditState()
     needs_state = cfg.prune is not None or (cfg.method in METHODS and get_method(cfg.method).stateful)
-    if needs_state and state.meta.get("batches", 0) != saved:
-        raise LokaError(f"{out}: the saved edit state covers {state.meta.get('batches', 0)} batch(es) but "
+    if needs_state and state.batches != saved:
+        raise LokaError(f"{out}: the saved edit state covers {state.batches} batch(es) but "
                         f"{saved} artifact(s) exist; delete {art_dir}/batch_{saved - 1:05d}.loka "
                         "(the batch whose state was not saved) and resume")
     applied = []
@@ -212,7 +212,6 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
             a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False, state=state, prune=cfg.prune)
             a.save(art_dir / f"batch_{k:05d}.loka")
             applied.append(a)
-            state.meta["batches"] = len(applied)
             state.save(state_dir)
             n_edits += len(batches[k])
             bar.update(len(batches[k]))

@@ -6,9 +6,9 @@ MEMIT's residuals and keys, with the update confined to the null space of the pr
 
     ΔW = R K₁ᵀ P (K_p K_pᵀ P + K₁ K₁ᵀ P + L2·I)⁻¹            (AlphaEdit Eq. 9)
 
-solved as ``solve(P (K₁K₁ᵀ + K_pK_pᵀ) + L2·I, P K₁ Rᵀ)ᵀ`` in float64. ``K_pK_pᵀ`` (the keys of all
-earlier batches) lives in the :class:`~loka.state.EditState` and grows after each batch with the
-batch's keys recomputed after its update. ``P`` is computed once from the unedited statistics and
+solved as ``solve(P (K₁K₁ᵀ + K_pK_pᵀ) + L2·I, P K₁ Rᵀ)ᵀ`` in float64. ``K_pK_pᵀ`` comes from the keys of all
+earlier batches, kept per batch in the :class:`~loka.state.EditState` (recomputed after each
+batch's update, as the reference code does), so a rollback simply drops the last batches' keys. ``P`` is computed once from the unedited statistics and
 cached on disk next to them, keyed by the statistics' content and the threshold.
 """
 
@@ -77,7 +77,16 @@ def alphaedit_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: tor
 
 
 def past_key_name(handle, layer: int) -> str:
-    return f"alphaedit.past_keys.{handle.weight_name(layer)}"
+    return f"alphaedit.keys.{handle.weight_name(layer)}"
+
+
+def past_moment(handle, layer: int, state) -> torch.Tensor | None:
+    """``K_p K_pᵀ`` (d_in × d_in, float64) over the keys of all earlier batches, or ``None``."""
+    keys = state.batch_tensors(past_key_name(handle, layer)) if state is not None else []
+    if not keys:
+        return None
+    Kp = torch.cat(keys).double()
+    return Kp.T @ Kp
 
 
 @register
@@ -92,13 +101,8 @@ class AlphaEdit(Memit):
         if rank == 0:
             log.warning("layer %d: no eigenvalue of C is below nullspace_threshold=%g; the update is zero",
                         layer, hp.nullspace_threshold)
-        past = state.get(past_key_name(handle, layer)) if state is not None else None
-        return alphaedit_solve(K, R, P, past, hp.L2)
+        return alphaedit_solve(K, R, P, past_moment(handle, layer, state), hp.L2)
 
     def after_update(self, handle, layer, K_after, hp, state):
-        if state is None:
-            return
-        name = past_key_name(handle, layer)
-        kk = (K_after.double().T @ K_after.double()).to(torch.float32)
-        prev = state.get(name)
-        state.set(name, kk if prev is None else prev + kk)
+        if state is not None:
+            state.add_batch_tensor(past_key_name(handle, layer), K_after.to(torch.float32))

@@ -8,8 +8,10 @@ matrix) through
 
 leaving smaller ones alone, so the edited matrix's spectrum (and condition number) cannot run away.
 It wraps any locate-and-edit method: after each batch, the batch's delta becomes
-``F(acc + Δ) − acc``, with ``acc`` (the restrained accumulation so far) and ``σ_max(W)`` kept in the
-:class:`~loka.state.EditState`. Each artifact stays an additive delta, so apply/revert are exact.
+``F(acc + Δ) − acc`` with ``acc = W_now − W`` (the restrained accumulation so far, read off the
+live weights); the original ``W`` and ``σ_max(W)`` are kept in the :class:`~loka.state.EditState`
+from the first batch that touches a matrix. Each artifact stays an additive delta, so apply/revert
+are exact and a rollback needs no PRUNE bookkeeping.
 """
 
 from __future__ import annotations
@@ -46,17 +48,17 @@ def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alph
     out, info = {}, {}
     bounds = state.meta.setdefault("prune_sigma_max", {})
     for name, d in deltas.items():
-        acc = state.get(f"prune.acc.{name}")
-        if acc is None:
-            acc = torch.zeros_like(d)
-        if name not in bounds:  # the current weight is the original plus what was accumulated so far
-            W0 = handle.param(name).detach().double() - acc.double()
-            bounds[name] = float(torch.linalg.matrix_norm(W0, ord=2))
+        W = handle.param(name).detach()
+        base = state.get(f"prune.base.{name}")
+        if base is None:  # first batch touching this matrix: the live weight is the original
+            state.set(f"prune.base.{name}", W)
+            base = W
+            bounds[name] = float(torch.linalg.matrix_norm(W.double(), ord=2))
         smax = bounds[name]
-        total = acc + d
+        acc = (W.double() - base.double())
+        total = acc + d.double()
         restrained = restrain_matrix(total, smax, alpha)
-        out[name] = (restrained - acc).contiguous()
-        state.set(f"prune.acc.{name}", restrained)
+        out[name] = (restrained - acc).to(d.dtype).contiguous()
         info[name] = {"sigma_max_W": smax, "sigma_max_acc_raw": float(torch.linalg.matrix_norm(total.double(), ord=2)),
                       "sigma_max_acc": float(torch.linalg.matrix_norm(restrained.double(), ord=2))}
     return out, info
