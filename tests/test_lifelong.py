@@ -1,5 +1,6 @@
 """AlphaEdit (null-space projection, past keys) and PRUNE (restrained accumulated spectrum)."""
 
+import json
 import math
 
 import pytest
@@ -139,3 +140,31 @@ def test_state_rollback_drops_later_batches_and_round_trips(tmp_path):
     (tmp_path / "s" / "state.safetensors").write_bytes(b"junk")
     with pytest.raises(loka.ArtifactError):
         EditState.load(tmp_path / "s")
+
+
+def test_spectrum_follows_the_accumulated_update(capsys, tmp_path):
+    from loka.analysis import spectrum
+    from loka.cli import main
+
+    h = loka.load_model("tiny-llama")
+    name = h.weight_name(2)
+    w0 = h.param(name).detach().clone()
+    g = torch.Generator().manual_seed(0)
+    arts = []
+    for k in range(3):
+        d = {name: 5.0 * torch.outer(torch.randn(w0.shape[0], generator=g), torch.randn(w0.shape[1], generator=g))}
+        a = loka.Artifact.create(d, method="test", hparams={}, requests=[{"k": k}, {"k": k}], handle=h)
+        arts.append(a)
+        a.save(tmp_path / "seq" / f"batch_{k:05d}.loka")
+    rows = spectrum(h, arts)
+    assert [r["n_edits"] for r in rows] == [0, 2, 4, 6]
+    total = w0.double() + sum(a.deltas[name].double() for a in arts)
+    s = torch.linalg.svdvals(total)
+    assert rows[-1]["sigma_max"] == pytest.approx(float(s[0]), rel=1e-6)
+    assert rows[-1]["cond"] == pytest.approx(float(s[0] / s[-1]), rel=1e-6)
+    assert rows[0]["delta_sigma_max"] == 0.0 and rows[-1]["sigma_max"] > rows[0]["sigma_max"]
+    assert torch.equal(h.param(name), w0)  # analysis never touches the model
+    code = main(["analyze", "spectrum", "--model", "tiny-llama", "--sequence", str(tmp_path / "seq"),
+                 "--png", str(tmp_path / "s.png"), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(out) == 4 and (tmp_path / "s.png").stat().st_size > 1000

@@ -121,6 +121,49 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def _artifact_sequence(args) -> list:
+    from .artifact import load_artifact
+
+    paths = [Path(p) for p in args.artifact or []]
+    for folder in args.sequence or []:  # a session, an eval run, or any folder of *.loka in name order
+        folder = Path(folder)
+        for sub in ("batches", "artifacts"):
+            if (folder / sub).is_dir():
+                folder = folder / sub
+                break
+        found = sorted(folder.glob("*.loka"))
+        if not found:
+            raise SystemExit(f"error: no *.loka artifacts in {folder}")
+        paths += found
+    if not paths:
+        raise SystemExit("error: give --artifact A (repeatable) or --sequence DIR")
+    return [load_artifact(p) for p in paths]
+
+
+def cmd_analyze(args) -> int:
+    from .analysis import format_spectrum, plot_spectrum, spectrum
+    from .models import load_model
+
+    arts = _artifact_sequence(args)
+    handle = load_model(args.model)
+    for a in arts:
+        a.check_compatible(handle, force=args.force)
+    rows = spectrum(handle, arts, every=args.every)
+    if args.png:
+        plot_spectrum({args.label or arts[0].method: rows}, args.png, f"{handle.name}: {len(arts)} artifact(s)")
+    if args.out:
+        from .utils.io import atomic_write_json
+
+        atomic_write_json(args.out, rows)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_spectrum(rows))
+        if args.png:
+            print(f"plot: {args.png}")
+    return 0
+
+
 def cmd_session(args) -> int:
     from .models import load_model
     from .session import Session
@@ -284,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
+
+    s = sub.add_parser("analyze", help="analyses of edited models (spectrum)")
+    asub = s.add_subparsers(dest="what", required=True)
+    a = asub.add_parser("spectrum", help="σ_max, σ_min and condition number of each edited matrix against the number of edits")
+    a.add_argument("--model", default=DEFAULT_MODEL)
+    a.add_argument("--artifact", action="append", help="artifact folder (repeatable; applied cumulatively in order)")
+    a.add_argument("--sequence", action="append", metavar="DIR",
+                   help="a session (loka edit --sequential), an eval run or a folder of *.loka, in name order")
+    a.add_argument("--every", type=int, default=1, help="measure after every K-th artifact (and the last)")
+    a.add_argument("--png", help="write the plot here")
+    a.add_argument("--out", help="write the rows as JSON here")
+    a.add_argument("--label", help="series label in the plot (default: the method)")
+    a.add_argument("--force", action="store_true", help="analyse artifacts made for other weights")
+    a.add_argument("--json", action="store_true", help="print the rows as JSON")
+    a.set_defaults(fn=cmd_analyze)
 
     s = sub.add_parser("session", help="show, roll back or export a sequential-editing session (loka edit --sequential)")
     s.add_argument("folder", help="the session folder")
