@@ -168,3 +168,29 @@ def test_spectrum_follows_the_accumulated_update(capsys, tmp_path):
                  "--png", str(tmp_path / "s.png"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and len(out) == 4 and (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_lyaplock_first_batch_is_memit_and_the_queue_follows_eq7(hp):
+    from loka.methods.lyaplock import lyaplock_solve
+    from loka.methods.memit import memit_solve
+
+    g = torch.Generator().manual_seed(2)
+    K, R, W = torch.randn(3, 10, generator=g), torch.randn(3, 6, generator=g), torch.randn(6, 10, generator=g)
+    A = torch.randn(20, 10, generator=g)
+    C = A.T @ A / 20
+    assert torch.allclose(lyaplock_solve(K, R, W, W, 50.0 * C, None, None, 1.0, 1.0), memit_solve(K, R, C, 50.0), atol=1e-5)
+
+    h = loka.load_model("tiny-llama")
+    state = EditState()
+    lay = {**hp, "layers": [2], "alpha": 2.0}
+    a = loka.edit(h, REQ_A, "memit", {**hp, "layers": [2]}, apply=False, progress=False)
+    b = loka.edit(h, REQ_A, "lyaplock", lay, state=state, progress=False)
+    w = h.weight_name(2)
+    assert torch.allclose(a.deltas[w], b.deltas[w], atol=1e-5)  # aZ = 1, nothing past: MEMIT
+    q = state.meta["lyaplock"][w]
+    assert q["D"] == pytest.approx(2.0 * q["PL"]) and q["Z"] == pytest.approx(math.sqrt(q["D"]))
+    z1, d, a_ = q["Z"], q["D"], q["a"]
+    loka.edit(h, REQ_B, "lyaplock", lay, state=state, progress=False)
+    q = state.meta["lyaplock"][w]
+    assert q["Z"] == pytest.approx(max(z1 + a_ * (q["PL"] - d), z1))  # Eq. 7 with b = 0, Z_max = √D
+    assert len(state.batch_tensors(f"lyaplock.keys.{w}")) == 2 and state.batches == 2
