@@ -33,10 +33,12 @@ def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> to
     return torch.where(above, capped, sigma)
 
 
-def restrain_matrix(delta: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
-    """``U diag(F(σ)) Vᵀ`` of ``delta`` (float64 SVD; rank and singular vectors kept)."""
+def restrain_matrix(delta: torch.Tensor, sigma_max: float, alpha: float = math.e) -> tuple[torch.Tensor, float, float]:
+    """``U diag(F(σ)) Vᵀ`` of ``delta`` (one float64 SVD; rank and singular vectors kept), with the
+    largest singular value before and after."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return ((U * restrain(S, sigma_max, alpha)) @ Vh).to(delta.dtype)
+    F = restrain(S, sigma_max, alpha)
+    return ((U * F) @ Vh).to(delta.dtype), float(S[0]), float(F[0])
 
 
 def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e) -> tuple[dict, dict]:
@@ -53,12 +55,11 @@ def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alph
         if base is None:  # first batch touching this matrix: the live weight is the original
             state.set(f"prune.base.{name}", W)
             base = W
-            bounds[name] = float(torch.linalg.matrix_norm(W.double(), ord=2))
+            bounds[name] = float(torch.linalg.svdvals(W.double())[0])
         smax = bounds[name]
         acc = (W.double() - base.double())
         total = acc + d.double()
-        restrained = restrain_matrix(total, smax, alpha)
+        restrained, before, after = restrain_matrix(total, smax, alpha)
         out[name] = (restrained - acc).to(d.dtype).contiguous()
-        info[name] = {"sigma_max_W": smax, "sigma_max_acc_raw": float(torch.linalg.matrix_norm(total.double(), ord=2)),
-                      "sigma_max_acc": float(torch.linalg.matrix_norm(restrained.double(), ord=2))}
+        info[name] = {"sigma_max_W": smax, "sigma_max_acc_raw": before, "sigma_max_acc": after}
     return out, info
