@@ -194,3 +194,68 @@ def test_lyaplock_first_batch_is_memit_and_the_queue_follows_eq7(hp):
     q = state.meta["lyaplock"][w]
     assert q["Z"] == pytest.approx(max(z1 + a_ * (q["PL"] - d), z1))  # Eq. 7 with b = 0, Z_max = √D
     assert len(state.batch_tensors(f"lyaplock.keys.{w}")) == 2 and state.batches == 2
+
+
+def _toy(seed=3, n=4, d=12, m=6):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(40, d, generator=g) * torch.linspace(0.05, 2.0, d)
+    C = A.T @ A / 40
+    return torch.randn(n, d, generator=g), torch.randn(n, m, generator=g), C
+
+
+def test_relax_projection_gives_back_directions_only_while_they_pay():
+    from loka.methods.alphaedit import AlphaEditHParams, relax
+
+    K, R, C = _toy()
+    hp = AlphaEditHParams(nullspace_threshold=float(torch.linalg.eigvalsh(C.double())[3]), L2=0.1, relax_step=2,
+                          relax_epsilon=0.01)
+    P, rank = nullspace_projection(C, hp.nullspace_threshold)
+    fit = lambda Pm: float((K.double() @ alphaedit_solve(K, R, Pm, None, 0.1).double().T - R.double()).pow(2).sum())  # noqa: E731
+    P2, added = relax(K, R, C, P, None, hp)
+    assert 0 < added <= 12 - rank and fit(P2) < fit(P)  # whole steps of 2, the last one may be short
+    assert torch.allclose(P2 @ P2, P2, atol=1e-5)  # still a projection, of rank + added
+    assert round(float(torch.trace(P2))) == rank + added
+    hp.relax_epsilon = 1.0  # nothing can lower the loss by 100 %: P stays
+    P3, none = relax(K, R, C, P, None, hp)
+    assert none == 0 and torch.allclose(P3, P)
+
+
+def test_smoothed_values_reach_the_targets_at_least_as_well_as_one_solve():
+    from loka.methods.alphaedit import AlphaEditHParams, smoothed_solve
+
+    K, R, C = _toy()
+    P = torch.eye(12)
+    hp = AlphaEditHParams(L2=1.0, smooth_T=4)
+    one = alphaedit_solve(K, R, P, None, 1.0)
+    smooth = smoothed_solve(K, R, P, None, hp)
+    err = lambda dW: float((K @ dW.T - R).norm())  # noqa: E731
+    assert err(smooth) < err(one)  # the iterations add up corrections
+    # a single fact is never 'large' (the median is its own norm): one iteration per t on the full residual
+    hp1 = AlphaEditHParams(L2=1e-6, smooth_T=2)
+    assert torch.allclose(smoothed_solve(K[:1], R[:1], P, None, hp1), alphaedit_solve(K[:1], R[:1], P, None, 1e-6), atol=1e-4)
+
+
+def test_conflict_weights_by_hand():
+    from loka.methods.alphaedit import conflict_weights
+
+    K = torch.tensor([[1.0, 0.0]])
+    Kp = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
+    lam = conflict_weights(K, Kp, torch.tensor([False, False, False, True]))
+    assert lam.tolist() == pytest.approx([1.0, 0.5, 1 / (1 + 2 ** -0.5), 0.0])
+
+
+def test_conflict_weighting_supersedes_an_earlier_edit_of_the_same_fact(hp):
+    h = loka.load_model("tiny-llama")
+    opts = {**hp, "layers": [2], "nullspace_threshold": 1e9, "L2": 1.0}
+    state = EditState()
+    first = loka.edit(h, REQ_A, "alphaedit", opts, state=state, progress=False)
+    again = loka.EditRequest(REQ_A.prompt, REQ_A.subject, "Berlin")  # same subject and relation, new object
+    sup = loka.edit(h, again, "alphaedit", {**opts, "conflict_weighting": True}, state=state.copy(), apply=False,
+                    progress=False)
+    fresh = loka.edit(h, again, "alphaedit", opts, apply=False, progress=False)  # as if the first edit had no past
+    plain = loka.edit(h, again, "alphaedit", opts, state=state.copy(), apply=False, progress=False)
+    w = h.weight_name(2)
+    assert sup.manifest["extra"]["superseded"] == {"2": 1}
+    assert torch.allclose(sup.deltas[w], fresh.deltas[w], atol=1e-5)  # the superseded key no longer fights
+    assert not torch.allclose(plain.deltas[w], fresh.deltas[w], atol=1e-3)
+    first.revert(h)

@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 class AlphaEditHParams(MemitHParams):
     nullspace_threshold: float = 2e-2
     L2: float = 10.0
+    # AlphaEdit+ (seed 002), each off by default and independent
+    relax_projection: bool = False
+    relax_epsilon: float = 0.01  # stop relaxing when the edit loss falls by less than this fraction
+    relax_step: int = 16  # eigenvectors added back per relaxation step
+    relax_max: int = 512  # at most this many directions added back
+    smooth_values: bool = False
+    smooth_T: int = 5  # iterations of the value schedule
+    conflict_weighting: bool = False
 
 
 def nullspace_projection(C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
@@ -76,6 +84,65 @@ def alphaedit_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: tor
     return torch.linalg.solve(A, P64 @ Kt @ R.to(dt)).T.to(torch.float32)
 
 
+def relax(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp) -> tuple[torch.Tensor, int]:
+    """AlphaEdit+ remedy 1: give back to ``P`` the preserved directions that matter least.
+
+    Walk over the eigenvectors of ``C`` that ``P`` removes, smallest eigenvalue first, adding
+    ``relax_step`` of them at a time to ``P``; after each step re-solve and measure the edit loss
+    ``‖ΔW K₁ᵀ − Rᵀ‖²``; stop when a step lowers it by less than ``relax_epsilon`` (relative) and undo
+    that last step (seed 002: ``P_mod = P + P̃ − u_l u_lᵀ``). Adding ``relax_step`` vectors per solve
+    instead of one is our shortcut (one solve per direction would cost a 1536² solve each).
+    """
+    evals, evecs = torch.linalg.eigh(C.to(env.SOLVE_DTYPE))
+    removed = evecs[:, evals >= hp.nullspace_threshold]  # ascending eigenvalue order
+    dt = env.SOLVE_DTYPE
+
+    def loss(Pm):
+        dW = alphaedit_solve(K, R, Pm, past, hp.L2).to(dt)
+        return float((K.to(dt) @ dW.T - R.to(dt)).pow(2).sum())
+
+    cur, best, added = P.to(dt), loss(P), 0
+    while added < min(hp.relax_max, removed.shape[1]):
+        U = removed[:, added: added + hp.relax_step]
+        trial = cur + U @ U.T
+        new = loss(trial)
+        if best - new < hp.relax_epsilon * best:
+            break
+        cur, best, added = trial, new, added + U.shape[1]
+    return cur.to(torch.float32), added
+
+
+def smoothed_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp) -> torch.Tensor:
+    """AlphaEdit+ remedy 2: reach large-residual targets gradually.
+
+    ``v_i^t = v_i + β_i(t)(v_{0,i} − v_i)``, ``β_i(t) = 0`` if ``‖r_i‖ ≤ τ_r`` else ``(T − t)/(2T)``
+    with ``τ_r`` the batch's median residual norm (seed 002; T and τ_r are our choices, as the
+    slides leave them open). In residual terms the target at iteration ``t`` is ``(1 − β_i(t)) r_i``;
+    each iteration solves for what is still missing and the updates add up.
+    """
+    T = max(1, hp.smooth_T)
+    norms = R.norm(dim=1)
+    big = norms > norms.median()
+    total = torch.zeros(R.shape[1], K.shape[1])
+    for t in range(T + 1):
+        beta = torch.where(big, torch.tensor((T - t) / (2 * T)), torch.tensor(0.0))
+        missing = (1 - beta)[:, None] * R - K @ total.T
+        total = total + alphaedit_solve(K, missing, P, past, hp.L2)
+    return total
+
+
+def conflict_weights(K: torch.Tensor, Kp: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """AlphaEdit+ remedy 3: ``λ_p = 1 / (1 + max_j cos(k_p, k_j))`` over the new keys ``j``, and 0 when
+    a new edit has the same subject and relation as past edit ``p`` (it supersedes it)."""
+    cos = torch.nn.functional.normalize(Kp.double(), dim=1) @ torch.nn.functional.normalize(K.double(), dim=1).T
+    lam = 1.0 / (1.0 + cos.max(dim=1).values.clamp_min(0.0))
+    return torch.where(same, torch.zeros_like(lam), lam)
+
+
+def _fact_id(r) -> str:
+    return f"{r.subject}\x1f{r.prompt}"
+
+
 def past_key_name(handle, layer: int) -> str:
     return f"alphaedit.keys.{handle.weight_name(layer)}"
 
@@ -101,8 +168,25 @@ class AlphaEdit(Memit):
         if rank == 0:
             log.warning("layer %d: no eigenvalue of C is below nullspace_threshold=%g; the update is zero",
                         layer, hp.nullspace_threshold)
-        return alphaedit_solve(K, R, P, past_moment(handle, layer, state), hp.L2)
+        past = past_moment(handle, layer, state)
+        if hp.conflict_weighting and past is not None:
+            keys = state.batch_tensors(past_key_name(handle, layer))
+            Kp = torch.cat(keys).double()
+            ids = [i for b in range(state.batches) for i in state.meta.get("alphaedit_facts", {}).get(str(b), [])]
+            new = {_fact_id(r) for r in self.requests}
+            same = torch.tensor([i in new for i in ids]) if len(ids) == Kp.shape[0] else torch.zeros(Kp.shape[0], dtype=torch.bool)
+            lam = conflict_weights(K, Kp, same)
+            past = (Kp * lam[:, None]).T @ Kp
+            self.info.setdefault("superseded", {})[str(layer)] = int(same.sum())
+        if hp.relax_projection:
+            P, added = relax(K, R, C, P, past, hp)
+            self.info.setdefault("relaxed_dims", {})[str(layer)] = added
+        if hp.smooth_values:
+            return smoothed_solve(K, R, P, past, hp)
+        return alphaedit_solve(K, R, P, past, hp.L2)
 
     def after_update(self, handle, layer, K_after, hp, state):
         if state is not None:
             state.add_batch_tensor(past_key_name(handle, layer), K_after.to(torch.float32))
+            # which fact each stored key row belongs to (conflict weighting supersedes by identity)
+            state.meta.setdefault("alphaedit_facts", {})[str(state.batches)] = [_fact_id(r) for r in self.requests]

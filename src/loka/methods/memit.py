@@ -88,6 +88,7 @@ class Memit(Method):
 
     def run(self, handle, requests, hp: MemitHParams, progress=None, state=None):
         self.info: dict = {}  # method-specific numbers for the manifest
+        self.requests = list(requests)
         layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)
         top = layers[-1]
         t = time.perf_counter()
