@@ -46,3 +46,22 @@ def test_packing_splits_long_chunks():
     two = scoring._rows_packed(h, p_ids, t_ids, [0, 1], max_len=8)  # one prompt group per pack
     for a, b in zip(one, two):
         assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_several_records_in_one_call_score_like_one_at_a_time():
+    from loka.eval.data import load_cases
+    from loka.eval.metrics import score_case, score_cases
+
+    from .conftest import DATA
+
+    h = loka.load_model("tiny-llama")
+    cases = load_cases(DATA / "counterfact_sample5.json", n=3)
+    together = score_cases(h, cases)
+    for c, t in zip(cases, together):
+        alone = score_case(h, c)
+        assert alone.keys() == t.keys()
+        for g in alone:
+            for w in alone[g]:
+                for a, b in zip(alone[g][w], t[g][w]):
+                    assert a["target_ids"] == b["target_ids"]
+                    assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)

@@ -34,33 +34,45 @@ def metric(name: str):
 
 
 # -- scoring ------------------------------------------------------------------------------------
+def _case_rows(case: EvalCase) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    keys: list[tuple[str, str]] = []  # (group, which) per row
+    prompts, targets = [], []
+    for group in ("rewrite", "paraphrase", "neighborhood"):
+        plist = getattr(case, group)
+        for which, target in (("new", case.target_new), ("true", case.target_true)):
+            if target:
+                keys += [(group, which)] * len(plist)
+                prompts += plist
+                targets += [target] * len(plist)
+    for group in ("locality", "portability"):
+        for p, a in getattr(case, group):
+            keys.append((group, "answer"))
+            prompts.append(p)
+            targets.append(a)
+    return keys, prompts, targets
+
+
+def score_cases(handle, cases: list[EvalCase], mode: str = "packed") -> list[dict]:
+    """Teacher-forced scores of every probe of each case with the new and the true target; the rows
+    of all ``cases`` go through the same batched calls (several records per packed forward)."""
+    rows = [_case_rows(c) for c in cases]
+    prompts = [p for _, ps, _ in rows for p in ps]
+    targets = [t for _, _, ts in rows for t in ts]
+    scored = score_targets(handle, prompts, targets, mode=mode) if prompts else []
+    out, i = [], 0
+    for keys, _, _ in rows:
+        d: dict = {}
+        for group, which in keys:
+            d.setdefault(group, {}).setdefault(which, []).append(scored[i])
+            i += 1
+        out.append(d)
+    return out
+
+
 def score_case(handle, case: EvalCase, mode: str = "packed") -> dict:
     """Teacher-forced scores of every probe of ``case`` with the new and the true target, all in one
     batched call (``mode``: the scoring mode of :func:`loka.scoring.score_targets`)."""
-    rows: list[tuple[str, str, int, str]] = []  # (group, which, index, ...)
-    prompts, targets = [], []
-
-    def add(group, which, plist, target):
-        for i, p in enumerate(plist):
-            rows.append((group, which, i, p))
-            prompts.append(p)
-            targets.append(target)
-
-    for group in ("rewrite", "paraphrase", "neighborhood"):
-        plist = getattr(case, group)
-        add(group, "new", plist, case.target_new)
-        if case.target_true:
-            add(group, "true", plist, case.target_true)
-    for group in ("locality", "portability"):
-        for i, (p, a) in enumerate(getattr(case, group)):
-            rows.append((group, "answer", i, p))
-            prompts.append(p)
-            targets.append(a)
-    scored = score_targets(handle, prompts, targets, mode=mode) if prompts else []
-    out: dict = {}
-    for (group, which, _i, _p), sc in zip(rows, scored):
-        out.setdefault(group, {}).setdefault(which, []).append(sc)
-    return out
+    return score_cases(handle, [case], mode)[0]
 
 
 def _mean_lp(sc: dict) -> float:

@@ -28,7 +28,7 @@ from ..state import EditState
 from ..utils.io import atomic_write_json, hash_json
 from .data import EvalCase
 from .guard import general_guard
-from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_case
+from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,22 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+SCORE_GROUP = 4  # records per packed scoring call (larger matmuls; see benchmarks/eval_throughput.py)
+
+
+def _scores_many(handle, cases: list[EvalCase], cfg: EvalConfig) -> list[dict]:
+    out = []
+    for i in range(0, len(cases), SCORE_GROUP):
+        group = cases[i: i + SCORE_GROUP]
+        for c, s in zip(group, score_cases(handle, group)):
+            if cfg.generation or c.multihop:
+                s["_gen"] = generation_scores(handle, c)
+            out.append(s)
+    return out
+
+
 def _scores(handle, case: EvalCase, cfg: EvalConfig) -> dict:
-    s = score_case(handle, case)
-    if cfg.generation or case.multihop:
-        s["_gen"] = generation_scores(handle, case)
-    return s
+    return _scores_many(handle, [case], cfg)[0]
 
 
 def summarise(rows: list[dict], key: str = "post") -> dict:
@@ -160,8 +171,7 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
                 continue
             sec = time.time() - t
             try:
-                for c in chunk:
-                    post = _scores(handle, c, cfg)
+                for c, post in zip(chunk, _scores_many(handle, chunk, cfg)):
                     p = pre[str(c.case_id)]
                     _append(res_file, {"case_id": str(c.case_id), "pre": case_metrics(p, p),
                                        "post": case_metrics(post, p), "edit_seconds": sec / len(chunk)})
@@ -219,8 +229,7 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
             if hit:
                 edited = [c for b in batches[: k + 1] for c in b]
                 rows = []
-                for c in edited:
-                    post = _scores(handle, c, cfg)
+                for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     p = pre[str(c.case_id)]
                     rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
                 row = {"n_edits": n_edits, **summarise(rows, "post")}
