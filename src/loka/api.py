@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from .artifact import Artifact
-from .errors import RequestError
+from .errors import LokaError, RequestError
 from .methods import default_hparams, get_method
 from .methods.base import HParams
 from .methods.prune import prune_deltas
@@ -55,6 +55,8 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     try:
         deltas, info = m.run(handle, requests, hp, progress=bar, state=work)
         if prune is not None:
+            if m.kind != "weight-delta":
+                raise LokaError(f"--prune restrains weight updates; {method} changes no weights")
             deltas, info["prune"] = prune_deltas(handle, deltas, work, prune)
             info["prune_alpha"] = prune
     finally:
@@ -64,7 +66,7 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
         state.tensors, state.meta = work.tensors, work.meta
     seconds = time.time() - t0
     art = Artifact.create(deltas, method=method, hparams=hp.to_dict(), requests=[r.to_dict() for r in requests],
-                          handle=handle, extra={"seconds": round(seconds, 3), **info})
+                          handle=handle, extra={"seconds": round(seconds, 3), **info}, kind=m.kind)
     log.info("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
     if apply:
         art.apply(handle)

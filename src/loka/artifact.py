@@ -29,6 +29,12 @@ log = logging.getLogger(__name__)
 FORMAT = "loka-artifact"
 FORMAT_VERSION = 1
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
+CONTEXT_ATTR = "_loka_context"  # list of applied context artifacts (editing-free methods, e.g. SCR)
+
+
+def applied_context(model: nn.Module) -> list:
+    """The context artifacts (fact stores) applied to ``model``, in order."""
+    return model.__dict__.get(CONTEXT_ATTR, [])
 
 
 def _version() -> str:
@@ -65,12 +71,14 @@ class Artifact:
 
     @classmethod
     def create(cls, deltas: dict[str, torch.Tensor], *, method: str, hparams: dict, requests: list[dict],
-               handle, extra: dict | None = None) -> Artifact:
+               handle, extra: dict | None = None, kind: str = "weight-delta") -> Artifact:
+        """``kind`` is ``weight-delta`` (tensors are added to parameters) or ``context`` (tensors are a
+        fact store that applying attaches to the model and that scoring/generation consult)."""
         deltas = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in deltas.items()}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "kind": "weight-delta",
+            "kind": kind,
             "method": method,
             "hparams": hparams,
             "requests": requests,
@@ -93,6 +101,10 @@ class Artifact:
     def method(self) -> str:
         return self.manifest.get("method", "?")
 
+    @property
+    def kind(self) -> str:
+        return self.manifest.get("kind", "weight-delta")
+
     def __repr__(self) -> str:
         return f"Artifact(id={self.id}, method={self.method}, params={list(self.deltas)})"
 
@@ -106,6 +118,8 @@ class Artifact:
                 f"(hash {want[:12]}), not for this one (hash {model_hash[:12]}); load the same model, "
                 "or pass force=True / --force if you know the weights match"
             )
+        if self.kind == "context":
+            return model
         for name, delta in self.deltas.items():
             try:
                 p = model.get_parameter(name)
@@ -118,6 +132,12 @@ class Artifact:
     def apply(self, target, *, force: bool = False) -> Artifact:
         """Add the deltas to the model (a handle or a module), remembering the originals."""
         model = self.check_compatible(target, force=force)
+        if self.kind == "context":  # no weight changes: attach the fact store
+            ctx = model.__dict__.setdefault(CONTEXT_ATTR, [])
+            if any(a.id == self.id for a in ctx):
+                raise ArtifactError(f"artifact {self.id} is already applied to this model")
+            ctx.append(self)
+            return self
         stack = model.__dict__.setdefault(_STACK_ATTR, [])
         if any(a.id == self.id for a, _ in stack):
             raise ArtifactError(f"artifact {self.id} is already applied to this model")
@@ -132,6 +152,13 @@ class Artifact:
     def revert(self, target) -> Artifact:
         """Undo :meth:`apply` exactly (bit for bit), also when later artifacts were applied after it."""
         model, _ = _model_of(target)
+        if self.kind == "context":
+            ctx = model.__dict__.get(CONTEXT_ATTR, [])
+            pos = next((i for i, a in enumerate(ctx) if a.id == self.id), None)
+            if pos is None:
+                raise ArtifactError(f"artifact {self.id} is not applied to this model")
+            del ctx[pos]
+            return self
         stack = model.__dict__.get(_STACK_ATTR, [])
         pos = next((i for i, (a, _) in enumerate(stack) if a.id == self.id), None)
         if pos is None:
@@ -201,6 +228,8 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     hashes = {a.manifest.get("model", {}).get("hash") for a in artifacts}
     if len(hashes) > 1:
         raise ArtifactError("cannot stack artifacts made for different models")
+    if any(a.kind != "weight-delta" for a in artifacts):
+        raise ArtifactError("only weight-delta artifacts can be stacked; apply context artifacts (fact stores) side by side")
     deltas: dict[str, torch.Tensor] = {}
     for a in artifacts:
         for k, v in a.deltas.items():

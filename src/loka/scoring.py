@@ -149,8 +149,14 @@ SCORING_MODES = {"packed": _rows_packed, "cache": _rows_shared, "full": _rows_fu
 
 
 @torch.no_grad()
-def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int, mode: str = "packed"):
-    """Yield (row index, logits (m, V), target ids (m,)) for every (prompt, target) row."""
+def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int, mode: str = "packed",
+           context: bool = True):
+    """Yield (row index, logits (m, V), target ids (m,)) for every (prompt, target) row.
+
+    With a context artifact applied (an editing-free method such as SCR) and ``context`` true, the
+    prompts are first rewritten with the retrieved facts in front."""
+    if context:
+        prompts = _contextualise(handle, prompts)
     if mode not in SCORING_MODES:
         raise ValueError(f"scoring mode {mode!r} is not one of {sorted(SCORING_MODES)}")
     tok = handle.tokenizer
@@ -179,11 +185,22 @@ def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: i
             yield r, lg, torch.tensor(t)
 
 
-def target_logprobs(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32) -> list[dict]:
+def _contextualise(handle, prompts: Sequence[str]) -> list[str]:
+    from .artifact import applied_context
+
+    if not applied_context(handle.model):
+        return list(prompts)
+    from .methods.scr import contextualise
+
+    return contextualise(handle, list(prompts))
+
+
+def target_logprobs(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
+                    context: bool = True) -> list[dict]:
     """Per (prompt, target): summed and mean token log-probability of the target (teacher forcing),
     the model's top next token after the prompt and its probability."""
     out: list[dict] = [{}] * len(prompts)
-    for r, lg, tgt in _score(handle, prompts, targets, batch_size):
+    for r, lg, tgt in _score(handle, prompts, targets, batch_size, context=context):
         logp = F.log_softmax(lg, dim=-1)
         lp = logp.gather(1, tgt[:, None].to(logp.device)).squeeze(1)
         top = int(logp[0].argmax())
@@ -212,6 +229,7 @@ def score_targets(handle, prompts: Sequence[str], targets: Sequence[str], batch_
 def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
     """Greedy continuations (without the prompt)."""
     tok = handle.tokenizer
+    prompts = _contextualise(handle, prompts)
     old = tok.padding_side
     tok.padding_side = "left"
     try:

@@ -46,6 +46,7 @@ class Method:
     name: ClassVar[str]
     hparams_cls: ClassVar[type[HParams]]
     stateful: ClassVar[bool] = False  # needs the EditState of earlier batches in sequential editing
+    kind: ClassVar[str] = "weight-delta"  # or "context": the tensors are a store, not parameter deltas
 
     def run(self, handle, requests, hparams, progress=None, state=None):  # pragma: no cover - interface
         raise NotImplementedError
