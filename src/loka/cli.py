@@ -250,7 +250,7 @@ def cmd_data_counterfact(args) -> int:
 
         edited = facts_known_by(load_model(args.known_by), facts)
         log.info("%s gets %d of %d known facts right", args.known_by, len(edited), len(facts))
-    recs = build_counterfact(edited, args.n, args.seed, all_facts=facts)
+    recs = build_counterfact(edited, args.n, args.seed, all_facts=facts, min_subjects=args.min_subjects)
     atomic_write_json(args.out, recs)
     info = {"records": len(recs), "facts": len(facts), "known_by": args.known_by, "facts_known": len(edited), "out": args.out}
     print(json.dumps(info) if args.json else f"wrote {len(recs)} CounterFact-format records to {args.out}"
@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--known-by", metavar="MODEL", help="keep only facts this model completes correctly")
+    d.add_argument("--min-subjects", type=int, default=3,
+                   help="distinct same-object neighbour subjects a fact needs (default 3: 757 records; 1 gives more)")
     d.add_argument("--out", required=True, help="output JSON file")
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_counterfact)
