@@ -1,0 +1,124 @@
+"""Lifelong editing: many CounterFact edits in batches, one method after another, no revert.
+
+    python benchmarks/lifelong.py --model smollm2-135m --n 900 --batch 100
+    python benchmarks/lifelong.py --rows memit alphaedit --n 200 --batch 50      # a shorter run
+
+Each row is a sequential ``loka eval`` run (resumable: rerun the same command after an interruption)
+with checkpoints after every batch: ES/PS/NS/S over all facts edited so far and the general-ability
+guard (perplexity, multiple choice). Rows: MEMIT, MEMIT+PRUNE, AlphaEdit, AlphaEdit+ (all three
+options) and one row per option (ablation), LyapLock, SCR. Asserts that no edited weight and no
+score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
+``benchmarks/results/lifelong_<model>.json`` and one plot of ES/NS/perplexity against edits.
+
+The 1,209 known facts give at most 920 CounterFact records (``--min-subjects 1``), so the default is
+900 edits in 9 batches of 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import loka
+from loka.bench.counterfact import build_counterfact, load_known
+from loka.eval.data import load_cases
+from loka.eval.runner import EvalConfig, run_eval
+from loka.utils.io import atomic_write_json
+
+ROWS = {
+    "memit": ("memit", {}, None),
+    "memit+prune": ("memit", {}, math.e),
+    "alphaedit": ("alphaedit", {}, None),
+    "alphaedit+": ("alphaedit", {"relax_projection": True, "smooth_values": True, "conflict_weighting": True}, None),
+    "alphaedit+relax": ("alphaedit", {"relax_projection": True}, None),
+    "alphaedit+smooth": ("alphaedit", {"smooth_values": True}, None),
+    "alphaedit+conflict": ("alphaedit", {"conflict_weighting": True}, None),
+    "lyaplock": ("lyaplock", {}, None),
+    "scr": ("scr", {}, None),
+}
+
+
+def _finite(out: Path) -> None:
+    for p in sorted((out / "artifacts").glob("*.loka")):
+        a = loka.load_artifact(p)
+        bad = [k for k, v in a.deltas.items() if not torch.isfinite(v).all()]
+        assert not bad, f"{p}: non-finite values in {bad}"
+    for line in (out / "sequential.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        for k, v in row.items():
+            if isinstance(v, float):
+                assert math.isfinite(v), f"{out}: {k} = {v} at {row['n_edits']} edits"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=900)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--data", default="data/generated/cf_lifelong.json")
+    ap.add_argument("--out", default="out/lifelong")
+    args = ap.parse_args()
+    data = Path(args.data)
+    if not data.exists():
+        atomic_write_json(data, build_counterfact(load_known(), None, seed=0, min_subjects=1))
+    cases = load_cases(data, args.n)
+    handle = loka.load_model(args.model)
+    ckpts = tuple(range(args.batch, len(cases) + 1, args.batch))
+    table, series = {}, {}
+    for row in args.rows:
+        method, hp, prune = ROWS[row]
+        out = Path(args.out) / f"{handle.name}-{row}-b{args.batch}-n{len(cases)}"
+        cfg = EvalConfig(method=method, mode="sequential", batch_size=args.batch, hparams=hp, checkpoints=ckpts,
+                         prune=prune)
+        run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
+        _finite(out)
+        seq = [json.loads(x) for x in (out / "sequential.jsonl").read_text().splitlines()]
+        series[row] = seq
+        first, last = seq[0], seq[-1]
+        table[row] = {"edits": last["n_edits"], **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
+                      "NS_first_batch": first.get("NS"), "ppl": last["guard"]["ppl"],
+                      "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
+        print(row, json.dumps(table[row]), flush=True)
+    print(f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |")
+    print("|---" * 9 + "|")
+    for row, r in table.items():
+        print(f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
+              f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
+    res = Path("benchmarks/results") / f"lifelong_{args.model}.json"
+    atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "rows": table, "series": series})
+    _plot(series, Path(args.out) / f"lifelong_{args.model}.png", f"{args.model}: sequential editing, batches of {args.batch}")
+
+
+def _plot(series: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for row, seq in series.items():
+        x = [r["n_edits"] for r in seq]
+        for ax, key in zip(axes[:3], ("ES", "PS", "NS")):
+            ax.plot(x, [r[key] for r in seq], marker=".", label=row)
+        axes[3].plot(x, [r["guard"]["ppl"] for r in seq], marker=".", label=row)
+    for ax, name in zip(axes, ("ES", "PS", "NS", "perplexity (held-out)")):
+        ax.set_title(name)
+        ax.set_xlabel("edits")
+        ax.grid(alpha=0.3)
+    axes[3].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
