@@ -270,7 +270,8 @@ def plot_sequential(rows: list[dict], path: Path, title: str) -> None:
     if any("guard" in r for r in rows):
         ax2 = ax.twinx()
         ax2.plot(xs, [r["guard"]["ppl"] for r in rows], "k--", label="perplexity")
-        ax2.set_ylabel("held-out perplexity")
+        ax2.set_ylabel("held-out perplexity (log)")
+        ax2.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
