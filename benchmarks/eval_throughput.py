@@ -5,8 +5,9 @@ a record scored with the new and the true target in one packed forward). Prints 
 
 Rows: the scoring modes of ``loka.scoring`` in float32 (``full`` = one padded row per
 (prompt, target), the method before packing), ``packed`` one record per call and four records per
-call (``score_cases``, how the runner scores unedited and sequential checkpoints), and ``packed``
-with the model cast to bfloat16, with the largest and mean |Δ log p| against float32. Target: >= 4 records/s on SmolLM2 (2 cores).
+call (``score_cases``, how the runner scores batches and sequential checkpoints), the same with
+oneDNN-prepacked linear weights (``loka.fastlinear``, the default), and ``packed`` with the model
+cast to bfloat16, with the largest and mean |Δ log p| against float32. Target: >= 4 records/s on SmolLM2 (2 cores).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import loka
 from loka.eval.data import load_cases
 from loka.eval.metrics import score_case, score_cases
+from loka.fastlinear import packed_linears
 
 
 def _flat(s: dict) -> list[float]:
@@ -50,11 +52,15 @@ def main() -> None:
     prompt_tokens = sum(len(tok(p)["input_ids"]) for c in cases for p in c.rewrite + c.paraphrase + c.neighborhood)
     ref = None
     results = []
-    for label, mode, dtype, per in [("full rows, float32", "full", torch.float32, 1),
-                                    ("packed, float32", "packed", torch.float32, 1),
-                                    ("packed x4 records, float32", "packed", torch.float32, 4),
-                                    ("packed, bfloat16", "packed", torch.bfloat16, 1)]:
+    fast = packed_linears(handle)
+    for label, mode, dtype, per, prepack in [
+            ("full rows, float32", "full", torch.float32, 1, False),
+            ("packed, float32", "packed", torch.float32, 1, False),
+            ("packed x4 records, float32", "packed", torch.float32, 4, False),
+            ("packed x4, prepacked weights", "packed", torch.float32, 4, True),
+            ("packed, bfloat16", "packed", torch.bfloat16, 1, False)]:
         handle.model.to(dtype)
+        fast.enabled = prepack
         scores, sec = _run(handle, cases, mode, per)
         row = {"scoring": label, "records": len(cases), "seconds": round(sec, 2),
                "records_per_s": round(len(cases) / sec, 2), "rows_per_record": rows_per,

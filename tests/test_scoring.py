@@ -65,3 +65,35 @@ def test_several_records_in_one_call_score_like_one_at_a_time():
                 for a, b in zip(alone[g][w], t[g][w]):
                     assert a["target_ids"] == b["target_ids"]
                     assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
+
+
+def test_packed_linear_weights_follow_every_edit():
+    """The prepacked (oneDNN) weights used for scoring are refreshed when an artifact changes a weight."""
+    from loka.fastlinear import packed_linears
+
+    h = loka.load_model("tiny-llama")
+    dense = scoring.score_targets(h, PROMPTS, TARGETS)  # the packed path
+
+    def dense_ref():
+        packed_linears(h).enabled = False  # plain F.linear
+        try:
+            return scoring.score_targets(h, PROMPTS, TARGETS)
+        finally:
+            packed_linears(h).enabled = True
+
+    ref = dense_ref()
+    for a, b in zip(ref, dense):
+        assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
+    name = h.weight_name(1)
+    art = loka.Artifact.create({name: torch.randn_like(h.param(name)) * 0.5}, method="t", hparams={}, requests=[], handle=h)
+    art.apply(h)
+    edited, edited_ref = scoring.score_targets(h, PROMPTS, TARGETS), dense_ref()
+    assert abs(edited[0]["token_logprobs"][0] - dense[0]["token_logprobs"][0]) > 1e-3  # the edit is seen
+    for a, b in zip(edited_ref, edited):
+        assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
+    art.revert(h)
+    back = scoring.score_targets(h, PROMPTS, TARGETS)
+    for a, b in zip(dense, back):
+        assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-6)
+    assert len(packed_linears(h)._packs) > 0
+    assert all(k[0][1] >= 0 for k in packed_linears(h)._packs.values())
