@@ -97,3 +97,32 @@ def test_packed_linear_weights_follow_every_edit():
         assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-6)
     assert len(packed_linears(h)._packs) > 0
     assert all(k[0][1] >= 0 for k in packed_linears(h)._packs.values())
+
+
+def test_packed_linear_backward_matches_autograd():
+    from loka.fastlinear import PackedLinears
+
+    lin = torch.nn.Linear(16, 8)
+    lin.requires_grad_(False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    ref = lin(x)
+    (ref * torch.arange(8.0)).sum().backward()
+    g_ref = x.grad.clone()
+    x.grad = None
+    with PackedLinears().active(lin, grad=True):
+        y = lin(x)
+    (y * torch.arange(8.0)).sum().backward()
+    assert torch.allclose(y, ref, atol=1e-5) and torch.allclose(x.grad, g_ref, atol=1e-5)
+
+
+def test_edits_with_and_without_packed_weights_agree(text_corpus):
+    from loka.fastlinear import packed_linears
+
+    h = loka.load_model("tiny-llama")
+    hp = {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 5, "layer": 2}
+    req = loka.EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    fast = loka.edit(h, req, "rome", hp, apply=False, progress=False)
+    packed_linears(h).enabled = False
+    plain = loka.edit(h, req, "rome", hp, apply=False, progress=False)
+    w = h.weight_name(2)
+    assert torch.allclose(fast.deltas[w], plain.deltas[w], rtol=1e-3, atol=1e-5)

@@ -24,10 +24,31 @@ def available(model: nn.Module) -> bool:
     return torch.backends.mkldnn.is_available() and p.device.type == "cpu" and p.dtype == torch.float32
 
 
-def _forward(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     shape = x.shape
     y = torch._C._nn.mkldnn_linear(x.reshape(-1, shape[-1]).contiguous().to_mkldnn(), w, b).to_dense()
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` on packed weights, differentiable in ``x`` only (frozen weights: the value
+    search of ROME/MEMIT needs gradients for δ, never for W); ``∂x = ∂y W`` on a packed ``Wᵀ``."""
+
+    @staticmethod
+    def forward(ctx, x, w, wt, b, zero):
+        ctx.wt, ctx.zero = wt, zero
+        return _mm(x, w, b)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return _mm(gy, ctx.wt, ctx.zero), None, None, None, None
+
+
+def _forward(pack, x: torch.Tensor) -> torch.Tensor:
+    w, b, wt, zero = pack
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PackedLinearFn.apply(x, w, wt, b, zero)
+    return _mm(x, w, b)
 
 
 class PackedLinears:
@@ -35,28 +56,30 @@ class PackedLinears:
         self._packs: dict[int, tuple[tuple[int, int, int], torch.Tensor, torch.Tensor]] = {}
         self.enabled = True  # set False to score with plain F.linear (benchmarks, tests)
 
-    def _pack(self, m: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack(self, m: nn.Linear, grad: bool) -> tuple:
         key = (m.weight.data_ptr(), m.weight._version, -1 if m.bias is None else m.bias._version)
         hit = self._packs.get(id(m))
-        if hit is None or hit[0] != key:
-            w = m.weight.detach().to_mkldnn()
+        if hit is None or hit[0] != key or (grad and hit[1][2] is None):
+            w = m.weight.detach()
             b = (m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)).to_mkldnn()
-            hit = (key, w, b)
+            wt = w.T.contiguous().to_mkldnn() if grad else None  # for ∂x; packed only when needed
+            hit = (key, (w.to_mkldnn(), b, wt, torch.zeros(m.in_features).to_mkldnn()))
             self._packs[id(m)] = hit
-        return hit[1], hit[2]
+        return hit[1]
 
     @contextlib.contextmanager
-    def active(self, model: nn.Module) -> Iterator[None]:
-        """Inside: every float32 ``nn.Linear`` of ``model`` uses its packed weight (no autograd)."""
-        if not self.enabled or not available(model) or torch.is_grad_enabled():
+    def active(self, model: nn.Module, grad: bool = False) -> Iterator[None]:
+        """Inside: every float32 ``nn.Linear`` of ``model`` uses its packed weight. ``grad=True``
+        also packs ``Wᵀ`` so that gradients flow to the *inputs* (weights must be frozen)."""
+        if not self.enabled or not available(model) or (grad and any(p.requires_grad for p in model.parameters())):
             yield
             return
         patched = []
         try:
             for m in model.modules():
                 if type(m) is nn.Linear:
-                    w, b = self._pack(m)
-                    m.forward = lambda x, w=w, b=b: _forward(w, b, x)  # instance attribute shadows the class's
+                    pack = self._pack(m, grad)
+                    m.forward = lambda x, pack=pack: _forward(pack, x)  # instance attribute shadows the class's
                     patched.append(m)
             yield
         finally:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LokaError, RequestError
+from ..fastlinear import packed_linears
 from ..requests import EditRequest, subject_last_token
 from ..trace import add_at_positions, block_output, capture, run_until_stopped
 
@@ -285,10 +287,13 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     key_layer = layer if key_layer is None else key_layer
     chunks = [list(range(i, min(i + hp.v_batch_size, len(requests)))) for i in range(0, len(requests), hp.v_batch_size)]
     outs = []
-    for idx in chunks:
-        outs.append(_optimize_chunk(handle, [requests[i] for i in idx], layer, templates, hp, where, key_layer))
-        if progress is not None:
-            progress.update(len(idx))
+    fast = packed_linears(handle).active(handle.model, grad=True) if getattr(hp, "v_dtype", "float32") == "float32" \
+        else contextlib.nullcontext()
+    with fast:  # oneDNN-prepacked frozen weights for the many forward/backward passes of the search
+        for idx in chunks:
+            outs.append(_optimize_chunk(handle, [requests[i] for i in idx], layer, templates, hp, where, key_layer))
+            if progress is not None:
+                progress.update(len(idx))
     return ValueResult(
         targets=torch.cat([o.targets for o in outs]), init=torch.cat([o.init for o in outs]),
         keys=torch.cat([o.keys for o in outs]), plain_keys=torch.cat([o.plain_keys for o in outs]),
