@@ -97,3 +97,12 @@ def test_self_sampled_corpus_is_seeded_and_cached(home, tiny):
     b = list(SelfSampledCorpus(tiny, n_tokens=300, seed=1, max_new_tokens=16, batch_size=8).texts())
     assert a == b and sum(len(t) for t in a) >= 300
     assert SelfSampledCorpus(tiny, n_tokens=300, seed=1, max_new_tokens=16).path().exists()
+
+
+def test_bundled_tofu_corpus(home):
+    from loka.corpus import corpus_from_spec
+
+    c = corpus_from_spec("tofu", None)
+    texts = list(c.texts())
+    assert len(texts) == 600 and all(t.strip() for t in texts)
+    assert corpus_from_spec("tofu", None).fingerprint() == c.fingerprint()  # content-addressed, stable

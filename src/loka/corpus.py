@@ -153,8 +153,27 @@ class SelfSampledCorpus:
         log.info("sampled %d texts (%d tokens) -> %s", len(texts), done, out)
 
 
+def tofu_corpus() -> Corpus:
+    """The bundled TOFU question+answer texts (retain and forget10 sets, 600 paragraphs, ~40k tokens of English
+    prose) as a corpus. For models whose self-sampling is too slow on a CPU (Gemma 3 samples at well
+    under 1 token/s here: most of its samples end at once, at full-length cost). Needs the repository's
+    ``data/`` folder."""
+    data = Path(__file__).resolve().parents[2] / "data" / "tofu"
+    names = ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]
+    if not all((data / n).exists() for n in names):
+        raise LokaError(f"corpus 'tofu' needs {data} (the repository's data folder); pass a .txt/.jsonl file instead")
+    texts = [f"{r['question']} {r['answer']}" for n in names for r in json.loads((data / n).read_text())]
+    out = env.cache_dir("corpus") / f"tofu-{hash_json(texts)[:16]}.jsonl"
+    if not out.exists():
+        atomic_write_bytes(out, "".join(json.dumps({"text": t}) + "\n" for t in texts).encode())
+    return JsonlCorpus(out)
+
+
 def corpus_from_spec(spec: str | None, handle, n_tokens: int = 20_000) -> Corpus:
-    """``self`` / ``self:SEED`` (default), a ``.txt`` file, a ``.jsonl`` file, or a ``datasets`` folder."""
+    """``self`` / ``self:SEED`` (default), ``tofu`` (bundled texts), a ``.txt`` file, a ``.jsonl``
+    file, or a ``datasets`` folder."""
+    if spec == "tofu":
+        return tofu_corpus()
     if spec in (None, "", "self"):
         return SelfSampledCorpus(handle, n_tokens=n_tokens)
     if spec.startswith("self:"):
