@@ -138,3 +138,21 @@ def test_memit_reaches_its_target_through_gemmas_post_norm(text_corpus):
                                 "mom2_update_weight": 1.0}, progress=False)
     after = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
     assert after > before + 0.5
+
+
+def test_grouped_value_search_equals_the_single_padded_batch(tiny):
+    """Rows grouped by template (less padding) give the same optimised values as one padded batch."""
+    from loka.methods.locate import optimize_values
+
+    reqs = [REQ, loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+            loka.EditRequest("{} was made by", "the iPhone 5 camera", "Nokia")]
+    tm = context_templates(tiny)
+    out = {}
+    for mode in ("none", "template"):
+        hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1, "v_grouping": mode, "v_steps": 6})
+        out[mode] = optimize_values(tiny, reqs, 1, tm, hp)
+    a, b = out["none"], out["template"]
+    for name in ("init", "keys", "plain_keys"):
+        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+    assert torch.allclose(a.targets, b.targets, atol=1e-4 * float(a.targets.norm()))
+    assert a.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-5)

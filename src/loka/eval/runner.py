@@ -219,7 +219,9 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     try:
         for k in range(len(applied), len(batches)):
             reqs = [r for c in batches[k] for r in c.requests]
+            t_edit = time.time()
             a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False, state=state, prune=cfg.prune)
+            t_edit = time.time() - t_edit
             a.save(art_dir / f"batch_{k:05d}.loka")
             applied.append(a)
             state.save(state_dir)
@@ -232,7 +234,8 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     p = pre[str(c.case_id)]
                     rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
-                row = {"n_edits": n_edits, **summarise(rows, "post")}
+                row = {"n_edits": n_edits, **summarise(rows, "post"), "last_batch_edit_s": round(t_edit, 1),
+                       "last_batch_timings": {k: round(v, 1) for k, v in a.manifest.get("extra", {}).get("timings", {}).items()}}
                 if cfg.guard:
                     row["guard"] = general_guard(handle)
                 _append(seq_file, row)

@@ -91,9 +91,9 @@ def build_prompts(
             owner.append(i)
             is_kl.append(False)
             tmpl.append(j)
-        for kp in kl_prompts:
+        for kp in kl_prompts:  # only the subject's last token is ever read: later tokens are cut
             li = subject_last_token(tok, kp, req.subject)
-            rows.append(tok(kp.replace("{}", req.subject))["input_ids"])
+            rows.append(tok(kp.replace("{}", req.subject))["input_ids"][: li + 1])
             lookup.append(li)
             owner.append(i)
             is_kl.append(True)
@@ -285,21 +285,38 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     Requests are processed ``hp.v_batch_size`` at a time; each chunk shares its forward passes.
     """
     key_layer = layer if key_layer is None else key_layer
-    chunks = [list(range(i, min(i + hp.v_batch_size, len(requests)))) for i in range(0, len(requests), hp.v_batch_size)]
+    grouping = getattr(hp, "v_grouping", "template")
+    if grouping not in ("template", "none"):
+        raise LokaError(f"hyperparameter v_grouping must be 'template' or 'none', got {grouping!r}")
+    order = list(range(len(requests)))
+    if grouping == "template":  # chunks of requests with similar suffix lengths pad less
+        order.sort(key=lambda i: _suffix_len(handle.tokenizer, requests[i]))
+    chunks = [order[i: i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
     outs = []
     fast = packed_linears(handle).active(handle.model, grad=True) if getattr(hp, "v_dtype", "float32") == "float32" \
         else contextlib.nullcontext()
     with fast:  # oneDNN-prepacked frozen weights for the many forward/backward passes of the search
         for idx in chunks:
-            outs.append(_optimize_chunk(handle, [requests[i] for i in idx], layer, templates, hp, where, key_layer))
+            run = _optimize_grouped if grouping == "template" else _optimize_chunk
+            outs.append(run(handle, [requests[i] for i in idx], layer, templates, hp, where, key_layer))
             if progress is not None:
                 progress.update(len(idx))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))  # chunk order -> request order
+    cat = lambda name: torch.cat([getattr(o, name) for o in outs])[back]  # noqa: E731
+    nll = [x for o in outs for x in o.nll]
     return ValueResult(
-        targets=torch.cat([o.targets for o in outs]), init=torch.cat([o.init for o in outs]),
-        keys=torch.cat([o.keys for o in outs]), plain_keys=torch.cat([o.plain_keys for o in outs]),
-        nll=[x for o in outs for x in o.nll], steps=max(o.steps for o in outs),
+        targets=cat("targets"), init=cat("init"), keys=cat("keys"), plain_keys=cat("plain_keys"),
+        nll=[nll[int(i)] for i in back], steps=max(o.steps for o in outs),
         timings={k: sum(o.timings[k] for o in outs) for k in ("keys", "values")},
     )
+
+
+def _suffix_len(tokenizer, req: EditRequest) -> int:
+    """Tokens after the subject's last token in the prompt plus the target's: a row's replayed width."""
+    li = subject_last_token(tokenizer, req.prompt, req.subject)
+    n = len(tokenizer(req.prompt.replace("{}", req.subject))["input_ids"])
+    return n - li - 1 + len(target_ids(tokenizer, req.target_new))
 
 
 class _ActiveView:
@@ -398,6 +415,101 @@ def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) ->
                 break
         opt.zero_grad()
         loss_req.sum().backward()
+        opt.step()
+        with torch.no_grad():
+            norms = delta.norm(dim=1)  # ‖δ_i‖ ≤ clamp · ‖v_0,i‖
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+            delta.mul_(scale[:, None])
+            delta[~active] = frozen[~active]  # Adam's momentum must not move finished requests
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
+    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_final], steps,
+                       {"keys": t1 - t0, "values": time.perf_counter() - t1})
+
+
+@dataclass
+class _Group:
+    """One row group of the grouped search: its prompts, their replay and the active view."""
+
+    batch: PromptBatch
+    replay: Replay
+    kl_rows: torch.Tensor
+    view: _ActiveView | None = None
+
+
+def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer) -> ValueResult:
+    """:func:`_optimize_chunk` with the rows split into groups that pad little: one group per
+    context template (the rows of a group differ only in subject and prompt) and one for the KL
+    prompts, cut after the subject. Each group is aligned and replayed on its own, so the batch does
+    not pay for the longest template's prefix nor for the longest suffix in every row. Same loss,
+    same optimiser, same early stopping; only the padding differs (tests/test_methods_tiny.py).
+    """
+    n = len(requests)
+    t0 = time.perf_counter()
+    hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
+    key_path, val_path = handle.spec.mlp_out_path(key_layer), (
+        handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer))
+    groups: list[_Group] = []
+    for tmpl in templates:  # rows of a group are in request order, one per request
+        b = build_prompts(handle, requests, [tmpl], kl_prompts=(), align=True)
+        groups.append(_Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), torch.zeros(0, dtype=torch.long)))
+    kb = build_prompts(handle, requests, [], with_targets=False, align=True)
+    kl_group = _Group(kb, Replay(handle, kb, layer), torch.arange(len(kb)))
+    groups.append(kl_group)
+    v0 = groups[0].replay.probe_out[val_path]  # the bare "{}" template
+    k_plain = groups[0].replay.probe_in[key_path]
+    k_star = torch.stack([g.replay.probe_in[key_path] for g in groups[:-1]]).mean(0)
+    with torch.no_grad(), _autocast(handle, hp):
+        kl_ref = F.log_softmax(kl_group.replay.logits_at(kl_group.kl_rows, kb.lookup), dim=-1)
+
+    t1 = time.perf_counter()
+    delta = torch.zeros_like(v0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    v0_norm = v0.norm(dim=1)
+    max_norm = hp.clamp_norm_factor * v0_norm
+    n_prompts = len(templates)
+    nll_final = torch.full((n,), float("nan"))
+    active = torch.ones(n, dtype=torch.bool)
+    frozen = torch.zeros_like(v0)
+    steps = 0
+    for step in range(hp.v_steps):
+        steps = step + 1
+        opt.zero_grad()
+        nll_req = torch.zeros(n)
+        weight = active.float()
+        for g in groups:  # forward and backward group by group: one group's graph in memory at a time
+            if g.view is None:
+                g.view = _ActiveView(g.batch, g.replay, active, g.kl_rows)
+            v = g.view
+            with add_at_positions(hook_mod, delta[v.owner], v.positions), _autocast(handle, hp):
+                logits = v.replay.logits_at(v.read_rows, v.read_cols)
+            nt = len(v.tgt_tokens)
+            loss = logits.new_zeros(())
+            if nt:
+                tok_nll = F.cross_entropy(logits[:nt].float(), v.tgt_tokens, reduction="none")
+                per_row = torch.zeros(v.n_rows).index_add(0, v.tgt_rows, tok_nll) / v.row_ntok.clamp(min=1)
+                part = torch.zeros(n).index_add(0, v.owner, per_row) / n_prompts
+                nll_req += part.detach()
+                loss = loss + (part * weight).sum()
+            if len(v.kl_rows):
+                kl_new = F.log_softmax(logits[nt:].float(), dim=-1)
+                kl = (kl_new.exp() * (kl_new - kl_ref[v.kl_index])).sum(-1)  # KL(p_δ ‖ p_0) at the subject token
+                kl_req = torch.zeros(n).index_add(0, v.owner[v.kl_rows], kl)
+                loss = loss + hp.kl_factor * (kl_req * weight).sum()
+            loss.backward()
+        ((hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2) * weight).sum().backward()
+        nll_final[active] = nll_req[active]
+        log.debug("value step %d: %d active, NLL median %.3f max %.3f", step, int(active.sum()),
+                  float(nll_req[active].median()), float(nll_req[active].max()))
+        done = active & (nll_req < hp.early_stop_loss)
+        if done.any():  # these targets are already likely: freeze their δ and drop their rows
+            with torch.no_grad():
+                frozen[done] = delta[done]
+            active = active & ~done
+            for g in groups:
+                g.view = None
+            if not active.any():
+                break
         opt.step()
         with torch.no_grad():
             norms = delta.norm(dim=1)  # ‖δ_i‖ ≤ clamp · ‖v_0,i‖
