@@ -66,7 +66,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for c in ("models", "generate", "edit", "apply", "inspect", "stats", "demo"):
+    for c in ("models", "generate", "edit", "apply", "inspect", "stats", "demo", "unlearn", "update"):
         assert c in out
 
 
@@ -114,3 +114,43 @@ def test_sequential_session_appends_resumes_and_rolls_back(capsys, tmp_path, tex
 
     exported = load_file(str(tmp_path / "m" / "model.safetensors"))[w]
     assert torch.equal(exported, h.param(w).detach() + d0)
+
+
+def test_cli_update_learns_then_unlearn_forgets_with_retain(capsys, tmp_path):
+    """`loka update --method ft` teaches a fact; `loka unlearn` on top of that artifact forgets it."""
+    fact = {"prompt": "{} was born in the city of", "subject": "Zorblax Quint"}
+    (tmp_path / "e.jsonl").write_text(json.dumps({**fact, "target_new": "Q"}) + "\n")
+    (tmp_path / "f.jsonl").write_text(json.dumps({**fact, "answer": "Q"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": "{} works as a", "subject": "Mira Olde", "answer": "L"}) + "\n")
+    hp = ["--set", "layers=[0,1,2,3]", "--set", "lr=0.05", "--set", "max_steps=100"]
+    code, out, err = run(capsys, "update", "--model", "tiny-llama", "--method", "ft", "--edit", str(tmp_path / "e.jsonl"),
+                         *hp, "--set", "linf_constraint=null", "--save", str(tmp_path / "learn.loka"), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["sets"]["edit"]["em_before"] == 0.0 and res["sets"]["edit"]["em_after"] == 1.0
+    code, out, err = run(capsys, "unlearn", "--model", "tiny-llama", "--method", "npo", "--artifact", str(tmp_path / "learn.loka"),
+                         "--forget", str(tmp_path / "f.jsonl"), "--retain", str(tmp_path / "r.jsonl"), *hp,
+                         "--save", str(tmp_path / "forget.loka"), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["sets"]["forget"]["em_before"] == 1.0 and res["sets"]["forget"]["em_after"] == 0.0
+    assert res["training"]["stopped_early"] and set(res["sets"]) == {"forget", "retain"}
+    man = json.loads((tmp_path / "forget.loka" / "manifest.json").read_text())
+    assert man["method"] == "npo" and man["requests"][0]["target_true"] == "Q"
+    code, out, _ = run(capsys, "unlearn", "--model", "tiny-llama", "--forget", str(tmp_path / "f.jsonl"), "--artifact",
+                       str(tmp_path / "learn.loka"), *hp)
+    assert code == 0 and "forget" in out and "stopped early" in out
+
+
+def test_cli_update_with_a_single_task_method_runs_two_steps_and_says_so(capsys, tmp_path, text_corpus):
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}) + "\n")
+    (tmp_path / "f.jsonl").write_text(json.dumps({"prompt": "{} works as a", "subject": "Ann", "answer": "Q"}) + "\n")
+    code, out, err = run(capsys, "update", "--model", "tiny-llama", "--method", "rome", "--edit", str(tmp_path / "e.jsonl"),
+                         "--forget", str(tmp_path / "f.jsonl"), "--set", f"mom2_corpus={text_corpus}",
+                         "--set", "mom2_n_tokens=500", "--set", "v_steps=3", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert "single-task" in res["steps"][0] and "npo" in res["steps"][1]
+    assert res["artifact"]["method"] == "stack"
+    code, _, err = run(capsys, "unlearn", "--model", "tiny-llama", "--forget", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "does not exist" in err

@@ -71,3 +71,61 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     if apply:
         art.apply(handle)
     return art
+
+
+TRAINING_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "ft")  # one run handles edit + forget + retain
+
+
+def unlearn(handle, forget, retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,
+            apply: bool = True, progress: bool = True) -> Artifact:
+    """Forget ``forget`` (:class:`~loka.requests.ForgetRequest`) while keeping ``retain``
+    (:class:`~loka.requests.RetainRequest`); returns the artifact, applied unless ``apply=False``."""
+    from .requests import ForgetRequest, RetainRequest
+
+    forget, retain = list(forget), list(retain)
+    if not forget:
+        raise RequestError("no forget requests given")
+    if not all(isinstance(r, ForgetRequest) for r in forget):
+        raise RequestError("forget requests must be ForgetRequest (read them with read_requests(path, ForgetRequest))")
+    if not all(isinstance(r, RetainRequest) for r in retain):
+        raise RequestError("retain requests must be RetainRequest (read them with read_requests(path, RetainRequest))")
+    return edit(handle, forget + retain, method, hparams, apply=apply, progress=progress)
+
+
+def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,
+           forget_method: str = "npo", apply: bool = True, progress: bool = True) -> tuple[Artifact, list[str]]:
+    """Joint update: learn ``edits``, forget ``forget``, keep ``retain``.
+
+    A training method does all three in one optimisation. A single-task method (ROME, MEMIT, …)
+    edits first; then ``forget_method`` forgets on top of the edited model with the same retain set.
+    Returns one (stacked) artifact and the list of steps that ran, so callers can say what happened.
+    """
+    from .artifact import stack_artifacts
+
+    edits, forget, retain = list(edits), list(forget), list(retain)
+    if method in TRAINING_METHODS:
+        art = edit(handle, edits + forget + retain, method, hparams, apply=apply, progress=progress)
+        return art, [f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"]
+    steps, arts = [], []
+    try:
+        if edits:
+            arts.append(edit(handle, edits, method, hparams, apply=True, progress=progress))
+            steps.append(f"{method} is single-task: edited {len(edits)} fact(s) first")
+        if forget:
+            arts.append(unlearn(handle, forget, retain, forget_method, apply=True, progress=progress))
+            steps.append(f"then {forget_method} forgot {len(forget)} fact(s) (retain {len(retain)}) on the edited model")
+    finally:
+        if not apply or len(arts) < (bool(edits) + bool(forget)):  # failed midway: leave the model as it was
+            for a in reversed(arts):
+                a.revert(handle)
+    if not arts:
+        raise RequestError("nothing to do: give edit and/or forget requests")
+    if len(arts) == 1:
+        return arts[0], steps
+    if apply:  # replace the two applied artifacts by their stack (same weights, one revert)
+        for a in reversed(arts):
+            a.revert(handle)
+    art = stack_artifacts(arts)
+    if apply:
+        art.apply(handle)
+    return art, steps

@@ -121,6 +121,77 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def _answer_rows(handle, reqs, which: str) -> list[dict]:
+    from .unlearn.metrics import answer_stats
+
+    ans = [getattr(r, which) for r in reqs]
+    return answer_stats(handle, [r.text for r in reqs], ans)
+
+
+def _set_summary(before: list[dict], after: list[dict]) -> dict:
+    mean = lambda rows, k: round(sum(r[k] for r in rows) / len(rows), 4) if rows else None  # noqa: E731
+    return {"n": len(before), "p_norm_before": mean(before, "p_norm"), "p_norm_after": mean(after, "p_norm"),
+            "em_before": mean(before, "em"), "em_after": mean(after, "em")}
+
+
+def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> None:
+    if args.json:
+        print(json.dumps({"sets": sets, "artifact": {"id": art.id, "path": saved, "method": art.method,
+                                                     "params": list(art.deltas)},
+                          "training": {k: art.manifest["extra"].get(k) for k in ("steps", "stopped_early")},
+                          "steps": steps or [], "seconds": round(seconds, 3)}, indent=2))
+        return
+    for line in steps or []:
+        print(line)
+    print(f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'EM before':>9s} {'EM after':>9s}")
+    for name, r in sets.items():
+        print(f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}")
+    ex = art.manifest["extra"]
+    print(f"{art.method}: {ex.get('steps', '?')} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''} "
+          f"in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+
+
+def cmd_unlearn(args) -> int:
+    from .api import unlearn
+    from .requests import ForgetRequest, RetainRequest, read_requests
+
+    forget = read_requests(args.forget, ForgetRequest)
+    retain = read_requests(args.retain, RetainRequest) if args.retain else []
+    handle = _load_with_artifacts(args.model, args.artifact)
+    before = {"forget": _answer_rows(handle, forget, "target_true"),
+              **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {})}
+    t0 = time.time()
+    art = unlearn(handle, forget, retain, args.method, _hparam_overrides(args), progress=not args.json)
+    seconds = time.time() - t0
+    after = {"forget": _answer_rows(handle, forget, "target_true"),
+             **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {})}
+    saved = str(art.save(args.save)) if args.save else None
+    _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved)
+    return 0
+
+
+def cmd_update(args) -> int:
+    from .api import update
+    from .requests import ForgetRequest, RetainRequest, read_requests
+
+    edits = read_requests(args.edit) if args.edit else []
+    forget = read_requests(args.forget, ForgetRequest) if args.forget else []
+    retain = read_requests(args.retain, RetainRequest) if args.retain else []
+    if not edits and not forget:
+        raise SystemExit("error: give --edit FILE and/or --forget FILE")
+    handle = _load_with_artifacts(args.model, args.artifact)
+    sets = {"edit": (edits, "target_new"), "forget": (forget, "target_true"), "retain": (retain, "target_new")}
+    before = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
+    t0 = time.time()
+    art, steps = update(handle, edits, forget, retain, args.method, _hparam_overrides(args),
+                        forget_method=args.forget_method, progress=not args.json)
+    seconds = time.time() - t0
+    after = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
+    saved = str(art.save(args.save)) if args.save else None
+    _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved, steps)
+    return 0
+
+
 def _artifact_sequence(args) -> list:
     from .artifact import load_artifact
 
@@ -327,6 +398,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
+
+    forgetters = ["ga", "gd", "npo", "simnpo", "idk", "dpo"]
+    s = sub.add_parser("unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    s.add_argument("--method", default="npo", choices=forgetters, help="unlearning method (default npo)")
+    s.add_argument("--forget", required=True, help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
+                                                   "or CounterFact records (their true object is forgotten)")
+    s.add_argument("--retain", help="JSON/JSONL of facts to keep: {prompt, subject, target_new|answer}")
+    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the defaults")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable), e.g. lr=1e-3")
+    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable), e.g. a fine-tuned fact set")
+    s.add_argument("--save", help="save the artifact to this folder (e.g. forget.loka)")
+    s.add_argument("--json", action="store_true", help="print one JSON object: per-set P̄/EM before and after, artifact, seconds")
+    s.set_defaults(fn=cmd_unlearn)
+
+    s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    s.add_argument("--method", default="npo", choices=sorted(REGISTRY),
+                   help="ga/gd/npo/simnpo/idk/dpo/ft do all in one optimisation; a single-task method (rome, memit, ...) "
+                        "edits first and --forget-method then forgets (the output says so)")
+    s.add_argument("--forget-method", default="npo", choices=forgetters, help="forgetting step for single-task methods")
+    s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")
+    s.add_argument("--forget", help="JSON/JSONL of facts to forget")
+    s.add_argument("--retain", help="JSON/JSONL of facts to keep")
+    s.add_argument("--hparams", help="JSON file of hyperparameters for --method")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter of --method")
+    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable)")
+    s.add_argument("--save", help="save the (stacked) artifact to this folder")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=cmd_update)
 
     s = sub.add_parser("analyze", help="analyses of edited models (spectrum)")
     asub = s.add_subparsers(dest="what", required=True)

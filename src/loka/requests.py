@@ -68,14 +68,51 @@ class EditRequest:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class ForgetRequest(EditRequest):
+    """Make the model stop answering ``target_true`` to ``prompt`` filled with ``subject``.
+
+    The same request model as editing (KnowledgeSmith: editing and unlearning differ only in the
+    target distribution): ``target_true`` is the answer to forget; ``target_new`` is optional and
+    names a replacement for methods that learn one (IdK refusals, ReLearn rewrites).
+    """
+
+    target_new: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"request {self.case_id}" if self.case_id is not None else "request"
+        if self.target_true is None:
+            raise RequestError(f"{where}: field 'target_true' (the answer to forget) is required for a ForgetRequest")
+        keep = self.target_new
+        self.target_new = self.target_true if keep is None else keep  # validated like an edit, then restored
+        super().__post_init__()
+        if keep is None:
+            self.target_new = None
+
+
+@dataclass
+class RetainRequest(EditRequest):
+    """A fact whose answer ``target_new`` must be kept (the retain set): learning it is the retain loss."""
+
+
 _FIELDS = {f.name for f in dataclasses.fields(EditRequest)}
 _ALIASES = {"target": "target_new", "neighbourhood": "neighborhood", "id": "case_id"}
 
 
-def request_from_record(rec: Any, where: str = "record") -> EditRequest:
-    """Build an :class:`EditRequest` from a loka record or a CounterFact record."""
+def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest] = EditRequest) -> EditRequest:
+    """Build an :class:`EditRequest` (or ``kind``) from a loka record or a CounterFact record."""
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if kind is not EditRequest:
+        rec = dict(rec)
+        if "answer" in rec:
+            rec["target_true" if kind is ForgetRequest else "target_new"] = rec.pop("answer")
+        if kind is ForgetRequest and "target_true" not in rec and "target" in rec:
+            rec["target_true"] = rec.pop("target")
+        if kind is ForgetRequest and "requested_rewrite" in rec:  # forget the CounterFact true object
+            base = request_from_record(rec, where)
+            return ForgetRequest(base.prompt, base.subject, None, base.target_true, base.paraphrases,
+                                 base.neighborhood, base.case_id, base.relation_id)
     if "requested_rewrite" in rec:  # CounterFact / multi-CounterFact
         rw = rec["requested_rewrite"]
         if isinstance(rw, list):  # MQuAKE-style list of rewrites: take them one by one elsewhere
@@ -96,15 +133,23 @@ def request_from_record(rec: Any, where: str = "record") -> EditRequest:
             f"{where}: unknown field(s) {unknown}; allowed: {sorted(_FIELDS)} (or a CounterFact record with "
             "'requested_rewrite')"
         )
-    missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
+    data.setdefault("case_id", where)
+    if kind is EditRequest:
+        missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
+    else:
+        missing = [k for k in ("prompt", "subject", "target_true" if kind is ForgetRequest else "target_new")
+                   if k not in data]
     if missing:
         raise RequestError(f"{where}: missing field(s) {missing}")
-    data.setdefault("case_id", where)
-    return EditRequest(**data)
+    return kind(**data)
 
 
-def read_requests(path: str | Path) -> list[EditRequest]:
-    """Read requests from a JSON list, a single JSON object, or JSON lines."""
+def read_requests(path: str | Path, kind: type[EditRequest] = EditRequest) -> list[EditRequest]:
+    """Read requests from a JSON list, a single JSON object, or JSON lines.
+
+    ``kind`` is :class:`EditRequest`, :class:`ForgetRequest` (a record's ``target_true``, or
+    ``target``/``answer``, is the answer to forget) or :class:`RetainRequest` (its ``target_new``,
+    ``target`` or ``answer`` is kept)."""
     path = Path(path)
     if not path.exists():
         raise RequestError(f"requests file {path} does not exist")
@@ -127,7 +172,7 @@ def read_requests(path: str | Path) -> list[EditRequest]:
                 raise RequestError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
     if not records:
         raise RequestError(f"{path}: no records")
-    return [request_from_record(r, where) for where, r in records]
+    return [request_from_record(r, where, kind) for where, r in records]
 
 
 def subject_last_token(tokenizer, text_template: str, subject: str) -> int:

@@ -1,0 +1,116 @@
+"""TOFU-style unlearning metrics (ALGORITHMS.md §6.5) and LOKA's joint-task names (§2.11).
+
+* normalised probability ``P̄(a|q) = exp(−ℓ(a|q))`` with ``ℓ`` the mean token NLL of the answer;
+* truth ratio per question ``R = exp(ℓ(ã|q) − mean_j ℓ(â_j|q))`` (paraphrased answer ã, perturbed
+  answers â_j; TOFU's code form), aggregated as ``mean(min(R, 1/R))`` on a forget set and
+  ``mean(max(0, 1 − R))`` on retain-like sets;
+* ROUGE-L recall of a greedy generation against the answer (``rouge-score``);
+* forget quality: the two-sample Kolmogorov–Smirnov p-value between the forget-set truth ratios of
+  the unlearned model and of a model that never saw the forget set;
+* model utility: the harmonic mean of the retain-side numbers.
+
+LOKA's names for a joint edit + forget task: ``unl-tr`` (forget truth ratio), ``unl-rl`` (ROUGE-L
+recall of the forgotten answer, lower is better), ``edt-rl`` / ``edt-prl`` (ROUGE-L recall of the new
+answer on edit prompts / their paraphrases), ``rem-tr`` / ``rem-rl`` (truth ratio and ROUGE-L on the
+remaining facts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..scoring import generate, target_logprobs
+
+
+def normalised_prob(mean_logprob: float) -> float:
+    """``P̄ = P(a|q)^{1/|a|} = exp(mean token log-probability)``."""
+    return math.exp(mean_logprob)
+
+
+def truth_ratio(paraphrased_mean_nll: float, perturbed_mean_nlls: Sequence[float]) -> float:
+    """``R = exp(ℓ(ã) − mean_j ℓ(â_j))`` (mean token NLLs): below 1 when the true answer is preferred."""
+    return math.exp(paraphrased_mean_nll - float(np.mean(perturbed_mean_nlls)))
+
+
+def truth_ratio_forget(ratios: Sequence[float]) -> float:
+    """Forget-set aggregation ``mean(min(R, 1/R))``: 1 when the model cannot tell true from false."""
+    return float(np.mean([min(r, 1.0 / r) for r in ratios]))
+
+
+def truth_ratio_retain(ratios: Sequence[float]) -> float:
+    """Retain-set aggregation ``mean(max(0, 1 − R))``: high when the true answer is clearly preferred."""
+    return float(np.mean([max(0.0, 1.0 - r) for r in ratios]))
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """ROUGE-L recall (``rouge_score``'s ``rougeL`` recall, no stemming): LCS / reference tokens."""
+    from rouge_score import rouge_scorer
+
+    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall)
+
+
+def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]) -> float:
+    """KS two-sample p-value between forget-set truth ratios and those of the never-trained reference."""
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(list(truth_ratios), list(reference_truth_ratios)).pvalue)
+
+
+def model_utility(values: Sequence[float]) -> float:
+    """Harmonic mean of the retain-side numbers (0 if any is 0)."""
+    vals = [float(v) for v in values]
+    if any(v <= 0 for v in vals):
+        return 0.0
+    return len(vals) / sum(1.0 / v for v in vals)
+
+
+# -- computed on a model ------------------------------------------------------------------------
+def mean_nlls(handle, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Mean token NLL of each answer after its prompt (teacher forcing, one batched scoring call)."""
+    return [-r["mean_logprob"] for r in target_logprobs(handle, list(prompts), list(answers))]
+
+
+def truth_ratios(handle, prompts: Sequence[str], paraphrased: Sequence[str],
+                 perturbed: Sequence[Sequence[str]]) -> list[float]:
+    """Per question ``R`` from the paraphrased answer and its perturbed (wrong) answers."""
+    flat_p, flat_a, owner = [], [], []
+    for i, (q, alts) in enumerate(zip(prompts, perturbed)):
+        for a in alts:
+            flat_p.append(q)
+            flat_a.append(a)
+            owner.append(i)
+    para = mean_nlls(handle, prompts, paraphrased)
+    pert = mean_nlls(handle, flat_p, flat_a)
+    per: list[list[float]] = [[] for _ in prompts]
+    for i, v in zip(owner, pert):
+        per[i].append(v)
+    return [truth_ratio(p, alts) for p, alts in zip(para, per)]
+
+
+def rouge_recalls(handle, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16) -> list[float]:
+    """ROUGE-L recall of each greedy continuation against its answer."""
+    gens = []
+    for i in range(0, len(prompts), 16):
+        gens += generate(handle, list(prompts[i: i + 16]), max_new_tokens=max_new_tokens)
+    return [rouge_l_recall(g, a) for g, a in zip(gens, answers)]
+
+
+def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[dict]:
+    """Per (prompt, answer): normalised probability ``P̄`` and teacher-forced exact match (every
+    answer token is the argmax) — the forget/keep check used by ``loka unlearn`` and the benchmarks."""
+    import torch
+
+    from . import losses as L
+
+    out: list[dict] = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            b = L.qa_batch(handle.tokenizer, prompts[i: i + batch_size], answers[i: i + batch_size])
+            lg, rows = L.answer_logits(handle, b)
+            lp, n = L.sequence_logprobs(lg, rows, b)
+            em = L.exact_match(lg, rows, b)
+            out += [{"p_norm": math.exp(float(a) / float(c)), "em": float(e)} for a, c, e in zip(lp, n, em)]
+    return out
