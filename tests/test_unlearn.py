@@ -166,3 +166,57 @@ def test_joint_edit_and_forget_in_one_run(tiny):
 def test_bad_retain_loss_is_refused(tiny):
     with pytest.raises(loka.LokaError, match="retain_loss"):
         loka.edit(tiny, ForgetRequest(*FACT[:2], target_true=FACT[2]), "npo", {"retain_loss": "l2"}, progress=False)
+
+
+def _records(n_rel=4, per=6):
+    recs = []
+    for r in range(n_rel):
+        for k in range(per):
+            recs.append({"case_id": len(recs), "requested_rewrite": {
+                "prompt": f"{{}} rel{r} is", "subject": f"S{r}_{k}", "relation_id": f"P{r}",
+                "target_true": {"str": f"o{r}_{k % 3}"}, "target_new": {"str": f"o{r}_{(k + 1) % 3}"}},
+                "paraphrase_prompts": [f"About S{r}_{k}: rel{r} is"]})
+    return recs
+
+
+@pytest.mark.parametrize("setting", ["in", "out"])
+def test_joint_tasks_are_disjoint_and_respect_the_profile(setting):
+    from loka.bench.tasks import build_tasks
+
+    t = build_tasks(_records(), setting, n_edit=5, n_forget=5, n_retain=4, seed=1)
+    subj = lambda xs: {x["subject"] if "subject" in x else x["requested_rewrite"]["subject"] for x in xs}  # noqa: E731
+    sets = [subj(t["edit"]), subj(t["forget"]), subj(t["retain"]), subj(t["remaining"])]
+    assert [len(x) for x in sets[:3]] == [5, 5, 4] and len(sets[3]) == 24 - 14
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    shared = set(t["relations"]["edit"]) & set(t["relations"]["forget"])
+    assert shared if setting == "in" else not shared
+    for f in t["forget"]:
+        assert f["answer"] not in f["perturbed"] and len(f["perturbed"]) >= 1
+    with pytest.raises(loka.LokaError, match="fewer"):
+        build_tasks(_records(), setting, n_edit=30, n_forget=30, n_retain=1)
+
+
+def test_joint_metrics_have_the_six_loka_names(tiny):
+    from loka.bench.tasks import build_tasks
+
+    t = build_tasks(_records(2, 4), "in", n_edit=2, n_forget=2, n_retain=1)
+    m = M.joint_metrics(tiny, t, max_new_tokens=3)
+    assert set(m) == {"unl-tr", "unl-rl", "edt-rl", "edt-prl", "rem-tr", "rem-rl"}
+    assert 0 < m["unl-tr"] <= 1 and 0 <= m["rem-tr"] <= 1 and all(0 <= m[k] <= 1 for k in m if k.endswith("rl"))
+
+
+def test_cli_data_tasks_writes_files_the_readers_accept(tmp_path, capsys):
+    from loka.cli import main
+
+    src = tmp_path / "cf.json"
+    src.write_text(json.dumps(_records()))
+    code = main(["data", "tasks", "--from", str(src), "--setting", "out", "--n-edit", "4", "--n-forget", "4",
+                 "--n-retain", "3", "--out", str(tmp_path / "t"), "--json"])
+    assert code == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["forget"] == 4 and not set(info["relations"]["edit"]) & set(info["relations"]["forget"])
+    forget = read_requests(tmp_path / "t" / "forget.jsonl", ForgetRequest)
+    retain = read_requests(tmp_path / "t" / "retain.jsonl", RetainRequest)
+    edits = read_requests(tmp_path / "t" / "edit.json")
+    assert len(forget) == 4 and len(retain) == 3 and len(edits) == 4
+    assert forget[0].paraphrases and all(isinstance(r, ForgetRequest) for r in forget)

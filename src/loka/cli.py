@@ -329,6 +329,30 @@ def cmd_data_counterfact(args) -> int:
     return 0
 
 
+def cmd_data_tasks(args) -> int:
+    from .bench.tasks import build_tasks
+    from .utils.io import atomic_write_json
+
+    src = Path(args.source)
+    if not src.exists():
+        raise SystemExit(f"error: --from {src} does not exist (build it with loka data counterfact --known-by MODEL)")
+    task = build_tasks(json.loads(src.read_text()), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "task.json", task)
+    atomic_write_json(out / "edit.json", task["edit"])
+    keep = ("prompt", "subject", "answer", "paraphrases", "case_id", "relation_id")
+    for name in ("forget", "retain", "remaining"):
+        lines = "".join(json.dumps({k: f[k] for k in keep}) + "\n" for f in task[name])
+        tmp = out / f".{name}.jsonl.tmp"
+        tmp.write_text(lines)
+        tmp.replace(out / f"{name}.jsonl")
+    counts = {k: len(task[k]) for k in ("edit", "forget", "retain", "remaining")}
+    print(json.dumps({**counts, "setting": args.setting, "relations": task["relations"], "out": str(out)}) if args.json
+          else f"{args.setting}-profile task in {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .eval.data import load_cases
     from .eval.runner import EvalConfig, format_summary, run_eval
@@ -485,6 +509,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output JSON file")
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_counterfact)
+    d = dsub.add_parser("tasks", help="known-facts unlearning tasks: edit / forget / retain / remaining files")
+    d.add_argument("--from", dest="source", required=True, metavar="FILE",
+                   help="CounterFact records of facts the model knows (loka data counterfact --known-by MODEL)")
+    d.add_argument("--setting", choices=["in", "out"], default="out",
+                   help="in-profile (edit and forget share relations: they conflict) or out-profile (disjoint)")
+    d.add_argument("--n-edit", type=int, default=50)
+    d.add_argument("--n-forget", type=int, default=50)
+    d.add_argument("--n-retain", type=int, default=50)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, help="output folder: edit.json, forget.jsonl, retain.jsonl, remaining.jsonl, task.json")
+    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    d.set_defaults(fn=cmd_data_tasks)
 
     s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
     s.add_argument("--model", default=DEFAULT_MODEL)

@@ -114,3 +114,30 @@ def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_s
             em = L.exact_match(lg, rows, b)
             out += [{"p_norm": math.exp(float(a) / float(c)), "em": float(e)} for a, c, e in zip(lp, n, em)]
     return out
+
+
+def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
+    """LOKA's six numbers for a joint edit + forget task (:func:`loka.bench.tasks.build_tasks`).
+
+    For short factual answers the "paraphrased answer" of the truth ratio is the answer itself and
+    the perturbed answers are other objects of the relation (``perturbed``)."""
+    def tr(facts):
+        prompts = [f["prompt"].replace("{}", f["subject"]) for f in facts]
+        return truth_ratios(handle, prompts, [f["answer"] for f in facts], [f["perturbed"] for f in facts])
+
+    def rl(prompts, answers):
+        return float(np.mean(rouge_recalls(handle, prompts, answers, max_new_tokens))) if prompts else float("nan")
+
+    forget, rem, edits = task["forget"], task["remaining"], task["edit"]
+    e_prompts = [e["requested_rewrite"]["prompt"].replace("{}", e["requested_rewrite"]["subject"]) for e in edits]
+    e_new = [e["requested_rewrite"]["target_new"] for e in edits]
+    e_new = [x["str"] if isinstance(x, dict) else x for x in e_new]
+    para = [(p, a) for e, a in zip(edits, e_new) for p in e.get("paraphrase_prompts", [])]
+    return {
+        "unl-tr": truth_ratio_forget(tr(forget)),
+        "unl-rl": rl([f["prompt"].replace("{}", f["subject"]) for f in forget], [f["answer"] for f in forget]),
+        "edt-rl": rl(e_prompts, e_new),
+        "edt-prl": rl([p for p, _ in para], [a for _, a in para]),
+        "rem-tr": truth_ratio_retain(tr(rem)),
+        "rem-rl": rl([f["prompt"].replace("{}", f["subject"]) for f in rem], [f["answer"] for f in rem]),
+    }
