@@ -356,6 +356,23 @@ def _autocast(handle, hp):
     return torch.autocast(handle.device.type, dtype=torch.bfloat16, enabled=dt == "bfloat16")
 
 
+@torch.no_grad()
+def _project(delta: torch.Tensor, max_norm: torch.Tensor, active: torch.Tensor, frozen: torch.Tensor) -> None:
+    """After an Adam step: clamp ``‖δ_i‖ ≤ clamp · ‖v_0,i‖`` (ROME Eq. 4) and pin finished requests
+    (Adam's momentum must not move them)."""
+    norms = delta.norm(dim=1)
+    scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
+    delta.mul_(scale[:, None])
+    delta[~active] = frozen[~active]
+
+
+def _result(delta, v0, k_star, k_plain, nll_final, steps, t0, t1) -> ValueResult:
+    if not torch.isfinite(delta).all():
+        raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
+    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_final], steps,
+                       {"keys": t1 - t0, "values": time.perf_counter() - t1})
+
+
 def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) -> ValueResult:
     n = len(requests)
     t0 = time.perf_counter()
@@ -416,15 +433,8 @@ def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) ->
         opt.zero_grad()
         loss_req.sum().backward()
         opt.step()
-        with torch.no_grad():
-            norms = delta.norm(dim=1)  # ‖δ_i‖ ≤ clamp · ‖v_0,i‖
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-            delta[~active] = frozen[~active]  # Adam's momentum must not move finished requests
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
-    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_final], steps,
-                       {"keys": t1 - t0, "values": time.perf_counter() - t1})
+        _project(delta, max_norm, active, frozen)
+    return _result(delta, v0, k_star, k_plain, nll_final, steps, t0, t1)
 
 
 @dataclass
@@ -511,12 +521,5 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer) 
             if not active.any():
                 break
         opt.step()
-        with torch.no_grad():
-            norms = delta.norm(dim=1)  # ‖δ_i‖ ≤ clamp · ‖v_0,i‖
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-12), torch.ones_like(norms))
-            delta.mul_(scale[:, None])
-            delta[~active] = frozen[~active]  # Adam's momentum must not move finished requests
-    if not torch.isfinite(delta).all():
-        raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
-    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_final], steps,
-                       {"keys": t1 - t0, "values": time.perf_counter() - t1})
+        _project(delta, max_norm, active, frozen)
+    return _result(delta, v0, k_star, k_plain, nll_final, steps, t0, t1)
