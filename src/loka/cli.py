@@ -146,9 +146,10 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
     print(f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'EM before':>9s} {'EM after':>9s}")
     for name, r in sets.items():
         print(f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}")
-    ex = art.manifest["extra"]
-    print(f"{art.method}: {ex.get('steps', '?')} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''} "
-          f"in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+    ex = art.manifest.get("extra", {})
+    what = (f"{ex['steps']} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''}" if "steps" in ex
+            else f"{len(art.manifest.get('parents', [])) or 1} artifact(s) stacked")
+    print(f"{art.method}: {what} in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
 
 
 def cmd_unlearn(args) -> int:

@@ -37,7 +37,7 @@ class MemitHParams(HParams):
     early_stop_loss: float = 0.05
     v_batch_size: int = 16
     v_dtype: str = "float32"
-    v_grouping: str = "template"  # "none": one padded batch per chunk (the slower reference path)
+    v_grouping: str = "auto"  # "template": rows grouped by template; "none": one padded batch per chunk
     mom2_update_weight: float = 15000.0
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000
