@@ -79,6 +79,8 @@ def test_rouge_l_recall_by_hand():
 def test_forget_request_validation_and_readers(tmp_path):
     with pytest.raises(loka.RequestError, match="target_true"):
         ForgetRequest("{} lives in", "Ann", target_new=None)
+    with pytest.raises(loka.RequestError, match="'target_true' must be a non-empty string"):
+        ForgetRequest("{} lives in", "Ann", target_true=" ")
     fr = ForgetRequest("{} lives in", "Ann", target_true="Paris")
     assert fr.target_new is None and fr.text == "Ann lives in"
     f = tmp_path / "f.jsonl"

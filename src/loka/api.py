@@ -106,26 +106,20 @@ def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams:
     if method in TRAINING_METHODS:
         art = edit(handle, edits + forget + retain, method, hparams, apply=apply, progress=progress)
         return art, [f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"]
+    if not edits and not forget:
+        raise RequestError("nothing to do: give edit and/or forget requests")
     steps, arts = [], []
-    try:
+    try:  # each step runs on the model the previous one left
         if edits:
             arts.append(edit(handle, edits, method, hparams, apply=True, progress=progress))
             steps.append(f"{method} is single-task: edited {len(edits)} fact(s) first")
         if forget:
             arts.append(unlearn(handle, forget, retain, forget_method, apply=True, progress=progress))
             steps.append(f"then {forget_method} forgot {len(forget)} fact(s) (retain {len(retain)}) on the edited model")
-    finally:
-        if not apply or len(arts) < (bool(edits) + bool(forget)):  # failed midway: leave the model as it was
-            for a in reversed(arts):
-                a.revert(handle)
-    if not arts:
-        raise RequestError("nothing to do: give edit and/or forget requests")
-    if len(arts) == 1:
-        return arts[0], steps
-    if apply:  # replace the two applied artifacts by their stack (same weights, one revert)
+    finally:  # leave the model as it was; the result is applied below as one artifact
         for a in reversed(arts):
             a.revert(handle)
-    art = stack_artifacts(arts)
+    art = arts[0] if len(arts) == 1 else stack_artifacts(arts)
     if apply:
         art.apply(handle)
     return art, steps

@@ -152,6 +152,18 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
     print(f"{art.method}: {what} in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
 
 
+def _update_options(s) -> None:
+    """Options shared by ``loka unlearn`` and ``loka update``."""
+    from .models.loader import DEFAULT_MODEL
+
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the method's defaults")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable), e.g. lr=1e-3")
+    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable), e.g. a fine-tuned fact set")
+    s.add_argument("--save", help="save the artifact (stacked, for a two-step update) to this folder")
+    s.add_argument("--json", action="store_true", help="print one JSON object: per-set P̄/EM before and after, artifact, seconds")
+
+
 def cmd_unlearn(args) -> int:
     from .api import unlearn
     from .requests import ForgetRequest, RetainRequest, read_requests
@@ -426,20 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     forgetters = ["ga", "gd", "npo", "simnpo", "idk", "dpo"]
     s = sub.add_parser("unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     s.add_argument("--method", default="npo", choices=forgetters, help="unlearning method (default npo)")
     s.add_argument("--forget", required=True, help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
                                                    "or CounterFact records (their true object is forgotten)")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep: {prompt, subject, target_new|answer}")
-    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the defaults")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable), e.g. lr=1e-3")
-    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable), e.g. a fine-tuned fact set")
-    s.add_argument("--save", help="save the artifact to this folder (e.g. forget.loka)")
-    s.add_argument("--json", action="store_true", help="print one JSON object: per-set P̄/EM before and after, artifact, seconds")
+    _update_options(s)
     s.set_defaults(fn=cmd_unlearn)
 
     s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     s.add_argument("--method", default="npo", choices=sorted(REGISTRY),
                    help="ga/gd/npo/simnpo/idk/dpo/ft do all in one optimisation; a single-task method (rome, memit, ...) "
                         "edits first and --forget-method then forgets (the output says so)")
@@ -447,11 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")
     s.add_argument("--forget", help="JSON/JSONL of facts to forget")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep")
-    s.add_argument("--hparams", help="JSON file of hyperparameters for --method")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter of --method")
-    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable)")
-    s.add_argument("--save", help="save the (stacked) artifact to this folder")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    _update_options(s)
     s.set_defaults(fn=cmd_update)
 
     s = sub.add_parser("analyze", help="analyses of edited models (spectrum)")

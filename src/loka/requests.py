@@ -83,6 +83,7 @@ class ForgetRequest(EditRequest):
         where = f"request {self.case_id}" if self.case_id is not None else "request"
         if self.target_true is None:
             raise RequestError(f"{where}: field 'target_true' (the answer to forget) is required for a ForgetRequest")
+        self.target_true = _clean_target(self.target_true, "target_true", where)
         keep = self.target_new
         self.target_new = self.target_true if keep is None else keep  # validated like an edit, then restored
         super().__post_init__()

@@ -74,7 +74,7 @@ class TrainMethod(Method):
         edits = [r for r in requests if not isinstance(r, ForgetRequest | RetainRequest)]
         if not forget and not edits:
             raise LokaError(f"{self.name}: nothing to forget or edit (only retain requests were given)")
-        if self.forget == "ga" and retain and self.name == "ga":
+        if self.name == "ga" and retain:
             log.warning("ga has no retain term: %d retain request(s) ignored (use gd)", len(retain))
             retain = []
         tok, model = handle.tokenizer, handle.model
@@ -107,7 +107,7 @@ class TrainMethod(Method):
                     ei = _sample(rng, len(eb) if eb else 0, hp.batch_size)
                     ri = _sample(rng, len(rb) if rb else 0, hp.retain_batch_size)
                     opt.zero_grad()
-                    parts = self._losses(handle, fb, eb, rb, wb, ref, fi, ei, ri, hp)
+                    parts, seen = self._losses(handle, fb, eb, rb, wb, ref, fi, ei, ri, hp)
                     loss = sum(parts.values())
                     loss.backward()
                     opt.step()
@@ -119,16 +119,18 @@ class TrainMethod(Method):
                     history.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
                     bar.update(1)
-                    if self._target_met(handle, fb, eb, hp, rec):
+                    if self._target_met(handle, fb, eb, hp, seen, rec):
                         info["stopped_early"] = True
                         break
                 info["steps"] = step
+                final = {k: rec[k] for k in ("forget_em", "edit_em") if k in rec} if history else {}
             finally:
                 bar.close()
                 for p in params:
                     p.requires_grad_(False)
             with torch.no_grad():
-                final = self._check(handle, fb, eb)
+                if not final:  # the last step ended without a full check: do one now
+                    final = self._check(handle, fb, eb)
                 deltas = {n: (p.detach() - o) for n, p, o in zip(names, params, orig)}
         info.update(final)
         info["history"] = history
@@ -152,13 +154,16 @@ class TrainMethod(Method):
             ref["retain_rows"] = rows
         return ref
 
-    def _losses(self, handle, fb, eb, rb, wb, ref, fi, ei, ri, hp) -> dict:
+    def _losses(self, handle, fb, eb, rb, wb, ref, fi, ei, ri, hp) -> tuple[dict, dict]:
+        """The loss terms of one step, and the exact-match rates of this step's forget/edit rows
+        (before the update: a cheap first test of the stopping rule)."""
         parts: dict = {}
+        seen: dict = {}
         if fb is not None and len(fi):
             b = _rows(fb, fi)
             lg, rows = L.answer_logits(handle, b)
             lp, n = L.sequence_logprobs(lg, rows, b)
-            self._last_forget_em = (fi, L.exact_match(lg.detach(), rows, b))
+            seen["forget_em"] = float(L.exact_match(lg.detach(), rows, b).mean())
             f = self.forget
             if f == "ga":
                 parts["forget"] = hp.gamma * L.ga_loss(lp, n)
@@ -181,6 +186,7 @@ class TrainMethod(Method):
             lg, rows = L.answer_logits(handle, b)
             lp, n = L.sequence_logprobs(lg, rows, b)
             parts["edit"] = hp.edit_weight * L.nll_loss(lp, n)
+            seen["edit_em"] = float(L.exact_match(lg.detach(), rows, b).mean())
         if rb is not None and len(ri) and hp.alpha:
             b = _rows(rb, ri)
             lg, rows = L.answer_logits(handle, b)
@@ -190,7 +196,7 @@ class TrainMethod(Method):
             else:
                 keep = torch.isin(ref["retain_rows"], ri)  # reference positions of the sampled rows, in order
                 parts["retain"] = hp.alpha * L.kl_to_reference(lg, ref["retain_logp"][keep])
-        return parts
+        return parts, seen
 
     @torch.no_grad()
     def _check(self, handle, fb, eb) -> dict:
@@ -203,13 +209,18 @@ class TrainMethod(Method):
             out["edit_em"] = float(L.exact_match(lg, rows, eb).mean())
         return out
 
-    def _target_met(self, handle, fb, eb, hp, rec) -> bool:
-        if fb is not None and hasattr(self, "_last_forget_em"):  # cheap test on this step's rows first
-            if float(self._last_forget_em[1].mean()) > hp.stop_forget_em:
-                return False
+    @staticmethod
+    def _met(em: dict, hp) -> bool:
+        return em.get("forget_em", 0.0) <= hp.stop_forget_em and em.get("edit_em", 1.0) >= hp.stop_edit_em
+
+    def _target_met(self, handle, fb, eb, hp, seen: dict, rec: dict) -> bool:
+        """The stopping rule: tested first on this step's rows (free), then on every row (one no-grad
+        pass), whose rates go into ``rec``."""
+        if not self._met(seen, hp):
+            return False
         now = self._check(handle, fb, eb)
         rec.update(now)
-        return now.get("forget_em", 0.0) <= hp.stop_forget_em and now.get("edit_em", 1.0) >= hp.stop_edit_em
+        return self._met(now, hp)
 
 
 def _sample(rng: random.Random, n: int, k: int) -> torch.Tensor:
