@@ -148,11 +148,12 @@ def test_grouped_value_search_equals_the_single_padded_batch(tiny):
             loka.EditRequest("{} was made by", "the iPhone 5 camera", "Nokia")]
     tm = context_templates(tiny)
     out = {}
-    for mode in ("none", "template"):
+    for mode in ("none", "template", "kl"):
         hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1, "v_grouping": mode, "v_steps": 6})
         out[mode] = optimize_values(tiny, reqs, 1, tm, hp)
-    a, b = out["none"], out["template"]
-    for name in ("init", "keys", "plain_keys"):
-        assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
-    assert torch.allclose(a.targets, b.targets, atol=1e-4 * float(a.targets.norm()))
-    assert a.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-5)
+    a = out["none"]
+    for b in (out["template"], out["kl"]):
+        for name in ("init", "keys", "plain_keys"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
+        assert torch.allclose(a.targets, b.targets, atol=1e-4 * float(a.targets.norm()))
+        assert a.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-5)

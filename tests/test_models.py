@@ -74,3 +74,42 @@ def test_gemma_family_declares_its_post_mlp_norm():
 
     assert spec_for(Gemma3TextConfig()) is GEMMA3 and GEMMA3.post_mlp_norm == "post_feedforward_layernorm"
     assert loka.load_model("tiny-gemma3").spec is GEMMA3
+
+
+def test_cache_check_skips_rehash_only_while_the_file_is_unchanged(tmp_path, monkeypatch):
+    from loka.models import loader
+    from loka.utils.io import sha256_file
+
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"weights" * 1000)
+    good = sha256_file(w)
+    assert not loader._verified(w, "0" * 64)  # wrong hash: refused, no stamp written
+    assert not (tmp_path / "model.safetensors.verified").exists()
+    assert loader._verified(w, good)
+    assert (tmp_path / "model.safetensors.verified").exists()
+    calls = []
+    monkeypatch.setattr(loader, "sha256_file", lambda p: calls.append(p) or sha256_file(p))
+    assert loader._verified(w, good) and calls == []  # unchanged file: the stamp is trusted
+    w.write_bytes(b"tampered" * 1000)  # same path, new size and mtime: hashed again and refused
+    assert not loader._verified(w, good) and len(calls) == 1
+    assert not (tmp_path / "model.safetensors.verified").exists()
+    w.write_bytes(b"weights" * 1000)
+    monkeypatch.setenv("LOKA_VERIFY_CACHE", "always")
+    assert loader._verified(w, good) and loader._verified(w, good) and len(calls) == 3
+
+
+def test_cached_conversion_tokenizer_matches_autotokenizer():
+    """The fast path that builds a cached conversion's tokenizer from tokenizer.json gives the
+    same ids, special tokens and padding side as AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    from loka.models import loader
+
+    folder = loader.cached_folder("smollm2-135m")
+    if not (folder / "loka.json").exists():
+        pytest.skip("smollm2-135m is not converted in this cache")
+    fast, auto = loader._fast_tokenizer(folder), AutoTokenizer.from_pretrained(folder)
+    for s in ["The Eiffel Tower is in", " Paris", "héllo  wörld\n\nx<|im_end|>"]:
+        assert fast(s)["input_ids"] == auto(s)["input_ids"]
+    for attr in ["padding_side", "pad_token_id", "bos_token_id", "eos_token_id"]:
+        assert getattr(fast, attr) == getattr(auto, attr)

@@ -20,6 +20,7 @@ import torch
 from .. import env
 from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
+from ..fastlinear import packed_linears
 from ..stats import second_moments
 from .base import HParams, Method, register
 from .locate import build_prompts, mean_over_templates, module_io_at_lookup, optimize_values
@@ -37,7 +38,7 @@ class MemitHParams(HParams):
     early_stop_loss: float = 0.05
     v_batch_size: int = 16
     v_dtype: str = "float32"
-    v_grouping: str = "auto"  # "template": rows grouped by template; "none": one padded batch per chunk
+    v_grouping: str = "auto"  # "template": a group per template; "kl": prompts | KL rows; "none": one batch
     mom2_update_weight: float = 15000.0
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000
@@ -107,7 +108,8 @@ class Memit(Method):
         n = len(requests)
         key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
         plain = (key_batch.template == 0).nonzero().squeeze(1)
-        with preserved_weights(handle.model, names):
+        fast = packed_linears(handle)  # no-grad key forwards; an edited matrix is re-packed on its next use
+        with preserved_weights(handle.model, names), fast.active(handle.model):
             for i, layer in enumerate(layers):
                 io = module_io_at_lookup(handle, key_batch, [layer], block_out_layer=top)
                 K = mean_over_templates(io["keys"][layer], key_batch, n)
