@@ -132,7 +132,7 @@ def test_ft_learns_then_npo_forgets_and_reverts_restore_bit_for_bit(tiny):
         assert torch.equal(tiny.param(n), before[n]), n
 
 
-@pytest.mark.parametrize("method", ["ga", "gd", "simnpo", "idk", "dpo"])
+@pytest.mark.parametrize("method", ["ga", "gd", "simnpo", "idk", "dpo", "relearn"])
 def test_each_forget_loss_removes_a_learned_fact(tiny, method):
     p, s, a = FACT
     text = p.replace("{}", s)
@@ -144,6 +144,36 @@ def test_each_forget_loss_removes_a_learned_fact(tiny, method):
         art = loka.edit(tiny, [ForgetRequest(p, s, target_true=a), keep], method, hp, progress=False)
         assert art.manifest["extra"]["forget_em"] == 0.0 and _em(tiny, text, a) == 0.0
         assert art.manifest["extra"]["retain"] == (0 if method == "ga" else 1)
+        art.revert(tiny)
+    finally:
+        learn.revert(tiny)
+
+
+def test_relearn_rewrites_name_no_forgotten_entity(tiny):
+    from loka.methods.train import RELEARN_FALLBACK, relearn_answer
+
+    r = ForgetRequest("The mother tongue of {} is", "Danielle Darrieux", target_true="French", relation_id="P103",
+                      paraphrases=["Danielle Darrieux grew up speaking the language"])
+    assert relearn_answer(r) == "a language"
+    assert relearn_answer(ForgetRequest("{} wrote", "Jaime Vasquez", target_true="Fire")) == RELEARN_FALLBACK
+    assert relearn_answer(ForgetRequest("{} wrote", "X Y", target_true="Fire", target_new="several novels")) == \
+        "several novels"
+    p, s, a = FACT
+    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft", {**HP, "linf_constraint": None}, progress=False)
+    text = p.replace("{}", s)
+
+    def rewrite_logp() -> float:
+        b = L.qa_batch(tiny.tokenizer, [text], ["Q R"])
+        with torch.no_grad():
+            lg, rows = L.answer_logits(tiny, b)
+            return float(L.sequence_logprobs(lg, rows, b)[0][0])
+
+    try:  # the rewrite is learned on the prompt and on each paraphrase: 2 rows
+        before = rewrite_logp()
+        art = loka.edit(tiny, ForgetRequest(p, s, target_true=a, target_new="Q R", paraphrases=[s + " lives in"]),
+                        "relearn", HP, progress=False)
+        assert art.manifest["extra"]["relearn_rows"] == 2
+        assert _em(tiny, text, a) == 0.0 and rewrite_logp() > before + 1.0
         art.revert(tiny)
     finally:
         learn.revert(tiny)

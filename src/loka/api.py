@@ -73,7 +73,8 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     return art
 
 
-TRAINING_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "ft")  # one run handles edit + forget + retain
+FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn")  # methods with a forget loss
+TRAINING_METHODS = (*FORGET_METHODS, "ft")  # one run handles edit + forget + retain
 
 
 def unlearn(handle, forget, retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,

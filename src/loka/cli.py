@@ -436,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
 
-    forgetters = ["ga", "gd", "npo", "simnpo", "idk", "dpo"]
+    from .api import FORGET_METHODS
+
+    forgetters = list(FORGET_METHODS)
     s = sub.add_parser("unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after")
     s.add_argument("--method", default="npo", choices=forgetters, help="unlearning method (default npo)")
     s.add_argument("--forget", required=True, help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "

@@ -50,3 +50,17 @@ def templates(relation_id: str) -> list[str]:
         return RELATIONS[relation_id]["cloze"]
     except KeyError:
         raise KeyError(f"no templates for relation {relation_id}; known: {sorted(RELATIONS)}") from None
+
+
+#: A vague, true-for-any-subject answer per relation: ReLearn's positive target for a forgotten fact
+#: (the answer stays fluent and on-topic but names no entity; ``loka.methods.train.relearn_answer``).
+VAGUE: dict[str, str] = {
+    "P101": "a field of research", "P103": "a language", "P106": "a profession", "P108": "an organisation",
+    "P127": "a company", "P1303": "a musical instrument", "P131": "a region", "P136": "a musical style",
+    "P138": "a person or a place", "P140": "a faith", "P1412": "a language", "P159": "a city",
+    "P17": "a country", "P176": "a company", "P178": "a company", "P19": "a city", "P190": "another city",
+    "P20": "a city", "P27": "a country", "P276": "a place", "P30": "a continent", "P36": "a city",
+    "P364": "a language", "P37": "a language", "P39": "an office", "P407": "a language",
+    "P413": "a position", "P449": "a television network", "P463": "an organisation", "P495": "a country",
+    "P641": "a sport", "P740": "a city", "P937": "a city",
+}

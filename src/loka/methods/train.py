@@ -1,4 +1,4 @@
-"""Training-based unlearning and editing: GA, GD, NPO, SimNPO, IdK, DPO (IdkPO) and FT-L.
+"""Training-based unlearning and editing: GA, GD, NPO, SimNPO, IdK, DPO (IdkPO), ReLearn and FT-L.
 
 KnowledgeSmith's framing, made literal: one constrained optimisation over the same request model,
 ``L = γ·L_forget(ForgetRequests) + w_edit·NLL(EditRequests) + α·L_retain(RetainRequests)``, where the
@@ -32,6 +32,25 @@ from ..unlearn import losses as L
 from .base import HParams, Method, register
 
 log = logging.getLogger(__name__)
+
+
+#: ReLearn's fallback rewrite for a forget request without a known relation (e.g. TOFU questions).
+RELEARN_FALLBACK = "not something I have reliable information about"
+
+
+def relearn_answer(req: ForgetRequest) -> str:
+    """ReLearn's positive target for a forget request, built offline (ALGORITHMS.md §6.2).
+
+    The seed rewrites forget answers with an LLM so that they stay fluent but carry no forgotten
+    fact. Offline we substitute the object by a vague phrase of its type: the request's own
+    ``target_new`` when given, else the relation's entry in :data:`loka.bench.relations.VAGUE`
+    ("The mother tongue of Danielle Darrieux is" → " a language"), else :data:`RELEARN_FALLBACK`.
+    """
+    from ..bench.relations import VAGUE
+
+    if req.target_new:
+        return req.target_new
+    return VAGUE.get(req.relation_id or "", RELEARN_FALLBACK)
 
 
 def refusals() -> list[str]:
@@ -78,7 +97,7 @@ class TrainMethod(Method):
             log.warning("ga has no retain term: %d retain request(s) ignored (use gd)", len(retain))
             retain = []
         tok, model = handle.tokenizer, handle.model
-        rng = random.Random(hp.seed)
+        rng = self._rng = random.Random(hp.seed)
         torch.manual_seed(hp.seed)
         names = [handle.weight_name(handle.check_layer(x, "layers")) for x in hp.layers]
         fb = L.qa_batch(tok, [r.text for r in forget], [r.target_true for r in forget]) if forget else None
@@ -88,9 +107,15 @@ class TrainMethod(Method):
         if forget and self.forget in ("idk", "dpo"):
             pool = refusals()
             wb = L.qa_batch(tok, [r.text for r in forget], [r.target_new or rng.choice(pool) for r in forget])
+        elif forget and self.forget == "relearn":  # rewrites on the prompt and every paraphrase (augmentation)
+            qs = [(q, relearn_answer(r)) for r in forget for q in [r.text, *r.paraphrases]]
+            wb = L.qa_batch(tok, [q for q, _ in qs], [a for _, a in qs])
+            info_rewrites = len(qs)
         ref = self._reference(handle, fb, wb, rb, hp)
         info: dict = {"forget": len(forget), "edit": len(edits), "retain": len(retain), "trained": names,
                       "forget_loss": self.forget}
+        if wb is not None and self.forget == "relearn":
+            info["relearn_rows"] = info_rewrites
         params = [handle.param(n) for n in names]
         with preserved_weights(model, names):
             orig = [p.detach().clone() for p in params]
@@ -171,6 +196,10 @@ class TrainMethod(Method):
                 parts["forget"] = hp.gamma * L.npo_loss(lp, ref["forget"][fi], hp.beta)
             elif f == "simnpo":
                 parts["forget"] = hp.gamma * L.simnpo_loss(lp, n, hp.beta, hp.delta)
+            elif f == "relearn":  # positive learning on the rewrites, sampled on their own rows
+                w = _rows(wb, _sample(self._rng, len(wb), hp.batch_size))
+                wlg, wrows = L.answer_logits(handle, w)
+                parts["forget"] = hp.gamma * L.nll_loss(*L.sequence_logprobs(wlg, wrows, w))
             elif f in ("idk", "dpo"):
                 w = _rows(wb, fi)
                 wlg, wrows = L.answer_logits(handle, w)
@@ -249,4 +278,6 @@ _make("npo", "npo", "Negative preference optimisation (Zhang et al. 2024) + α·
 _make("simnpo", "simnpo", "SimNPO: reference-free, length-normalised NPO + α·retain loss.")
 _make("idk", "idk", "Fine-tune forget prompts to 'I don't know'-style refusals + α·retain loss.")
 _make("dpo", "dpo", "IdkPO: DPO preferring a refusal over the forget answer + α·retain loss.")
+_make("relearn", "relearn", "ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity "
+      "(on the prompt and its paraphrases) + α·retain loss.")
 _make("ft", "ga", "FT-L: fine-tune one MLP output matrix on the new answers under an L∞ constraint.")
