@@ -30,6 +30,7 @@ FORMAT = "loka-artifact"
 FORMAT_VERSION = 1
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
 CONTEXT_ATTR = "_loka_context"  # list of applied context artifacts (editing-free methods, e.g. SCR)
+MEMORY_ATTR = "_loka_memory"  # list of (artifact, hook handle) of applied memory artifacts (GRACE, …)
 
 
 def applied_context(model: nn.Module) -> list:
@@ -72,8 +73,10 @@ class Artifact:
     @classmethod
     def create(cls, deltas: dict[str, torch.Tensor], *, method: str, hparams: dict, requests: list[dict],
                handle, extra: dict | None = None, kind: str = "weight-delta") -> Artifact:
-        """``kind`` is ``weight-delta`` (tensors are added to parameters) or ``context`` (tensors are a
-        fact store that applying attaches to the model and that scoring/generation consult)."""
+        """``kind`` is ``weight-delta`` (tensors are added to parameters), ``context`` (tensors are a
+        fact store that applying attaches to the model and that scoring/generation consult) or
+        ``memory`` (tensors are a codebook that the method's ``attach`` installs as a forward hook on
+        the module named in ``extra["module"]``; weights never change)."""
         deltas = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in deltas.items()}
         manifest = {
             "format": FORMAT,
@@ -120,6 +123,13 @@ class Artifact:
             )
         if self.kind == "context":
             return model
+        if self.kind == "memory":
+            path = self.manifest.get("extra", {}).get("module", "")
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise ArtifactError(f"artifact {self.id} hooks module {path!r}, which this model does not have") from None
+            return model
         for name, delta in self.deltas.items():
             try:
                 p = model.get_parameter(name)
@@ -137,6 +147,14 @@ class Artifact:
             if any(a.id == self.id for a in ctx):
                 raise ArtifactError(f"artifact {self.id} is already applied to this model")
             ctx.append(self)
+            return self
+        if self.kind == "memory":  # no weight changes: the method installs its codebook as a hook
+            from .methods import get_method
+
+            mem = model.__dict__.setdefault(MEMORY_ATTR, [])
+            if any(a.id == self.id for a, _ in mem):
+                raise ArtifactError(f"artifact {self.id} is already applied to this model")
+            mem.append((self, get_method(self.method).attach(model, self)))
             return self
         stack = model.__dict__.setdefault(_STACK_ATTR, [])
         if any(a.id == self.id for a, _ in stack):
@@ -158,6 +176,13 @@ class Artifact:
             if pos is None:
                 raise ArtifactError(f"artifact {self.id} is not applied to this model")
             del ctx[pos]
+            return self
+        if self.kind == "memory":
+            mem = model.__dict__.get(MEMORY_ATTR, [])
+            pos = next((i for i, (a, _) in enumerate(mem) if a.id == self.id), None)
+            if pos is None:
+                raise ArtifactError(f"artifact {self.id} is not applied to this model")
+            mem.pop(pos)[1].remove()
             return self
         stack = model.__dict__.get(_STACK_ATTR, [])
         pos = next((i for i, (a, _) in enumerate(stack) if a.id == self.id), None)
@@ -229,7 +254,8 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     if len(hashes) > 1:
         raise ArtifactError("cannot stack artifacts made for different models")
     if any(a.kind != "weight-delta" for a in artifacts):
-        raise ArtifactError("only weight-delta artifacts can be stacked; apply context artifacts (fact stores) side by side")
+        raise ArtifactError("only weight-delta artifacts can be stacked; apply context and memory artifacts "
+                            "(fact stores, codebooks) side by side")
     deltas: dict[str, torch.Tensor] = {}
     for a in artifacts:
         for k, v in a.deltas.items():
