@@ -43,7 +43,7 @@ def main() -> None:
         cfg = EvalConfig(method=row, mode=mode, batch_size=bs, generation=args.generation)
         out = Path(args.out) / f"{handle.name}-{row}-{mode}{bs if mode == 'batch' else ''}-n{args.n}"
         s = run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
-        label = {"none": "unedited", "rome": "ROME (single)", "memit": f"MEMIT (batch {bs})"}[row]
+        label = {"none": "unedited", "memit": f"MEMIT (batch {bs})"}.get(row, f"{row.upper()} (single)")
         table[label] = {**s["post"], "guard": s.get("guard_post"), "seconds": s["seconds"]}
         print(label, json.dumps(table[label]), flush=True)
     print(f"\n| {args.model}, {args.n} records | " + " | ".join(COLS) + " |")
@@ -51,6 +51,9 @@ def main() -> None:
     for label, r in table.items():
         print(f"| {label} | " + " | ".join(f"{r[c]:.3f}" if c in r else "–" for c in COLS) + " |")
     res = Path("benchmarks/results") / f"eval_counterfact_{args.model}.json"
+    old = json.loads(res.read_text()) if res.exists() else {}
+    if old.get("n") == args.n and old.get("data") == str(data):  # same records: add to the earlier rows
+        table = {**old.get("rows", {}), **table}
     atomic_write_json(res, {"model": args.model, "n": args.n, "data": str(data), "rows": table})
 
 
