@@ -31,7 +31,7 @@ from loka.requests import ForgetRequest, RetainRequest, request_from_record
 from loka.unlearn.metrics import answer_stats
 from loka.utils.io import atomic_write_json
 
-METHODS = ["ga", "gd", "npo", "simnpo", "idk", "dpo"]
+METHODS = ["ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn"]
 
 
 def _em(handle, prompts, answers) -> tuple[float, float]:
@@ -87,6 +87,10 @@ def main() -> None:
         res["rows"][m] = row
         print(m, json.dumps(row), flush=True)
     out = Path(args.out or f"benchmarks/results/unlearn_known_{args.model}.json")
+    if out.exists():  # the same task and overrides: keep the rows of earlier runs (e.g. --methods relearn)
+        old = json.loads(out.read_text())
+        if all(old.get(k) == res[k] for k in ("model", "n_forget", "n_retain", "n_heldout", "overrides")):
+            res["rows"] = {**old["rows"], **res["rows"]}
     atomic_write_json(out, res)
     print(f"\n| {args.model}: forget {len(forget)} known facts, retain {len(retain)}, held out {len(held)} | "
           "forget EM | forget P̄ | paraphrase EM | held-out EM | neighbour EM | ppl | MC authors | MC world | steps | s |")
