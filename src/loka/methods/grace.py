@@ -24,7 +24,8 @@ GRACE's "warm" start; stop at NLL < ``early_stop_loss``), then the codebook is u
 The artifact (kind ``memory``) holds ``keys``, ``values`` and ``eps``; applying it installs the
 forward hook, reverting removes it, and the weights never change (revert is exact by construction).
 ``eps`` is relative to the key's norm (``radius = eps·‖k‖``), so one default serves models whose
-activations have different scales; ``benchmarks/`` measure it against paraphrase distances.
+activations have different scales; ``benchmarks/grace_radius.py`` measures paraphrase and
+neighbourhood distances against it.
 """
 
 from __future__ import annotations
@@ -88,11 +89,6 @@ class Grace(Method):
     kind = "memory"
 
     @staticmethod
-    def module_path(handle_or_spec, layer: int) -> str:
-        spec = getattr(handle_or_spec, "spec", handle_or_spec)
-        return spec.mlp_out_path(layer)
-
-    @staticmethod
     def attach(model: nn.Module, artifact) -> object:
         """Install the codebook of ``artifact`` on ``model``; returns the removable hook handle."""
         cb = Codebook(artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"])
@@ -131,7 +127,7 @@ class Grace(Method):
                 progress.update(1)
         tensors = {"grace.keys": torch.stack(keys), "grace.values": torch.stack(values),
                    "grace.eps": torch.tensor(eps, dtype=torch.float32)}
-        info = {"module": self.module_path(handle, layer), "labels": labels, "entries": len(keys),
+        info = {"module": handle.spec.mlp_out_path(layer), "labels": labels, "entries": len(keys),
                 "nll": nll_final, "steps": steps_used, **counts}
         return tensors, info
 
@@ -154,7 +150,11 @@ def _insert(keys: list, values: list, eps: list, labels: list, k: torch.Tensor, 
                 return "covered"
             eps[j] = dj / 2  # conflicting answers: split the distance between the two balls
             radius = min(radius, dj / 2)
-            keys.append(k), values.append(v), eps.append(radius), labels.append(label)
-            return "split"
-    keys.append(k), values.append(v), eps.append(radius), labels.append(label)
-    return "added"
+            outcome = "split"
+        else:
+            outcome = "added"
+    else:
+        outcome = "added"
+    for store, item in ((keys, k), (values, v), (eps, radius), (labels, label)):
+        store.append(item)
+    return outcome

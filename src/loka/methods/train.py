@@ -110,12 +110,11 @@ class TrainMethod(Method):
         elif forget and self.forget == "relearn":  # rewrites on the prompt and every paraphrase (augmentation)
             qs = [(q, relearn_answer(r)) for r in forget for q in [r.text, *r.paraphrases]]
             wb = L.qa_batch(tok, [q for q, _ in qs], [a for _, a in qs])
-            info_rewrites = len(qs)
         ref = self._reference(handle, fb, wb, rb, hp)
         info: dict = {"forget": len(forget), "edit": len(edits), "retain": len(retain), "trained": names,
                       "forget_loss": self.forget}
         if wb is not None and self.forget == "relearn":
-            info["relearn_rows"] = info_rewrites
+            info["relearn_rows"] = len(wb)
         params = [handle.param(n) for n in names]
         with preserved_weights(model, names):
             orig = [p.detach().clone() for p in params]
