@@ -85,3 +85,10 @@ def test_grace_artifact_is_refused_on_a_model_without_its_module():
     art.manifest["extra"]["module"] = "model.layers.99.mlp.down_proj"
     with pytest.raises(loka.ArtifactError, match="does not have"):
         art.apply(h)
+
+
+@pytest.mark.parametrize("bad,field", [({"eps": 0.0}, "eps"), ({"n_iter": 0}, "n_iter"), ({"layer": 9}, "layer")])
+def test_grace_refuses_bad_hyperparameters(bad, field):
+    h = loka.load_model("tiny-llama")
+    with pytest.raises((loka.LokaError, loka.ModelError), match=field):
+        loka.edit(h, A, "grace", {**HP, **bad}, progress=False)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import LokaError
 from ..trace import add_at_positions, capture, run_until_stopped
 from ..unlearn import losses as L
 from .base import HParams, Method, register
@@ -96,6 +97,10 @@ class Grace(Method):
 
     def run(self, handle, requests, hp: GraceHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
+        if not hp.eps > 0:
+            raise LokaError(f"grace: hyperparameter eps must be > 0 (a fraction of the key's norm, e.g. 0.2), got {hp.eps}")
+        if hp.n_iter < 1:
+            raise LokaError(f"grace: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
         module = handle.mlp_out(layer)
         keys: list[torch.Tensor] = []
         values: list[torch.Tensor] = []
