@@ -19,7 +19,7 @@ from .artifact import Artifact
 def spectrum(handle, artifacts: Sequence[Artifact], every: int = 1) -> list[dict]:
     """Rows ``{n_edits, batch, matrix, sigma_max, sigma_min, cond, delta_sigma_max}``, the unedited
     matrices first (``n_edits`` 0); every ``every``-th artifact and the last one are measured."""
-    names = sorted({n for a in artifacts for n in a.deltas})
+    names = sorted({n for a in artifacts for n in a.weight_deltas()})
     base = {n: handle.param(n).detach().double() for n in names}
     acc = {n: torch.zeros_like(base[n]) for n in names}
     rows, n_edits = [], 0
@@ -33,7 +33,7 @@ def spectrum(handle, artifacts: Sequence[Artifact], every: int = 1) -> list[dict
 
     measure(0)
     for k, a in enumerate(artifacts, 1):
-        for n, d in a.deltas.items():
+        for n, d in a.weight_deltas().items():
             acc[n] += d.double()
         n_edits += len(a.manifest.get("requests", [])) or 1
         if k % every == 0 or k == len(artifacts):

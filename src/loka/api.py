@@ -73,7 +73,7 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     return art
 
 
-FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn")  # methods with a forget loss
+FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn", "lora")  # methods with a forget loss
 TRAINING_METHODS = (*FORGET_METHODS, "ft")  # one run handles edit + forget + retain
 
 

@@ -76,7 +76,8 @@ class Artifact:
         """``kind`` is ``weight-delta`` (tensors are added to parameters), ``context`` (tensors are a
         fact store that applying attaches to the model and that scoring/generation consult) or
         ``memory`` (tensors are a codebook that the method's ``attach`` installs as a forward hook on
-        the module named in ``extra["module"]``; weights never change)."""
+        the module named in ``extra["module"]``; weights never change) or ``adapter`` (LoRA factors
+        ``<weight>.lora_A/B`` whose merged product is added like a weight delta)."""
         deltas = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in deltas.items()}
         manifest = {
             "format": FORMAT,
@@ -111,6 +112,22 @@ class Artifact:
     def __repr__(self) -> str:
         return f"Artifact(id={self.id}, method={self.method}, params={list(self.deltas)})"
 
+    def weight_deltas(self) -> dict[str, torch.Tensor]:
+        """The additive update of each parameter: the tensors themselves for ``weight-delta``, the
+        merged ``scaling · B A`` of each target for an ``adapter`` (LoRA), nothing for the others."""
+        if self.kind == "weight-delta":
+            return self.deltas
+        if self.kind != "adapter":
+            return {}
+        from .methods.lora import merged_delta
+
+        ad = self.manifest.get("extra", {}).get("adapter", {})
+        try:
+            return {n: merged_delta(self.deltas[f"{n}.lora_A"], self.deltas[f"{n}.lora_B"], float(ad["scaling"]),
+                                    bool(ad.get("transposed", False))) for n in ad["targets"]}
+        except KeyError as e:
+            raise ArtifactError(f"adapter artifact {self.id} lacks {e}; it is corrupt") from None
+
     # -- apply / revert ---------------------------------------------------------------------
     def check_compatible(self, target, *, force: bool = False) -> nn.Module:
         model, model_hash = _model_of(target)
@@ -130,7 +147,7 @@ class Artifact:
             except AttributeError:
                 raise ArtifactError(f"artifact {self.id} hooks module {path!r}, which this model does not have") from None
             return model
-        for name, delta in self.deltas.items():
+        for name, delta in self.weight_deltas().items():
             try:
                 p = model.get_parameter(name)
             except AttributeError:
@@ -159,9 +176,10 @@ class Artifact:
         stack = model.__dict__.setdefault(_STACK_ATTR, [])
         if any(a.id == self.id for a, _ in stack):
             raise ArtifactError(f"artifact {self.id} is already applied to this model")
-        backup = {n: model.get_parameter(n).detach().clone() for n in self.deltas}
+        deltas = self.weight_deltas()
+        backup = {n: model.get_parameter(n).detach().clone() for n in deltas}
         with torch.no_grad():
-            for n, d in self.deltas.items():
+            for n, d in deltas.items():
                 p = model.get_parameter(n)
                 p.add_(d.to(p.device, p.dtype))
         stack.append((self, backup))
@@ -237,7 +255,7 @@ class Artifact:
         out = {k: v for k, v in self.manifest.items() if k != "requests"}
         out["n_requests"] = len(self.manifest.get("requests", []))
         out["requests"] = self.manifest.get("requests", [])
-        out["delta_norms"] = {k: round(float(v.norm()), 6) for k, v in self.deltas.items()}
+        out["delta_norms"] = {k: round(float(v.norm()), 6) for k, v in (self.weight_deltas() or self.deltas).items()}
         return out
 
 
@@ -253,15 +271,15 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     hashes = {a.manifest.get("model", {}).get("hash") for a in artifacts}
     if len(hashes) > 1:
         raise ArtifactError("cannot stack artifacts made for different models")
-    if any(a.kind != "weight-delta" for a in artifacts):
-        raise ArtifactError("only weight-delta artifacts can be stacked; apply context and memory artifacts "
-                            "(fact stores, codebooks) side by side")
+    if any(a.kind not in ("weight-delta", "adapter") for a in artifacts):
+        raise ArtifactError("only weight-delta and adapter artifacts can be stacked; apply context and memory "
+                            "artifacts (fact stores, codebooks) side by side")
     deltas: dict[str, torch.Tensor] = {}
-    for a in artifacts:
-        for k, v in a.deltas.items():
+    for a in artifacts:  # adapters are merged into plain deltas
+        for k, v in a.weight_deltas().items():
             deltas[k] = deltas[k] + v if k in deltas else v.clone()
     base = artifacts[0].manifest
-    manifest = dict(base, method="stack", hparams={}, requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
+    manifest = dict(base, method="stack", kind="weight-delta", hparams={}, requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
                     parents=[a.id for a in artifacts], params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()})
     manifest.pop("tensors_sha256", None)
     manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]

@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
     s.add_argument("--method", default="npo", choices=sorted(REGISTRY),
-                   help="ga/gd/npo/simnpo/idk/dpo/ft do all in one optimisation; a single-task method (rome, memit, ...) "
+                   help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora do all in one optimisation; a single-task method (rome, memit, ...) "
                         "edits first and --forget-method then forgets (the output says so)")
     s.add_argument("--forget-method", default="npo", choices=forgetters, help="forgetting step for single-task methods")
     s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")

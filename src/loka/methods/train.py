@@ -16,9 +16,11 @@ model of NPO/DPO/KL is the model at the start, so its numbers are computed once,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -96,7 +98,7 @@ class TrainMethod(Method):
         if self.name == "ga" and retain:
             log.warning("ga has no retain term: %d retain request(s) ignored (use gd)", len(retain))
             retain = []
-        tok, model = handle.tokenizer, handle.model
+        tok = handle.tokenizer
         rng = self._rng = random.Random(hp.seed)
         torch.manual_seed(hp.seed)
         names = [handle.weight_name(handle.check_layer(x, "layers")) for x in hp.layers]
@@ -115,11 +117,8 @@ class TrainMethod(Method):
                       "forget_loss": self.forget}
         if wb is not None and self.forget == "relearn":
             info["relearn_rows"] = len(wb)
-        params = [handle.param(n) for n in names]
-        with preserved_weights(model, names):
-            orig = [p.detach().clone() for p in params]
-            for p in params:
-                p.requires_grad_(True)
+        with self._trainable(handle, names, hp) as tr:
+            params = tr.params
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
             bar = tqdm(total=hp.max_steps, desc=f"{self.name} training", unit="step",
                        disable=progress is None or getattr(progress, "disable", False))
@@ -135,10 +134,7 @@ class TrainMethod(Method):
                     loss = sum(parts.values())
                     loss.backward()
                     opt.step()
-                    if hp.linf_constraint is not None:
-                        with torch.no_grad():
-                            for p, o in zip(params, orig):
-                                p.copy_(o + (p - o).clamp(-hp.linf_constraint, hp.linf_constraint))
+                    tr.after_step()
                     rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
                     history.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
@@ -150,12 +146,11 @@ class TrainMethod(Method):
                 final = {k: rec[k] for k in ("forget_em", "edit_em") if k in rec} if history else {}
             finally:
                 bar.close()
-                for p in params:
-                    p.requires_grad_(False)
             with torch.no_grad():
                 if not final:  # the last step ended without a full check: do one now
                     final = self._check(handle, fb, eb)
-                deltas = {n: (p.detach() - o) for n, p, o in zip(names, params, orig)}
+                deltas = tr.result()
+        info.update(tr.info)
         info.update(final)
         info["history"] = history
         if progress is not None:
@@ -163,6 +158,19 @@ class TrainMethod(Method):
         return deltas, info
 
     # -- pieces ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _trainable(self, handle, names: list[str], hp) -> Iterator[_Trainable]:
+        """The parameters a run trains: here the weights ``names`` themselves (restored on exit, so the
+        model is untouched; the result is their change). LoRA trains low-rank factors instead."""
+        model = handle.model
+        with preserved_weights(model, names):
+            tr = _WeightDeltas([handle.param(n) for n in names], names, hp.linf_constraint)
+            try:
+                yield tr
+            finally:
+                for p in tr.params:
+                    p.requires_grad_(False)
+
     @torch.no_grad()
     def _reference(self, handle, fb, wb, rb, hp) -> dict:
         ref: dict = {}
@@ -249,6 +257,38 @@ class TrainMethod(Method):
         now = self._check(handle, fb, eb)
         rec.update(now)
         return self._met(now, hp)
+
+
+class _Trainable:
+    """What :meth:`TrainMethod._trainable` yields: the optimised tensors, a post-step projection, the
+    artifact tensors at the end, and facts for the manifest."""
+
+    params: list[torch.Tensor]
+    info: dict
+
+    def after_step(self) -> None:
+        pass
+
+    def result(self) -> dict[str, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _WeightDeltas(_Trainable):
+    def __init__(self, params: list[torch.Tensor], names: list[str], linf: float | None):
+        self.params, self.names, self.linf = params, names, linf
+        self.orig = [p.detach().clone() for p in params]
+        self.info = {}
+        for p in params:
+            p.requires_grad_(True)
+
+    def after_step(self) -> None:
+        if self.linf is not None:  # FT-L: project back into the L∞ ball around the original weights
+            with torch.no_grad():
+                for p, o in zip(self.params, self.orig):
+                    p.copy_(o + (p - o).clamp(-self.linf, self.linf))
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: (p.detach() - o) for n, p, o in zip(self.names, self.params, self.orig)}
 
 
 def _sample(rng: random.Random, n: int, k: int) -> torch.Tensor:
