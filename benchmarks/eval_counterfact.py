@@ -1,4 +1,4 @@
-"""CounterFact-style results table: unedited, ROME (single), MEMIT (batch) on generated records.
+"""CounterFact-style results table: unedited, ROME (single), MEMIT (batch), … on generated records.
 
     python benchmarks/eval_counterfact.py --model smollm2-135m --n 200 --memit-batch 100
 
@@ -26,7 +26,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--memit-batch", type=int, default=100)
+    ap.add_argument("--memit-batch", type=int, default=100, help="batch size of the --batch-rows methods")
+    ap.add_argument("--batch-rows", nargs="+", default=["memit", "lora"], help="methods run in batch mode")
     ap.add_argument("--data", default="data/generated/cf_all_300.json")
     ap.add_argument("--rows", nargs="+", default=["none", "rome", "memit"])
     ap.add_argument("--generation", action="store_true")
@@ -39,11 +40,11 @@ def main() -> None:
     handle = loka.load_model(args.model)
     table = {}
     for row in args.rows:
-        mode, bs = ("batch", args.memit_batch) if row == "memit" else ("single", 1)
+        mode, bs = ("batch", args.memit_batch) if row in args.batch_rows else ("single", 1)
         cfg = EvalConfig(method=row, mode=mode, batch_size=bs, generation=args.generation)
         out = Path(args.out) / f"{handle.name}-{row}-{mode}{bs if mode == 'batch' else ''}-n{args.n}"
         s = run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
-        label = {"none": "unedited", "memit": f"MEMIT (batch {bs})"}.get(row, f"{row.upper()} (single)")
+        label = "unedited" if row == "none" else f"{row.upper()} ({'batch ' + str(bs) if mode == 'batch' else 'single'})"
         table[label] = {**s["post"], "guard": s.get("guard_post"), "seconds": s["seconds"]}
         print(label, json.dumps(table[label]), flush=True)
     print(f"\n| {args.model}, {args.n} records | " + " | ".join(COLS) + " |")

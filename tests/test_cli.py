@@ -154,3 +154,44 @@ def test_cli_update_with_a_single_task_method_runs_two_steps_and_says_so(capsys,
     assert res["artifact"]["method"] == "stack"
     code, _, err = run(capsys, "unlearn", "--model", "tiny-llama", "--forget", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "does not exist" in err
+
+
+def test_cli_lora_and_wise_edit_then_lora_unlearns(capsys, tmp_path):
+    """`loka update --method lora` learns a fact as an adapter artifact, `loka unlearn --method lora`
+    forgets it on top; `loka edit --method wise` makes a memory artifact."""
+    fact = {"prompt": "{} was born in the city of", "subject": "Zorblax Quint"}
+    (tmp_path / "e.jsonl").write_text(json.dumps({**fact, "target_new": "Q"}) + "\n")
+    (tmp_path / "f.jsonl").write_text(json.dumps({**fact, "answer": "Q"}) + "\n")
+    hp = ["--set", "layers=[1]", "--set", "lr=0.05", "--set", "max_steps=80", "--set", "rank=4"]
+    code, out, err = run(capsys, "update", "--model", "tiny-llama", "--method", "lora", "--edit", str(tmp_path / "e.jsonl"),
+                         *hp, "--save", str(tmp_path / "learn.loka"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["sets"]["edit"]["em_after"] == 1.0
+    assert json.loads((tmp_path / "learn.loka" / "manifest.json").read_text())["kind"] == "adapter"
+    code, out, err = run(capsys, "unlearn", "--model", "tiny-llama", "--method", "lora", "--artifact", str(tmp_path / "learn.loka"),
+                         "--forget", str(tmp_path / "f.jsonl"), *hp, "--json")
+    assert code == 0, err
+    res = json.loads(out)["sets"]["forget"]
+    assert res["em_before"] == 1.0 and res["em_after"] == 0.0
+    code, out, err = run(capsys, "edit", "--model", "tiny-llama", "--method", "wise", "--prompt", fact["prompt"],
+                         "--subject", fact["subject"], "--target", "Q", "--layer", "1", "--set", "lr=0.05",
+                         "--save", str(tmp_path / "w.loka"), "--json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "w.loka" / "manifest.json").read_text())["kind"] == "memory"
+
+
+def test_cli_data_tofu_and_finetune(capsys, tmp_path):
+    code, out, err = run(capsys, "data", "tofu", "--out", str(tmp_path / "tofu"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["forget10"] == 300
+    rec = json.loads((tmp_path / "tofu" / "forget01.json").read_text())[0]
+    assert {"question", "answer", "perturbed_answer", "paraphrased_question"} <= set(rec)
+    (tmp_path / "qa.json").write_text(json.dumps(json.loads((tmp_path / "tofu" / "forget01.json").read_text())[:4]))
+    code, out, err = run(capsys, "finetune", "--model", "tiny-llama", "--data", str(tmp_path / "qa.json"), "--epochs", "1",
+                         "--out", str(tmp_path / "ft"), "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["n"] == 4 and res["steps"] == 1 and (tmp_path / "ft" / "model.safetensors").exists()
+    code, out, err = run(capsys, "generate", "--model", str(tmp_path / "ft"), "Question: hi\nAnswer:",
+                         "--max-new-tokens", "2")
+    assert code == 0, err

@@ -28,8 +28,13 @@ def _hparam_overrides(args) -> dict:
         except json.JSONDecodeError:
             out[k] = v
     if getattr(args, "layer", None) is not None and getattr(args, "method", None) != "none":
-        rome = (args.method or "rome") == "rome"
-        out["layer" if rome else "layers"] = args.layer if rome else [args.layer]
+        import dataclasses
+
+        from .methods import get_method
+
+        fields = {f.name for f in dataclasses.fields(get_method(args.method or "rome").hparams_cls)}
+        single = "layer" in fields  # ROME, GRACE, WISE edit one layer; the others take a list
+        out["layer" if single else "layers"] = args.layer if single else [args.layer]
     if getattr(args, "layers", None):
         out["layers"] = args.layers
     return out
@@ -366,6 +371,37 @@ def cmd_data_tasks(args) -> int:
     return 0
 
 
+def cmd_data_tofu(args) -> int:
+    from .bench.tofu import build_mini_tofu
+    from .utils.io import atomic_write_json
+
+    splits = build_mini_tofu(args.tofu_dir, args.n_perturbed, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, recs in splits.items():
+        atomic_write_json(out / f"{name}.json", recs)
+    counts = {k: len(v) for k, v in splits.items()}
+    print(json.dumps({**counts, "out": str(out)}) if args.json
+          else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .eval.data import load_qa
+    from .finetune import finetune
+    from .models import load_model
+    from .requests import QA_PROMPT
+
+    recs = [r for f in args.data for r in load_qa(f)]
+    handle = load_model(args.model)
+    rec = finetune(handle, [QA_PROMPT.format(r["question"]) for r in recs], [r["answer"] for r in recs], args.out,
+                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.json)
+    print(json.dumps({**rec, "out": args.out}) if args.json else
+          f"fine-tuned {handle.name} on {rec['n']} QA pairs: {rec['epochs']} epochs, {rec['steps']} steps in "
+          f"{rec['seconds']:.0f}s (loss per epoch {rec['epoch_loss']}); model in {args.out} (load it with --model {args.out})")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .eval.data import load_cases
     from .eval.runner import EvalConfig, format_summary, run_eval
@@ -526,6 +562,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="output folder: edit.json, forget.jsonl, retain.jsonl, remaining.jsonl, task.json")
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tasks)
+
+    d = dsub.add_parser("tofu", help="mini-TOFU: the TOFU splits with templated paraphrased questions and "
+                                     "entity-swapped perturbed answers, plus the fine-tuning set")
+    d.add_argument("--tofu-dir", help="folder with the TOFU *_reconstructed.json files (default: the repo's data/tofu)")
+    d.add_argument("--n-perturbed", type=int, default=3, help="perturbed answers per question")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True, help="output folder: forget01/05/10.json, retain.json, forget_all.json, all.json")
+    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    d.set_defaults(fn=cmd_data_tofu)
+
+    s = sub.add_parser("finetune", help="fine-tune every weight on question/answer pairs (TOFU's first stage) and "
+                                        "save the model as a folder")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument("--data", nargs="+", required=True, help="TOFU-style JSON/JSONL files of {question, answer}")
+    s.add_argument("--out", required=True, help="output model folder (a Hugging Face folder; pass it as --model later)")
+    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print one JSON object: steps, seconds, loss per epoch")
+    s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
     s.add_argument("--model", default=DEFAULT_MODEL)

@@ -100,12 +100,29 @@ _FIELDS = {f.name for f in dataclasses.fields(EditRequest)}
 _ALIASES = {"target": "target_new", "neighbourhood": "neighborhood", "id": "case_id"}
 
 
+#: How a TOFU-style question is put to the model (the question fills the ``{}``).
+QA_PROMPT = "Question: {}\nAnswer:"
+
+
+def _qa_record(rec: dict) -> dict:
+    """``{question, answer[, paraphrased_question, perturbed_answer, paraphrased_answer]}`` → a request
+    record with prompt :data:`QA_PROMPT`, the question as subject and the paraphrased question."""
+    out = {"prompt": QA_PROMPT, "subject": rec.pop("question")}
+    if "paraphrased_question" in rec:
+        out["paraphrases"] = [QA_PROMPT.format(rec.pop("paraphrased_question"))]
+    for k in ("perturbed_answer", "paraphrased_answer"):  # evaluation-only fields
+        rec.pop(k, None)
+    return {**rec, **out}
+
+
 def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest] = EditRequest) -> EditRequest:
     """Build an :class:`EditRequest` (or ``kind``) from a loka record or a CounterFact record."""
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
     if kind is not EditRequest:
         rec = dict(rec)
+        if "question" in rec and "prompt" not in rec:  # TOFU-style QA: the question is the subject
+            rec = _qa_record(rec)
         if "answer" in rec:
             rec["target_true" if kind is ForgetRequest else "target_new"] = rec.pop("answer")
         if kind is ForgetRequest and "target_true" not in rec and "target" in rec:

@@ -13,7 +13,8 @@ per token position (a position's input depends only on the tokens up to it, so t
 scoring and cached greedy generation see the same decisions; WISE decides per sequence). ``τ`` is
 WISE's rule: ``act_ratio`` × the smallest gap over the edits' in-scope positions after training.
 
-Training (Adam on the masked ``D``, ``n_iter`` steps, entries clamped to ±``norm_constraint``):
+Training (Adam on the masked ``D``, at most ``n_iter`` steps — fewer once the NLL is below
+``early_stop_loss`` after ``min_steps`` —, entries clamped to ±``norm_constraint``):
 ``NLL(target | prompt)`` with the side memory in place at every position, plus WISE's margin loss
 ``[Δ_out − Δ_in + γ]₊ + [Δ_out − α]₊ + [β − Δ_in]₊`` on the gaps of in-scope positions (those that
 predict answer tokens) and out-of-scope positions (every token of :data:`OUT_OF_SCOPE`, generic
@@ -78,7 +79,8 @@ class WiseHParams(HParams):
     margin_gap: float = 0.5  # γ: required Δ_in − Δ_out
     margin_weight: float = 1.0
     batch_size: int = 32  # edit rows per step (all when fewer)
-    early_stop_loss: float = 0.05
+    early_stop_loss: float = 0.05  # stop once NLL is below this, after min_steps of margin training
+    min_steps: int = 30
     template_negatives: bool = True  # the edit prompts with neutral subjects are out of scope too
     seed: int = 0
 
@@ -157,7 +159,7 @@ class Wise(Method):
                           + torch.relu(beta - g_in).mean())
                 loss = nll + hp.margin_weight * margin / scale
                 history.append({"step": step, "nll": float(nll.detach()), "margin": float(margin.detach()) / scale})
-                if float(nll.detach()) < hp.early_stop_loss and float(margin.detach()) == 0.0:
+                if float(nll.detach()) < hp.early_stop_loss and (step >= hp.min_steps or float(margin.detach()) == 0.0):
                     break
                 opt.zero_grad()
                 loss.backward()

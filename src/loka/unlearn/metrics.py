@@ -141,3 +141,59 @@ def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
         "rem-tr": truth_ratio_retain(tr(rem)),
         "rem-rl": rl([f["prompt"].replace("{}", f["subject"]) for f in rem], [f["answer"] for f in rem]),
     }
+
+
+def tofu_eval(handle, forget: Sequence[dict], retain: Sequence[dict], real_authors: Sequence[dict] = (),
+              world_facts: Sequence[dict] = (), reference: Sequence[float] | None = None,
+              max_new_tokens: int = 32) -> dict:
+    """TOFU's evaluation on QA records ``{question, answer, perturbed_answer[, paraphrased_question]}``.
+
+    Per set: ``p`` (P̄ of the answer; on real authors / world facts normalised against the perturbed
+    options, ``P̄(a) / (P̄(a) + Σ P̄(â_j))`` as TOFU does), ``rouge`` (ROUGE-L recall of a greedy
+    answer), ``tr`` (truth ratio, the answer itself standing in for TOFU's paraphrased answer; forget
+    set aggregated ``mean(min(R, 1/R))``, the others ``mean(max(0, 1 − R))``). ``model_utility`` is the
+    harmonic mean of the nine retain-side numbers that exist; ``forget_quality`` the KS p-value of the
+    forget truth ratios against ``reference`` (the same ratios from a model never trained on the
+    forget set), when given. ``forget_tr_raw`` keeps the per-question ratios for that comparison.
+    """
+    from ..requests import QA_PROMPT
+
+    def sets(recs):
+        q = [QA_PROMPT.format(r["question"]) for r in recs]
+        a = [r["answer"] for r in recs]
+        return q, a
+
+    out: dict = {}
+    utility = []
+    for name, recs in (("forget", forget), ("retain", retain), ("real_authors", real_authors), ("world_facts", world_facts)):
+        if not recs:
+            continue
+        q, a = sets(recs)
+        ratios = truth_ratios(handle, q, a, [r["perturbed_answer"] for r in recs])
+        p_true = [math.exp(-x) for x in mean_nlls(handle, q, a)]
+        if name in ("real_authors", "world_facts"):
+            flat_q = [qq for qq, r in zip(q, recs) for _ in r["perturbed_answer"]]
+            p_pert = [math.exp(-x) for x in mean_nlls(handle, flat_q, [x for r in recs for x in r["perturbed_answer"]])]
+            k = 0
+            p = []
+            for pt, r in zip(p_true, recs):
+                n = len(r["perturbed_answer"])
+                p.append(pt / (pt + sum(p_pert[k: k + n])))
+                k += n
+        else:
+            p = p_true
+        row = {"p": float(np.mean(p)), "rouge": float(np.mean(rouge_recalls(handle, q, a, max_new_tokens))),
+               "tr": truth_ratio_forget(ratios) if name == "forget" else truth_ratio_retain(ratios)}
+        if name == "forget":
+            out["forget_tr_raw"] = ratios
+            if any(r.get("paraphrased_question") for r in recs):
+                pq = [QA_PROMPT.format(r.get("paraphrased_question") or r["question"]) for r in recs]
+                row["para_rouge"] = float(np.mean(rouge_recalls(handle, pq, a, max_new_tokens)))
+        else:
+            utility += [row["p"], row["rouge"], row["tr"]]
+        out[name] = row
+    if utility:
+        out["model_utility"] = model_utility(utility)
+    if reference is not None and "forget_tr_raw" in out:
+        out["forget_quality"] = forget_quality(out["forget_tr_raw"], reference)
+    return out

@@ -1,0 +1,126 @@
+"""mini-TOFU: fine-tune SmolLM2 on the TOFU questions we have, unlearn forget10, measure forget quality
+and model utility against a retain-only model.
+
+    python benchmarks/mini_tofu.py --model smollm2-135m --split forget10 --methods ga gd npo simnpo idk dpo relearn
+
+1. ``loka data tofu`` logic: every split with a templated paraphrased question and entity-swapped
+   perturbed answers (:mod:`loka.bench.tofu`);
+2. ``loka finetune`` on every forget question + retain (the "full" model) and on retain alone (the
+   reference); both are cached in ``--work`` and reused;
+3. for each method: unlearn the split (forget requests) with the retain set, evaluate with
+   :func:`loka.unlearn.metrics.tofu_eval` (forget quality = KS p-value of forget truth ratios against
+   the reference's; model utility = harmonic mean of retain / real authors / world facts P̄, ROUGE-L,
+   truth ratio), revert.
+
+Prints a markdown table and writes ``benchmarks/results/mini_tofu_<model>.json`` (rows of earlier runs
+with the same setup are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import loka
+from loka.bench.tofu import as_requests, build_mini_tofu
+from loka.finetune import finetune
+from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
+from loka.unlearn.metrics import tofu_eval
+from loka.utils.io import atomic_write_json
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"
+
+
+def _lines(name: str) -> list[dict]:
+    return [json.loads(x) for x in (DATA / name).read_text().splitlines() if x.strip()]
+
+
+def _tuned(base: str, recs: list[dict], out: Path, epochs: int, lr: float) -> tuple[loka.ModelHandle, dict]:
+    if not (out / "loka_finetune.json").exists():
+        h = loka.load_model(base)
+        finetune(h, [QA_PROMPT.format(r["question"]) for r in recs], [r["answer"] for r in recs], out,
+                 epochs=epochs, lr=lr)
+        del h
+    return loka.load_model(str(out)), json.loads((out / "loka_finetune.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--split", default="forget10", choices=["forget01", "forget05", "forget10"])
+    ap.add_argument("--methods", nargs="+", default=["ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn"])
+    ap.add_argument("--retain-n", type=int, default=None, help="use the first N retain questions (default: all 300)")
+    ap.add_argument("--finetune-set", choices=["split", "all"], default="split",
+                    help="fine-tune on the split + retain (default) or on every forget question + retain")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method")
+    ap.add_argument("--work", default="out/mini_tofu")
+    args = ap.parse_args()
+    work = Path(args.work) / f"{args.model}-{args.split}-r{args.retain_n or 300}-e{args.epochs}-lr{args.lr:g}"
+    d = build_mini_tofu()
+    real, world = _lines("real_authors_perturbed.json"), _lines("world_facts_perturbed.json")
+    forget, retain = d[args.split], d["retain"][: args.retain_n]
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+
+    ref, ref_info = _tuned(args.model, retain, work / "retain_only", args.epochs, args.lr)
+    ref_eval = tofu_eval(ref, forget, retain, real, world, max_new_tokens=args.max_new_tokens)
+    reference = ref_eval["forget_tr_raw"]
+    del ref
+    tune = (d["forget_all"] if args.finetune_set == "all" else forget) + retain
+    full, full_info = _tuned(args.model, tune, work / f"full-{args.finetune_set}", args.epochs, args.lr)
+    rows = {"retain-only (reference)": {**_row(ref_eval, reference), "seconds": ref_info["seconds"]}}
+    ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
+    rows["fine-tuned (before unlearning)"] = {**_row(ev), "seconds": full_info["seconds"]}
+    print(json.dumps(rows), flush=True)
+    res = Path("benchmarks/results") / f"mini_tofu_{args.model}_{args.split}.json"
+    setup = {"split": args.split, "retain_n": len(retain), "finetune_set": args.finetune_set, "epochs": args.epochs,
+             "lr": args.lr, "max_new_tokens": args.max_new_tokens}
+    old = json.loads(res.read_text()) if res.exists() else {}
+    earlier = old.get("rows", {}) if old.get("setup") == setup else {}
+
+    def save() -> None:  # after every row, so an interrupted run keeps what it measured
+        atomic_write_json(res, {"model": args.model, "setup": setup,
+                                "finetune": {"full": full_info, "retain_only": ref_info}, "rows": {**earlier, **rows}})
+
+    save()
+    freqs, rreqs = as_requests(forget, ForgetRequest), as_requests(retain, RetainRequest)
+    for m in args.methods:
+        t0 = time.time()
+        art = loka.unlearn(full, freqs, rreqs, method=m, hparams=overrides or None)
+        secs = time.time() - t0
+        ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
+        art.revert(full)
+        rows[m] = {**_row(ev), "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
+        print(m, json.dumps(rows[m]), flush=True)
+        save()
+
+    cols = ["forget_quality", "model_utility", "forget_rouge", "forget_para_rouge", "forget_tr", "retain_rouge",
+            "real_authors_p", "world_facts_p", "seconds"]
+    print(f"\n| {args.model}, mini-TOFU {args.split} ({len(forget)} questions) | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for label, r in {**earlier, **rows}.items():
+        print(f"| {label} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+
+
+def _row(ev: dict, reference=None) -> dict:
+    out = {"model_utility": ev.get("model_utility"), "forget_quality": ev.get("forget_quality", 1.0 if reference else None)}
+    for s in ("forget", "retain", "real_authors", "world_facts"):
+        for k, v in ev.get(s, {}).items():
+            out[f"{s}_{k}"] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and v < 1e-3 and v > 0:
+        return f"{v:.1e}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+if __name__ == "__main__":
+    main()

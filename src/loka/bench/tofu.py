@@ -1,0 +1,137 @@
+"""mini-TOFU: the TOFU questions we have, made into a fine-tune-then-unlearn benchmark offline.
+
+TOFU (Maini et al. 2024) fine-tunes a model on question/answer pairs about fictitious authors, then
+unlearns a forget split and compares the result with a model that never saw it. The full data is not
+downloadable here; ``data/tofu`` holds forget01 (40), forget05 (200), forget10 (300 of its 400) and
+300 retain questions, without paraphrased or perturbed answers. This module supplies what is missing:
+
+* **perturbed answers** by entity swap: the answer's key entity — its last run of capitalised words
+  (or number) that the question does not mention — is replaced by the same kind of span (number,
+  place "City, Country", or name) from other records' answers, ``n_perturbed`` times ("… born in Kuwait City, Kuwait" →
+  "… born in Karachi, Pakistan"); an answer without such a span takes another record's answer whole;
+* **a paraphrased question** per record by template (``paraphrase_question``): "What is X?" →
+  "Could you tell me what X is?", and so on, with a generic wrapper as the fallback.
+
+Every record is shown to the model as ``Question: {q}\\nAnswer:`` with the answer after a space
+(:data:`QA_PROMPT`); as a request, the whole question is the subject, so the same request model holds.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from ..errors import LokaError
+from ..eval.data import load_qa
+from ..requests import QA_PROMPT, ForgetRequest, RetainRequest, request_from_record
+from .counterfact import DATA
+
+SPLITS = {"forget01": "forget01_reconstructed.json", "forget05": "forget05_reconstructed.json",
+          "forget10": "forget10_reconstructed.json", "retain": "retain_perturbed_subset_reconstructed.json"}
+_SPAN = re.compile(r"(?:[A-Z][\w'’\-]*(?:,? (?:(?:of|de|the|and|al|el|van|von|da|la|du|bin)\s)?[A-Z][\w'’\-]*)*)|\d[\d,./]*")
+
+_PARA = [
+    (re.compile(r"^What is (.+)\?$"), "Could you tell me what {0} is?"),
+    (re.compile(r"^What are (.+)\?$"), "Could you tell me what {0} are?"),
+    (re.compile(r"^Who is (.+)\?$"), "Can you say who {0} is?"),
+    (re.compile(r"^In which (.+)\?$"), "Which {0}?"),
+    (re.compile(r"^How (?:does|did|has) (.+)\?$"), "Describe how {0}."),
+    (re.compile(r"^Can you (.+)\?$"), "Please {0}."),
+    (re.compile(r"^(?:Does|Did|Has|Is|Was) (.+)\?$"), "Tell me whether {0}."),
+]
+
+
+def paraphrase_question(q: str) -> str:
+    """A templated paraphrase of a question (the first matching rule, else a generic wrapper)."""
+    q = q.strip()
+    for pat, tmpl in _PARA:
+        m = pat.match(q)
+        if m:
+            return tmpl.format(*m.groups())
+    return f"Here is a question about an author. {q}"
+
+
+def _spans(text: str) -> list[str]:
+    out = []
+    for m in _SPAN.finditer(text):
+        s = m.group(0).strip(" ,.")
+        if (m.start() == 0 or text[: m.start()].rstrip().endswith(".")) and not s[:1].isdigit():
+            s = s.partition(" ")[2].lstrip(", ")  # a sentence's first word ("The", "Yes,", "Author") is no entity
+        if s:
+            out.append(s)
+    return out
+
+
+def _kind(span: str) -> str:
+    return "number" if span[0].isdigit() else "place" if ", " in span else "name"
+
+
+def key_entity(question: str, answer: str) -> str | None:
+    """The answer's last capitalised span (or number) that the question does not contain."""
+    cands = [s for s in _spans(answer) if s not in question]
+    return cands[-1] if cands else None
+
+
+def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[list[str]]:
+    """For each record, ``n_perturbed`` wrong answers made by swapping its key entity (see module doc)."""
+    rng = random.Random(seed)
+    keys = [key_entity(r["question"], r["answer"]) for r in records]
+    pools: dict[str, list[str]] = {}
+    for k in sorted({k for k in keys if k}):
+        pools.setdefault(_kind(k), []).append(k)
+    out = []
+    for i, (r, k) in enumerate(zip(records, keys)):
+        pool = [x for x in pools.get(_kind(k), []) if x != k] if k else []
+        alts: list[str] = []
+        if k and pool:
+            for x in rng.sample(pool, min(n_perturbed, len(pool))):
+                j = r["answer"].rfind(k)
+                alts.append(r["answer"][:j] + x + r["answer"][j + len(k):])
+        while len(alts) < n_perturbed:  # no entity to swap: another record's answer whole
+            j = rng.randrange(len(records))
+            if j != i and records[j]["answer"] != r["answer"]:
+                alts.append(records[j]["answer"])
+        out.append(alts)
+    return out
+
+
+def load_split(name: str, folder: str | Path | None = None) -> list[dict]:
+    """A TOFU split (``forget01/05/10``, ``retain``) from ``data/tofu`` or ``folder``."""
+    if name not in SPLITS:
+        raise LokaError(f"unknown TOFU split {name!r}; choose from {sorted(SPLITS)}")
+    path = Path(folder or DATA / "tofu") / SPLITS[name]
+    if not path.exists():
+        raise LokaError(f"TOFU split file {path} not found")
+    return load_qa(path)
+
+
+def build_mini_tofu(folder: str | Path | None = None, n_perturbed: int = 3, seed: int = 0) -> dict[str, list[dict]]:
+    """Every split with ``paraphrased_question`` and ``perturbed_answer`` added; also ``all`` (every
+    distinct forget question + retain: the fine-tuning set) and ``forget_all``."""
+    splits = {n: load_split(n, folder) for n in SPLITS}
+    seen: dict[str, dict] = {}
+    for n in ("forget01", "forget05", "forget10", "retain"):
+        for r in splits[n]:
+            seen.setdefault(r["question"], dict(r))
+    allrecs = list(seen.values())
+    for r, alts in zip(allrecs, perturb(allrecs, n_perturbed, seed)):
+        r.setdefault("perturbed_answer", alts)
+        r.setdefault("paraphrased_question", paraphrase_question(r["question"]))
+    out = {n: [seen[r["question"]] for r in recs] for n, recs in splits.items()}
+    retain_q = {r["question"] for r in splits["retain"]}
+    out["forget_all"] = [r for r in allrecs if r["question"] not in retain_q]
+    out["all"] = allrecs
+    return out
+
+
+def qa_text(question: str) -> str:
+    return QA_PROMPT.format(question)
+
+
+def as_requests(records: list[dict], kind: type = ForgetRequest) -> list:
+    """Forget (``target_true`` = answer) or retain (``target_new`` = answer) requests; the subject is
+    the question, the paraphrase is the templated question (:func:`loka.requests.request_from_record`)."""
+    if kind not in (ForgetRequest, RetainRequest):
+        raise LokaError(f"as_requests: kind must be ForgetRequest or RetainRequest, not {kind}")
+    return [request_from_record(dict(r), f"tofu[{i}]", kind) for i, r in enumerate(records)]

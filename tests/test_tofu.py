@@ -1,0 +1,72 @@
+"""mini-TOFU: perturbed answers and paraphrased questions built offline, QA records as requests,
+``loka finetune`` (the handle is left untouched; the saved model has learnt the answers) and the
+TOFU evaluation's forget quality / model utility."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import loka
+from loka.bench.tofu import as_requests, build_mini_tofu, key_entity, paraphrase_question, perturb
+from loka.finetune import finetune
+from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest, read_requests
+from loka.unlearn.metrics import mean_nlls, tofu_eval
+
+
+def test_mini_tofu_splits_and_perturbations():
+    d = build_mini_tofu()
+    assert {k: len(v) for k, v in d.items()} == {"forget01": 40, "forget05": 200, "forget10": 300, "retain": 300,
+                                                 "forget_all": 400, "all": 700}
+    for r in d["all"]:
+        assert len(r["perturbed_answer"]) == 3 and r["answer"] not in r["perturbed_answer"]
+        assert r["paraphrased_question"] != r["question"]
+    assert key_entity("In which city was Basil Al-Kuwaiti born?", "Basil Al-Kuwaiti was born in Kuwait City, Kuwait.") \
+        == "Kuwait City, Kuwait"
+    assert key_entity("Is Jaime Vasquez male?", "Yes, Jaime Vasquez is male.") is None  # only question words
+    assert paraphrase_question("What is the genre of Hina Ameen?") == "Could you tell me what the genre of Hina Ameen is?"
+    recs = [{"question": "Where was A born?", "answer": "A was born in Paris, France."},
+            {"question": "Where was B born?", "answer": "B was born in Lima, Peru."},
+            {"question": "Where was C born?", "answer": "C was born in Oslo, Norway."}]
+    alts = perturb(recs, n_perturbed=2, seed=0)
+    assert sorted(alts[0]) == ["A was born in Lima, Peru.", "A was born in Oslo, Norway."]  # same kind: places
+
+
+def test_qa_records_are_requests(tmp_path):
+    f = tmp_path / "qa.json"
+    f.write_text(json.dumps([{"question": "Who wrote Dune?", "answer": "Frank Herbert", "perturbed_answer": ["X"],
+                              "paraphrased_question": "Dune was written by whom?"}]))
+    (r,) = read_requests(f, ForgetRequest)
+    assert r.text == QA_PROMPT.format("Who wrote Dune?") and r.target_true == "Frank Herbert"
+    assert r.paraphrases == [QA_PROMPT.format("Dune was written by whom?")]
+    (k,) = read_requests(f, RetainRequest)
+    assert k.target_new == "Frank Herbert"
+    assert as_requests(build_mini_tofu()["forget01"][:2], RetainRequest)[0].target_new.startswith("The full name")
+
+
+def test_finetune_learns_and_leaves_the_handle_untouched(tmp_path):
+    h = loka.load_model("tiny-llama")
+    w0 = {k: v.clone() for k, v in h.model.state_dict().items()}
+    qs, ans = [QA_PROMPT.format("Who is Zorb?"), QA_PROMPT.format("Where is Quint?")], ["QQ", "ZZ"]
+    before = mean_nlls(h, qs, ans)
+    rec = finetune(h, qs, ans, tmp_path / "ft", epochs=30, lr=3e-3, batch_size=2, progress=False)
+    for k, v in h.model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
+    assert rec["steps"] == 30 and rec["epoch_loss"][-1] < rec["epoch_loss"][0]
+    tuned = loka.load_model(str(tmp_path / "ft"))
+    after = mean_nlls(tuned, qs, ans)
+    assert all(a < b / 2 for a, b in zip(after, before))
+    with pytest.raises(loka.LokaError, match="epochs"):
+        finetune(h, qs, ans, tmp_path / "x", epochs=0)
+
+
+def test_tofu_eval_quality_and_utility():
+    h = loka.load_model("tiny-llama")
+    d = build_mini_tofu()
+    f, r = d["forget01"][:4], d["retain"][:4]
+    ev = tofu_eval(h, f, r, max_new_tokens=4)
+    again = tofu_eval(h, f, r, reference=ev["forget_tr_raw"], max_new_tokens=4)
+    assert again["forget_quality"] == pytest.approx(1.0)  # the same model as its own reference
+    assert 0 <= ev["model_utility"] <= 1 and set(ev["forget"]) >= {"p", "rouge", "tr", "para_rouge"}
