@@ -36,3 +36,24 @@ def request_eiffel():
     return loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome", target_true="Paris",
                             paraphrases=["Where is the Eiffel Tower? It is in the city of"],
                             neighborhood=["The Louvre is located in the city of"])
+
+
+def answer_em(handle, text: str, answer: str) -> float:
+    """Teacher-forced exact match of ``answer`` after ``text`` (the tiny models tokenise bytes)."""
+    import torch
+
+    from loka.unlearn import losses as L
+
+    b = L.qa_batch(handle.tokenizer, [text], [answer])
+    with torch.no_grad():
+        lg, rows = L.answer_logits(handle, b)
+    return float(L.exact_match(lg, rows, b).mean())
+
+
+def prompt_logits(handle, text: str):
+    """The model's logits for ``text`` (no gradient)."""
+    import torch
+
+    ids = handle.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return handle.model(**ids).logits

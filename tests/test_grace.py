@@ -7,27 +7,16 @@ import pytest
 import torch
 
 import loka
-from loka.unlearn import losses as L
 
 from .conftest import TINY
+from .conftest import answer_em as _em
+from .conftest import prompt_logits as _logits
 
 HP = {"layer": 1, "eps": 0.2, "lr": 0.5, "n_iter": 60}
 A = loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Q")
 B = loka.EditRequest("{} works as a", "Perla Vint", "Z")
 
 
-def _em(handle, text: str, answer: str) -> float:
-    """Teacher-forced exact match of ``answer`` (the tiny models tokenise bytes: " Q" is two tokens)."""
-    b = L.qa_batch(handle.tokenizer, [text], [answer])
-    with torch.no_grad():
-        lg, rows = L.answer_logits(handle, b)
-    return float(L.exact_match(lg, rows, b).mean())
-
-
-def _logits(handle, text: str) -> torch.Tensor:
-    ids = handle.tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return handle.model(**ids).logits
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -8,25 +8,15 @@ import torch
 
 import loka
 from loka.artifact import stack_artifacts
-from loka.unlearn import losses as L
 
 from .conftest import TINY
+from .conftest import answer_em as _em
+from .conftest import prompt_logits as _logits
 
 HP = {"layers": [1], "lr": 0.05, "max_steps": 80, "rank": 4}
 A = loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Q")
 
 
-def _em(handle, text: str, answer: str) -> float:
-    b = L.qa_batch(handle.tokenizer, [text], [answer])
-    with torch.no_grad():
-        lg, rows = L.answer_logits(handle, b)
-    return float(L.exact_match(lg, rows, b).mean())
-
-
-def _logits(handle, text: str) -> torch.Tensor:
-    ids = handle.tokenizer(text, return_tensors="pt")
-    with torch.no_grad():
-        return handle.model(**ids).logits
 
 
 @pytest.mark.parametrize("name", TINY)
