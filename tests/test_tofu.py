@@ -70,3 +70,8 @@ def test_tofu_eval_quality_and_utility():
     again = tofu_eval(h, f, r, reference=ev["forget_tr_raw"], max_new_tokens=4)
     assert again["forget_quality"] == pytest.approx(1.0)  # the same model as its own reference
     assert 0 <= ev["model_utility"] <= 1 and set(ev["forget"]) >= {"p", "rouge", "tr", "para_rouge"}
+
+
+def test_perturb_refuses_records_it_cannot_perturb():
+    with pytest.raises(loka.LokaError, match="two records"):
+        perturb([{"question": "q1?", "answer": "yes"}, {"question": "q2?", "answer": "yes"}])

@@ -13,7 +13,7 @@ downloadable here; ``data/tofu`` holds forget01 (40), forget05 (200), forget10 (
   "Could you tell me what X is?", and so on, with a generic wrapper as the fallback.
 
 Every record is shown to the model as ``Question: {q}\\nAnswer:`` with the answer after a space
-(:data:`QA_PROMPT`); as a request, the whole question is the subject, so the same request model holds.
+(:data:`loka.requests.QA_PROMPT`); as a request, the whole question is the subject, so the same request model holds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import LokaError
 from ..eval.data import load_qa
-from ..requests import QA_PROMPT, ForgetRequest, RetainRequest, request_from_record
+from ..requests import ForgetRequest, RetainRequest, request_from_record
 from .counterfact import DATA
 
 SPLITS = {"forget01": "forget01_reconstructed.json", "forget05": "forget05_reconstructed.json",
@@ -88,6 +88,8 @@ def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[li
             for x in rng.sample(pool, min(n_perturbed, len(pool))):
                 j = r["answer"].rfind(k)
                 alts.append(r["answer"][:j] + x + r["answer"][j + len(k):])
+        if len(alts) < n_perturbed and all(x["answer"] == r["answer"] for x in records):
+            raise LokaError("perturb: need at least two records with different answers")
         while len(alts) < n_perturbed:  # no entity to swap: another record's answer whole
             j = rng.randrange(len(records))
             if j != i and records[j]["answer"] != r["answer"]:
@@ -123,10 +125,6 @@ def build_mini_tofu(folder: str | Path | None = None, n_perturbed: int = 3, seed
     out["forget_all"] = [r for r in allrecs if r["question"] not in retain_q]
     out["all"] = allrecs
     return out
-
-
-def qa_text(question: str) -> str:
-    return QA_PROMPT.format(question)
 
 
 def as_requests(records: list[dict], kind: type = ForgetRequest) -> list:

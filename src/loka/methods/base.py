@@ -52,6 +52,22 @@ class Method:
         raise NotImplementedError
 
 
+class MemoryMethod(Method):
+    """A method whose artifact (kind ``memory``) is installed as a forward hook on the module named in
+    the manifest's ``extra["module"]``; subclasses say how to build the hook from the artifact."""
+
+    kind: ClassVar[str] = "memory"
+
+    @staticmethod
+    def hook(artifact):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def attach(cls, model, artifact) -> object:
+        """Install ``artifact``'s hook on ``model``; returns the removable hook handle."""
+        return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(cls.hook(artifact))
+
+
 REGISTRY: dict[str, type[Method]] = {}
 
 

@@ -38,7 +38,7 @@ from torch import nn
 from ..errors import LokaError
 from ..trace import add_at_positions, capture, run_until_stopped
 from ..unlearn import losses as L
-from .base import HParams, Method, register
+from .base import HParams, MemoryMethod, register
 
 
 @dataclass
@@ -84,16 +84,13 @@ class Codebook:
 
 
 @register
-class Grace(Method):
+class Grace(MemoryMethod):
     name = "grace"
     hparams_cls = GraceHParams
-    kind = "memory"
 
     @staticmethod
-    def attach(model: nn.Module, artifact) -> object:
-        """Install the codebook of ``artifact`` on ``model``; returns the removable hook handle."""
-        cb = Codebook(artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"])
-        return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(cb)
+    def hook(artifact) -> Codebook:
+        return Codebook(artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"])
 
     def run(self, handle, requests, hp: GraceHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")

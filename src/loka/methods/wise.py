@@ -37,7 +37,7 @@ from torch import nn
 from ..errors import LokaError
 from ..trace import capture, run_until_stopped
 from ..unlearn import losses as L
-from .base import HParams, Method, register
+from .base import HParams, MemoryMethod, register
 from .grace import _io_at_answer_positions
 from .train import _rows
 
@@ -109,15 +109,13 @@ def _inputs(handle, path: str, texts: list[str]) -> torch.Tensor:
 
 
 @register
-class Wise(Method):
+class Wise(MemoryMethod):
     name = "wise"
     hparams_cls = WiseHParams
-    kind = "memory"
 
     @staticmethod
-    def attach(model: nn.Module, artifact) -> object:
-        mem = SideMemory(artifact.deltas["wise.delta"], float(artifact.deltas["wise.tau"]))
-        return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(mem)
+    def hook(artifact) -> SideMemory:
+        return SideMemory(artifact.deltas["wise.delta"], float(artifact.deltas["wise.tau"]))
 
     def run(self, handle, requests, hp: WiseHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")

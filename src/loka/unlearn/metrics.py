@@ -73,20 +73,23 @@ def mean_nlls(handle, prompts: Sequence[str], answers: Sequence[str]) -> list[fl
     return [-r["mean_logprob"] for r in target_logprobs(handle, list(prompts), list(answers))]
 
 
+def _answer_nlls(handle, prompts: Sequence[str], answers: Sequence[str],
+                 perturbed: Sequence[Sequence[str]]) -> tuple[list[float], list[list[float]]]:
+    """Mean token NLL of each answer and of each of its perturbed answers (two batched scorings)."""
+    flat_p = [q for q, alts in zip(prompts, perturbed) for _ in alts]
+    flat_a = [a for alts in perturbed for a in alts]
+    pert = mean_nlls(handle, flat_p, flat_a)
+    per, k = [], 0
+    for alts in perturbed:
+        per.append(pert[k: k + len(alts)])
+        k += len(alts)
+    return mean_nlls(handle, prompts, answers), per
+
+
 def truth_ratios(handle, prompts: Sequence[str], paraphrased: Sequence[str],
                  perturbed: Sequence[Sequence[str]]) -> list[float]:
     """Per question ``R`` from the paraphrased answer and its perturbed (wrong) answers."""
-    flat_p, flat_a, owner = [], [], []
-    for i, (q, alts) in enumerate(zip(prompts, perturbed)):
-        for a in alts:
-            flat_p.append(q)
-            flat_a.append(a)
-            owner.append(i)
-    para = mean_nlls(handle, prompts, paraphrased)
-    pert = mean_nlls(handle, flat_p, flat_a)
-    per: list[list[float]] = [[] for _ in prompts]
-    for i, v in zip(owner, pert):
-        per[i].append(v)
+    para, per = _answer_nlls(handle, prompts, paraphrased, perturbed)
     return [truth_ratio(p, alts) for p, alts in zip(para, per)]
 
 
@@ -169,19 +172,11 @@ def tofu_eval(handle, forget: Sequence[dict], retain: Sequence[dict], real_autho
         if not recs:
             continue
         q, a = sets(recs)
-        ratios = truth_ratios(handle, q, a, [r["perturbed_answer"] for r in recs])
-        p_true = [math.exp(-x) for x in mean_nlls(handle, q, a)]
-        if name in ("real_authors", "world_facts"):
-            flat_q = [qq for qq, r in zip(q, recs) for _ in r["perturbed_answer"]]
-            p_pert = [math.exp(-x) for x in mean_nlls(handle, flat_q, [x for r in recs for x in r["perturbed_answer"]])]
-            k = 0
-            p = []
-            for pt, r in zip(p_true, recs):
-                n = len(r["perturbed_answer"])
-                p.append(pt / (pt + sum(p_pert[k: k + n])))
-                k += n
-        else:
-            p = p_true
+        nll, pert = _answer_nlls(handle, q, a, [r["perturbed_answer"] for r in recs])  # scored once, used twice
+        ratios = [truth_ratio(t, alts) for t, alts in zip(nll, pert)]
+        p = [math.exp(-t) for t in nll]
+        if name in ("real_authors", "world_facts"):  # P̄ normalised over the options
+            p = [pt / (pt + sum(math.exp(-x) for x in alts)) for pt, alts in zip(p, pert)]
         row = {"p": float(np.mean(p)), "rouge": float(np.mean(rouge_recalls(handle, q, a, max_new_tokens))),
                "tr": truth_ratio_forget(ratios) if name == "forget" else truth_ratio_retain(ratios)}
         if name == "forget":
