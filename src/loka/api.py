@@ -73,7 +73,7 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     return art
 
 
-FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn", "lora")  # methods with a forget loss
+FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn", "lora", "loka")  # methods with a forget loss
 TRAINING_METHODS = (*FORGET_METHODS, "ft")  # one run handles edit + forget + retain
 
 
@@ -94,18 +94,20 @@ def unlearn(handle, forget, retain=(), method: str = "npo", hparams: HParams | d
 
 
 def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,
-           forget_method: str = "npo", apply: bool = True, progress: bool = True) -> tuple[Artifact, list[str]]:
+           forget_method: str = "npo", apply: bool = True, progress: bool = True,
+           state: EditState | None = None) -> tuple[Artifact, list[str]]:
     """Joint update: learn ``edits``, forget ``forget``, keep ``retain``.
 
     A training method does all three in one optimisation. A single-task method (ROME, MEMIT, …)
     edits first; then ``forget_method`` forgets on top of the edited model with the same retain set.
     Returns one (stacked) artifact and the list of steps that ran, so callers can say what happened.
+    ``state`` continues a sequential LOKA codebook (:func:`loka.methods.loka.state_from_artifact`).
     """
-    from .artifact import stack_artifacts
+    from .artifact import bundle_artifacts, stack_artifacts
 
     edits, forget, retain = list(edits), list(forget), list(retain)
     if method in TRAINING_METHODS:
-        art = edit(handle, edits + forget + retain, method, hparams, apply=apply, progress=progress)
+        art = edit(handle, edits + forget + retain, method, hparams, apply=apply, progress=progress, state=state)
         return art, [f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"]
     if not edits and not forget:
         raise RequestError("nothing to do: give edit and/or forget requests")
@@ -120,7 +122,12 @@ def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams:
     finally:  # leave the model as it was; the result is applied below as one artifact
         for a in reversed(arts):
             a.revert(handle)
-    art = arts[0] if len(arts) == 1 else stack_artifacts(arts)
+    if len(arts) == 1:
+        art = arts[0]
+    elif all(a.kind in ("weight-delta", "adapter") for a in arts):
+        art = stack_artifacts(arts)
+    else:  # a memory or context artifact cannot be summed into weights: keep both, applied in order
+        art = bundle_artifacts(arts)
     if apply:
         art.apply(handle)
     return art, steps

@@ -77,7 +77,8 @@ class Artifact:
         fact store that applying attaches to the model and that scoring/generation consult) or
         ``memory`` (tensors are a codebook that the method's ``attach`` installs as a forward hook on
         the module named in ``extra["module"]``; weights never change) or ``adapter`` (LoRA factors
-        ``<weight>.lora_A/B`` whose merged product is added like a weight delta)."""
+        ``<weight>.lora_A/B`` whose merged product is added like a weight delta); :func:`bundle_artifacts`
+        makes ``bundle`` (several artifacts of any kind applied in order)."""
         deltas = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in deltas.items()}
         manifest = {
             "format": FORMAT,
@@ -129,7 +130,21 @@ class Artifact:
             raise ArtifactError(f"adapter artifact {self.id} lacks {e}; it is corrupt") from None
 
     # -- apply / revert ---------------------------------------------------------------------
+    def parts(self) -> list[Artifact]:
+        """The artifacts a ``bundle`` holds, in application order (see :func:`bundle_artifacts`)."""
+        if self.kind != "bundle":
+            return [self]
+        out = []
+        for i, m in enumerate(self.manifest.get("extra", {}).get("parts", [])):
+            pre = f"{i}/"
+            out.append(Artifact({k[len(pre):]: v for k, v in self.deltas.items() if k.startswith(pre)}, m))
+        return out
+
     def check_compatible(self, target, *, force: bool = False) -> nn.Module:
+        if self.kind == "bundle":
+            for p in self.parts():
+                model = p.check_compatible(target, force=force)
+            return model
         model, model_hash = _model_of(target)
         want = self.manifest.get("model", {}).get("hash")
         if model_hash is not None and want and model_hash != want and not force:
@@ -159,6 +174,16 @@ class Artifact:
     def apply(self, target, *, force: bool = False) -> Artifact:
         """Add the deltas to the model (a handle or a module), remembering the originals."""
         model = self.check_compatible(target, force=force)
+        if self.kind == "bundle":  # the parts, in order; a failing part undoes the ones before it
+            done = []
+            try:
+                for p in self.parts():
+                    done.append(p.apply(target, force=force))
+            except Exception:
+                for p in reversed(done):
+                    p.revert(target)
+                raise
+            return self
         if self.kind == "context":  # no weight changes: attach the fact store
             ctx = model.__dict__.setdefault(CONTEXT_ATTR, [])
             if any(a.id == self.id for a in ctx):
@@ -188,6 +213,10 @@ class Artifact:
     def revert(self, target) -> Artifact:
         """Undo :meth:`apply` exactly (bit for bit), also when later artifacts were applied after it."""
         model, _ = _model_of(target)
+        if self.kind == "bundle":
+            for p in reversed(self.parts()):
+                p.revert(target)
+            return self
         if self.kind == "context":
             ctx = model.__dict__.get(CONTEXT_ATTR, [])
             pos = next((i for i, a in enumerate(ctx) if a.id == self.id), None)
@@ -281,6 +310,28 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     base = artifacts[0].manifest
     manifest = dict(base, method="stack", kind="weight-delta", hparams={}, requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
                     parents=[a.id for a in artifacts], params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()})
+    manifest.pop("tensors_sha256", None)
+    manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
+    return Artifact(deltas, manifest)
+
+
+def bundle_artifacts(artifacts: list[Artifact]) -> Artifact:
+    """One artifact (kind ``bundle``) holding several of any kind, applied in order and reverted in
+    reverse: what a two-step update with a memory or context method (GRACE, WISE, SCR, then a forget
+    step) returns, since such artifacts cannot be summed into one weight delta."""
+    if not artifacts:
+        raise ArtifactError("nothing to bundle")
+    hashes = {a.manifest.get("model", {}).get("hash") for a in artifacts}
+    if len(hashes) > 1:
+        raise ArtifactError("cannot bundle artifacts made for different models")
+    parts = [p for a in artifacts for p in a.parts()]
+    deltas = {f"{i}/{k}": v for i, p in enumerate(parts) for k, v in p.deltas.items()}
+    manifests = [{k: v for k, v in p.manifest.items() if k != "tensors_sha256"} for p in parts]
+    base = parts[0].manifest
+    manifest = dict(base, method="bundle", kind="bundle", hparams={},
+                    requests=[r for p in parts for r in p.manifest.get("requests", [])], parents=[p.id for p in parts],
+                    params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()},
+                    extra={"parts": manifests})
     manifest.pop("tensors_sha256", None)
     manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
     return Artifact(deltas, manifest)

@@ -152,8 +152,15 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
     for name, r in sets.items():
         print(f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}")
     ex = art.manifest.get("extra", {})
-    what = (f"{ex['steps']} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''}" if "steps" in ex
-            else f"{len(art.manifest.get('parents', [])) or 1} artifact(s) stacked")
+    if "steps" in ex:
+        what = f"{ex['steps']} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''}"
+    elif "memories" in ex:  # a LOKA codebook
+        met = sum(m.get("target_met", False) for m in ex["memories"])
+        what = f"codebook of {len(ex['memories'])} memories ({met} met their target)"
+    elif art.kind == "bundle":
+        what = f"{len(art.parts())} artifacts bundled ({', '.join(p.method for p in art.parts())})"
+    else:
+        what = f"{len(art.manifest.get('parents', [])) or 1} artifact(s) stacked"
     print(f"{art.method}: {what} in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
 
 
@@ -192,6 +199,18 @@ def cmd_update(args) -> int:
     from .api import update
     from .requests import ForgetRequest, RetainRequest, read_requests
 
+    folder = state = None
+    if args.state or args.rollback is not None:
+        from .methods.loka import CodebookFolder
+
+        if args.method != "loka" or not args.state:
+            raise SystemExit("error: --state DIR (and --rollback N) are for --method loka: a sequential codebook folder")
+        folder = CodebookFolder(args.state)
+        if args.rollback is not None:
+            gone = folder.rollback(args.rollback)
+            print(f"{args.state}: {gone} batch(es) deleted, {len(folder.batches())} kept")
+            return 0
+        state = folder.state()
     edits = read_requests(args.edit) if args.edit else []
     forget = read_requests(args.forget, ForgetRequest) if args.forget else []
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
@@ -202,9 +221,14 @@ def cmd_update(args) -> int:
     before = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
     t0 = time.time()
     art, steps = update(handle, edits, forget, retain, args.method, _hparam_overrides(args),
-                        forget_method=args.forget_method, progress=not args.json)
+                        forget_method=args.forget_method, progress=not args.json, state=state)
     seconds = time.time() - t0
     after = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
+    if folder is not None:
+        path = folder.append(art)
+        x = art.manifest["extra"]
+        steps = [*steps, f"codebook {path}: batch {len(folder.batches())}, {len(x['memories'])} memories, "
+                         f"{len(x['retrained_groups'])} bucket(s) trained, {x['carried_over']} memories carried over"]
     saved = str(art.save(args.save)) if args.save else None
     _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved, steps)
     return 0
@@ -485,12 +509,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
     s.add_argument("--method", default="npo", choices=sorted(REGISTRY),
-                   help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora do all in one optimisation; a single-task method (rome, memit, ...) "
+                   help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora/loka do all in one optimisation; a single-task method (rome, memit, ...) "
                         "edits first and --forget-method then forgets (the output says so)")
     s.add_argument("--forget-method", default="npo", choices=forgetters, help="forgetting step for single-task methods")
     s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")
     s.add_argument("--forget", help="JSON/JSONL of facts to forget")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep")
+    s.add_argument("--state", metavar="DIR", help="LOKA only: add this batch to the sequential codebook in DIR (created on "
+                                                  "first use; use --set mapping=lsh so old knowledge keeps its buckets)")
+    s.add_argument("--rollback", type=int, metavar="N", help="with --state: keep the first N batches, delete the rest")
     _update_options(s)
     s.set_defaults(fn=cmd_update)
 

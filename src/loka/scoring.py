@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .codebook import routed_groups, selected
 from .fastlinear import packed_linears
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,14 @@ def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: i
     by_prompt: dict[str, list[int]] = {}
     for r, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(r)
+    for book, memory, idx in routed_groups(handle, uniq):  # one group unless a LOKA codebook is applied
+        with selected(book, memory):
+            yield from _score_chunks(handle, [uniq[i] for i in idx], p_cache, by_prompt, prompts, targets,
+                                     batch_size, mode)
+
+
+def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size, mode):
+    tok = handle.tokenizer
     for s in range(0, len(uniq), batch_size):
         chunk = uniq[s: s + batch_size]
         rows = [r for p in chunk for r in by_prompt[p]]
@@ -234,12 +243,17 @@ def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[s
     """Greedy continuations (without the prompt)."""
     tok = handle.tokenizer
     prompts = _contextualise(handle, prompts)
-    old = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        enc = tok(list(prompts), return_tensors="pt", padding=True).to(handle.device)
-        seqs = handle.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                     pad_token_id=tok.pad_token_id)
-    finally:
-        tok.padding_side = old
-    return [tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True) for s in seqs]
+    out: list[str] = [""] * len(prompts)
+    for book, memory, idx in routed_groups(handle, prompts):  # a LOKA codebook: one memory per group
+        old = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(handle.device)
+            with selected(book, memory):
+                seqs = handle.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
+                                             pad_token_id=tok.pad_token_id)
+        finally:
+            tok.padding_side = old
+        for i, s in zip(idx, seqs):
+            out[i] = tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out

@@ -172,6 +172,7 @@ def _finish(model: nn.Module, tokenizer, name: str, source: str, h: str | None =
     # ``logits_to_keep`` hands the unembedding a strided slice; a 3-D non-contiguous input makes
     # ``linear`` broadcast the (vocab x d) weight per row (a 10x slower batched matmul on CPU)
     model.get_submodule(spec.unembed).register_forward_pre_hook(_contiguous_input)
+    model.__dict__["_loka_tokenizer"] = tokenizer  # for hooks that read the text (LOKA's router)
     return ModelHandle(model, tokenizer, spec, name, source, h, hash_fn)
 
 

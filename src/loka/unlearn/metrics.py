@@ -106,16 +106,21 @@ def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_s
     answer token is the argmax) — the forget/keep check used by ``loka unlearn`` and the benchmarks."""
     import torch
 
+    from ..codebook import routed_groups, selected
     from . import losses as L
 
-    out: list[dict] = []
+    out: list[dict] = [{}] * len(prompts)
     with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            b = L.qa_batch(handle.tokenizer, prompts[i: i + batch_size], answers[i: i + batch_size])
-            lg, rows = L.answer_logits(handle, b)
-            lp, n = L.sequence_logprobs(lg, rows, b)
-            em = L.exact_match(lg, rows, b)
-            out += [{"p_norm": math.exp(float(a) / float(c)), "em": float(e)} for a, c, e in zip(lp, n, em)]
+        for book, memory, idx in routed_groups(handle, list(prompts)):  # LOKA: routed on the prompt
+            for i in range(0, len(idx), batch_size):
+                part = idx[i: i + batch_size]
+                b = L.qa_batch(handle.tokenizer, [prompts[j] for j in part], [answers[j] for j in part])
+                with selected(book, memory):
+                    lg, rows = L.answer_logits(handle, b)
+                lp, n = L.sequence_logprobs(lg, rows, b)
+                em = L.exact_match(lg, rows, b)
+                for j, a, c, e in zip(part, lp, n, em):
+                    out[j] = {"p_norm": math.exp(float(a) / float(c)), "em": float(e)}
     return out
 
 

@@ -1,0 +1,96 @@
+"""LOKA inference overhead: router + retrieval + plug against the plain model (SmolLM2, CPU).
+
+    python benchmarks/loka_latency.py --artifact out/loka_in.loka
+
+Times, per query batch: a forward pass of the prompts (prefill), and greedy generation of
+``--new-tokens`` tokens, on the plain model and with the codebook applied (each row routed at the
+prefill: MiniLM router, embedding, nearest memory, plug). The codebook is a saved LOKA artifact
+(``loka update --method loka ... --save``), or one trained here on a 25 + 25 known-facts task.
+Prints a table and writes ``benchmarks/results/loka_latency_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import loka
+from loka.utils.io import atomic_write_json
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--artifact", help="a LOKA codebook artifact (default: train one on a small known-facts task)")
+    ap.add_argument("--data", default="data/generated/cf_smollm2.json")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    h = loka.load_model(args.model)
+    records = json.loads(Path(args.data).read_text())
+    if args.artifact:
+        art = loka.load_artifact(args.artifact)
+    else:
+        from joint_update import requests_of
+
+        from loka.bench.tasks import build_tasks
+
+        over = {k: json.loads(v) if v[:1].isdigit() else v for k, v in (kv.split("=", 1) for kv in args.set)}
+        with torch.enable_grad():
+            art, _ = loka.update(h, *requests_of(build_tasks(records, "in", 25, 25, 50)), method="loka",
+                                 hparams=over or None, apply=False)
+    prompts = [r["requested_rewrite"]["prompt"].replace("{}", r["requested_rewrite"]["subject"]) for r in records]
+    tok = h.tokenizer
+    tok.padding_side = "left"
+    rows = []
+    for b in args.batch:
+        enc = tok(prompts[:b], return_tensors="pt", padding=True)
+
+        def forward(enc=enc):
+            h.model(**enc, use_cache=False)
+
+        def gen(enc=enc):
+            h.model.generate(**enc, do_sample=False, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+
+        base_f, base_g = _time(forward, args.repeats), _time(gen, args.repeats)
+        art.apply(h)
+        try:
+            loka_f, loka_g = _time(forward, args.repeats), _time(gen, args.repeats)
+        finally:
+            art.revert(h)
+        rows.append({"batch": b, "forward_ms": round(base_f * 1e3, 1), "forward_loka_ms": round(loka_f * 1e3, 1),
+                     "forward_overhead": round(loka_f / base_f - 1, 3), "generate_ms": round(base_g * 1e3, 1),
+                     "generate_loka_ms": round(loka_g * 1e3, 1), "generate_overhead": round(loka_g / base_g - 1, 3)})
+    x = art.manifest["extra"]
+    res = {"model": args.model, "memories": len(x["memories"]), "key_source": x.get("key_source", "llm"),
+           "router": x.get("router") is not None, "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
+           "rows": rows}
+    atomic_write_json(args.out or f"benchmarks/results/loka_latency_{args.model}.json", res)
+    print(f"| batch | forward ms | + LOKA ms | overhead | generate {args.new_tokens} ms | + LOKA ms | overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['forward_ms']} | {r['forward_loka_ms']} | {r['forward_overhead']:+.1%} | "
+              f"{r['generate_ms']} | {r['generate_loka_ms']} | {r['generate_overhead']:+.1%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""LOKA: conflict-aware knowledge updating with a knowledge codebook (seed 000, ALGORITHMS.md §2).
+
+One run takes edit requests (new answers to learn), forget requests (answers to unlearn) and retain
+requests (answers that must not move) — one request model, the two tasks differ in their target —
+and returns a codebook artifact (kind ``memory``; the base weights never change):
+
+1. **Embedding** of every edit/forget query: the residual stream entering block ``layer`` at the
+   query's last token, L2-normalised (:func:`loka.codebook.query_embeddings`).
+2. **Mapping** (``mapping``): K-means with ``k`` clusters, or SimHash LSH with ``lsh_bits`` bits
+   (buckets), the mapping for sequential updates; ``storage="dense"`` puts everything in one memory,
+   ``"sparse"`` gives every fact its own.
+3. **Conflict-aware allocation** per cluster holding both edit and forget data (``conflict``):
+   ``auto`` computes the conflict score — the fraction of ``conflict_pairs`` sampled (edit, forget)
+   minibatch pairs whose loss gradients on the memory have ``cos < 0`` (§2.6) — and gives the two
+   tasks separate memories when it exceeds ``conflict_threshold``, else one shared memory trained
+   along the two-task MGDA direction (§1.2); ``separate`` / ``shared`` force either.
+4. **Training** each memory ``Δ_j`` (the only trainable tensor; ``M_j = W + Δ_j``): edit loss = token
+   NLL of the new answers, forget loss = NPO against the base model (β), retention = forward KL to
+   the base model on the ``retain_per_memory`` retained queries nearest to the memory's key, weight
+   ``retain_weight``. A shared memory steps along ``s·d_MGDA + λ_r ∇L_r`` with ``s`` the mean of the two
+   task gradients' norms (MGDA combines unit vectors; ``s`` puts the step back on the loss scale).
+   Adam, at most ``n_iter`` steps, stopped once every edit answer is and no forget answer is a
+   teacher-forced exact match (after ``min_steps``).
+5. **Router** (:mod:`loka.router`): MiniLM fine-tuned on updated queries against retained queries,
+   generic sentences and the update prompts with their subject swapped for a retained one
+   (``swap_negatives``); the codebook is used only when ``P ≥ router_threshold``.
+
+Sequential updating (LSH): with ``state`` (an :class:`~loka.state.EditState` built from the previous
+codebook artifact, :func:`state_from_artifact`), new queries are hashed into the existing buckets;
+only the buckets they touch are retrained (from their current memories, on the bucket's old and new
+data); the other memories are carried over bit for bit and old knowledge is never re-assigned.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
+from ..errors import LokaError
+from ..requests import EditRequest, ForgetRequest, RetainRequest
+from ..router import Router, train_router
+from ..state import EditState
+from ..unlearn import losses as L
+from .base import HParams, MemoryMethod, register
+from .wise import OUT_OF_SCOPE
+
+log = logging.getLogger(__name__)
+
+MAPPINGS = ("kmeans", "lsh")
+STORAGES = ("clustered", "dense", "sparse")
+CONFLICTS = ("auto", "shared", "separate")
+
+
+@dataclass
+class LokaHParams(HParams):
+    layer: int = 24  # the MLP output matrix the memories copy (configs/loka: 0.8 of the depth)
+    mapping: str = "kmeans"  # or "lsh" (sequential updates)
+    key_source: str = "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
+    k: int = 20  # K-means clusters (capped at the number of queries)
+    lsh_bits: int = 4  # 2^bits buckets
+    storage: str = "clustered"  # "dense": one memory; "sparse": one memory per fact
+    conflict: str = "auto"  # "shared" (always MGDA) / "separate" (always task-specific)
+    conflict_threshold: float = 0.5  # separate memories when the conflict score exceeds this
+    conflict_pairs: int = 8  # S sampled (edit, forget) minibatch pairs
+    conflict_batch: int = 4
+    beta: float = 0.1  # NPO temperature
+    retain_weight: float = 1.0  # λ_r
+    retain_per_memory: int = 8
+    lr: float = 5e-3
+    n_iter: int = 40
+    min_steps: int = 5
+    batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
+    router: bool = True
+    router_threshold: float = 0.5
+    router_layers: int = 1
+    router_epochs: int = 8
+    router_lr: float = 1e-4
+    swap_negatives: bool = True
+    seed: int = 0
+
+
+@dataclass
+class _Item:
+    kind: str  # "edit" | "forget"
+    text: str
+    answer: str
+    request: dict
+    emb: torch.Tensor
+
+
+def _split(requests):
+    forget = [r for r in requests if isinstance(r, ForgetRequest)]
+    retain = [r for r in requests if isinstance(r, RetainRequest)]
+    edits = [r for r in requests if isinstance(r, EditRequest) and not isinstance(r, ForgetRequest | RetainRequest)]
+    return edits, forget, retain
+
+
+def _check(hp: LokaHParams) -> None:
+    for name, value, allowed in (("mapping", hp.mapping, MAPPINGS), ("storage", hp.storage, STORAGES),
+                                 ("key_source", hp.key_source, ("llm", "encoder")),
+                                 ("conflict", hp.conflict, CONFLICTS)):
+        if value not in allowed:
+            raise LokaError(f"loka: hyperparameter {name} must be one of {list(allowed)}, got {value!r}")
+    if hp.k < 1:
+        raise LokaError(f"loka: hyperparameter k must be >= 1, got {hp.k}")
+    if not 1 <= hp.lsh_bits <= 16:
+        raise LokaError(f"loka: hyperparameter lsh_bits must be in 1..16, got {hp.lsh_bits}")
+    if hp.n_iter < 1:
+        raise LokaError(f"loka: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
+    if not 0.0 <= hp.router_threshold <= 1.0:
+        raise LokaError(f"loka: hyperparameter router_threshold must be in [0, 1], got {hp.router_threshold}")
+
+
+class _Trainer:
+    """Losses of one memory ``Δ`` plugged into ``layer`` for every row (training-time hook)."""
+
+    def __init__(self, handle, layer: int, beta: float):
+        self.handle, self.beta = handle, beta
+        self.module = handle.mlp_out(layer)
+        w = handle.weight(layer)
+        self.shape = tuple(w.shape)
+        self.delta: torch.Tensor | None = None
+
+    def __enter__(self):
+        self._h = self.module.register_forward_hook(
+            lambda _m, args, out: out if self.delta is None else out + (args[0].float() @ self.delta.T).to(out.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+    def edit(self, batch):
+        lg, rows = L.answer_logits(self.handle, batch)
+        lp, n = L.sequence_logprobs(lg, rows, batch)
+        return L.nll_loss(lp, n), L.exact_match(lg.detach(), rows, batch)
+
+    def forget(self, batch, ref):
+        lg, rows = L.answer_logits(self.handle, batch)
+        lp, _ = L.sequence_logprobs(lg, rows, batch)
+        return L.npo_loss(lp, ref, self.beta), L.exact_match(lg.detach(), rows, batch)
+
+    def retain(self, batch, ref_logprobs):
+        lg, _ = L.answer_logits(self.handle, batch)
+        return L.kl_to_reference(lg, ref_logprobs)
+
+    @torch.no_grad()
+    def reference(self, batch):
+        """Summed answer log-probs and per-position log-softmax of the base model (no memory)."""
+        saved, self.delta = self.delta, None
+        try:
+            lg, rows = L.answer_logits(self.handle, batch)
+            lp, _ = L.sequence_logprobs(lg, rows, batch)
+            return lp, torch.log_softmax(lg, -1)
+        finally:
+            self.delta = saved
+
+    def grad(self, loss, D):
+        return torch.autograd.grad(loss, D)[0]
+
+
+def _rows(tok, items: list[_Item]):
+    return L.qa_batch(tok, [i.text for i in items], [i.answer for i in items])
+
+
+def _sub(batch, idx):
+    return L.QABatch(batch.input_ids[idx], batch.attention_mask[idx], batch.labels[idx])
+
+
+@register
+class Loka(MemoryMethod):
+    name = "loka"
+    hparams_cls = LokaHParams
+    stateful = True
+
+    @staticmethod
+    def hook(artifact) -> Codebook:
+        t, x = artifact.deltas, artifact.manifest["extra"]
+        planes = t.get("loka.planes")
+        return Codebook(t["loka.deltas"], t["loka.keys"], x["layer"], x["block"], x["module"],
+                        planes=planes, buckets=t.get("loka.buckets") if planes is not None else None,
+                        router=Router.from_tensors(t), router_threshold=float(x.get("router_threshold", 0.5)),
+                        key_source=x.get("key_source", "llm"))
+
+    @classmethod
+    def attach(cls, model, artifact) -> Codebook:
+        from ..codebook import applied_codebooks
+
+        if applied_codebooks(model):
+            raise LokaError("a LOKA codebook is already applied to this model; revert it first (a sequential "
+                            "update with --state makes one codebook holding every batch)")
+        book = cls.hook(artifact).attach(model)
+        artifact.runtime = book
+        return book
+
+    # -- the method ------------------------------------------------------------------------------
+    def run(self, handle, requests, hp: LokaHParams, progress=None, state=None):
+        _check(hp)
+        layer = handle.check_layer(hp.layer, "layer")
+        edits, forget, retain = _split(requests)
+        prev = _previous(state)
+        if not edits and not forget and not prev["items"]:
+            raise LokaError("loka: nothing to edit or forget (only retain requests were given)")
+        if prev["items"] and (prev["layer"] != layer or prev["key_source"] != hp.key_source):
+            raise LokaError(f"loka: the state's codebook is on layer {prev['layer']} with key_source "
+                            f"{prev['key_source']!r}; a sequential update must keep both (got {layer}, {hp.key_source!r})")
+        tok = handle.tokenizer
+        rng = random.Random(hp.seed)
+        torch.manual_seed(hp.seed)
+        new_texts = [r.text for r in edits] + [r.text for r in forget]
+        new_emb = embeddings(handle, layer, new_texts, hp.key_source) if new_texts else None
+        new_items = []
+        if new_emb is not None:
+            new_items = [_Item("edit", r.text, r.target_new, r.to_dict(), e) for r, e in zip(edits, new_emb[: len(edits)])]
+            new_items += [_Item("forget", r.text, r.target_true, r.to_dict(), e) for r, e in zip(forget, new_emb[len(edits):])]
+        items = prev["items"] + new_items
+        retain_items = prev["retain"] + [(r.text, r.target_new, r.to_dict()) for r in retain]
+        emb = torch.stack([i.emb for i in items])
+
+        # mapping: group id per item; carried-over groups (LSH) keep their ids
+        planes = None
+        if hp.storage == "dense":
+            groups = torch.zeros(len(items), dtype=torch.long)
+        elif hp.storage == "sparse":
+            groups = torch.arange(len(items))
+        elif hp.mapping == "kmeans":
+            groups, _ = kmeans(emb, hp.k, hp.seed)
+        else:
+            planes = prev["planes"] if prev["planes"] is not None else lsh_planes(hp.lsh_bits, emb.shape[1], hp.seed)
+            groups = lsh_hash(emb, planes)
+        n_old = len(prev["items"])
+        incremental = hp.mapping == "lsh" and hp.storage == "clustered" and n_old > 0
+        touched = set(groups[n_old:].tolist()) if incremental else set(groups.tolist())
+
+        trainer = _Trainer(handle, layer, hp.beta)
+        r_emb = embeddings(handle, layer, [t for t, _, _ in retain_items], hp.key_source) if retain_items else None
+        memories: list[dict] = []  # task, group, items, delta, key, stats
+        plan = []
+        for g in sorted(set(groups.tolist())):
+            idx = (groups == g).nonzero().flatten().tolist()
+            if incremental and g not in touched:
+                memories += [m for m in prev["memories"] if m["group"] == g]
+                continue
+            plan.append((g, idx))
+        bar = tqdm(total=len(plan), desc="loka memories", unit="cluster",
+                   disable=progress is None or getattr(progress, "disable", False))
+        info_conf = []
+        with trainer:
+            for g, idx in plan:
+                e_idx = [i for i in idx if items[i].kind == "edit"]
+                f_idx = [i for i in idx if items[i].kind == "forget"]
+                start = {m["task"]: m["delta"] for m in prev["memories"] if m["group"] == g} if incremental else {}
+                if e_idx and f_idx:
+                    score = None
+                    if hp.conflict == "auto":
+                        d0 = start.get("shared", start.get("edit"))
+                        score = self._conflict(trainer, tok, items, e_idx, f_idx, hp, rng, d0)
+                    separate = hp.conflict == "separate" or (score is not None and score > hp.conflict_threshold)
+                    info_conf.append({"group": int(g), "edit": len(e_idx), "forget": len(f_idx), "score": score,
+                                      "memories": "separate" if separate else "shared"})
+                    tasks = [("edit", e_idx, []), ("forget", [], f_idx)] if separate else [("shared", e_idx, f_idx)]
+                else:
+                    tasks = [("edit", e_idx, [])] if e_idx else [("forget", [], f_idx)]
+                for task, ei, fi in tasks:
+                    key = torch.nn.functional.normalize(emb[ei + fi].mean(0), dim=-1)
+                    init = start.get(task)
+                    if init is None and start and task == "shared":
+                        init = start.get("edit")
+                    delta, stats = self._train(trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init)
+                    memories.append({"task": task, "group": int(g), "items": ei + fi, "delta": delta, "key": key,
+                                     "stats": stats})
+                bar.update(1)
+                bar.set_postfix(memories=len(memories))
+        bar.close()
+        if progress is not None:
+            progress.update(len(new_items))
+        memories.sort(key=lambda m: (m["group"], m["task"]))
+
+        tensors = {"loka.deltas": torch.stack([m["delta"] for m in memories]).contiguous(),
+                   "loka.keys": torch.stack([m["key"] for m in memories]).contiguous(),
+                   "loka.groups": torch.tensor([m["group"] for m in memories], dtype=torch.long)}
+        if planes is not None:
+            tensors["loka.planes"] = planes.contiguous()
+            tensors["loka.buckets"] = tensors["loka.groups"].clone()
+        router_info = None
+        if hp.router:
+            pos = [i.text for i in items]
+            neg = self._negatives(items, retain_items, hp, rng)
+            router, router_info = train_router(pos, neg, layers=hp.router_layers, epochs=hp.router_epochs,
+                                               lr=hp.router_lr, seed=hp.seed)
+            tensors.update(router.tensors())
+        info = {
+            "module": handle.spec.mlp_out_path(layer), "block": handle.spec.block_path(layer), "layer": layer,
+            "key_source": hp.key_source,
+            "router_threshold": hp.router_threshold if hp.router else 0.0,
+            "memories": [{"task": m["task"], "group": m["group"], "edit": sum(items[i].kind == "edit" for i in m["items"]),
+                          "forget": sum(items[i].kind == "forget" for i in m["items"]), **m["stats"]} for m in memories],
+            "conflict": info_conf, "router": router_info,
+            "retrained_groups": sorted(int(g) for g, _ in plan), "carried_over": len(memories) - sum(
+                len([1 for m in memories if m["group"] == g]) for g, _ in plan),
+            # what a later sequential update needs to retrain a bucket (the cumulative data)
+            "data": {"items": [{"kind": i.kind, "text": i.text, "answer": i.answer, "request": i.request,
+                                "group": int(g), "memory": _memory_of(memories, n)}
+                               for n, (i, g) in enumerate(zip(items, groups.tolist()))],
+                     "retain": [{"text": t, "answer": a, "request": r} for t, a, r in retain_items]},
+            "batch": state.batches if state is not None else 0,
+        }
+        tensors["loka.item_emb"] = emb.contiguous()
+        if r_emb is not None:
+            tensors["loka.retain_emb"] = r_emb.contiguous()
+        return tensors, info
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def _conflict(self, trainer, tok, items, e_idx, f_idx, hp, rng, d0) -> float:
+        """Fraction of sampled (edit, forget) minibatch pairs with ``cos(∇L_e, ∇L_u) < 0`` at the
+        memory's initial value, no weight update (ALGORITHMS.md §2.6)."""
+        eb, fb = _rows(tok, [items[i] for i in e_idx]), _rows(tok, [items[i] for i in f_idx])
+        ref, _ = trainer.reference(fb)
+        D = (d0.clone() if d0 is not None else torch.zeros(trainer.shape)).requires_grad_(True)
+        trainer.delta = D
+        cos = []
+        try:
+            for _ in range(hp.conflict_pairs):
+                ei = sorted(rng.sample(range(len(eb)), min(hp.conflict_batch, len(eb))))
+                fi = sorted(rng.sample(range(len(fb)), min(hp.conflict_batch, len(fb))))
+                g_e = trainer.grad(trainer.edit(_sub(eb, ei))[0], D)
+                g_u = trainer.grad(trainer.forget(_sub(fb, fi), ref[fi])[0], D)
+                cos.append(cosine(g_e, g_u))
+        finally:
+            trainer.delta = None
+        return conflict_score(cos)
+
+    def _train(self, trainer, tok, items, e_idx, f_idx, retain_items, r_emb, key, hp, rng, init):
+        eb = _rows(tok, [items[i] for i in e_idx]) if e_idx else None
+        fb = _rows(tok, [items[i] for i in f_idx]) if f_idx else None
+        f_ref = trainer.reference(fb)[0] if fb is not None else None
+        rb = r_ref = None
+        if retain_items and hp.retain_weight > 0:
+            near = (r_emb @ key).argsort(descending=True)[: hp.retain_per_memory].tolist()
+            rb = L.qa_batch(tok, [retain_items[i][0] for i in near], [retain_items[i][1] for i in near])
+            r_ref = trainer.reference(rb)[1]
+        D = (init.clone() if init is not None else torch.zeros(trainer.shape)).requires_grad_(True)
+        opt = torch.optim.Adam([D], lr=hp.lr)
+        trainer.delta = D
+        step, alphas, done = 0, [], False
+        try:
+            for step in range(1, hp.n_iter + 1):
+                le = lu = None
+                ok = True
+                if eb is not None:
+                    ei = sorted(rng.sample(range(len(eb)), min(hp.batch_size, len(eb))))
+                    le, em = trainer.edit(_sub(eb, ei))
+                    ok = ok and bool((em == 1).all()) and len(ei) == len(eb)
+                if fb is not None:
+                    fi = sorted(rng.sample(range(len(fb)), min(hp.batch_size, len(fb))))
+                    lu, em = trainer.forget(_sub(fb, fi), f_ref[fi])
+                    ok = ok and bool((em == 0).all()) and len(fi) == len(fb)
+                if ok and step > hp.min_steps:
+                    done = True
+                    break
+                lr_ = trainer.retain(rb, r_ref) if rb is not None else None
+                if le is not None and lu is not None:  # shared memory: MGDA on the two task gradients
+                    g_e, g_u = trainer.grad(le, D), trainer.grad(lu, D)
+                    alpha, d = mgda_two(g_e, g_u)
+                    alphas.append(alpha)
+                    grad = d * (g_e.norm() + g_u.norm()) / 2
+                    if lr_ is not None:
+                        grad = grad + hp.retain_weight * trainer.grad(lr_, D)
+                else:
+                    loss = le if le is not None else lu
+                    if lr_ is not None:
+                        loss = loss + hp.retain_weight * lr_
+                    grad = trainer.grad(loss, D)
+                opt.zero_grad()
+                D.grad = grad
+                opt.step()
+        finally:
+            trainer.delta = None
+        stats = {"steps": step, "target_met": done}
+        if alphas:
+            stats["mgda_alpha"] = round(sum(alphas) / len(alphas), 4)
+        return D.detach().clone(), stats
+
+    @staticmethod
+    def _negatives(items, retain_items, hp, rng) -> list[str]:
+        neg = [t for t, _, _ in retain_items] + list(OUT_OF_SCOPE)
+        if hp.swap_negatives:
+            subjects = [r.get("subject") for _, _, r in retain_items if r.get("subject")] or ["someone", "it"]
+            updated = {i.request.get("subject") for i in items}
+            pool = [s for s in subjects if s not in updated] or ["someone", "it"]
+            for i in items:
+                p = i.request.get("prompt", "")
+                if "{}" in p:
+                    neg.append(p.replace("{}", rng.choice(pool)))
+        return list(dict.fromkeys(neg))
+
+
+def _memory_of(memories: list[dict], n: int) -> int:
+    for j, m in enumerate(memories):
+        if n in m["items"]:
+            return j
+    return -1
+
+
+def _previous(state: EditState | None) -> dict:
+    """What an earlier codebook left in ``state``: items (with embeddings), retained data, memories, planes."""
+    out = {"items": [], "retain": [], "memories": [], "planes": None, "layer": None, "key_source": None}
+    if state is None or state.get("loka.deltas") is None:
+        return out
+    data = state.meta.get("loka_data", {})
+    emb = state.get("loka.item_emb")
+    out["layer"] = state.meta.get("loka_layer")
+    out["key_source"] = state.meta.get("loka_key_source", "llm")
+    for n, d in enumerate(data.get("items", [])):
+        out["items"].append(_Item(d["kind"], d["text"], d["answer"], d["request"], emb[n]))
+    out["retain"] = [(r["text"], r["answer"], r["request"]) for r in data.get("retain", [])]
+    deltas, keys, groups = state.get("loka.deltas"), state.get("loka.keys"), state.get("loka.groups")
+    tasks = state.meta.get("loka_tasks", [])
+    for j in range(deltas.shape[0]):
+        members = [n for n, d in enumerate(data.get("items", [])) if d.get("memory") == j]
+        out["memories"].append({"task": tasks[j], "group": int(groups[j]), "items": members, "delta": deltas[j],
+                                "key": keys[j], "stats": {"steps": 0, "carried_over": True}})
+    out["planes"] = state.get("loka.planes")
+    return out
+
+
+def state_from_artifact(artifact) -> EditState:
+    """The sequential-update state held by a LOKA codebook artifact (its memories, keys, LSH planes and
+    cumulative data), to pass as ``state=`` to the next update."""
+    if artifact.method != "loka":
+        raise LokaError(f"artifact {artifact.id} is a {artifact.method} artifact, not a LOKA codebook")
+    x = artifact.manifest["extra"]
+    keep = ("loka.deltas", "loka.keys", "loka.groups", "loka.planes", "loka.item_emb", "loka.retain_emb")
+    st = EditState({k: v.clone() for k, v in artifact.deltas.items() if k in keep},
+                   {"loka_data": x["data"], "loka_layer": x["layer"], "loka_key_source": x.get("key_source", "llm"), "loka_tasks": [m["task"] for m in x["memories"]],
+                    "batches": int(x.get("batch", 0)) + 1})
+    return st
+
+
+class CodebookFolder:
+    """A sequential LOKA codebook on disk: ``DIR/batch_00000.loka``, ``batch_00001.loka``, … Each batch
+    artifact holds the whole codebook after that batch (old memories carried over, touched ones
+    retrained), so the latest one is the model's update and rolling back is deleting the later ones."""
+
+    def __init__(self, folder):
+        from pathlib import Path
+
+        self.folder = Path(folder)
+
+    def batches(self) -> list:
+        return sorted(self.folder.glob("batch_*.loka")) if self.folder.is_dir() else []
+
+    def latest(self):
+        from ..artifact import load_artifact
+
+        b = self.batches()
+        return load_artifact(b[-1]) if b else None
+
+    def state(self) -> EditState | None:
+        """The state to continue from (``None`` for an empty folder)."""
+        art = self.latest()
+        return state_from_artifact(art) if art is not None else None
+
+    def append(self, artifact):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        return artifact.save(self.folder / f"batch_{len(self.batches()):05d}.loka")
+
+    def rollback(self, n: int) -> int:
+        """Keep the first ``n`` batches; returns how many were deleted."""
+        import shutil
+
+        b = self.batches()
+        if not 0 <= n <= len(b):
+            raise LokaError(f"cannot roll back to {n} batch(es): {self.folder} has {len(b)}")
+        for p in b[n:]:
+            shutil.rmtree(p)
+        return len(b) - n
