@@ -323,11 +323,21 @@ def cmd_inspect(args) -> int:
     print(f"created    {s['created']}  loka {s['loka_version']}")
     print(f"requests   {s['n_requests']}")
     for r in s["requests"][:10]:
-        print(f"  - {r['prompt'].replace('{}', r['subject'])!r} -> {r['target_new']!r}")
+        what = f"-> {r['target_new']!r}" if r.get("target_new") is not None else f"forget {r.get('target_true')!r}"
+        print(f"  - {r['prompt'].replace('{}', r['subject'])!r} {what}")
     print("deltas")
     for k, v in s["delta_norms"].items():
         print(f"  {k:40s} shape {s['params'][k]['shape']}  norm {v:.4f}")
     print("hparams    " + json.dumps(s["hparams"]))
+    mem = s.get("extra", {}).get("memories")
+    if mem:  # a LOKA codebook
+        from collections import Counter
+
+        x = s["extra"]
+        tasks = ", ".join(f"{n} {t}" for t, n in sorted(Counter(m["task"] for m in mem).items()))
+        print(f"codebook   {len(mem)} memories ({tasks}) on {x['module']}, keys {x.get('key_source', 'llm')}, "
+              f"router {'τ = ' + str(x['router_threshold']) if x.get('router') else 'off'}, "
+              f"{len(x.get('conflict', []))} mixed cluster(s)")
     return 0
 
 

@@ -71,9 +71,9 @@ class LokaHParams(HParams):
     beta: float = 0.1  # NPO temperature
     retain_weight: float = 1.0  # λ_r
     retain_per_memory: int = 8
-    lr: float = 5e-3
+    lr: float = 2e-3
     n_iter: int = 40
-    min_steps: int = 5
+    min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
@@ -277,7 +277,7 @@ class Loka(MemoryMethod):
                 bar.set_postfix(memories=len(memories))
         bar.close()
         if progress is not None:
-            progress.update(len(new_items))
+            progress.update(len(requests))
         memories.sort(key=lambda m: (m["group"], m["task"]))
 
         tensors = {"loka.deltas": torch.stack([m["delta"] for m in memories]).contiguous(),
@@ -322,14 +322,16 @@ class Loka(MemoryMethod):
         ref, _ = trainer.reference(fb)
         D = (d0.clone() if d0 is not None else torch.zeros(trainer.shape)).requires_grad_(True)
         trainer.delta = D
-        cos = []
+        cos, ge_of, gu_of = [], {}, {}  # a minibatch drawn again (small clusters: always all rows) is not recomputed
         try:
             for _ in range(hp.conflict_pairs):
-                ei = sorted(rng.sample(range(len(eb)), min(hp.conflict_batch, len(eb))))
-                fi = sorted(rng.sample(range(len(fb)), min(hp.conflict_batch, len(fb))))
-                g_e = trainer.grad(trainer.edit(_sub(eb, ei))[0], D)
-                g_u = trainer.grad(trainer.forget(_sub(fb, fi), ref[fi])[0], D)
-                cos.append(cosine(g_e, g_u))
+                ei = tuple(sorted(rng.sample(range(len(eb)), min(hp.conflict_batch, len(eb)))))
+                fi = tuple(sorted(rng.sample(range(len(fb)), min(hp.conflict_batch, len(fb)))))
+                if ei not in ge_of:
+                    ge_of[ei] = trainer.grad(trainer.edit(_sub(eb, list(ei)))[0], D)
+                if fi not in gu_of:
+                    gu_of[fi] = trainer.grad(trainer.forget(_sub(fb, list(fi)), ref[list(fi)])[0], D)
+                cos.append(cosine(ge_of[ei], gu_of[fi]))
         finally:
             trainer.delta = None
         return conflict_score(cos)
