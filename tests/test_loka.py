@@ -97,6 +97,15 @@ def test_loka_edits_and_forgets_at_once(tiny_update):
     assert torch.equal(_logits(h, R1.text), before[R1.text])
     assert all(j >= 0 for j in LokaModel(h).route([E1.text, E2.text, F1.text]))
     assert book.router_probs(["Cats often sleep for most of the day."])[0] < 0.5
+    # loka's scoring routes on the prompt alone: the retained fact scores as on the base model
+    lp = loka.target_logprobs(h, [E1.text, R1.text], ["Q", "K"])
+    art.revert(h)
+    try:
+        base = loka.target_logprobs(h, [E1.text, R1.text], ["Q", "K"])
+    finally:
+        art.apply(h)
+    assert lp[0]["logprob"] > base[0]["logprob"] + 1.0  # (grouped by memory, so batch shapes differ: 1e-5 noise)
+    assert lp[1]["logprob"] == pytest.approx(base[1]["logprob"], abs=1e-4) and lp[1]["top_token"] == base[1]["top_token"]
 
 
 def test_loka_generation_routes_like_scoring(tiny_update):
