@@ -289,7 +289,7 @@ class Loka(MemoryMethod):
         router_info = None
         if hp.router:
             pos = [i.text for i in items]
-            neg = self._negatives(items, retain_items, hp, rng)
+            neg = self._negatives(items, retain_items, hp, random.Random(hp.seed))  # independent of training draws
             router, router_info = train_router(pos, neg, layers=hp.router_layers, epochs=hp.router_epochs,
                                                lr=hp.router_lr, seed=hp.seed)
             tensors.update(router.tensors())
