@@ -205,6 +205,7 @@ def test_cli_update_loka_with_state(tmp_path, capsys):
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sets"]["edit"]["em_after"] == 1.0 and out["artifact"]["method"] == "loka"
+    assert len(out["codebook"]["memories"]) >= 2 and out["codebook"]["router"]["train_accuracy"] > 0.5
     assert any("batch 1" in s for s in out["steps"])
     assert main(args) == 0
     text = capsys.readouterr().out

@@ -144,6 +144,8 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
         print(json.dumps({"sets": sets, "artifact": {"id": art.id, "path": saved, "method": art.method,
                                                      "params": list(art.deltas)},
                           "training": {k: art.manifest["extra"].get(k) for k in ("steps", "stopped_early")},
+                          **({"codebook": {k: art.manifest["extra"].get(k) for k in ("memories", "conflict", "router")}}
+                             if "memories" in art.manifest["extra"] else {}),
                           "steps": steps or [], "seconds": round(seconds, 3)}, indent=2))
         return
     for line in steps or []:
