@@ -230,8 +230,11 @@ class Codebook:
             active = torch.ones(len(ids), dtype=torch.bool)
         if self.key_source == "encoder" and tok is not None:
             texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids.cpu(), mask.cpu())]
-            ids_ = self.nearest(encoder_embeddings(texts))
-            self._rows, self._pending = torch.where(active, ids_, torch.full_like(ids_, -1)), None
+            rows = torch.full((len(texts),), -1, dtype=torch.long)
+            on = active.nonzero().flatten().tolist()  # keys only where the router fires
+            if on:
+                rows[on] = self.nearest(encoder_embeddings([texts[i] for i in on]))
+            self._rows, self._pending = rows, None
             return None
         self._pending = (last.cpu(), active)
         self._rows = None
@@ -288,8 +291,11 @@ def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None,
         raise ArtifactError("more than one LOKA codebook is applied; revert one (a sequential update makes one codebook)")
     book = books[0].runtime
     uniq = list(dict.fromkeys(prompts))
-    emb = embeddings(handle, book.layer, uniq, book.key_source)
-    ids = book.route(uniq, emb)
+    active = book.router_probs(uniq) >= book.router_threshold
+    ids = torch.full((len(uniq),), -1, dtype=torch.long)
+    on = active.nonzero().flatten().tolist()  # retrieval only for the queries the router lets through
+    if on:
+        ids[on] = book.nearest(embeddings(handle, book.layer, [uniq[i] for i in on], book.key_source))
     of = dict(zip(uniq, ids.tolist()))
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
