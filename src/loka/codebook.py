@@ -122,7 +122,8 @@ def embeddings(handle, layer: int, texts: Sequence[str], source: str = "llm") ->
 
 @contextlib.contextmanager
 def _suspended(model: nn.Module) -> Iterator[None]:
-    """Run with every applied codebook switched off (embeddings are taken from the base model)."""
+    """Run with every applied codebook switched off: embedding forwards need neither its routing
+    (a router pass per call) nor its plug."""
     books = [a.runtime for a in applied_codebooks(model)]
     saved = [b.enabled for b in books]
     for b in books:

@@ -125,6 +125,8 @@ class _Trainer:
         w = handle.weight(layer)
         self.shape = tuple(w.shape)
         self.delta: torch.Tensor | None = None
+        self._refs: dict = {}  # reference() by batch content: a mixed cluster's forget rows serve the
+        # conflict score and then the memory's training
 
     def __enter__(self):
         self._h = self.module.register_forward_hook(
@@ -151,11 +153,15 @@ class _Trainer:
     @torch.no_grad()
     def reference(self, batch):
         """Summed answer log-probs and per-position log-softmax of the base model (no memory)."""
+        key = (tuple(batch.input_ids.shape), batch.input_ids.numpy().tobytes(), batch.labels.numpy().tobytes())
+        if key in self._refs:
+            return self._refs[key]
         saved, self.delta = self.delta, None
         try:
             lg, rows = L.answer_logits(self.handle, batch)
             lp, _ = L.sequence_logprobs(lg, rows, batch)
-            return lp, torch.log_softmax(lg, -1)
+            self._refs[key] = (lp, torch.log_softmax(lg, -1))
+            return self._refs[key]
         finally:
             self.delta = saved
 
@@ -273,6 +279,7 @@ class Loka(MemoryMethod):
                     delta, stats = self._train(trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init)
                     memories.append({"task": task, "group": int(g), "items": ei + fi, "delta": delta, "key": key,
                                      "stats": stats})
+                trainer._refs.clear()  # references are reused within a cluster only
                 bar.update(1)
                 bar.set_postfix(memories=len(memories))
         bar.close()
