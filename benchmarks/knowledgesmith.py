@@ -1,0 +1,86 @@
+"""KnowledgeSmith study (seed 003) on the curated four-domain graph: editing (AlphaEdit) against
+unlearning (NPO by default) at the root, intermediate and leaf levels and scales 1 / 10 / 100.
+
+    python benchmarks/knowledgesmith.py                       # the README's study (about an hour on 2 cores)
+    python benchmarks/knowledgesmith.py --scales 1 10 --levels leaf   # a quick look
+
+Each setting is one ``loka kg run`` (the same code path) into ``out/kg_study/METHOD-LEVEL-K``; a
+setting whose ``summary.json`` exists is not run again, so an interrupted study resumes. Settings run
+smallest scale first. At the end: a table per question the issue asks (over/under-spreading,
+consistency–capacity, domains, SVD geometry), ``benchmarks/results/knowledgesmith_<model>.json``,
+the self-contained ``knowledgesmith_<model>.html`` report and its PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import time
+from pathlib import Path
+
+from loka.bench.kg import DATA, build_curated, load_graph
+from loka.eval.html_report import domain_rows, geometry_rows, load_runs, main_rows, normalise, render
+from loka.eval.kg_runner import format_summary, run_kg
+from loka.models import load_model
+from loka.utils.io import atomic_write_bytes, atomic_write_json
+
+KEEP = ("method", "task", "level", "scale", "seed", "interventions", "probes", "ccr", "ccr_near", "ccr_far", "rr",
+        "conflict_rate", "conflict_rate_before", "inconsistency", "inconsistency_before", "by_type", "by_domain",
+        "kl", "kl_context", "kl_plus", "cka", "cka_last", "geometry_mean", "seconds", "artifact")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--graph", default=str(DATA / "kg" / "curated.json"))
+    ap.add_argument("--edit-method", default="alphaedit")
+    ap.add_argument("--forget-method", default="npo")
+    ap.add_argument("--forget-hparams", default='{"stop_forget_em": -1}',
+                    help="JSON overrides for the unlearning method (default: no early stop, the full "
+                         "40-step budget, as the seed trains its unlearner for a fixed budget)")
+    ap.add_argument("--edit-hparams", default="{}", help="JSON overrides for the editing method")
+    ap.add_argument("--levels", nargs="+", default=["root", "intermediate", "leaf"])
+    ap.add_argument("--scales", nargs="+", type=int, default=[1, 10, 100])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="out/kg_study", help="folder of run folders")
+    ap.add_argument("--results", default="benchmarks/results")
+    args = ap.parse_args()
+    g = load_graph(args.graph) if Path(args.graph).exists() else build_curated()
+    handle = load_model(args.model)
+    root = Path(args.runs)
+    for k in sorted(args.scales):
+        for method in (args.edit_method, args.forget_method):
+            for level in args.levels:
+                out = root / f"{method}-{level}-{k}"
+                if (out / "summary.json").exists():
+                    continue
+                t = time.time()
+                hp = json.loads(args.forget_hparams if method == args.forget_method else args.edit_hparams)
+                s = run_kg(handle, g, method, level, k, seed=args.seed, out_dir=out, graph_name="curated",
+                           hparams=hp or None, progress=False)
+                print(format_summary(s), flush=True)
+                print(f"[{method} {level} k={k}: {time.time() - t:.0f}s]\n", flush=True)
+    runs = [r for r in load_runs([root]) if r["scale"] in args.scales and r["level"] in args.levels
+            and r["method"] in (args.edit_method, args.forget_method)]
+    normalise(runs)
+    for title, (head, rows) in (("propagation", main_rows(runs)), ("domains", domain_rows(runs)),
+                                ("SVD geometry", geometry_rows(runs))):
+        print(f"\n== {title} ==")
+        print(" | ".join(head))
+        for r in rows:
+            print(" | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in r))
+    res = Path(args.results)
+    tag = args.model
+    atomic_write_json(res / f"knowledgesmith_{tag}.json",
+                      {"model": args.model, "graph": args.graph, "runs": [{k: r.get(k) for k in KEEP} for r in runs]})
+    page = render(runs, f"KnowledgeSmith study on {args.model}")
+    atomic_write_bytes(res / f"knowledgesmith_{tag}.html", page.encode())
+    for name, b64 in re.findall(r"alt='(\w+)' src='data:image/png;base64,([^']+)'", page):
+        atomic_write_bytes(res / "plots" / f"knowledgesmith_{name}.png", base64.b64decode(b64))
+    print(f"\nwrote {res}/knowledgesmith_{tag}.json, .html and plots/knowledgesmith_*.png")
+
+
+if __name__ == "__main__":
+    main()
