@@ -362,7 +362,7 @@ def build_derived(known: str | Path | None = None, mquake: str | Path | None = N
         raw.append((s, rid, o, noun, tmpl))
     for case in json.loads(mq_p.read_text(encoding="utf-8")):
         orig = case.get("orig", {})
-        for (hq, rid, tq), (h, noun, t) in zip(orig.get("triples", []), orig.get("triples_labeled", [])):
+        for (_hq, rid, _tq), (h, noun, t) in zip(orig.get("triples", []), orig.get("triples_labeled", [])):
             raw.append((h.strip(), rid, t.strip(), noun, cloze.get(rid, f"The {noun} of {{}} is")))
     rels: dict[str, Relation] = {}
     indeg: Counter = Counter()
