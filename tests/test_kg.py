@@ -207,6 +207,8 @@ def test_interventions_spread_over_domains_prefer_known_and_refuse_too_many(cura
             curated.nodes[t.head].domain == "history"}
     ivs = make_interventions(curated, "leaf", 4, "edit", seed=0, prefer=pref)
     assert [iv.domain for iv in ivs if (iv.head, iv.relation, iv.old) in {(t.head, t.relation, t.tail) for t in pref}] == ["history"]
+    big = make_interventions(loka.bench.kg.merge_graphs([curated, build_derived()]), "leaf", 1000, "edit")
+    assert len(big) == 1000 and len({iv.head for iv in big}) == 1000  # the k = 1000 scale
     with pytest.raises(loka.RequestError, match="more interventions than"):
         make_interventions(curated, "root", 5000, "edit")
     with pytest.raises(loka.RequestError, match="level must be"):
@@ -319,6 +321,11 @@ def test_run_kg_on_a_tiny_model_restores_weights_and_reuses_before(tmp_path):
     f = run_kg(h, g, "npo", "root", 2, out_dir=tmp_path / "f", progress=False, repr_n=16,
                hparams={"layers": [0], "max_steps": 3})
     assert f["task"] == "forget" and f["by_type"]["direct"]["target_after"] is None
+    # a memory-based editor: no weight changes, so no geometry, but every probe is measured through it
+    m = run_kg(h, g, "grace", "root", 2, progress=False, repr_n=16, hparams={"layer": 1})
+    assert m["geometry"] == {} and m["by_type"]["direct"]["target_after"] is not None
+    for n, p in h.model.named_parameters():
+        assert torch.equal(p, snap[n]), n
 
 
 def test_kg_edit_on_smollm2_moves_the_direct_probes(smollm2):

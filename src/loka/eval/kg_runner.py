@@ -71,7 +71,11 @@ def choose(handle, probes: list[Probe], scoring: str = "cloze", batch_size: int 
 @torch.no_grad()
 def representations(handle, prompts: list[str], batch_size: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Next-token log-probabilities (n × V) and every layer's hidden state at the last prompt token
-    (a list of n × d), right-padded batches so positions are those of an unpadded prompt."""
+    (a list of n × d), right-padded batches so positions are those of an unpadded prompt. With a
+    context artifact applied (SCR) the prompts carry their retrieved facts, as in scoring."""
+    from ..scoring import _contextualise
+
+    prompts = _contextualise(handle, prompts)
     tok, model = handle.tokenizer, handle.model
     logps, hidden = [], None
     for s in range(0, len(prompts), batch_size):
@@ -134,10 +138,7 @@ def _hash(obj) -> str:
 def geometry(handle, art, r: int = 32) -> dict:
     """SVD geometry of every matrix the artifact changes (weight deltas and adapters; none for
     memory/context artifacts, whose weights stay as they were)."""
-    try:
-        deltas = art.weight_deltas()
-    except Exception:  # memory / context / bundle: no weight is changed
-        return {}
+    deltas = art.weight_deltas()  # empty for memory / context / bundle artifacts
     params = dict(handle.model.named_parameters())
     out = {}
     for name, d in deltas.items():
