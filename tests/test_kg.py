@@ -377,3 +377,13 @@ def test_report_normalises_per_task():
     normalise(runs)
     assert [r["kl_norm"] for r in runs] == pytest.approx([0, 1, 0, 0])
     random.shuffle(runs)
+
+
+def test_retain_facts_never_overlap_probed_or_intervened_facts(curated):
+    from loka.bench.probes import retain_requests
+
+    ivs, probes = generate_probes(curated, "leaf", 20, "forget", seed=2)
+    keep = retain_requests(curated, ivs, probes, 60, seed=2)
+    assert len(keep) == 60 and all(isinstance(r, loka.RetainRequest) for r in keep)
+    asked = {curated.name_of(p.subject) for p in probes} | {curated.name_of(iv.old) for iv in ivs}
+    assert not {r.subject for r in keep} & asked

@@ -159,7 +159,7 @@ def candidate_triples(g: KnowledgeGraph, level: str, task: str, domains: list[st
             continue
         pool = g.pool(t.relation, "tail")
         free = [x for x in pool if x not in g.tails(t.head, t.relation)]
-        if len(free) < 3 or (task == "edit" and len(free) < 3):
+        if len(free) < 3:  # edit: the new object and two distractors; forget: three distractors
             continue
         out.append(t)
     return out
@@ -194,6 +194,7 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
     chosen, used = [], set()
     doms = sorted(by_dom)
     while len(chosen) < k:
+        before = len(chosen)
         for d in doms:
             while by_dom[d] and by_dom[d][0].head in used:
                 by_dom[d].pop(0)
@@ -201,6 +202,8 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
                 t = by_dom[d].pop(0)
                 used.add(t.head)
                 chosen.append(t)
+        if len(chosen) == before:  # cannot happen (k ≤ distinct subjects), but never spin
+            break
     out = []
     for i, t in enumerate(chosen):
         new = None
@@ -345,19 +348,12 @@ def generate_probes(g: KnowledgeGraph, level: str, k: int, task: str = "edit", s
 
 def retain_requests(g: KnowledgeGraph, ivs: list[Intervention], probes: list[Probe], n: int,
                     seed: int = 0) -> list[RetainRequest]:
-    """Facts to keep during unlearning: same-domain triples that no intervention or contextual probe uses."""
-    used = {iv.head for iv in ivs} | {iv.old for iv in ivs}
-    ctx = {p.id.split("-")[0] + p.cloze for p in probes}
+    """Facts to keep during unlearning: same-domain triples whose subject and object no intervention
+    touches and whose subject no probe asks about (so the retain loss never sees a measured fact)."""
+    used = {iv.head for iv in ivs} | {iv.old for iv in ivs} | {p.subject for p in probes}
     rng = random.Random(seed)
     doms = {iv.domain for iv in ivs}
     cand = [t for t in g.triples if g.nodes[t.head].domain in doms and t.head not in used and t.tail not in used]
     rng.shuffle(cand)
-    out = []
-    for t in cand:
-        rel = g.relations[t.relation]
-        if any(rel.prompt(g.name_of(t.head)) in c for c in ctx):
-            continue
-        out.append(RetainRequest(rel.cloze, g.name_of(t.head), g.name_of(t.tail), case_id=f"kg-retain-{len(out)}"))
-        if len(out) >= n:
-            break
-    return out
+    return [RetainRequest(g.relations[t.relation].cloze, g.name_of(t.head), g.name_of(t.tail),
+                          case_id=f"kg-retain-{i}") for i, t in enumerate(cand[:n])]
