@@ -387,3 +387,13 @@ def test_retain_facts_never_overlap_probed_or_intervened_facts(curated):
     assert len(keep) == 60 and all(isinstance(r, loka.RetainRequest) for r in keep)
     asked = {curated.name_of(p.subject) for p in probes} | {curated.name_of(iv.old) for iv in ivs}
     assert not {r.subject for r in keep} & asked
+
+
+def test_representation_sample_is_distinct_and_counts_its_contextual_part(curated):
+    from loka.eval.kg_runner import _repr_sample
+
+    _, probes = generate_probes(curated, "leaf", 40, "edit", seed=0)
+    sample, n_ctx = _repr_sample(probes, 64)
+    assert len(sample) == len(set(sample)) == 64 and n_ctx == 32
+    ctx = {p.cloze for p in probes if p.type == "contextual"}
+    assert all(s in ctx for s in sample[:n_ctx]) and not any(s in ctx for s in sample[n_ctx:])

@@ -123,12 +123,12 @@ def known_triples(handle, g: KnowledgeGraph, level: str, domains: list[str] | No
     return out
 
 
-def _repr_sample(probes: list[Probe], n: int) -> list[str]:
-    """A fixed, balanced sample of cloze prompts: contextual first half, Q+ second half."""
-    ctx = [p.cloze for p in probes if p.type == "contextual"]
-    plus = [p.cloze for p in probes if p.type != "contextual"]
-    ctx, plus = list(dict.fromkeys(ctx)), list(dict.fromkeys(plus))
-    return ctx[: n // 2] + plus[: n - min(len(ctx), n // 2)]
+def _repr_sample(probes: list[Probe], n: int) -> tuple[list[str], int]:
+    """A fixed, balanced sample of distinct cloze prompts — contextual first (at most half), then Q+ —
+    and how many of them are contextual."""
+    ctx = list(dict.fromkeys(p.cloze for p in probes if p.type == "contextual"))[: n // 2]
+    plus = list(dict.fromkeys(p.cloze for p in probes if p.type != "contextual"))[: n - len(ctx)]
+    return ctx + plus, len(ctx)
 
 
 def _hash(obj) -> str:
@@ -188,7 +188,7 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
         before = choose(handle, probes, scoring, progress=progress)
         if cache:
             atomic_write_json(cache, {"key": key, "choices": before})
-    sample = _repr_sample(probes, repr_n)
+    sample, n_ctx = _repr_sample(probes, repr_n)
     lp0, h0 = representations(handle, sample)
     requests = [iv.request(graph) for iv in ivs]
     t1 = time.time()
@@ -214,7 +214,6 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
         d.update(before=b, after=a)
         rows.append(d)
     kl = km.kl_divergence(lp0, lp1)
-    n_ctx = min(len([p for p in probes if p.type == "contextual"]), repr_n // 2)
     cka = [km.linear_cka(a, b) for a, b in zip(h0, h1)]
     summary = {
         "model": handle.name, "model_hash": handle.model_hash, "graph": graph_name or graph.name, "method": method,
