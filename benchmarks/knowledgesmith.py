@@ -21,14 +21,22 @@ import time
 from pathlib import Path
 
 from loka.bench.kg import DATA, build_curated, load_graph
-from loka.eval.html_report import domain_rows, geometry_rows, load_runs, main_rows, normalise, render
+from loka.eval.html_report import (
+    domain_rows,
+    geometry_rows,
+    load_runs,
+    main_rows,
+    normalise,
+    render,
+    transfer_rows,
+)
 from loka.eval.kg_runner import format_summary, run_kg
 from loka.models import load_model
 from loka.utils.io import atomic_write_bytes, atomic_write_json
 
 KEEP = ("method", "task", "level", "scale", "seed", "interventions", "probes", "ccr", "ccr_near", "ccr_far", "rr",
         "conflict_rate", "conflict_rate_before", "inconsistency", "inconsistency_before", "by_type", "by_domain",
-        "kl", "kl_context", "kl_plus", "cka", "cka_last", "geometry_mean", "seconds", "artifact")
+        "kl", "cka", "cka_last", "geometry_mean", "seconds", "artifact", "known_interventions")
 
 
 def main() -> None:
@@ -65,7 +73,8 @@ def main() -> None:
     runs = [r for r in load_runs([root]) if r["scale"] in args.scales and r["level"] in args.levels
             and r["method"] in (args.edit_method, args.forget_method)]
     normalise(runs)
-    for title, (head, rows) in (("propagation", main_rows(runs)), ("domains", domain_rows(runs)),
+    for title, (head, rows) in (("propagation", main_rows(runs)), ("Q+ transfer", transfer_rows(runs)),
+                                ("domains", domain_rows(runs)),
                                 ("SVD geometry", geometry_rows(runs))):
         print(f"\n== {title} ==")
         print(" | ".join(head))

@@ -85,6 +85,25 @@ def main_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
+Q_PLUS_TYPES = ("direct", "reverse", "multihop", "comparison", "conflict")
+
+
+def transfer_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+    """Per Q+ probe type: the pre-update answer chosen before → after, and (edits) the new one after.
+    Under-spreading shows as a type whose "before → after" barely moves while direct drops."""
+    head = ["task", "method", "level", "k"]
+    for t in Q_PLUS_TYPES:
+        head += [f"{t}: orig before", f"{t}: orig after", f"{t}: new after"]
+    rows = []
+    for r in sorted(runs, key=_key):
+        row = [r["task"], r["method"], r["level"], r["scale"]]
+        for t in Q_PLUS_TYPES:
+            a = r["by_type"].get(t, {})
+            row += [a.get("original_before"), a.get("original_after"), a.get("target_after")]
+        rows.append(row)
+    return head, rows
+
+
 def domain_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     """CCR, RR and direct-probe success per domain, pooled over the runs of each task."""
     acc: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
@@ -210,6 +229,7 @@ def render(runs: list[dict], title: str = "loka KnowledgeSmith report") -> str:
         if name in imgs:
             parts.append(f"<h3>{name}</h3><img alt='{name}' src='data:image/png;base64,"
                          f"{base64.b64encode(imgs[name]).decode()}'>")
+    parts.append("<h2>Q+ probes: the pre-update answer before → after</h2>" + _table(*transfer_rows(runs)))
     parts.append("<h2>By domain</h2>" + _table(*domain_rows(runs)))
     parts.append("<h2>SVD geometry of the changed matrices</h2>" + _table(*geometry_rows(runs)))
     parts.append("<h2>Runs</h2><ul>" + "".join(f"<li>{html.escape(r['_dir'])}: artifact {html.escape(r['artifact'])}"
