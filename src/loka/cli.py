@@ -785,8 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
             k.add_argument("--json", action="store_true", help="print counts as JSON")
             k.set_defaults(fn=cmd_kg_probes)
         else:
-            k.add_argument("--model", default=DEFAULT_MODEL)
-            k.add_argument("--method", required=True, choices=sorted(REGISTRY))
+            k.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
+            k.add_argument("--method", required=True, choices=sorted(REGISTRY),
+                           help="any registered method: editing methods get edit interventions, unlearning ones forget")
             k.add_argument("--task", choices=["edit", "forget"],
                            help="default: forget for unlearning-only methods (ga, gd, npo, ...), else edit")
             k.add_argument("--scoring", choices=["cloze", "mc"], default="cloze",
