@@ -1,5 +1,5 @@
 """KnowledgeSmith study (seed 003) on the curated four-domain graph: editing (AlphaEdit) against
-unlearning (NPO by default) at the root, intermediate and leaf levels and scales 1 / 10 / 100.
+unlearning (NPO by default; ``--forget-methods npo relearn`` adds the seed's ReLearn) at the root, intermediate and leaf levels and scales 1 / 10 / 100.
 
     python benchmarks/knowledgesmith.py                       # the README's study (about an hour on 2 cores)
     python benchmarks/knowledgesmith.py --scales 1 10 --levels leaf   # a quick look
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--graph", default=str(DATA / "kg" / "curated.json"))
     ap.add_argument("--edit-method", default="alphaedit")
-    ap.add_argument("--forget-method", default="npo")
+    ap.add_argument("--forget-methods", nargs="+", default=["npo"], help="unlearning methods (npo, relearn, ...)")
     ap.add_argument("--forget-hparams", default='{"stop_forget_em": -1}',
                     help="JSON overrides for the unlearning method (default: no early stop, the full "
                          "40-step budget, as the seed trains its unlearner for a fixed budget)")
@@ -59,19 +59,19 @@ def main() -> None:
     handle = load_model(args.model)
     root = Path(args.runs)
     for k in sorted(args.scales):
-        for method in (args.edit_method, args.forget_method):
+        for method in (args.edit_method, *args.forget_methods):
             for level in args.levels:
                 out = root / f"{method}-{level}-{k}"
                 if (out / "summary.json").exists():
                     continue
                 t = time.time()
-                hp = json.loads(args.forget_hparams if method == args.forget_method else args.edit_hparams)
+                hp = json.loads(args.forget_hparams if method in args.forget_methods else args.edit_hparams)
                 s = run_kg(handle, g, method, level, k, seed=args.seed, out_dir=out, graph_name="curated",
                            hparams=hp or None, progress=False)
                 print(format_summary(s), flush=True)
                 print(f"[{method} {level} k={k}: {time.time() - t:.0f}s]\n", flush=True)
     runs = [r for r in load_runs([root]) if r["scale"] in args.scales and r["level"] in args.levels
-            and r["method"] in (args.edit_method, args.forget_method)]
+            and r["method"] in (args.edit_method, *args.forget_methods)]
     normalise(runs)
     for title, (head, rows) in (("propagation", main_rows(runs)), ("Q+ transfer", transfer_rows(runs)),
                                 ("domains", domain_rows(runs)),

@@ -295,9 +295,9 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
     dist = [x for x in direct if x not in (iv.new, iv.old)]
     if others and dist:
         s2 = rng.choice(others)
-        pairs = [(s, y), (s2, y), (s, dist[0])] + ([(s, iv.old)] if edit else [(s, dist[1 % len(dist)])])
-        if not edit and len(dist) < 2:
-            pairs[3] = (s2, dist[0])
+        # edit: new, old, a distractor and the new object given to another subject;
+        # forget: old, two distractors and the old object given to another subject (dist has 3 then)
+        pairs = [(s, y), (s2, y), (s, dist[0]), (s, iv.old) if edit else (s, dist[1])]
         rng.shuffle(pairs)
         labels = [f"the {noun} of {g.name_of(a)} is {g.name_of(b)}" for a, b in pairs]
         ids = [f"{a}|{b}" for a, b in pairs]
