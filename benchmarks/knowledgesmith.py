@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="out/kg_study", help="folder of run folders")
     ap.add_argument("--results", default="benchmarks/results")
+    ap.add_argument("--report-only", action="store_true", help="run nothing; tabulate the finished runs")
     args = ap.parse_args()
     g = load_graph(args.graph) if Path(args.graph).exists() else build_curated()
     handle = load_model(args.model)
@@ -62,7 +63,7 @@ def main() -> None:
         for method in (args.edit_method, *args.forget_methods):
             for level in args.levels:
                 out = root / f"{method}-{level}-{k}"
-                if (out / "summary.json").exists():
+                if (out / "summary.json").exists() or args.report_only:
                     continue
                 t = time.time()
                 hp = json.loads(args.forget_hparams if method in args.forget_methods else args.edit_hparams)
