@@ -211,6 +211,8 @@ def test_interventions_spread_over_domains_prefer_known_and_refuse_too_many(cura
     assert len(big) == 1000 and len({iv.head for iv in big}) == 1000  # the k = 1000 scale
     with pytest.raises(loka.RequestError, match="more interventions than"):
         make_interventions(curated, "root", 5000, "edit")
+    with pytest.raises(loka.RequestError, match=r"unknown domain\(s\) \['chemistry'\]"):
+        make_interventions(curated, "leaf", 1, domains=["chemistry"])
     with pytest.raises(loka.RequestError, match="level must be"):
         make_interventions(curated, "top", 1)
 

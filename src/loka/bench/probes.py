@@ -178,6 +178,9 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
         raise RequestError(f"task must be 'edit' or 'forget' (got {task!r})")
     if k < 1:
         raise RequestError(f"scale must be ≥ 1 (got {k})")
+    unknown = sorted(set(domains or ()) - set(g.domains()))
+    if unknown:
+        raise RequestError(f"unknown domain(s) {unknown}; the graph has {g.domains()}")
     rng = random.Random(seed)
     cands = candidate_triples(g, level, task, domains)
     by_dom: dict[str, list] = {}
