@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from loka.bench.kg import DATA, load_graph
+from loka.bench.kg import resolve_graph
 from loka.bench.probes import generate_probes
 from loka.eval.kg_runner import choose
 from loka.models import load_model
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    g = load_graph(DATA / "kg" / "curated.json")
+    g = resolve_graph("curated")
     h = load_model(args.model)
     res: dict = {"model": args.model, "scale": args.scale, "levels": {}}
     print(f"{'level':13s} {'probe':11s} {'n':>5s} {'cloze acc':>9s} {'MC letter acc':>13s}")

@@ -20,7 +20,7 @@ import re
 import time
 from pathlib import Path
 
-from loka.bench.kg import DATA, build_curated, load_graph
+from loka.bench.kg import resolve_graph
 from loka.eval.html_report import (
     domain_rows,
     geometry_rows,
@@ -42,7 +42,7 @@ KEEP = ("method", "task", "level", "scale", "seed", "interventions", "probes", "
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--graph", default=str(DATA / "kg" / "curated.json"))
+    ap.add_argument("--graph", default="curated", help="graph file, or curated | derived | merged")
     ap.add_argument("--edit-method", default="alphaedit")
     ap.add_argument("--forget-methods", nargs="+", default=["npo"], help="unlearning methods (npo, relearn, ...)")
     ap.add_argument("--forget-hparams", default='{"stop_forget_em": -1}',
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--results", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="run nothing; tabulate the finished runs")
     args = ap.parse_args()
-    g = load_graph(args.graph) if Path(args.graph).exists() else build_curated()
+    g = resolve_graph(args.graph)
     handle = load_model(args.model)
     root = Path(args.runs)
     for k in sorted(args.scales):

@@ -458,16 +458,9 @@ def cmd_eval(args) -> int:
 
 
 def _graph(spec: str):
-    """A graph file, or one of the built-in names (curated, derived, merged)."""
-    from .bench import kg
+    from .bench.kg import resolve_graph
 
-    builtin = {"curated": kg.DATA / "kg" / "curated.json", "derived": kg.DATA / "kg" / "derived.json"}
-    if spec in builtin:
-        return kg.load_graph(builtin[spec]) if builtin[spec].exists() else (
-            kg.build_curated() if spec == "curated" else kg.build_derived())
-    if spec == "merged":
-        return kg.merge_graphs([_graph("curated"), _graph("derived")])
-    return kg.load_graph(spec)
+    return resolve_graph(spec)
 
 
 def _print_kg_stats(g, as_json: bool) -> None:

@@ -89,6 +89,10 @@ class KnowledgeGraph:
         for (h, r) in self.out:
             self._rels_of[h].append(r)
 
+    def relations_of(self, head: str) -> list[str]:
+        """The relations ``head`` has at least one fact for."""
+        return self._rels_of.get(head, [])
+
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> None:
         w = self.where
@@ -151,7 +155,7 @@ class KnowledgeGraph:
             tr = [t for t in self.triples if self.nodes[t.head].domain == d]
             levels = Counter(n.level for n in self.nodes.values() if n.domain == d)
             heads_by_level = Counter(self.nodes[t.head].level for t in tr)
-            chains = sum(len(self._rels_of.get(t.tail, ())) for t in tr)
+            chains = sum(len(self.relations_of(t.tail)) for t in tr)
             out[d] = {"triples": len(tr), "nodes": dict(levels), "triples_by_head_level": dict(heads_by_level),
                       "relations": len({t.relation for t in tr}), "two_hop_chains": chains}
         return out
@@ -240,6 +244,22 @@ def load_graph(path: str | Path) -> KnowledgeGraph:
     except json.JSONDecodeError as e:
         raise KGError(f"{p}: not valid JSON ({e})") from None
     return KnowledgeGraph.from_dict(d, where=str(p))
+
+
+BUILTIN = ("curated", "derived", "merged")
+
+
+def resolve_graph(spec: str | Path) -> KnowledgeGraph:
+    """A graph file, or a built-in name: ``curated`` / ``derived`` (the shipped JSON, built from the
+    sources when missing) or ``merged`` (both)."""
+    if spec == "merged":
+        return merge_graphs([resolve_graph("curated"), resolve_graph("derived")])
+    if spec in ("curated", "derived"):
+        path = DATA / "kg" / f"{spec}.json"
+        if path.exists():
+            return load_graph(path)
+        return build_curated() if spec == "curated" else build_derived()
+    return load_graph(spec)
 
 
 # ---- the curated source format ----------------------------------------------------------------

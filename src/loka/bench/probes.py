@@ -215,7 +215,7 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
             if isinstance(prefer, dict) and prefer.get(t):
                 free = list(prefer[t])
             rng.shuffle(free)
-            old_facts = {(r2, tuple(g.tails(t.tail, r2))) for (h, r2) in g.out if h == t.tail}
+            old_facts = {(r2, tuple(g.tails(t.tail, r2))) for r2 in g.relations_of(t.tail)}
 
             def differs(x, old_facts=old_facts):
                 return any(g.tails(x, r2) and tuple(g.tails(x, r2)) != tl for r2, tl in old_facts)
@@ -272,8 +272,8 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
             out.append(_probe(f"{pfx}-reverse-{ph}", iv, "reverse", ph, q, c, rev, g, s if edit else None,
                               None if edit else s, claims=claims))
     # multi-hop: y -r2-> x
-    for (h2, r2) in list(g.out):
-        if h2 != y or len(g.tails(y, r2)) != 1:
+    for r2 in g.relations_of(y):
+        if len(g.tails(y, r2)) != 1:
             continue
         x_new = g.tails(y, r2)[0]
         x_old = g.tails(iv.old, r2)[0] if edit and len(g.tails(iv.old, r2)) == 1 else None

@@ -29,10 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-
-def _mean(xs: Sequence[float]) -> float | None:
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
+from .metrics import _mean
 
 
 def accuracy(rows: Iterable[dict], key: str = "target", when: str = "after") -> float | None:

@@ -13,7 +13,6 @@ model hash, probes and scoring match (a₀ is computed once per model, ALGORITHM
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..bench.kg import KnowledgeGraph
+from ..bench.kg import KnowledgeGraph, Triple
 from ..bench.probes import Probe, generate_probes, retain_requests
 from ..errors import RequestError
 from ..scoring import target_logprobs
-from ..utils.io import atomic_write_bytes, atomic_write_json
+from ..utils.io import atomic_write_bytes, atomic_write_json, hash_json
 from . import kg_metrics as km
 
 log = logging.getLogger(__name__)
@@ -102,7 +101,7 @@ def known_triples(handle, g: KnowledgeGraph, level: str, domains: list[str] | No
     for the known ones: an edit then moves the fact to an object the model did not already prefer."""
     import random
 
-    from ..bench.probes import candidate_triples
+    from ..bench.probes import _cap, candidate_triples
 
     cands = candidate_triples(g, level, "forget", domains)
     prompts, targets, others = [], [], []
@@ -111,8 +110,7 @@ def known_triples(handle, g: KnowledgeGraph, level: str, domains: list[str] | No
         free = [x for x in g.pool(t.relation, "tail") if x not in g.tails(t.head, t.relation)]
         alt = rng.sample(free, 3)
         others.append(alt)
-        prompt = g.relations[t.relation].prompt(g.name_of(t.head))
-        prompts += [prompt[:1].upper() + prompt[1:]] * 4
+        prompts += [_cap(g.relations[t.relation].prompt(g.name_of(t.head)))] * 4
         targets += [" " + g.name_of(x) for x in [t.tail, *alt]]
     lps = target_logprobs(handle, prompts, targets, batch_size=batch_size)
     out = {}
@@ -129,10 +127,6 @@ def _repr_sample(probes: list[Probe], n: int) -> tuple[list[str], int]:
     ctx = list(dict.fromkeys(p.cloze for p in probes if p.type == "contextual"))[: n // 2]
     plus = list(dict.fromkeys(p.cloze for p in probes if p.type != "contextual"))[: n - len(ctx)]
     return ctx + plus, len(ctx)
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def geometry(handle, art, r: int = 32) -> dict:
@@ -169,13 +163,13 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
     t0 = time.time()
     known = known_triples(handle, graph, level, domains, seed) if known_first else {}
     ivs, probes = generate_probes(graph, level, scale, task, seed, domains, phrasings, n_context, prefer=known)
-    n_known = sum((iv.head, iv.relation, iv.old) in {(t.head, t.relation, t.tail) for t in known} for iv in ivs)
+    n_known = sum(Triple(iv.head, iv.relation, iv.old) in known for iv in ivs)
     out = Path(out_dir) if out_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "interventions.jsonl",
                            "".join(json.dumps(asdict(iv)) + "\n" for iv in ivs).encode())
-    key = _hash({"model": handle.model_hash, "probes": [p.to_dict() for p in probes], "scoring": scoring,
+    key = hash_json({"model": handle.model_hash, "probes": [p.to_dict() for p in probes], "scoring": scoring,
                  "repr_n": repr_n})
     cache = out / "before.json" if out else None
     before = None
