@@ -99,9 +99,16 @@ def test_packed_linear_weights_follow_every_edit():
     assert all(k[0][1] >= 0 for k in packed_linears(h)._packs.values())
 
 
-def test_packed_linear_backward_matches_autograd():
+@pytest.mark.parametrize("pointwise", [True, False], ids=["dense-io", "onednn-io"])
+def test_packed_linear_backward_matches_autograd(monkeypatch, pointwise):
+    """Both kernels — oneDNN's dense-in/dense-out linear and the older convert-in/convert-out one
+    (the fallback where a torch build lacks the first) — give F.linear's outputs and input gradients."""
+    from loka import fastlinear
     from loka.fastlinear import PackedLinears
 
+    if pointwise and not fastlinear._pointwise_ok():
+        pytest.skip("this torch has no mkldnn._linear_pointwise")
+    monkeypatch.setattr(fastlinear, "_POINTWISE", pointwise)
     lin = torch.nn.Linear(16, 8)
     lin.requires_grad_(False)
     x = torch.randn(3, 5, 16, requires_grad=True)
