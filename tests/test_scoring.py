@@ -133,3 +133,39 @@ def test_edits_with_and_without_packed_weights_agree(text_corpus):
     plain = loka.edit(h, req, "rome", hp, apply=False, progress=False)
     w = h.weight_name(2)
     assert torch.allclose(fast.deltas[w], plain.deltas[w], rtol=1e-3, atol=1e-5)
+
+
+def test_memit_sees_its_own_lower_layer_updates_on_packed_weights(text_corpus):
+    """MEMIT edits layer ``l`` and then recomputes keys and residuals for ``l+1`` with the packed
+    weights still active: the packed copy of the edited matrix must be refreshed mid-context (it was
+    once bound at activation, and every layer above the first got a wrong update)."""
+    from loka.fastlinear import packed_linears
+
+    h = loka.load_model("tiny-llama")
+    hp = {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 5, "layers": [0, 1]}
+    reqs = [loka.EditRequest("{} is located in", "Eiffel Tower", "Rome"),
+            loka.EditRequest("{} plays", "Lionel Messi", "basketball")]
+    fast = loka.edit(h, reqs, "memit", hp, apply=False, progress=False)
+    packed_linears(h).enabled = False
+    try:
+        plain = loka.edit(h, reqs, "memit", hp, apply=False, progress=False)
+    finally:
+        packed_linears(h).enabled = True
+    for layer in (0, 1):
+        w = h.weight_name(layer)
+        assert torch.allclose(fast.deltas[w], plain.deltas[w], rtol=1e-3, atol=1e-5), layer
+
+
+def test_packed_weights_refresh_inside_an_open_context():
+    from loka.fastlinear import PackedLinears
+
+    lin = torch.nn.Linear(8, 4, bias=False)
+    lin.requires_grad_(False)
+    x = torch.randn(3, 8)
+    with PackedLinears().active(lin) as on:
+        before = lin(x)
+        lin.weight.add_(1.0)  # an in-place edit while the packed path is on
+        after = lin(x)
+    assert on
+    assert torch.allclose(after, x @ lin.weight.T, atol=1e-5)
+    assert not torch.allclose(after, before)
