@@ -169,3 +169,24 @@ def test_packed_weights_refresh_inside_an_open_context():
     assert on
     assert torch.allclose(after, x @ lin.weight.T, atol=1e-5)
     assert not torch.allclose(after, before)
+
+
+def test_bfloat16_value_search_runs_on_bfloat16_packed_weights(text_corpus):
+    """``v_dtype="bfloat16"``: the search's matmuls use bfloat16 packed copies (not autocast), and
+    the edit lands close to the float32 one; a wrong v_dtype is refused by name."""
+    from loka import fastlinear
+    from loka.fastlinear import packed_linears
+
+    if not fastlinear._POINTWISE:
+        pytest.skip("bfloat16 packed matmuls need mkldnn._linear_pointwise")
+    h = loka.load_model("tiny-llama")
+    hp = {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 5, "layer": 1}
+    req = loka.EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    full = loka.edit(h, req, "rome", hp, apply=False, progress=False)
+    half = loka.edit(h, req, "rome", {**hp, "v_dtype": "bfloat16"}, apply=False, progress=False)
+    assert any(dt == torch.bfloat16 for (_, dt) in packed_linears(h)._packs)
+    w = h.weight_name(1)
+    rel = (half.deltas[w] - full.deltas[w]).norm() / full.deltas[w].norm()
+    assert 0 < rel < 0.1
+    with pytest.raises(loka.LokaError, match="v_dtype"):
+        loka.edit(h, req, "rome", {**hp, "v_dtype": "float16"}, apply=False, progress=False)

@@ -88,6 +88,7 @@ class PackedLinears:
         self._packs: dict[tuple[int, torch.dtype], tuple[tuple[int, int, int], tuple]] = {}
         self.enabled = True  # set False to score with plain F.linear (benchmarks, tests)
         self.dtype = torch.float32  # compute dtype of the matmuls (see :meth:`compute`)
+        self.on = False  # inside :meth:`active` with the packed path in use
 
     def _pack(self, m: nn.Linear, grad: bool, dtype: torch.dtype = torch.float32) -> tuple:
         key = (m.weight.data_ptr(), m.weight._version, -1 if m.bias is None else m.bias._version)
@@ -121,8 +122,10 @@ class PackedLinears:
                 if type(m) is nn.Linear:
                     m.forward = lambda x, m=m: self._forward(m, grad, x)  # instance attribute shadows the class's
                     patched.append(m)
+            self.on = True
             yield True
         finally:
+            self.on = False
             for m in patched:
                 del m.forward
 
