@@ -162,16 +162,20 @@ class Replay:
     are the only ones δ can change. Falls back to full rows where a cache cannot be cropped.
     """
 
-    def __init__(self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = ()):
+    def __init__(self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = (), end: int | None = None):
         """``probes``: module paths whose input and output at the subject's last token are recorded
-        during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d))."""
+        during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d)).
+        ``end``: the last block to record (default: all); with it the reference forward stops there
+        and only :meth:`run_blocks` can be used (no logits)."""
         self.handle, self.batch, self.start = handle, batch, start
         self.probes = list(probes)
         spec = handle.spec
-        self.blocks = [handle.block(i) for i in range(start, handle.n_layers)]
-        paths = [spec.block_path(i) for i in range(start, handle.n_layers)]
+        last = handle.n_layers - 1 if end is None else end
+        self.blocks = [handle.block(i) for i in range(start, last + 1)]
+        paths = [spec.block_path(i) for i in range(start, last + 1)]
+        stop = spec.final_norm if end is None else spec.block_path(end)
         self.split, self.cache = None, None
-        if batch.split:
+        if batch.split and end is None:
             try:
                 self._capture_suffix(paths)
             except Exception as e:  # an architecture whose cache cannot be reused this way
@@ -179,7 +183,7 @@ class Replay:
                 self.split, self.cache = None, None
         if self.split is None:
             with torch.no_grad(), capture(handle.model, paths, outputs=False, kwargs=True,
-                                          stop_after=spec.final_norm) as rec, \
+                                          stop_after=stop) as rec, \
                     capture(handle.model, self.probes) as probe:
                 run_until_stopped(lambda: _forward(handle, batch))
             self._store(rec, paths)
@@ -250,6 +254,14 @@ class Replay:
             swap = cut
         new.calls = [(tuple(swap(a) for a in args), {k: swap(v) for k, v in kw.items()}) for args, kw in self.calls]
         return new
+
+    def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """The residual stream after block ``last``, from ``h`` = the input of block ``first``
+        (full-row replays only); hooks on modules inside the blocks fire as in a normal forward."""
+        for i in range(first, last + 1):
+            args, kw = self.calls[i - self.start]
+            h = block_output(self.blocks[i - self.start](h, *args, **kw))
+        return h
 
     def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Logits at (row, column) positions of the batch (columns as in the full rows)."""
