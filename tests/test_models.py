@@ -113,3 +113,55 @@ def test_cached_conversion_tokenizer_matches_autotokenizer():
         assert fast(s)["input_ids"] == auto(s)["input_ids"]
     for attr in ["padding_side", "pad_token_id", "bos_token_id", "eos_token_id"]:
         assert getattr(fast, attr) == getattr(auto, attr)
+
+
+def _bpe_folder(tmp_path, with_space_merge: bool = False):
+    """A small trained BPE tokenizer folder with special and normal added tokens."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    text = ["The Eiffel Tower is in Paris. Lionel Messi plays football.\n\nnew lines\tand tabs"] * 50
+    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"]))
+    tk.add_special_tokens([AddedToken(f"<unused{i}>", special=True, normalized=False) for i in range(40)])
+    tk.add_tokens([AddedToken("<b>", normalized=False), AddedToken("Eiffel Tower", single_word=True)])
+    d = json.loads(tk.to_str())
+    if with_space_merge:  # a merge whose part holds a space: the pairs must stay pairs
+        d["model"]["merges"].append(["a b", "c"])
+        d["model"]["vocab"].update({"a b": 1000, "c": 1001, "a bc": 1002})
+    (tmp_path / "tokenizer.json").write_text(json.dumps(d))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>", "pad_token": "<pad>"}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("space", [False, True], ids=["string-merges", "pair-merges"])
+def test_compact_tokenizer_serialises_and_encodes_like_the_source(tmp_path, space):
+    """The compact tokenizer.json (merges as strings, added tokens re-added in one batch) gives a
+    backend identical to the source's and the same ids; a changed source is re-compacted."""
+    import json
+    import time
+
+    from transformers import PreTrainedTokenizerFast
+
+    from loka.models import loader
+
+    folder = _bpe_folder(tmp_path, space)
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>")
+    fast = loader._fast_tokenizer(folder)
+    assert (folder / "tokenizer.compact.json").exists()
+    merges = json.loads((folder / "tokenizer.compact.json").read_text())["model"]["merges"]
+    assert isinstance(merges[0], list if space else str)
+    assert json.loads(fast.backend_tokenizer.to_str()) == json.loads(ref.backend_tokenizer.to_str())
+    s = "The Eiffel Tower <unused3> is<b>in Paris <eos><pad>\n\n\ttabs Eiffel Towers"
+    assert fast(s)["input_ids"] == ref(s)["input_ids"]
+    assert fast.added_tokens_decoder == ref.added_tokens_decoder
+    again = loader._fast_tokenizer(folder)  # from the stamp, no rebuild
+    assert again(s)["input_ids"] == ref(s)["input_ids"]
+    time.sleep(0.01)
+    d = json.loads((folder / "tokenizer.json").read_text())
+    d["added_tokens"] = [a for a in d["added_tokens"] if a["content"] != "<b>"]
+    (folder / "tokenizer.json").write_text(json.dumps(d))
+    changed = loader._fast_tokenizer(folder)
+    assert "<b>" not in changed.get_vocab()

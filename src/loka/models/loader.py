@@ -26,7 +26,14 @@ from torch import nn
 
 from .. import env
 from ..errors import ModelError
-from ..utils.io import atomic_dir, atomic_write_json, hash_tensors, sha256_bytes, sha256_file
+from ..utils.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    hash_tensors,
+    sha256_bytes,
+    sha256_file,
+)
 from .arch import ArchSpec, spec_for
 from .tiny import TINY_NAMES, build_tiny
 
@@ -189,9 +196,63 @@ def _weights_hash(folder: Path) -> str:
     return sha256_bytes("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode())
 
 
+COMPACT_VERSION = 1
+
+
+def _compact_tokenizer(tj: Path) -> tuple[Path, list[dict]] | None:
+    """``tokenizer.json`` in the form ``tokenizers`` parses fastest, built once beside it.
+
+    Two things cost most of a Gemma 3 load (262k vocabulary, 515k merges, 6,384 added tokens):
+    merges stored as ``[a, b]`` pairs, and added tokens inserted one by one. The compact file
+    writes each merge as ``"a b"`` (only when no merge part holds a space, else it keeps the pairs)
+    and leaves the added tokens out; the caller adds them back in one batch. The result serialises
+    to the same ``tokenizer.json`` (tests/test_models.py). Rebuilt whenever the source's size,
+    mtime or inode change; ``None`` if it cannot be written (then the source is used).
+    """
+    compact = tj.with_name("tokenizer.compact.json")
+    meta = tj.with_name("tokenizer.compact.meta.json")
+    stamp = [COMPACT_VERSION, *_stat_key(tj)]
+    with contextlib.suppress(ValueError, OSError, KeyError):
+        rec = json.loads(meta.read_text())
+        if rec["stamp"] == stamp and compact.exists():
+            return compact, rec["added_tokens"]
+    try:
+        d = json.loads(tj.read_text(encoding="utf-8"))
+        added = d.get("added_tokens") or []
+        model = d.get("model") or {}
+        merges = model.get("merges")
+        if isinstance(merges, list) and merges and all(isinstance(m, list) and len(m) == 2 and " " not in m[0]
+                                                       and " " not in m[1] for m in merges):
+            d["model"] = {**model, "merges": [f"{a} {b}" for a, b in merges]}
+        d["added_tokens"] = []
+        atomic_write_bytes(compact, json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        atomic_write_json(meta, {"stamp": stamp, "added_tokens": added})
+    except (OSError, ValueError) as e:
+        log.debug("no compact tokenizer for %s (%s)", tj, e)
+        return None
+    return compact, added
+
+
+def _add_tokens_back(backend, added: list[dict]) -> None:
+    """Re-insert added tokens in id order, special ones and normal ones in batches, as the source had them."""
+    from tokenizers import AddedToken
+
+    batch: list = []
+    special = None
+    for a in sorted(added, key=lambda a: a["id"]):
+        if special is not None and a["special"] != special:
+            (backend.add_special_tokens if special else backend.add_tokens)(batch)
+            batch = []
+        special = a["special"]
+        batch.append(AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
+                                normalized=a["normalized"], special=a["special"]))
+    if batch:
+        (backend.add_special_tokens if special else backend.add_tokens)(batch)
+
+
 def _fast_tokenizer(folder: Path):
-    """A cached conversion's tokenizer from ``tokenizer.json`` + the special tokens of
-    ``tokenizer_config.json``; ``None`` where the folder lacks either (then ``AutoTokenizer``)."""
+    """A cached conversion's tokenizer from ``tokenizer.json`` (via its compact form) + the special
+    tokens of ``tokenizer_config.json``; ``None`` where the folder lacks either (then ``AutoTokenizer``)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
@@ -205,8 +266,13 @@ def _fast_tokenizer(folder: Path):
     cls = None
     with contextlib.suppress(Exception):  # the class keeps family defaults such as Gemma's left padding
         cls = tokenizer_class_from_name(cfg.get("tokenizer_class") or "")
-    return (cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else
-            PreTrainedTokenizerFast)(tokenizer_file=str(tj), **kw)
+    cls = cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
+    compact = _compact_tokenizer(tj)
+    if compact is None:
+        return cls(tokenizer_file=str(tj), **kw)
+    tok = cls(tokenizer_file=str(compact[0]), **kw)
+    _add_tokens_back(tok.backend_tokenizer, compact[1])
+    return tok
 
 
 def _load_folder(folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False) -> ModelHandle:
