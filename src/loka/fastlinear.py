@@ -3,8 +3,9 @@
 ``torch.nn.functional.linear`` re-lays out the weight for the CPU's matmul kernel on every call;
 oneDNN can keep the weight in its blocked layout. The matmul runs through
 ``mkldnn._linear_pointwise`` (dense input and output, packed weight — no per-call layout
-conversions of the activations): 1.3–1.8× F.linear on SmolLM2's shapes. :class:`PackedLinears` holds those packed copies
-for one model and patches every float32 ``nn.Linear`` to use them inside :meth:`PackedLinears.active`.
+conversions of the activations): 1.3–1.8× F.linear on SmolLM2's shapes. :class:`PackedLinears`
+holds those packed copies for one model and patches every float32 ``nn.Linear`` to use them inside
+:meth:`PackedLinears.active`.
 
 The copies must never go stale: each is keyed by the weight's storage pointer and its in-place
 version counter (``tensor._version``), which every artifact apply/revert and every edit bumps, so
