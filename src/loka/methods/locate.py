@@ -256,8 +256,9 @@ class Replay:
         return new
 
     def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """The residual stream after block ``last``, from ``h`` = the input of block ``first``
-        (full-row replays only); hooks on modules inside the blocks fire as in a normal forward."""
+        """The residual stream after block ``last``, from ``h`` = the input of block ``first``;
+        hooks on modules inside the blocks fire as in a normal forward. Called directly only on
+        full-row replays (a suffix replay's cache is reset by :meth:`logits_at`)."""
         for i in range(first, last + 1):
             args, kw = self.calls[i - self.start]
             h = block_output(self.blocks[i - self.start](h, *args, **kw))
@@ -268,9 +269,7 @@ class Replay:
         if self.cache is not None:
             self._reset_cache()  # drop the suffix keys/values of the previous replay
             cols = cols - self.split
-        h = self.h0
-        for block, (args, kw) in zip(self.blocks, self.calls):
-            h = block_output(block(h, *args, **kw))
+        h = self.run_blocks(self.h0, self.start, self.start + len(self.blocks) - 1)
         logits = self.unembed(self.norm(h[rows, cols]))
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
