@@ -165,3 +165,19 @@ def test_compact_tokenizer_serialises_and_encodes_like_the_source(tmp_path, spac
     (folder / "tokenizer.json").write_text(json.dumps(d))
     changed = loader._fast_tokenizer(folder)
     assert "<b>" not in changed.get_vocab()
+
+
+def test_a_damaged_compact_tokenizer_falls_back_to_the_source_and_is_rebuilt(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from loka.models import loader
+
+    folder = _bpe_folder(tmp_path)
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>")
+    loader._fast_tokenizer(folder)
+    (folder / "tokenizer.compact.json").write_text("{not json")
+    s = "The Eiffel Tower <unused3> is<b>in Paris"
+    assert loader._fast_tokenizer(folder)(s)["input_ids"] == ref(s)["input_ids"]
+    assert not (folder / "tokenizer.compact.json").exists()  # removed, rebuilt on the next load
+    assert loader._fast_tokenizer(folder)(s)["input_ids"] == ref(s)["input_ids"]
+    assert (folder / "tokenizer.compact.json").exists()

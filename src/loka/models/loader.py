@@ -270,7 +270,12 @@ def _fast_tokenizer(folder: Path):
     compact = _compact_tokenizer(tj)
     if compact is None:
         return cls(tokenizer_file=str(tj), **kw)
-    tok = cls(tokenizer_file=str(compact[0]), **kw)
+    try:
+        tok = cls(tokenizer_file=str(compact[0]), **kw)
+    except Exception as e:  # a damaged derived file: drop it and use the source (rebuilt next time)
+        log.warning("compact tokenizer %s is unreadable (%s); using tokenizer.json", compact[0], e)
+        compact[0].unlink(missing_ok=True)
+        return cls(tokenizer_file=str(tj), **kw)
     _add_tokens_back(tok.backend_tokenizer, compact[1])
     return tok
 
