@@ -12,7 +12,7 @@ PROMPTS = ["The Eiffel Tower is in", "Paris is the capital of", "The Eiffel Towe
 TARGETS = ["Rome", "France and more", "Paris", "x"]
 
 
-@pytest.mark.parametrize("mode", ["packed", "cache"])
+@pytest.mark.parametrize("mode", ["packed", "flat", "cache"])
 @pytest.mark.parametrize("name", TINY)
 def test_shared_prefix_matches_full_rows(name, mode, monkeypatch):
     h = loka.load_model(name)
@@ -190,3 +190,33 @@ def test_bfloat16_value_search_runs_on_bfloat16_packed_weights(text_corpus):
     assert 0 < rel < 0.1
     with pytest.raises(loka.LokaError, match="v_dtype"):
         loka.edit(h, req, "rome", {**hp, "v_dtype": "float16"}, apply=False, progress=False)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_token_tree_runs_shared_prefixes_once(name):
+    """Prompts sharing a template, and targets sharing a first token, run their common prefix once,
+    and every row still gets the logits of its own full ``prompt + target`` forward."""
+    h = loka.load_model(name)
+    prompts = ["The nationality of Ann Lee is", "The nationality of Bo Ek is", "The nationality of Ann Lee is"]
+    targets = ["New York City", "New Delhi", "Poland"]
+    widths: list[int] = []
+    hook = h.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()),
+                                             with_kwargs=True)
+    try:
+        tree = scoring.score_targets(h, prompts, targets, mode="packed")
+        flat = scoring.score_targets(h, prompts, targets, mode="flat")
+    finally:
+        hook.remove()
+    tok = h.tokenizer
+    p_ids = [tok(p)["input_ids"] for p in dict.fromkeys(prompts)]
+    t_ids = [scoring._target_ids(tok, t) for t in targets]
+    common = next(i for i, (a, b) in enumerate(zip(*p_ids)) if a != b)
+    assert common >= 3
+    assert widths[0] <= widths[1] - common  # the template ran once, not once per prompt
+    full = scoring.score_targets(h, prompts, targets, mode="full")
+    for a, b, c in zip(full, tree, flat):
+        assert a["target_ids"] == b["target_ids"] == c["target_ids"]
+        assert a["argmax_ids"] == b["argmax_ids"] == c["argmax_ids"]
+        for x in (b, c):
+            assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(x["token_logprobs"]), atol=1e-4)
+    assert t_ids[0][:5] == t_ids[1][:5]  # the two targets' branches share their first tokens too
