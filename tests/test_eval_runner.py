@@ -36,6 +36,10 @@ def test_single_mode_writes_results_and_resumes(tiny, hp, tmp_path, monkeypatch)
     assert calls == [cases[2].requests[0].subject]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 and s["post"]["n"] == 3
+    edits = [json.loads(x) for x in (tmp_path / "edits.jsonl").read_text().splitlines()]
+    assert [e["case_ids"] for e in edits] == [[str(c.case_id)] for c in cases]  # one line per edit, kept on resume
+    assert {"keys", "values", "update"} <= edits[0]["timings"].keys()
+    assert s["edit_seconds"] == pytest.approx(sum(e["seconds"] for e in edits), abs=0.2)
     assert json.loads((tmp_path / "summary.json").read_text())["post"]["n"] == 3
 
 

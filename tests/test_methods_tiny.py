@@ -124,6 +124,26 @@ def test_memit_key_passes_replayed_from_the_last_edited_block_equal_fresh_forwar
         assert torch.allclose(fast.deltas[name], d, rtol=1e-4, atol=1e-6), name
 
 
+def test_token_tree_key_batch_gives_the_padded_batch_keys(tiny):
+    """MEMIT's keys-only prompts packed as token trees (shared template prefixes run once) give the
+    keys and block outputs of the padded batch, on every family; the trees really are smaller."""
+    from loka.methods.locate import build_prompts, tree_batch
+
+    reqs = [REQ, loka.EditRequest("{} plays the sport of", "Messi", "tennis"),
+            loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")]
+    templates = ["{}", "The story goes. {}", "The story goes on. {}", "In 1990, {}"]
+    padded = build_prompts(tiny, reqs, templates, with_targets=False, kl_prompts=())
+    tree = tree_batch(padded, 0, torch.float32, max_len=64)  # small packs: several rows, shared prefixes
+    assert tree.input_ids.shape[0] > 1
+    assert int((tree.input_ids != 0).sum()) < int(padded.attention_mask.sum())
+    a = module_io_at_lookup(tiny, padded, [0, 2], block_out_layer=3)
+    b = module_io_at_lookup(tiny, tree, [0, 2], block_out_layer=3)
+    for part in ("keys", "values"):
+        for layer in (0, 2):
+            assert torch.allclose(a[part][layer], b[part][layer], atol=1e-5), (part, layer)
+    assert torch.allclose(a["block_out"], b["block_out"], atol=1e-5)
+
+
 def test_rome_raises_the_target_on_a_tiny_model(tiny):
     # a random model has tiny gradients: without the decay term and with a large clamp the target must rise
     req = loka.EditRequest(REQ.prompt, REQ.subject, "R")  # " R": two byte tokens
@@ -164,20 +184,43 @@ def test_memit_reaches_its_target_through_gemmas_post_norm(text_corpus):
     assert after > before + 0.5
 
 
-def test_grouped_value_search_equals_the_single_padded_batch(tiny):
-    """Rows grouped by template (less padding) give the same optimised values as one padded batch."""
+def test_grouped_value_search_equals_the_single_padded_batch(tiny, monkeypatch):
+    """Rows grouped by template or by suffix length (less padding) give the same optimised values as
+    one padded batch."""
+    from loka.methods import locate
     from loka.methods.locate import optimize_values
 
     reqs = [REQ, loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
             loka.EditRequest("{} was made by", "the iPhone 5 camera", "Nokia")]
     tm = context_templates(tiny)
     out = {}
-    for mode in ("none", "template", "kl"):
+    monkeypatch.setattr(locate, "GROUP_COST_COLUMNS", 0)  # "suffix": one bucket per suffix length
+    lens = {locate._suffix_len(tiny.tokenizer, r) for r in reqs}
+    assert len(locate.suffix_buckets([locate._suffix_len(tiny.tokenizer, r) for r in reqs], 6)) == len(lens) > 1
+    for mode in ("none", "template", "kl", "suffix"):
         hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1, "v_grouping": mode, "v_steps": 6})
         out[mode] = optimize_values(tiny, reqs, 1, tm, hp)
     a = out["none"]
-    for b in (out["template"], out["kl"]):
+    for b in (out["template"], out["kl"], out["suffix"]):
         for name in ("init", "keys", "plain_keys"):
             assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-5), name
         assert torch.allclose(a.targets, b.targets, atol=1e-4 * float(a.targets.norm()))
         assert a.nll == pytest.approx(b.nll, rel=1e-3, abs=1e-5)
+
+
+def test_suffix_buckets_are_optimal_and_cover_every_request():
+    """The dynamic programme's grouping costs no more than any contiguous split of the sorted lengths."""
+    import itertools
+
+    from loka.methods.locate import suffix_buckets
+
+    lengths = [6, 2, 11, 4, 4, 7, 6, 10, 5, 6]
+    cost = lambda gs: sum(8 + 3 * len(g) * max(lengths[i] for i in g) for g in gs)  # noqa: E731
+    got = suffix_buckets(lengths, rows_per_request=3, group_cost=8)
+    assert sorted(i for g in got for i in g) == list(range(len(lengths)))
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+               for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+    assert cost(got) == best
+    assert len(suffix_buckets(lengths, 3, group_cost=10_000)) == 1  # groups too dear: one padded group
+    assert len(suffix_buckets(lengths, 3, group_cost=0)) == len(set(lengths))  # free: one per length

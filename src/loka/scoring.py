@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .codebook import routed_groups, selected
 from .fastlinear import packed_linears
+from .packing import pack_trees
 
 log = logging.getLogger(__name__)
 
@@ -77,59 +78,32 @@ def _rows_shared(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
 
 def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int],
                  max_len: int = 1024, share: bool = True) -> list[torch.Tensor]:
-    """The same logits from packed token trees (tree attention).
+    """The same logits from packed token trees (tree attention, :mod:`loka.packing`).
 
-    Every prompt and every ``prompt + target[:-1]`` branch is inserted into a trie of token
-    prefixes, one trie per pack of at most ``max_len`` nodes; a node is one column of the packed
-    sequence, sits at position ``depth`` and attends to its ancestors only. A node's hidden states
-    depend on its prefix alone, so a prefix shared by several prompts (a relation template such as
-    ``"The nationality of"``, or a prompt's own two target branches) runs once and every row reads
-    exactly the logits a separate forward would give. On CounterFact records this removes a quarter
-    of the tokens that plain packing pushes through the model. ``share=False`` keeps one tree per
-    prompt (plain packing, the benchmark's reference)."""
-    seqs: list[list[tuple[int, ...]]] = [[tuple(p)] for p in p_ids]  # per prompt: itself, then its branches
+    Every prompt and every ``prompt + target[:-1]`` branch is a path in a trie of token prefixes,
+    one trie per pack of at most ``max_len`` nodes; a prompt and its branches stay in one pack. A
+    prefix shared by several prompts (a relation template such as ``"The nationality of"``, or a
+    prompt's own target branches) runs once and every row reads exactly the logits a separate
+    forward would give. On CounterFact records this removes a fifth of the tokens that plain packing
+    pushes through the model. ``share=False`` keeps one tree per prompt (plain packing, the
+    benchmark's reference)."""
+    seqs: list[list[list[int]]] = [[p] for p in p_ids]  # per prompt: itself, then its branches
     for r, t in enumerate(t_ids):
         if len(t) > 1:
-            seqs[owner[r]].append(tuple(p_ids[owner[r]] + t[:-1]))
+            seqs[owner[r]].append(p_ids[owner[r]] + t[:-1])
     window = getattr(handle.config, "sliding_window", None)
     longest = max(len(s) for ss in seqs for s in ss) + 1
     if window and longest > window:  # a custom mask replaces the sliding-window mask
         raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window ({window})")
-
-    def key(g: int, pre: tuple[int, ...]) -> tuple:
-        return pre if share else (g, pre)
-
-    packs: list[dict[tuple, int]] = [{}]  # node key -> column, parents inserted before children
-    pack_of: list[int] = []
-    for g, ss in enumerate(seqs):
-        new = {s[:i] for s in ss for i in range(1, len(s) + 1)}
-        if packs[-1] and len(packs[-1]) + len(new - packs[-1].keys()) > max_len:
-            packs.append({})
-        for pre in sorted(new, key=len):
-            packs[-1].setdefault(key(g, pre), len(packs[-1]))
-        pack_of.append(len(packs) - 1)
-    width, B = max(len(pk) for pk in packs), len(packs)
-    ids = torch.full((B, width), _pad_id(handle.tokenizer), dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(B, 1, 1)
-    for b, pk in enumerate(packs):
-        for k, c in pk.items():
-            g, pre = (None, k) if share else k
-            ids[b, c], pos[b, c] = pre[-1], len(pre) - 1
-            if len(pre) > 1:  # the parent's ancestors, and the parent
-                allowed[b, c] |= allowed[b, pk[key(g, pre[:-1])]]
-    dtype = next(handle.model.parameters()).dtype
-    mask = torch.zeros((B, 1, width, width), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    reads: list[list[tuple[int, int]]] = []  # per row: (pack, column) of each target token's logits
-    for r, t in enumerate(t_ids):
-        g = owner[r]
-        p, b = tuple(p_ids[g]), pack_of[g]
-        reads.append([(b, packs[b][key(g, p + tuple(t[:i]))]) for i in range(len(t))])
+    tree = pack_trees(seqs, max_len, _pad_id(handle.tokenizer), share)
+    reads = [[tree.at(owner[r], p_ids[owner[r]] + t[:i]) for i in range(len(t))] for r, t in enumerate(t_ids)]
     cols = sorted({c for rd in reads for _, c in rd})
     colix = {c: i for i, c in enumerate(cols)}
+    dtype = next(handle.model.parameters()).dtype
     dev = handle.device
-    lg = handle.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                      use_cache=False, logits_to_keep=torch.tensor(cols, device=dev)).logits.float()
+    lg = handle.model(input_ids=tree.input_ids.to(dev), attention_mask=tree.attention_mask(dtype).to(dev),
+                      position_ids=tree.position_ids.to(dev), use_cache=False,
+                      logits_to_keep=torch.tensor(cols, device=dev)).logits.float()
     return [torch.stack([lg[b, colix[c]] for b, c in rd]) for rd in reads]
 
 

@@ -170,6 +170,9 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
                 bar.update(len(chunk))
                 continue
             sec = time.time() - t
+            _append(out / "edits.jsonl", {"case_ids": [str(c.case_id) for c in chunk], "seconds": round(sec, 2),
+                                          "timings": {k: round(v, 2) for k, v in
+                                                      art.manifest.get("extra", {}).get("timings", {}).items()}})
             try:
                 for c, post in zip(chunk, _scores_many(handle, chunk, cfg)):
                     p = pre[str(c.case_id)]
@@ -183,6 +186,8 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
         summary["sequential"] = _run_sequential(handle, cases, cfg, out, pre)
     rows = _read_jsonl(res_file)
     summary.update({"pre": summarise(rows, "pre"), "post": summarise(rows, "post"), "seconds": round(time.time() - t0, 1)})
+    if any("edit_seconds" in r for r in rows):  # the method alone, without scoring (edits.jsonl splits it by phase)
+        summary["edit_seconds"] = round(sum(r.get("edit_seconds", 0.0) for r in rows), 1)
     if cfg.guard:
         if cfg.mode == "sequential" and summary.get("sequential"):
             summary["guard_post"] = summary["sequential"][-1].get("guard")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import LokaError, RequestError
 from ..fastlinear import packed_linears
+from ..packing import pack_trees
 from ..requests import EditRequest, subject_last_token
 from ..trace import add_at_positions, block_output, capture, run_until_stopped
 
@@ -54,9 +55,31 @@ class PromptBatch:
     tgt_tokens: torch.Tensor  # (N,) the token ids
     position_ids: torch.Tensor | None = None  # (B, T) positions of real tokens (left padding aware)
     split: int | None = None  # with aligned rows: every row's subject ends at column ``split``
+    rows: torch.Tensor | None = None  # token-tree batches: the packed input row holding each prompt
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.lookup)
+
+    @property
+    def row_index(self) -> torch.Tensor:
+        """The input row of each prompt: itself, or its packed row in a token-tree batch."""
+        return torch.arange(len(self)) if self.rows is None else self.rows
+
+
+def tree_batch(batch: PromptBatch, pad_id: int, dtype: torch.dtype, max_len: int = 512) -> PromptBatch:
+    """A keys-only batch (rows ending at the subject, no targets) packed as token trees
+    (:mod:`loka.packing`): the prefixes rows share — a context template, a relation's words before
+    the subject — run once. The states at each ``lookup`` equal those of the padded batch. Packs of
+    at most ``max_len`` nodes keep the dense attention mask small against the matmuls."""
+    seqs = [batch.input_ids[r, batch.attention_mask[r].bool()].tolist() for r in range(len(batch))]
+    if any(int(batch.lookup[r]) != len(s) - 1 for r, s in enumerate(seqs)):
+        raise ValueError("tree_batch needs rows that end at the subject's last token, without padding on the left")
+    order = sorted(range(len(seqs)), key=lambda r: seqs[r])  # neighbours share the longest prefixes
+    tree = pack_trees([[seqs[r]] for r in order], max_len, pad_id)
+    where = torch.tensor([tree.at(0, seqs[r]) for r in range(len(seqs))], dtype=torch.long).reshape(-1, 2)
+    return PromptBatch(tree.input_ids, tree.attention_mask(dtype), where[:, 1], batch.owner, batch.is_kl,
+                       batch.template, batch.tgt_rows, batch.tgt_cols, batch.tgt_tokens, tree.position_ids,
+                       None, where[:, 0])
 
 
 def build_prompts(
@@ -69,7 +92,8 @@ def build_prompts(
     align: bool = False,
 ) -> PromptBatch:
     """Right-padded rows; with ``align=True`` rows are also left-padded so that every subject's last
-    token sits in the same column (``split``): all columns before it are then independent of δ."""
+    token sits in the same column (``split``): all columns before it are then independent of δ.
+    ``with_targets=False`` (keys only) ends every row at the subject's last token."""
     tok = handle.tokenizer
     rows: list[list[int]] = []
     lookup, owner, is_kl, tmpl, tr, tc, tt = [], [], [], [], [], [], []
@@ -86,6 +110,8 @@ def build_prompts(
                     tc.append(n - 1 + k)
                     tt.append(t)
                 ids = ids + tids[:-1]
+            else:  # keys only: nothing after the subject's last token is read, and causal rows do not need it
+                ids = ids[: li + 1]
             rows.append(ids)
             lookup.append(li)
             owner.append(i)
@@ -135,7 +161,7 @@ def module_io_at_lookup(handle, batch: PromptBatch, layers: Sequence[int], stop_
     top = max([*layers, *([block_out_layer] if block_out_layer is not None else [])])
     extra = [handle.spec.block_path(block_out_layer)] if block_out_layer is not None else []
     stop = handle.spec.block_path(stop_layer if stop_layer is not None else top)
-    rows = torch.arange(len(batch))
+    rows = batch.row_index
     with capture(handle.model, paths + extra, stop_after=stop) as rec:
         run_until_stopped(lambda: _forward(handle, batch))
     keys = {layer: rec[p].input[rows, batch.lookup] for layer, p in zip(layers, paths)}
@@ -187,7 +213,7 @@ class Replay:
                     capture(handle.model, self.probes) as probe:
                 run_until_stopped(lambda: _forward(handle, batch))
             self._store(rec, paths)
-            self._store_probes(probe, torch.arange(len(batch)), batch.lookup)
+            self._store_probes(probe, batch.row_index, batch.lookup)
         self.norm = handle.module(spec.final_norm)
         self.unembed = handle.module(spec.unembed)
         self.softcap = getattr(handle.config, "final_logit_softcapping", None)
@@ -297,8 +323,8 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     """
     key_layer = layer if key_layer is None else key_layer
     grouping = getattr(hp, "v_grouping", "auto")
-    if grouping not in ("auto", "template", "kl", "none"):
-        raise LokaError(f"hyperparameter v_grouping must be 'auto', 'template', 'kl' or 'none', got {grouping!r}")
+    if grouping not in GROUPINGS:
+        raise LokaError(f"hyperparameter v_grouping must be one of {', '.join(map(repr, GROUPINGS))}, got {grouping!r}")
     order = list(range(len(requests)))
     if grouping != "none":  # chunks of requests with similar suffix lengths pad less
         order.sort(key=lambda i: _suffix_len(handle.tokenizer, requests[i]))
@@ -309,12 +335,11 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
         for idx in chunks:
             chunk = [requests[i] for i in idx]
             mode = grouping if grouping != "auto" else (
-                "template" if len(idx) >= GROUP_MIN_REQUESTS else "kl" if len(idx) >= KL_GROUP_MIN_REQUESTS else "none")
+                "suffix" if len(idx) >= GROUP_MIN_REQUESTS else "kl" if len(idx) >= KL_GROUP_MIN_REQUESTS else "none")
             if mode == "none":
                 outs.append(_optimize_chunk(handle, chunk, layer, templates, hp, where, key_layer))
             else:
-                outs.append(_optimize_grouped(handle, chunk, layer, templates, hp, where, key_layer,
-                                              per_template=mode == "template"))
+                outs.append(_optimize_grouped(handle, chunk, layer, templates, hp, where, key_layer, mode=mode))
             if progress is not None:
                 progress.update(len(idx))
     back = torch.empty(len(order), dtype=torch.long)
@@ -328,14 +353,47 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     )
 
 
-#: ``v_grouping="auto"`` groups rows by template only for chunks of at least this many requests: with
-#: fewer, seven small replays cost more than the padding they save (a single ROME edit ran 3–4×
-#: slower grouped). Chunks of at least ``KL_GROUP_MIN_REQUESTS`` get two groups ("kl"): all template
-#: rows, and the KL rows, which are cut after the subject and would otherwise be padded to the longest
-#: prompt + target (MEMIT, 10 requests, alternating runs: 36.8 -> 34.0 s; 4 requests: 17.7 -> 19.4 s and a single
-#: ROME request 4.3 -> 6.0 s, hence the floor).
+GROUPINGS = ("auto", "suffix", "template", "kl", "none")
+
+#: ``v_grouping="auto"`` groups a chunk of at least this many requests by suffix length ("suffix");
+#: with fewer, several small replays cost more than the padding they save (a single ROME edit ran
+#: 3–4× slower grouped). Chunks of at least ``KL_GROUP_MIN_REQUESTS`` get two groups ("kl"): all
+#: template rows, and the KL rows, which are cut after the subject and would otherwise be padded to
+#: the longest prompt + target (MEMIT, 10 requests, alternating runs: 36.8 -> 34.0 s; 4 requests:
+#: 17.7 -> 19.4 s and a single ROME request 4.3 -> 6.0 s, hence the floor).
 GROUP_MIN_REQUESTS = 16
 KL_GROUP_MIN_REQUESTS = 8
+
+#: What one more row group costs per optimisation step, in replayed token columns: the group's
+#: forward and backward read every weight of the blocks above the edit layer and the unembedding
+#: once more however few rows it has. Measured on SmolLM2 (2 cores): a step costs about 0.16 s per
+#: group with one active request and 2.7 ms per token column (forward + backward).
+GROUP_COST_COLUMNS = 64
+
+
+def suffix_buckets(lengths: Sequence[int], rows_per_request: int, group_cost: int | None = None
+                   ) -> list[list[int]]:
+    """Split requests into groups by replayed suffix length, minimising the replayed columns.
+
+    A group pads every row to its longest suffix; each group also costs ``group_cost`` columns.
+    Exact dynamic programme over the lengths in sorted order (the optimal groups are contiguous
+    there): ``best[j] = min_i best[i] + group_cost + rows_per_request · (j − i) · len_(j)``.
+    Returns lists of request indices, shortest suffixes first.
+    """
+    group_cost = GROUP_COST_COLUMNS if group_cost is None else group_cost
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ls = [lengths[i] for i in order]
+    best, cut = [0.0] + [float("inf")] * len(ls), [0] * (len(ls) + 1)
+    for j in range(1, len(ls) + 1):
+        for i in range(j):
+            c = best[i] + group_cost + rows_per_request * (j - i) * ls[j - 1]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(ls)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def _suffix_len(tokenizer, req: EditRequest) -> int:
@@ -483,13 +541,14 @@ class _Group:
     view: _ActiveView | None = None
 
 
-def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, per_template: bool = True
+def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, mode: str = "suffix"
                       ) -> ValueResult:
-    """:func:`_optimize_chunk` with the rows split into groups that pad little: one group per
-    context template (the rows of a group differ only in subject and prompt) — or, with
-    ``per_template=False``, one group for all template rows — and one for the KL prompts, cut after
-    the subject. Each group is aligned and replayed on its own, so the batch does not pay for the
-    longest template's prefix nor for the longest suffix in every row. Same loss, same optimiser,
+    """:func:`_optimize_chunk` with the rows split into groups that pad little, plus one group for
+    the KL prompts, cut after the subject. ``mode="suffix"``: requests bucketed by the length of
+    what follows the subject (prompt rest + target, the only columns a step replays; buckets from
+    :func:`suffix_buckets`), each bucket with all its template rows; ``"template"``: one group per
+    context template (the rows of a group differ only in subject and prompt); ``"kl"``: one group for
+    all template rows. Each group is aligned and replayed on its own. Same loss, same optimiser,
     same early stopping; only the padding differs (tests/test_methods_tiny.py).
     """
     n = len(requests)
@@ -497,22 +556,34 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
     hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
     key_path, val_path = handle.spec.mlp_out_path(key_layer), (
         handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer))
+    everyone, all_t = list(range(n)), list(range(len(templates)))
+    if mode == "template":
+        parts = [(everyone, [t]) for t in all_t]
+    elif mode == "suffix":
+        lens = [_suffix_len(handle.tokenizer, r) for r in requests]
+        parts = [(idx, all_t) for idx in suffix_buckets(lens, len(templates))]
+    else:
+        parts = [(everyone, all_t)]
     groups: list[_Group] = []
     no_kl = torch.zeros(0, dtype=torch.long)
-    if per_template:
-        for tmpl in templates:  # rows of a group are in request order, one per request
-            b = build_prompts(handle, requests, [tmpl], kl_prompts=(), align=True)
-            groups.append(_Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), no_kl))
-        v0 = groups[0].replay.probe_out[val_path]  # the bare "{}" template
-        k_plain = groups[0].replay.probe_in[key_path]
-        k_star = torch.stack([g.replay.probe_in[key_path] for g in groups]).mean(0)
-    else:
-        b = build_prompts(handle, requests, templates, kl_prompts=(), align=True)
-        groups.append(_Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), no_kl))
-        plain = (b.template == 0).nonzero().squeeze(1)
-        v0 = groups[0].replay.probe_out[val_path][plain]
-        k_plain = groups[0].replay.probe_in[key_path][plain]
-        k_star = mean_over_templates(groups[0].replay.probe_in[key_path], b, n)
+    v0 = k_plain = k_sum = None
+    k_cnt = torch.zeros(n)
+    for idx, tids in parts:
+        b = build_prompts(handle, [requests[i] for i in idx], [templates[t] for t in tids], kl_prompts=(), align=True)
+        b.owner = torch.tensor(idx)[b.owner]  # request indices of the chunk
+        b.template = torch.tensor(tids)[b.template]
+        g = _Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), no_kl)
+        groups.append(g)
+        k_in, v_out = g.replay.probe_in[key_path], g.replay.probe_out[val_path]
+        if v0 is None:
+            v0, k_plain = v_out.new_zeros(n, v_out.shape[1]), k_in.new_zeros(n, k_in.shape[1])
+            k_sum = k_in.new_zeros(n, k_in.shape[1])
+        plain = b.template == 0  # the bare "{}" template
+        v0[b.owner[plain]] = v_out[plain]
+        k_plain[b.owner[plain]] = k_in[plain]
+        k_sum.index_add_(0, b.owner, k_in)
+        k_cnt.index_add_(0, b.owner, torch.ones(len(b)))
+    k_star = k_sum / k_cnt[:, None]  # k* averaged over the context templates
     kb = build_prompts(handle, requests, [], with_targets=False, align=True)
     kl_group = _Group(kb, Replay(handle, kb, layer), torch.arange(len(kb)))
     groups.append(kl_group)
@@ -535,6 +606,8 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
         nll_req = torch.zeros(n)
         weight = active.float()
         for g in groups:  # forward and backward group by group: one group's graph in memory at a time
+            if not active[g.batch.owner].any():  # a bucket whose requests have all converged
+                continue
             if g.view is None:
                 g.view = _ActiveView(g.batch, g.replay, active, g.kl_rows)
             v = g.view

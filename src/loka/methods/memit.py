@@ -24,7 +24,14 @@ from ..fastlinear import packed_linears
 from ..stats import second_moments
 from ..trace import capture
 from .base import HParams, Method, register
-from .locate import Replay, build_prompts, mean_over_templates, module_io_at_lookup, optimize_values
+from .locate import (
+    Replay,
+    build_prompts,
+    mean_over_templates,
+    module_io_at_lookup,
+    optimize_values,
+    tree_batch,
+)
 from .templates import context_templates
 
 
@@ -37,9 +44,10 @@ class MemitHParams(HParams):
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75
     early_stop_loss: float = 0.05
-    v_batch_size: int = 16
+    v_batch_size: int = 128  # requests per value-search chunk: one chunk amortises the per-group weight reads
     v_dtype: str = "float32"
-    v_grouping: str = "auto"  # "template": a group per template; "kl": prompts | KL rows; "none": one batch
+    v_grouping: str = "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
+    key_tree: bool = True  # the update phase's key forwards as token trees (:func:`locate.tree_batch`)
     mom2_update_weight: float = 15000.0
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000
@@ -77,6 +85,12 @@ def through_post_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.Tensor) -
     return sol.squeeze(-1).float()
 
 
+def _tree_fits(handle, batch) -> bool:
+    """Token trees replace the model's own masks: not for rows longer than a sliding window."""
+    window = getattr(handle.config, "sliding_window", None)
+    return not window or int(batch.attention_mask.sum(1).max()) < window
+
+
 class _KeyPasses:
     """MEMIT's key and residual forwards, one per edited layer, each from the lowest block whose
     input can have changed.
@@ -91,7 +105,7 @@ class _KeyPasses:
         self.handle, self.batch, self.layers, self.top = handle, batch, layers, layers[-1]
         self.replay = Replay(handle, batch, layers[0], end=self.top)  # no edit yet: block inputs are the originals
         self.inputs = {layers[0]: self.replay.h0}  # block index -> its input in the latest pass
-        self.rows = torch.arange(len(batch))
+        self.rows = batch.row_index
 
     @torch.no_grad()
     def run(self, i: int) -> dict:
@@ -140,6 +154,8 @@ class Memit(Method):
         deltas = {}
         n = len(requests)
         key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
+        if hp.key_tree and _tree_fits(handle, key_batch):  # shared prefixes run once (same keys)
+            key_batch = tree_batch(key_batch, handle.tokenizer.pad_token_id or 0, next(handle.model.parameters()).dtype)
         plain = (key_batch.template == 0).nonzero().squeeze(1)
         fast = packed_linears(handle)  # no-grad key forwards; an edited matrix is re-packed on its next use
         with preserved_weights(handle.model, names), fast.active(handle.model):

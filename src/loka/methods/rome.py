@@ -33,7 +33,7 @@ class RomeHParams(HParams):
     early_stop_loss: float = 0.05
     v_batch_size: int = 16
     v_dtype: str = "float32"
-    v_grouping: str = "auto"  # "template": a group per template; "kl": prompts | KL rows; "none": one batch
+    v_grouping: str = "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
     mom2_adjustment: bool = True
     mom2_corpus: str = "self"
     mom2_n_tokens: int = 20_000
