@@ -4,7 +4,7 @@
 
 Times, per query batch: a forward pass of the prompts (prefill), and greedy generation of
 ``--new-tokens`` tokens, on the plain model and with the codebook applied (each row routed at the
-prefill: MiniLM router, embedding, nearest memory, plug). The codebook is a saved LOKA artifact
+prefill: MiniLM router, embedding, nearest memory, plug), the two timed in alternation. The codebook is a saved LOKA artifact
 (``loka update --method loka ... --save``), or one trained here for ``--train-n`` edits + as many
 forgets (+ half as many retained facts) from ``cf_lifelong.json`` — the issue's 100 + 100 training-time
 target, timed and reported.
@@ -25,14 +25,29 @@ import loka
 from loka.utils.io import atomic_write_json
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
+def _paired(fn, art, h, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``fn`` on the plain model and with ``art`` applied, the two timed in
+    alternation (one of each per repeat), so that the machine's drift from minute to minute falls on
+    both alike; applying and reverting the codebook (hooks only) is outside the timed calls."""
+    fn()  # warm-up, both ways
+    art.apply(h)
+    try:
+        fn()
+    finally:
+        art.revert(h)
+    plain, with_art = [], []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        plain.append(time.perf_counter() - t)
+        art.apply(h)
+        try:
+            t = time.perf_counter()
+            fn()
+            with_art.append(time.perf_counter() - t)
+        finally:
+            art.revert(h)
+    return statistics.median(plain), statistics.median(with_art)
 
 
 def main() -> None:
@@ -87,12 +102,8 @@ def main() -> None:
         def gen(enc=enc):
             h.model.generate(**enc, do_sample=False, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
 
-        base_f, base_g = _time(forward, args.repeats), _time(gen, args.repeats)
-        art.apply(h)
-        try:
-            loka_f, loka_g = _time(forward, args.repeats), _time(gen, args.repeats)
-        finally:
-            art.revert(h)
+        base_f, loka_f = _paired(forward, art, h, args.repeats)
+        base_g, loka_g = _paired(gen, art, h, args.repeats)
         rows.append({"batch": b, "forward_ms": round(base_f * 1e3, 1), "forward_loka_ms": round(loka_f * 1e3, 1),
                      "forward_overhead": round(loka_f / base_f - 1, 3), "generate_ms": round(base_g * 1e3, 1),
                      "generate_loka_ms": round(loka_g * 1e3, 1), "generate_overhead": round(loka_g / base_g - 1, 3)})

@@ -237,3 +237,24 @@ def test_two_step_update_with_a_memory_editor_is_a_bundle(tmp_path):
     assert torch.equal(_logits(h, E1.text), edited)
     loaded.revert(h)
     assert torch.equal(_logits(h, E1.text), before[E1.text])
+
+
+def test_router_and_key_share_one_encoder_pass():
+    """The router fine-tunes MiniLM's top layer only, so the key embedding continues its forward
+    from there through the base's top layer: the same probabilities and keys as two full passes, and
+    codebook routing with MiniLM keys gives the ids of router-then-nearest."""
+    from loka.encoder import load_encoder
+    from loka.router import train_router
+
+    router, _ = train_router(["The Eiffel Tower is in", "Alan Turing was born in"],
+                             ["Cats often sleep for most of the day.", "Water boils at"], epochs=2)
+    assert router.first_trained_layer() == 5
+    base = load_encoder()
+    texts = ["The Eiffel Tower is in", "Water boils at", "A much longer sentence about the weather in spring"]
+    probs, emb = router.probs_and_embeddings(texts, base)
+    assert torch.allclose(probs, router.probs(texts), atol=1e-5)
+    assert torch.allclose(emb, base.encode(texts), atol=1e-5)
+    book = Codebook(torch.zeros(3, 4, 4), base.encode(["Water", "Eiffel Tower", "weather"]), 1, "b", "o",
+                    router=router, router_threshold=float(probs.median()), key_source="encoder")
+    want = torch.where(probs >= book.router_threshold, book.nearest(base.encode(texts)), torch.tensor(-1))
+    assert torch.equal(book.route_encoder(texts), want) and (want >= 0).any() and (want < 0).any()

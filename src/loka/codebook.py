@@ -180,6 +180,18 @@ class Codebook:
         active = self.router_probs(texts) >= self.router_threshold
         return torch.where(active, ids, torch.full_like(ids, -1))
 
+    def route_encoder(self, texts: Sequence[str]) -> torch.Tensor:
+        """Memory id per text with MiniLM keys (``key_source="encoder"``), ``-1`` where the base model
+        answers. The router and the key share one encoder pass (:meth:`Router.probs_and_embeddings`):
+        the key costs only the encoder's top layer(s) on top of the router's forward."""
+        from .encoder import load_encoder
+
+        if self.router is None:
+            return self.nearest(encoder_embeddings(texts))
+        probs, emb = self.router.probs_and_embeddings(texts, load_encoder())
+        ids = self.nearest(emb)
+        return torch.where(probs >= self.router_threshold, ids, torch.full_like(ids, -1))
+
     @contextlib.contextmanager
     def select(self, memory: int | None) -> Iterator[None]:
         """Force every row of the forwards in the block to use ``memory`` (``-1``: the base model)."""
@@ -192,6 +204,8 @@ class Codebook:
 
     # hooks ------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Codebook:
+        self.remove()  # attached at most once
+        self._rows, self._pending, self.override = None, None, None
         self._handles = [
             model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
             model.get_submodule(self.block_path).register_forward_pre_hook(self._block_pre, with_kwargs=True),
@@ -224,19 +238,16 @@ class Codebook:
         width = mask.shape[1]
         last = width - 1 - mask.flip(1).long().argmax(1)  # last real token of each row (left or right padding)
         tok = module.__dict__.get(TOKENIZER_ATTR)
-        if self.router is not None and tok is not None:
+        texts = None
+        if tok is not None and (self.router is not None or self.key_source == "encoder"):
             texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids.cpu(), mask.cpu())]
+        if self.key_source == "encoder" and texts is not None:
+            self._rows, self._pending = self.route_encoder(texts), None
+            return None
+        if self.router is not None and texts is not None:
             active = self.router_probs(texts) >= self.router_threshold
         else:
             active = torch.ones(len(ids), dtype=torch.bool)
-        if self.key_source == "encoder" and tok is not None:
-            texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids.cpu(), mask.cpu())]
-            rows = torch.full((len(texts),), -1, dtype=torch.long)
-            on = active.nonzero().flatten().tolist()  # keys only where the router fires
-            if on:
-                rows[on] = self.nearest(encoder_embeddings([texts[i] for i in on]))
-            self._rows, self._pending = rows, None
-            return None
         self._pending = (last.cpu(), active)
         self._rows = None
         return None
@@ -292,11 +303,14 @@ def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None,
         raise ArtifactError("more than one LOKA codebook is applied; revert one (a sequential update makes one codebook)")
     book = books[0].runtime
     uniq = list(dict.fromkeys(prompts))
-    active = book.router_probs(uniq) >= book.router_threshold
-    ids = torch.full((len(uniq),), -1, dtype=torch.long)
-    on = active.nonzero().flatten().tolist()  # retrieval only for the queries the router lets through
-    if on:
-        ids[on] = book.nearest(embeddings(handle, book.layer, [uniq[i] for i in on], book.key_source))
+    if book.key_source == "encoder":
+        ids = book.route_encoder(uniq)
+    else:
+        active = book.router_probs(uniq) >= book.router_threshold
+        ids = torch.full((len(uniq),), -1, dtype=torch.long)
+        on = active.nonzero().flatten().tolist()  # retrieval only for the queries the router lets through
+        if on:
+            ids[on] = book.nearest(embeddings(handle, book.layer, [uniq[i] for i in on], book.key_source))
     of = dict(zip(uniq, ids.tolist()))
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):

@@ -23,6 +23,11 @@ from .fastlinear import PackedLinears
 PREFIX = "router."
 
 
+def _pool(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Mean over the unmasked tokens, L2-normalised (sentence-transformers' pooling for MiniLM)."""
+    return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
+
+
 class Router:
     def __init__(self, encoder_model: nn.Module, tokenizer, head: nn.Linear, trained: list[str]):
         self.model, self.tokenizer, self.head, self.trained = encoder_model, tokenizer, head, trained
@@ -31,9 +36,7 @@ class Router:
     def _logits(self, texts: Sequence[str]) -> torch.Tensor:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=128, return_tensors="pt")
         h = self.model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        pooled = F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1)
-        return self.head(pooled).squeeze(-1)
+        return self.head(_pool(h, enc["attention_mask"].unsqueeze(-1).to(h.dtype))).squeeze(-1)
 
     @torch.no_grad()
     def probs(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -42,6 +45,45 @@ class Router:
         with self._packed.active(self.model):
             out = [torch.sigmoid(self._logits(texts[i: i + batch_size])) for i in range(0, len(texts), batch_size)]
         return torch.cat(out) if out else torch.zeros(0)
+
+    def first_trained_layer(self) -> int | None:
+        """Index of the lowest fine-tuned encoder layer (the layers below it are the base encoder's)."""
+        idx = [int(n.split(".")[2]) for n in self.trained if n.startswith("encoder.layer.")]
+        return min(idx) if idx and len(idx) == len(self.trained) else None
+
+    @torch.no_grad()
+    def probs_and_embeddings(self, texts: Sequence[str], base, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """``P(updated | text)`` and the base encoder's sentence embeddings in one pass.
+
+        The router fine-tunes only the top encoder layers, so below them its states are the base
+        encoder's: the embeddings continue the router's forward from there through the base's own
+        top layers instead of re-running the whole encoder (the same numbers as ``base.encode``)."""
+        first = self.first_trained_layer()
+        if first is None:
+            return self.probs(texts, batch_size), base.encode(list(texts), batch_size)
+        from .trace import block_output, capture
+
+        path = f"encoder.layer.{first}"
+        top = base.model.encoder.layer[first:]
+        probs, embs = [], []
+        self.model.eval()
+        with self._packed.active(self.model), base._packed.active(base.model):
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(list(texts[i: i + batch_size]), padding=True, truncation=True, max_length=128,
+                                     return_tensors="pt")
+                with capture(self.model, [path], outputs=False, kwargs=True) as rec:
+                    h = self.model(**enc).last_hidden_state
+                m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+                probs.append(torch.sigmoid(self.head(_pool(h, m)).squeeze(-1)))
+                x, kw = rec[path].input, dict(rec[path].kwargs)
+                args = kw.pop("__args__", ())
+                kw.pop("hidden_states", None)
+                for layer in top:
+                    x = block_output(layer(x, *args, **kw))
+                embs.append(_pool(x, m))
+        if not probs:
+            return torch.zeros(0), torch.zeros(0, base.dim)
+        return torch.cat(probs), torch.cat(embs)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The trained encoder parameters and the head, for the artifact."""

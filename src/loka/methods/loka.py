@@ -199,7 +199,10 @@ class Loka(MemoryMethod):
         if applied_codebooks(model):
             raise LokaError("a LOKA codebook is already applied to this model; revert it first (a sequential "
                             "update with --state makes one codebook holding every batch)")
-        book = cls.hook(artifact).attach(model)
+        book = getattr(artifact, "runtime", None)  # re-applying reuses the built codebook (router, packs)
+        if not isinstance(book, Codebook):
+            book = cls.hook(artifact)
+        book.attach(model)
         artifact.runtime = book
         return book
 

@@ -1,0 +1,78 @@
+"""A batch of 100 MEMIT / AlphaEdit edits on SmolLM2: time per phase and edit quality, before and
+after each optimisation of the batched value search. Prints a table and writes JSON.
+
+    python benchmarks/batch_edit_speed.py [--rows before,suffix,tree,default,bf16,alphaedit]
+
+Each row edits records 0-99 of ``data/generated/cf_all_300.json`` in one batch through the
+evaluation runner (``loka eval --mode batch --batch-size 100``), so the same ES/PS/NS come with the
+time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows, cumulative:
+
+* ``before`` — the ninth session's search: a row group per context template, chunks of 16
+  requests, ``v_lr`` 0.5, padded key rows in the update phase;
+* ``suffix`` — requests bucketed by suffix length in one chunk (``v_grouping="suffix"``);
+* ``tree`` — the update phase's key forwards as token trees (``key_tree``);
+* ``default`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);
+* ``bf16`` — the search's matmuls in bfloat16 (``v_dtype``), optional;
+* ``alphaedit`` — AlphaEdit with its defaults.
+
+Target: <= 180 s for a batch of 100 (2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import loka
+from loka.eval.data import load_cases
+from loka.eval.runner import EvalConfig, run_eval
+
+ROWS = {
+    "before": ("memit", {"v_grouping": "template", "v_batch_size": 16, "v_lr": 0.5, "key_tree": False}),
+    "suffix": ("memit", {"v_lr": 0.5, "key_tree": False}),
+    "tree": ("memit", {"v_lr": 0.5}),
+    "default": ("memit", {}),
+    "bf16": ("memit", {"v_dtype": "bfloat16"}),
+    "alphaedit": ("alphaedit", {}),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="data/generated/cf_all_300.json")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--out", default="benchmarks/results/batch_edit_speed_smollm2-135m.json")
+    args = ap.parse_args()
+    handle = loka.load_model(args.model)
+    cases = load_cases(args.data, args.n)
+    out = Path(args.out)
+    results = json.loads(out.read_text())["rows"] if out.exists() else {}
+    work = Path(tempfile.mkdtemp(prefix="batch_edit_speed_"))
+    for name in args.rows.split(","):
+        method, hp = ROWS[name]
+        folder = work / name
+        s = run_eval(handle, cases, EvalConfig(method=method, mode="batch", batch_size=args.n, hparams=hp,
+                                               guard=False), folder)
+        edit = json.loads((folder / "edits.jsonl").read_text().splitlines()[0])
+        results[name] = {"method": method, "hparams": hp, "seconds": edit["seconds"], "timings": edit["timings"],
+                         **{k: round(s["post"][k], 3) for k in ("ES", "PS", "NS", "reliability")}}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": args.model, "records": args.n, "target_s": 180, "rows": results},
+                                  indent=2))
+        print(f"{name}: {edit['seconds']:.1f} s {edit['timings']}", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{'row':10s} {'method':9s} {'total s':>8s} {'keys':>6s} {'values':>7s} {'update':>7s} "
+          f"{'ES':>6s} {'PS':>6s} {'NS':>6s}")
+    for name, r in results.items():
+        t = r["timings"]
+        print(f"{name:10s} {r['method']:9s} {r['seconds']:8.1f} {t.get('keys', 0):6.1f} {t.get('values', 0):7.1f} "
+              f"{t.get('update', 0):7.1f} {r['ES']:6.3f} {r['PS']:6.3f} {r['NS']:6.3f}")
+
+
+if __name__ == "__main__":
+    main()
