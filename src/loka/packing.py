@@ -42,6 +42,13 @@ class TreePack:
         return len(self.node)
 
 
+def within_window(config, depth: int) -> bool:
+    """A tree mask replaces the model's own masks, sliding-window ones included: usable only while
+    no sequence is deeper than the window (``depth`` tokens)."""
+    window = getattr(config, "sliding_window", None)
+    return not window or depth <= window
+
+
 def pack_trees(groups: Sequence[Sequence[Sequence[int]]], max_len: int = 1024, pad_id: int = 0,
                share: bool = True) -> TreePack:
     """Pack groups of token sequences (a group stays in one row) into rows of at most ``max_len``

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .codebook import routed_groups, selected
 from .fastlinear import packed_linears
-from .packing import pack_trees
+from .packing import pack_trees, within_window
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,9 @@ def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
     for r, t in enumerate(t_ids):
         if len(t) > 1:
             seqs[owner[r]].append(p_ids[owner[r]] + t[:-1])
-    window = getattr(handle.config, "sliding_window", None)
     longest = max(len(s) for ss in seqs for s in ss) + 1
-    if window and longest > window:  # a custom mask replaces the sliding-window mask
-        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window ({window})")
+    if not within_window(handle.config, longest):
+        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window")
     tree = pack_trees(seqs, max_len, _pad_id(handle.tokenizer), share)
     reads = [[tree.at(owner[r], p_ids[owner[r]] + t[:i]) for i in range(len(t))] for r, t in enumerate(t_ids)]
     cols = sorted({c for rd in reads for _, c in rd})

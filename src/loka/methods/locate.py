@@ -326,8 +326,9 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     if grouping not in GROUPINGS:
         raise LokaError(f"hyperparameter v_grouping must be one of {', '.join(map(repr, GROUPINGS))}, got {grouping!r}")
     order = list(range(len(requests)))
-    if grouping != "none":  # chunks of requests with similar suffix lengths pad less
-        order.sort(key=lambda i: _suffix_len(handle.tokenizer, requests[i]))
+    lens = [_suffix_len(handle.tokenizer, r) for r in requests] if grouping != "none" else None
+    if lens is not None:  # chunks of requests with similar suffix lengths pad less
+        order.sort(key=lambda i: lens[i])
     chunks = [order[i: i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
     outs = []
     _search_precision(handle, hp)  # a wrong v_dtype fails before any forward
@@ -339,7 +340,8 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
             if mode == "none":
                 outs.append(_optimize_chunk(handle, chunk, layer, templates, hp, where, key_layer))
             else:
-                outs.append(_optimize_grouped(handle, chunk, layer, templates, hp, where, key_layer, mode=mode))
+                outs.append(_optimize_grouped(handle, chunk, layer, templates, hp, where, key_layer, mode=mode,
+                                              suffix_lens=[lens[i] for i in idx] if lens else None))
             if progress is not None:
                 progress.update(len(idx))
     back = torch.empty(len(order), dtype=torch.long)
@@ -541,8 +543,8 @@ class _Group:
     view: _ActiveView | None = None
 
 
-def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, mode: str = "suffix"
-                      ) -> ValueResult:
+def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, mode: str = "suffix",
+                      suffix_lens: list[int] | None = None) -> ValueResult:
     """:func:`_optimize_chunk` with the rows split into groups that pad little, plus one group for
     the KL prompts, cut after the subject. ``mode="suffix"``: requests bucketed by the length of
     what follows the subject (prompt rest + target, the only columns a step replays; buckets from
@@ -560,7 +562,7 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
     if mode == "template":
         parts = [(everyone, [t]) for t in all_t]
     elif mode == "suffix":
-        lens = [_suffix_len(handle.tokenizer, r) for r in requests]
+        lens = suffix_lens or [_suffix_len(handle.tokenizer, r) for r in requests]
         parts = [(idx, all_t) for idx in suffix_buckets(lens, len(templates))]
     else:
         parts = [(everyone, all_t)]

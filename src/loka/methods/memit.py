@@ -21,6 +21,7 @@ from .. import env
 from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
 from ..fastlinear import packed_linears
+from ..packing import within_window
 from ..stats import second_moments
 from ..trace import capture
 from .base import HParams, Method, register
@@ -83,12 +84,6 @@ def through_post_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.Tensor) -
     J = vmap(jacrev(f))(m.detach().double())  # (n, d, d)
     sol = torch.linalg.lstsq(J, r.double().unsqueeze(-1), rcond=1e-6, driver="gelsd").solution  # drop the radial null
     return sol.squeeze(-1).float()
-
-
-def _tree_fits(handle, batch) -> bool:
-    """Token trees replace the model's own masks: not for rows longer than a sliding window."""
-    window = getattr(handle.config, "sliding_window", None)
-    return not window or int(batch.attention_mask.sum(1).max()) < window
 
 
 class _KeyPasses:
@@ -154,7 +149,7 @@ class Memit(Method):
         deltas = {}
         n = len(requests)
         key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
-        if hp.key_tree and _tree_fits(handle, key_batch):  # shared prefixes run once (same keys)
+        if hp.key_tree and within_window(handle.config, int(key_batch.attention_mask.sum(1).max()) + 1):  # shared prefixes run once (same keys)
             key_batch = tree_batch(key_batch, handle.tokenizer.pad_token_id or 0, next(handle.model.parameters()).dtype)
         plain = (key_batch.template == 0).nonzero().squeeze(1)
         fast = packed_linears(handle)  # no-grad key forwards; an edited matrix is re-packed on its next use
