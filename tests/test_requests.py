@@ -85,3 +85,15 @@ def test_subject_may_swallow_punctuation_but_not_letters(monkeypatch):
     assert subject_last_token(Tok(), "{}'s office", "Fed (Ont)") == len("Fed (Ont")  # the ")'" token
     with pytest.raises(RequestError, match="not found as a token span"):
         subject_last_token(Tok(), "The {}o", "T")  # "T" ends inside the token "To"
+
+
+def test_hyperparameters_of_the_wrong_type_are_refused_by_name():
+    """A scalar hyperparameter of the wrong type fails at once with the field named (e.g. ``--set
+    key_tree=maybe`` used to be taken as true); ints stand for floats, bools never for numbers."""
+    from loka.errors import LokaError
+    from loka.methods.memit import MemitHParams
+
+    assert MemitHParams.from_dict({"v_lr": 2, "key_tree": False}).v_lr == 2
+    for field, bad in [("key_tree", "maybe"), ("v_steps", 2.5), ("v_lr", True), ("v_grouping", 3)]:
+        with pytest.raises(LokaError, match=f"MemitHParams.{field}"):
+            MemitHParams.from_dict({field: bad})

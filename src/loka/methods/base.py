@@ -15,6 +15,13 @@ from typing import Any, ClassVar
 
 from ..errors import LokaError, ModelError
 
+_SCALAR_CHECKS = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+}
+
 
 @dataclass
 class HParams:
@@ -26,6 +33,10 @@ class HParams:
         unknown = sorted(set(data) - names - {"_comment", "_evidence"})
         if unknown:
             raise LokaError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+        for f in dataclasses.fields(cls):  # scalar fields: a wrong type fails here, not deep in a run
+            ok = _SCALAR_CHECKS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+            if f.name in data and ok is not None and not ok(data[f.name]):
+                raise LokaError(f"{where}: {cls.__name__}.{f.name} must be a {f.type}, got {data[f.name]!r}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
