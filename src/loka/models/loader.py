@@ -251,10 +251,14 @@ def _add_tokens_back(backend, added: list[dict]) -> None:
 
 
 def _fast_tokenizer(folder: Path):
-    """A cached conversion's tokenizer from ``tokenizer.json`` (via its compact form) + the special
-    tokens of ``tokenizer_config.json``; ``None`` where the folder lacks either (then ``AutoTokenizer``)."""
+    """A cached conversion's tokenizer, built without ``AutoTokenizer`` (which re-derived Gemma's in Python):
+    SentencePiece where ``tokenizer.json`` is SentencePiece BPE and converts exactly (``spm.py``: ~0.1 s for
+    Gemma 3 against ~0.9 s), else ``tokenizers`` from the compact ``tokenizer.json``; the special tokens
+    come from ``tokenizer_config.json``. ``None`` where the folder lacks either file (then ``AutoTokenizer``)."""
     from transformers import PreTrainedTokenizerFast
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    from . import spm
 
     tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
     if not (tj.exists() and tc.exists()):
@@ -267,6 +271,13 @@ def _fast_tokenizer(folder: Path):
     with contextlib.suppress(Exception):  # the class keeps family defaults such as Gemma's left padding
         cls = tokenizer_class_from_name(cfg.get("tokenizer_class") or "")
     cls = cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
+    family = {"padding_side": cls.padding_side, "model_input_names": list(cls.model_input_names)}
+    tok = spm.load(folder, _stat_key(tj), {**family, **kw}, reference=lambda: _tokenizers_tokenizer(tj, cls, kw))
+    return tok if tok is not None else _tokenizers_tokenizer(tj, cls, kw)
+
+
+def _tokenizers_tokenizer(tj: Path, cls, kw: dict):
+    """``cls`` (a ``PreTrainedTokenizerFast``) from the compact form of ``tj``, falling back to ``tj`` itself."""
     compact = _compact_tokenizer(tj)
     if compact is None:
         return cls(tokenizer_file=str(tj), **kw)
