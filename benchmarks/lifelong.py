@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--data", default="data/generated/cf_lifelong.json")
+    ap.add_argument("--every", type=int, default=1,
+                    help="score a checkpoint every K batches (the first and the last batch always)")
     ap.add_argument("--out", default="out/lifelong")
     args = ap.parse_args()
     data = Path(args.data)
@@ -68,7 +70,9 @@ def main() -> None:
         atomic_write_json(data, build_counterfact(load_known(), None, seed=0, min_subjects=1))
     cases = load_cases(data, args.n)
     handle = loka.load_model(args.model)
-    ckpts = tuple(range(args.batch, len(cases) + 1, args.batch))
+    ends = list(range(args.batch, len(cases) + 1, args.batch))
+    ckpts = tuple(sorted({ends[0], ends[-1], *ends[::args.every]}))
+    res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
     table, series = {}, {}
     for row in args.rows:
         method, hp, prune = ROWS[row]
@@ -84,14 +88,16 @@ def main() -> None:
                       "NS_first_batch": first.get("NS"), "ppl": last["guard"]["ppl"],
                       "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
         print(row, json.dumps(table[row]), flush=True)
+        # written after every row, so an interrupted run keeps the rows it finished
+        atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "checkpoints": ckpts,
+                                "rows": table, "series": series})
+        _plot(series, Path(args.out) / f"lifelong_{args.model}_n{len(cases)}.png",
+              f"{args.model}: sequential editing, batches of {args.batch}")
     print(f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |")
     print("|---" * 9 + "|")
     for row, r in table.items():
         print(f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
               f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
-    res = Path("benchmarks/results") / f"lifelong_{args.model}.json"
-    atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "rows": table, "series": series})
-    _plot(series, Path(args.out) / f"lifelong_{args.model}.png", f"{args.model}: sequential editing, batches of {args.batch}")
 
 
 def _plot(series: dict, path: Path, title: str) -> None:
