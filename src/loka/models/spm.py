@@ -31,7 +31,7 @@ from ..utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SPM_VERSION = 2
+SPM_VERSION = 3
 SPM_FILE = "tokenizer.spm"
 SPM_META = "tokenizer.spm.meta.json"
 
@@ -273,9 +273,10 @@ def mismatch(tok, ref) -> str | None:
         for skip in (False, True):
             if ref.decode(ids, skip_special_tokens=skip) != tok.decode(ids, skip_special_tokens=skip):
                 return f"decoding the ids of {s!r} (skip special {skip})"
-    a, b = ref(probes[:32], padding=True), tok(probes[:32], padding=True)
-    if dict(a) != dict(b):
-        return "a padded batch"
+    for kw in ({"padding": True}, {"padding": True, "truncation": True, "max_length": 8}):
+        a, b = ref(probes[:48], **kw), tok(probes[:48], **kw)
+        if dict(a) != dict(b):
+            return f"a batch with {kw}"
     rng = random.Random(1)
     n = len(ref)
     for _ in range(300):
