@@ -1,6 +1,6 @@
 """Lifelong editing: many CounterFact edits in batches, one method after another, no revert.
 
-    python benchmarks/lifelong.py --model smollm2-135m --n 900 --batch 100
+    python benchmarks/lifelong.py --model smollm2-135m --n 1000 --batch 100 --every 2
     python benchmarks/lifelong.py --rows memit alphaedit --n 200 --batch 50      # a shorter run
 
 Each row is a sequential ``loka eval`` run (resumable: rerun the same command after an interruption)
@@ -10,8 +10,9 @@ options) and one row per option (ablation), LyapLock, SCR. Asserts that no edite
 score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
 ``benchmarks/results/lifelong_<model>.json`` and one plot of ES/NS/perplexity against edits.
 
-The 1,209 known facts give at most 920 CounterFact records (``--min-subjects 1``), so the default is
-900 edits in 9 batches of 100.
+The records are ``data/generated/cf_lifelong_1000.json`` (``loka data counterfact --from known+mquake
+--min-subjects 1``: the 1,209 known facts alone give at most 920 records; with MQuAKE's true single-hop
+facts of the same relations, 1,397), so the default is 1,000 edits in 10 batches of 100.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 import loka
-from loka.bench.counterfact import build_counterfact, load_known
+from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
 from loka.eval.data import load_cases
 from loka.eval.runner import EvalConfig, run_eval
 from loka.utils.io import atomic_write_json
@@ -57,17 +58,18 @@ def _finite(out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=900)
+    ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    ap.add_argument("--data", default="data/generated/cf_lifelong.json")
+    ap.add_argument("--data", default="data/generated/cf_lifelong_1000.json")
     ap.add_argument("--every", type=int, default=1,
                     help="score a checkpoint every K batches (the first and the last batch always)")
     ap.add_argument("--out", default="out/lifelong")
     args = ap.parse_args()
     data = Path(args.data)
     if not data.exists():
-        atomic_write_json(data, build_counterfact(load_known(), None, seed=0, min_subjects=1))
+        known = load_known()
+        atomic_write_json(data, build_counterfact(known + mquake_facts(exclude=known), None, seed=0, min_subjects=1))
     cases = load_cases(data, args.n)
     handle = loka.load_model(args.model)
     ends = list(range(args.batch, len(cases) + 1, args.batch))

@@ -195,3 +195,13 @@ def test_cli_data_tofu_and_finetune(capsys, tmp_path):
     code, out, err = run(capsys, "generate", "--model", str(tmp_path / "ft"), "Question: hi\nAnswer:",
                          "--max-new-tokens", "2")
     assert code == 0, err
+
+
+def test_cli_data_counterfact_from_known_and_mquake(capsys, tmp_path):
+    out = tmp_path / "cf.json"
+    assert main(["data", "counterfact", "--from", "known+mquake", "--min-subjects", "1", "--out", str(out),
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    recs = json.loads(out.read_text())
+    assert info["records"] == len(recs) >= 1000 and info["facts"] == 1209 + 608
+    assert any(r["known_id"] is None for r in recs) and any(r["known_id"] is not None for r in recs)

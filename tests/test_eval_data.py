@@ -4,7 +4,7 @@ from collections import defaultdict
 import pytest
 
 from loka import RequestError
-from loka.bench.counterfact import build_counterfact, load_known
+from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
 from loka.bench.relations import RELATIONS
 from loka.eval.data import load_cases, load_qa
 
@@ -65,3 +65,19 @@ def test_generated_counterfact_records_follow_the_recipe():
             owners = [s for (rl, s) in true_of if rl == rel and s in p and s != subj]
             assert any(true_of[(rel, s)] == rw["target_true"]["str"] for s in owners)
     assert len(RELATIONS) == 33 and all(len(v["cloze"]) >= 3 for v in RELATIONS.values())
+
+
+def test_mquake_facts_extend_the_known_facts_past_1000_records(tmp_path):
+    known = load_known()
+    extra = mquake_facts(exclude=known)
+    keys = {(f["subject"], f["relation_id"]) for f in known}
+    assert len(extra) == 608 and all(f["relation_id"] in RELATIONS for f in extra)
+    assert not keys & {(f["subject"], f["relation_id"]) for f in extra}  # nothing the known facts hold
+    assert all(f["prompt"] == RELATIONS[f["relation_id"]]["cloze"][0].replace("{}", f["subject"]) for f in extra)
+    recs = build_counterfact(known + extra, None, seed=0, min_subjects=1)
+    assert len(build_counterfact(known, None, seed=0, min_subjects=1)) == 920 and len(recs) >= 1000
+    assert len({r["requested_rewrite"]["subject"] + r["requested_rewrite"]["relation_id"] for r in recs}) == len(recs)
+    bad = tmp_path / "mq.json"
+    bad.write_text(json.dumps([{"case_id": 1}]))
+    with pytest.raises(Exception, match=r"mq.json\[0\]: not an MQuAKE record"):
+        mquake_facts(bad)

@@ -363,12 +363,14 @@ def cmd_stats(args) -> int:
 
 
 def cmd_data_counterfact(args) -> int:
-    from .bench.counterfact import build_counterfact, facts_known_by, load_known
+    from .bench.counterfact import build_counterfact, facts_known_by, load_known, mquake_facts
     from .utils.io import atomic_write_json
 
-    if args.source != "known":
-        raise SystemExit(f"error: --from {args.source!r} is not supported; use --from known")
+    if args.source not in ("known", "known+mquake"):
+        raise SystemExit(f"error: --from {args.source!r} is not supported; use --from known or --from known+mquake")
     facts = load_known(args.known_file)
+    if args.source == "known+mquake":
+        facts = facts + mquake_facts(exclude=facts)
     edited = facts
     if args.known_by:
         from .models import load_model
@@ -684,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="build benchmark data offline")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="KIND")
     d = dsub.add_parser("counterfact", help="CounterFact-format records from the known facts")
-    d.add_argument("--from", dest="source", default="known", help="source of facts (only 'known': data/known_1000.json)")
+    d.add_argument("--from", dest="source", default="known", choices=["known", "known+mquake"],
+                   help="source of facts: 'known' (data/known_1000.json) or 'known+mquake' (adds MQuAKE's 608 "
+                        "true single-hop facts of the same relations: 1,406 records with --min-subjects 1)")
     d.add_argument("--known-file", help="another file in known_1000.json format")
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
     d.add_argument("--seed", type=int, default=0)

@@ -34,6 +34,36 @@ def load_known(path: str | Path | None = None) -> list[dict]:
     return facts
 
 
+def mquake_facts(path: str | Path | None = None, exclude: list[dict] | None = None) -> list[dict]:
+    """The true single-hop facts of MQuAKE (``orig.triples_labeled`` and each rewrite's true target) whose
+    relation has templates here, as known-facts records (prompt: the relation's first cloze template).
+
+    Why: the 1,209 known facts give at most 920 CounterFact records; with MQuAKE's 608 further facts
+    (other subjects of the same relations) a 1,000-edit lifelong run has 1,000 distinct records.
+    Facts whose (subject, relation) is already in ``exclude`` are left out; ``known_id`` is None.
+    """
+    path = Path(path) if path else DATA / "mquake" / "MQuAKE-hard.json"
+    if not path.exists():
+        raise LokaError(f"MQuAKE file {path} not found")
+    seen = {(f["subject"], f["relation_id"]) for f in exclude or []}
+    out: dict[tuple[str, str], dict] = {}
+
+    def add(subject: str, rel: str, obj: str) -> None:
+        if rel in RELATIONS and (subject, rel) not in seen and (subject, rel) not in out and subject and obj:
+            out[(subject, rel)] = {"subject": subject, "attribute": obj, "relation_id": rel, "known_id": None,
+                                   "prompt": RELATIONS[rel]["cloze"][0].replace("{}", subject), "source": "mquake"}
+
+    for i, case in enumerate(json.loads(path.read_text())):
+        try:
+            for (_, rel, _), (subj, _, obj) in zip(case["orig"]["triples"], case["orig"]["triples_labeled"]):
+                add(subj, rel, obj)
+            for rw in case["requested_rewrite"]:
+                add(rw["subject"], rw["relation_id"], rw["target_true"]["str"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise LokaError(f"{path}[{i}]: not an MQuAKE record ({e})") from e
+    return list(out.values())
+
+
 @torch.no_grad()
 def facts_known_by(handle, facts: list[dict], batch_size: int = 32) -> list[dict]:
     """The facts whose greedy continuation starts with the true object."""
