@@ -18,6 +18,7 @@ facts of the same relations, 1,397), so the default is 1,000 edits in 10 batches
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -75,7 +76,8 @@ def main() -> None:
     ends = list(range(args.batch, len(cases) + 1, args.batch))
     ckpts = tuple(sorted({ends[0], ends[-1], *ends[::args.every]}))
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
-    table, series = {}, {}
+    setting = (len(cases), args.batch, ckpts)
+    table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
     for row in args.rows:
         method, hp, prune = ROWS[row]
         out = Path(args.out) / f"{handle.name}-{row}-b{args.batch}-n{len(cases)}"
@@ -90,7 +92,10 @@ def main() -> None:
                       "NS_first_batch": first.get("NS"), "ppl": last["guard"]["ppl"],
                       "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
         print(row, json.dumps(table[row]), flush=True)
-        # written after every row, so an interrupted run keeps the rows it finished
+        # written after every row, so an interrupted run keeps the rows it finished; rows of another
+        # invocation written meanwhile are kept
+        old_table, old_series = _rows_of(res, setting)
+        table, series = {**old_table, **table}, {**old_series, **series}
         atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "checkpoints": ckpts,
                                 "rows": table, "series": series})
         _plot(series, Path(args.out) / f"lifelong_{args.model}_n{len(cases)}.png",
@@ -100,6 +105,15 @@ def main() -> None:
     for row, r in table.items():
         print(f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
               f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
+
+
+def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
+    """The rows and series already in ``res`` for the same (records, batch, checkpoints)."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        old = json.loads(res.read_text())
+        if (old["n"], old["batch"], tuple(old["checkpoints"])) == setting:
+            return old["rows"], old["series"]
+    return {}, {}
 
 
 def _plot(series: dict, path: Path, title: str) -> None:
