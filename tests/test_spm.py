@@ -71,6 +71,11 @@ def test_spm_conversion_encodes_and_decodes_like_tokenizers(tmp_path):
     assert tok.decode([byte("<0xC3>"), byte("<0xA9>")]) == "é"
     broken = [byte("<0x68>"), byte("<0xF0>"), byte("<0x51>"), *ref("Paris", add_special_tokens=False)["input_ids"]]
     assert tok.decode(broken) == ref.decode(broken) == "\ufffd" * 3 + "Paris"  # an invalid UTF-8 run
+    import copy
+    import pickle
+
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert clone(TEXTS)["input_ids"] == ref(TEXTS)["input_ids"]
     # whitespace runs merge in the order of tokenizers' merge ranks, not greedily
     assert any("\u2581\u2581" in t for t in tok.convert_ids_to_tokens(tok("a    b")["input_ids"]))
 

@@ -27,6 +27,8 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
 from ..utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -175,78 +177,61 @@ def decode_pieces(pieces: list[str]) -> str:
     return "".join(out)
 
 
-def _backend():
-    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+class SentencePieceTokenizer(SentencePieceBackend):
+    """transformers' slow-tokenizer API over a SentencePiece model converted from a ``tokenizer.json``;
+    ``save_pretrained`` writes that original ``tokenizer.json`` + config, not the conversion."""
 
-    return SentencePieceBackend
+    vocab_files_names = {"vocab_file": SPM_FILE}
 
+    def __init__(self, vocab_file: str, source_folder: str | None = None, add_bos: str | None = None,
+                 **kw):
+        self.source_folder = source_folder
+        self.add_bos = add_bos
+        super().__init__(vocab_file=vocab_file, legacy=True, **kw)
 
-def tokenizer_class():
-    """The class (built lazily: importing it needs ``sentencepiece``)."""
-    global _CLASS
-    if _CLASS is None:
-        base = _backend()
+    def _tokenize(self, text, **kw):
+        return self.sp_model.encode(text, out_type=str)
 
-        class SentencePieceTokenizer(base):
-            """transformers' slow-tokenizer API over a SentencePiece model converted from a ``tokenizer.json``;
-            ``save_pretrained`` writes that original ``tokenizer.json`` + config, not the conversion."""
+    def convert_tokens_to_string(self, tokens):
+        return decode_pieces(tokens)
 
-            vocab_files_names = {"vocab_file": SPM_FILE}
+    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kw):
+        """Added tokens as written, vocabulary pieces through ``decode_pieces`` (tokenizers' chain)."""
+        ids = [token_ids] if isinstance(token_ids, int) else token_ids
+        pieces = []
+        for i in map(int, ids):
+            a = self._added_tokens_decoder.get(i)
+            if a is None:
+                pieces.append(self.sp_model.id_to_piece(i))
+            elif not (skip_special_tokens and a.special):
+                pieces.append(a.content)
+        text = decode_pieces(pieces)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None \
+            else clean_up_tokenization_spaces
+        return self.clean_up_tokenization(text) if clean else text
 
-            def __init__(self, vocab_file: str, source_folder: str | None = None, add_bos: str | None = None,
-                         **kw):
-                self.source_folder = source_folder
-                self.add_bos = add_bos
-                super().__init__(vocab_file=vocab_file, legacy=True, **kw)
+    def build_inputs_with_special_tokens(self, a, b=None):
+        pre = [self.convert_tokens_to_ids(self.add_bos)] if self.add_bos else []
+        return pre + a if b is None else pre + a + pre + b
 
-            def _tokenize(self, text, **kw):
-                return self.sp_model.encode(text, out_type=str)
+    def get_special_tokens_mask(self, a, b=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            return super().get_special_tokens_mask(a, b, already_has_special_tokens=True)
+        pre = [1] if self.add_bos else []
+        return pre + [0] * len(a) if b is None else pre + [0] * len(a) + pre + [0] * len(b)
 
-            def convert_tokens_to_string(self, tokens):
-                return decode_pieces(tokens)
-
-            def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kw):
-                ids = [token_ids] if isinstance(token_ids, int) else token_ids
-                pieces = []
-                for i in map(int, ids):
-                    a = self._added_tokens_decoder.get(i)
-                    if a is None:
-                        pieces.append(self.sp_model.id_to_piece(i))
-                    elif not (skip_special_tokens and a.special):
-                        pieces.append(a.content)
-                text = decode_pieces(pieces)
-                clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None \
-                    else clean_up_tokenization_spaces
-                return self.clean_up_tokenization(text) if clean else text
-
-            def build_inputs_with_special_tokens(self, a, b=None):
-                pre = [self.convert_tokens_to_ids(self.add_bos)] if self.add_bos else []
-                return pre + a if b is None else pre + a + pre + b
-
-            def get_special_tokens_mask(self, a, b=None, already_has_special_tokens=False):
-                if already_has_special_tokens:
-                    return super().get_special_tokens_mask(a, b, already_has_special_tokens=True)
-                pre = [1] if self.add_bos else []
-                return pre + [0] * len(a) if b is None else pre + [0] * len(a) + pre + [0] * len(b)
-
-            def save_pretrained(self, save_directory, *args, **kw):
-                if not self.source_folder:
-                    return super().save_pretrained(save_directory, *args, **kw)
-                dest = Path(save_directory)
-                dest.mkdir(parents=True, exist_ok=True)
-                written = []
-                for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                    src = Path(self.source_folder) / name
-                    if src.exists():
-                        shutil.copyfile(src, dest / name)
-                        written.append(str(dest / name))
-                return tuple(written)
-
-        _CLASS = SentencePieceTokenizer
-    return _CLASS
-
-
-_CLASS = None
+    def save_pretrained(self, save_directory, *args, **kw):
+        if not self.source_folder:
+            return super().save_pretrained(save_directory, *args, **kw)
+        dest = Path(save_directory)
+        dest.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            src = Path(self.source_folder) / name
+            if src.exists():
+                shutil.copyfile(src, dest / name)
+                written.append(str(dest / name))
+        return tuple(written)
 
 
 def _probes(added: list[str], seed: int = 0) -> list[str]:
@@ -311,7 +296,7 @@ def _construct(folder: Path, rec: dict, kw: dict):
 
     atd = {a["id"]: AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
                                normalized=a["normalized"], special=a["special"]) for a in rec["added_tokens"]}
-    return tokenizer_class()(str(folder / SPM_FILE), source_folder=str(folder), add_bos=rec["add_bos"],
+    return SentencePieceTokenizer(str(folder / SPM_FILE), source_folder=str(folder), add_bos=rec["add_bos"],
                              added_tokens_decoder=atd, **kw)
 
 
