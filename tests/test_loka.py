@@ -163,6 +163,40 @@ def test_conflict_rule_and_ablations():
             loka.update(h, [E1], [], [], method="loka", hparams={**HP, **bad}, progress=False)
 
 
+def test_edit_stop_nll_trains_edit_memories_past_the_first_exact_match():
+    """``edit_stop_nll`` > 0: an edit memory keeps training after its answer first becomes the argmax,
+    until the mean answer NLL is below the bound (a margin for other phrasings); 0 stops at once."""
+    h = loka.load_model("tiny-llama")
+    mem = {}
+    for stop in (0.0, 2.0):
+        art, _ = loka.update(h, [E1, E2], [], [], method="loka", apply=False, progress=False,
+                             hparams={**HP, "k": 1, "router": False, "edit_stop_nll": stop})
+        (mem[stop],) = art.manifest["extra"]["memories"]
+    assert mem[0.0]["target_met"] and mem[2.0]["target_met"]
+    assert mem[2.0]["steps"] > mem[0.0]["steps"] and mem[2.0]["edit_nll"] <= 2.0 < mem[0.0]["edit_nll"]
+
+
+def test_gate_tasks_stops_pushing_a_forget_target_already_met():
+    """In a shared memory that keeps training for its edits (``edit_stop_nll``), ``gate_tasks`` leaves the
+    forget loss out of the steps where no forget answer is the argmax: the forgotten answer is pushed
+    down less far (less over-forgetting) and the edits still reach their bound."""
+    h = loka.load_model("tiny-llama")
+    F1 = _forget_known(h, "{} plays the", "Miro Tal")
+    lp, mem = {}, {}
+    for gate in (False, True):
+        art, _ = loka.update(h, [E1, E2], [F1], [], method="loka", apply=False, progress=False,
+                             hparams={**HP, "storage": "dense", "conflict": "shared", "router": False,
+                                      "edit_stop_nll": 2.0, "gate_tasks": gate})
+        (mem[gate],) = art.manifest["extra"]["memories"]
+        art.apply(h)
+        try:
+            lp[gate] = loka.target_logprobs(h, [F1.text], [F1.target_true])[0]["logprob"]
+        finally:
+            art.revert(h)
+    assert all(m["task"] == "shared" and m["target_met"] and m["edit_nll"] <= 2.0 for m in mem.values())
+    assert lp[True] > lp[False] + 1.0
+
+
 def test_sequential_lsh_keeps_old_memories(tmp_path):
     h = loka.load_model("tiny-llama")
     hp = {**HP, "mapping": "lsh", "lsh_bits": 3, "router": False}

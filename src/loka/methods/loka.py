@@ -74,6 +74,8 @@ class LokaHParams(HParams):
     lr: float = 2e-3
     n_iter: int = 40
     min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
+    edit_stop_nll: float = 0.0  # > 0: edits must also reach this mean answer NLL before a memory stops
+    gate_tasks: bool = False  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
@@ -358,22 +360,26 @@ class Loka(MemoryMethod):
         D = (init.clone() if init is not None else torch.zeros(trainer.shape)).requires_grad_(True)
         opt = torch.optim.Adam([D], lr=hp.lr)
         trainer.delta = D
-        step, alphas, done = 0, [], False
+        step, alphas, done, edit_nll = 0, [], False, None
         try:
             for step in range(1, hp.n_iter + 1):
                 le = lu = None
-                ok = True
+                e_ok = f_ok = True
                 if eb is not None:
                     ei = sorted(rng.sample(range(len(eb)), min(hp.batch_size, len(eb))))
                     le, em = trainer.edit(_sub(eb, ei))
-                    ok = ok and bool((em == 1).all()) and len(ei) == len(eb)
+                    edit_nll = float(le)
+                    e_ok = bool((em == 1).all()) and len(ei) == len(eb) and (
+                        hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
                 if fb is not None:
                     fi = sorted(rng.sample(range(len(fb)), min(hp.batch_size, len(fb))))
                     lu, em = trainer.forget(_sub(fb, fi), f_ref[fi])
-                    ok = ok and bool((em == 0).all()) and len(fi) == len(fb)
-                if ok and step > hp.min_steps:
+                    f_ok = bool((em == 0).all()) and len(fi) == len(fb)
+                if e_ok and f_ok and step > hp.min_steps:
                     done = True
                     break
+                if hp.gate_tasks and le is not None and lu is not None and step > hp.min_steps:
+                    le, lu = (None, lu) if e_ok else (le, None) if f_ok else (le, lu)
                 lr_ = trainer.retain(rb, r_ref) if rb is not None else None
                 if le is not None and lu is not None:  # shared memory: MGDA on the two task gradients
                     g_e, g_u = trainer.grad(le, D), trainer.grad(lu, D)
@@ -393,6 +399,8 @@ class Loka(MemoryMethod):
         finally:
             trainer.delta = None
         stats = {"steps": step, "target_met": done}
+        if edit_nll is not None:
+            stats["edit_nll"] = round(edit_nll, 4)  # mean answer NLL on the last step's edit rows
         if alphas:
             stats["mgda_alpha"] = round(sum(alphas) / len(alphas), 4)
         return D.detach().clone(), stats
