@@ -5,7 +5,9 @@
 Reads ``benchmarks/results/joint_update_<model>_loka.json`` (the default LOKA rows) and
 ``benchmarks/results/loka_ablation_<model>.json`` (``joint_update.py --variant ... --set ...`` rows),
 prints one markdown table per setting (default row first) and writes two PNGs: the cluster-count
-sweep (k = 1, 5, 10, 20, 40; k = 20 is the default row) and the conflict-rule comparison.
+sweep (k = 1, 5, 10, 20, 40) and the conflict-rule comparison. The plots compare rows of one stopping
+rule: the ablation rows were run with the first-match stop, so its row (``BASE``) stands for k = 20 /
+``auto`` there when present (else the default row).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 KEYS = ["unl-tr", "unl-rl", "edt-rl", "edt-prl", "rem-tr", "rem-rl"]
 RES = Path("benchmarks/results")
+BASE = "first-match stop (before)"  # the stopping rule the ablation rows were run with
 
 
 def main() -> None:
@@ -45,9 +48,11 @@ def main() -> None:
 
     plots = RES / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+    def base(rows: dict):
+        return rows.get(BASE) or next((r for n, r in rows.items() if n.startswith("loka")), None)
+
     rows = tables["in"]
-    ks = [(k, rows.get(f"k={k}") or (next((r for n, r in rows.items() if n.startswith("loka")), None) if k == 20 else None))
-          for k in (1, 5, 10, 20, 40)]
+    ks = [(k, rows.get(f"k={k}") or (base(rows) if k == 20 else None)) for k in (1, 5, 10, 20, 40)]
     ks = [(k, r) for k, r in ks if r]
     if ks:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -64,11 +69,11 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, setting in zip(axes, ("in", "out")):
         rows = tables[setting]
-        names = [n for n in rows if n.startswith("loka") or n.startswith("conflict=")]
-        width = 0.8 / max(1, len(names))
-        for i, n in enumerate(names):
-            ax.bar([j + i * width for j in range(len(KEYS))], [rows[n][k] for k in KEYS], width,
-                   label="auto (default)" if n.startswith("loka") else n)
+        bars = [("auto", base(rows)), *((n, r) for n, r in rows.items() if n.startswith("conflict="))]
+        bars = [(n, r) for n, r in bars if r]
+        width = 0.8 / max(1, len(bars))
+        for i, (n, r) in enumerate(bars):
+            ax.bar([j + i * width for j in range(len(KEYS))], [r[k] for k in KEYS], width, label=n)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(KEYS))], KEYS, fontsize=8)
         ax.set_title(f"{setting}-profile")
         ax.legend(fontsize=8)

@@ -20,7 +20,9 @@ and returns a codebook artifact (kind ``memory``; the base weights never change)
    ``retain_weight``. A shared memory steps along ``s·d_MGDA + λ_r ∇L_r`` with ``s`` the mean of the two
    task gradients' norms (MGDA combines unit vectors; ``s`` puts the step back on the loss scale).
    Adam, at most ``n_iter`` steps, stopped once every edit answer is and no forget answer is a
-   teacher-forced exact match (after ``min_steps``).
+   teacher-forced exact match (after ``min_steps``) and the edits' mean answer NLL is at most
+   ``edit_stop_nll`` (a margin that carries edits to paraphrases); in a shared memory a task whose own
+   target is met sits the step out (``gate_tasks``), so edits training on do not over-forget.
 5. **Router** (:mod:`loka.router`): MiniLM fine-tuned on updated queries against retained queries,
    generic sentences and the update prompts with their subject swapped for a retained one
    (``swap_negatives``); the codebook is used only when ``P ≥ router_threshold``.
@@ -74,8 +76,8 @@ class LokaHParams(HParams):
     lr: float = 2e-3
     n_iter: int = 40
     min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
-    edit_stop_nll: float = 0.0  # > 0: edits must also reach this mean answer NLL before a memory stops
-    gate_tasks: bool = False  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
+    edit_stop_nll: float = 0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
+    gate_tasks: bool = True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
