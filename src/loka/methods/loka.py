@@ -370,7 +370,7 @@ class Loka(MemoryMethod):
                 if eb is not None:
                     ei = sorted(rng.sample(range(len(eb)), min(hp.batch_size, len(eb))))
                     le, em = trainer.edit(_sub(eb, ei))
-                    edit_nll = float(le)
+                    edit_nll = float(le.detach())
                     e_ok = bool((em == 1).all()) and len(ei) == len(eb) and (
                         hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
                 if fb is not None:
