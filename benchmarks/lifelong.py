@@ -8,7 +8,8 @@ with checkpoints after every batch: ES/PS/NS/S over all facts edited so far and 
 guard (perplexity, multiple choice). Rows: MEMIT, MEMIT+PRUNE, AlphaEdit, AlphaEdit+ (all three
 options) and one row per option (ablation), LyapLock, SCR. Asserts that no edited weight and no
 score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
-``benchmarks/results/lifelong_<model>.json`` and one plot of ES/NS/perplexity against edits.
+``benchmarks/results/lifelong_<model>_n<N>.json`` and ``benchmarks/results/plots/lifelong_<model>_n<N>.png``
+(ES/PS/NS/perplexity against edits), both after every row.
 
 The records are ``data/generated/cf_lifelong_1000.json`` (``loka data counterfact --from known+mquake
 --min-subjects 1``: the 1,209 known facts alone give at most 920 records; with MQuAKE's true single-hop
@@ -98,7 +99,7 @@ def main() -> None:
         table, series = {**old_table, **table}, {**old_series, **series}
         atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "checkpoints": ckpts,
                                 "rows": table, "series": series})
-        _plot(series, Path(args.out) / f"lifelong_{args.model}_n{len(cases)}.png",
+        _plot(series, Path("benchmarks/results/plots") / f"lifelong_{args.model}_n{len(cases)}.png",
               f"{args.model}: sequential editing, batches of {args.batch}")
     print(f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |")
     print("|---" * 9 + "|")
