@@ -1,10 +1,10 @@
 """Lifelong editing: many CounterFact edits in batches, one method after another, no revert.
 
-    python benchmarks/lifelong.py --model smollm2-135m --n 1000 --batch 100 --every 2
+    python benchmarks/lifelong.py --model smollm2-135m --n 1000 --batch 100 --every 3
     python benchmarks/lifelong.py --rows memit alphaedit --n 200 --batch 50      # a shorter run
 
 Each row is a sequential ``loka eval`` run (resumable: rerun the same command after an interruption)
-with checkpoints after every batch: ES/PS/NS/S over all facts edited so far and the general-ability
+with a checkpoint every `--every` batches (the first and the last always): ES/PS/NS/S over all facts edited so far and the general-ability
 guard (perplexity, multiple choice). Rows: MEMIT, MEMIT+PRUNE, AlphaEdit, AlphaEdit+ (all three
 options) and one row per option (ablation), LyapLock, SCR. Asserts that no edited weight and no
 score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
