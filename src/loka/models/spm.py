@@ -317,7 +317,11 @@ def load(folder: Path, stamp: list, kw: dict, reference: Callable[[], object]):
         if rec["stamp"] != stamp or (rec["ok"] and not (folder / SPM_FILE).exists()):
             rec = None
     if rec is None:
-        rec = {"stamp": stamp, **_build(folder, folder / "tokenizer.json", kw, reference)}
+        try:
+            rec = {"stamp": stamp, **_build(folder, folder / "tokenizer.json", kw, reference)}
+        except Exception as e:  # SentencePiece refused the model, or the check itself failed
+            (folder / SPM_FILE).unlink(missing_ok=True)
+            rec = {"stamp": stamp, "ok": False, "reason": f"conversion failed: {type(e).__name__}: {e}"}
         with contextlib.suppress(OSError):  # a read-only cache converts (and checks) again next time
             atomic_write_json(meta, rec)
         if not rec["ok"]:
