@@ -150,3 +150,17 @@ def test_cached_gemma_tokenizer_is_sentencepiece_and_matches_autotokenizer(name)
     tok, ref = loader._fast_tokenizer(folder), _reference(folder)
     assert type(tok).__name__ == "SentencePieceTokenizer"
     assert spm.mismatch(tok, ref) is None
+
+
+def test_a_conversion_that_raises_is_recorded_and_tokenizers_kept(tmp_path, monkeypatch):
+    folder = _spm_folder(tmp_path)
+
+    def refuse(*a, **k):
+        raise RuntimeError("SentencePiece refused the model")
+
+    monkeypatch.setattr(spm, "_construct", refuse)
+    tok = loader._fast_tokenizer(folder)
+    assert type(tok).__name__ != "SentencePieceTokenizer"
+    meta = json.loads((folder / spm.SPM_META).read_text())
+    assert meta["ok"] is False and "conversion failed: RuntimeError" in meta["reason"]
+    assert not (folder / spm.SPM_FILE).exists()
