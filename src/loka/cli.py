@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = dsub.add_parser("counterfact", help="CounterFact-format records from the known facts")
     d.add_argument("--from", dest="source", default="known", choices=["known", "known+mquake"],
                    help="source of facts: 'known' (data/known_1000.json) or 'known+mquake' (adds MQuAKE's 608 "
-                        "true single-hop facts of the same relations: 1,406 records with --min-subjects 1)")
+                        "true single-hop facts of the same relations: 1,397 records with --min-subjects 1)")
     d.add_argument("--known-file", help="another file in known_1000.json format")
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
     d.add_argument("--seed", type=int, default=0)
