@@ -4,8 +4,8 @@
     python benchmarks/lifelong.py --rows memit alphaedit --n 200 --batch 50      # a shorter run
 
 Each row is a sequential ``loka eval`` run (resumable: rerun the same command after an interruption)
-with a checkpoint every `--every` batches (the first and the last always): ES/PS/NS/S over all facts edited so far and the general-ability
-guard (perplexity, multiple choice). Rows: MEMIT, MEMIT+PRUNE, AlphaEdit, AlphaEdit+ (all three
+with a checkpoint every ``--every`` batches (the first and the last always): ES/PS/NS/S over all facts
+edited so far and the general-ability guard (perplexity, multiple choice). Rows: MEMIT, MEMIT+PRUNE, AlphaEdit, AlphaEdit+ (all three
 options) and one row per option (ablation), LyapLock, SCR. Asserts that no edited weight and no
 score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
 ``benchmarks/results/lifelong_<model>_n<N>.json`` and ``benchmarks/results/plots/lifelong_<model>_n<N>.png``

@@ -93,7 +93,7 @@ def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
             seqs[owner[r]].append(p_ids[owner[r]] + t[:-1])
     longest = max(len(s) for ss in seqs for s in ss) + 1
     if not within_window(handle.config, longest):
-        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window")
+        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window ({handle.config.sliding_window})")
     tree = pack_trees(seqs, max_len, _pad_id(handle.tokenizer), share)
     reads = [[tree.at(owner[r], p_ids[owner[r]] + t[:i]) for i in range(len(t))] for r, t in enumerate(t_ids)]
     cols = sorted({c for rd in reads for _, c in rd})

@@ -381,7 +381,10 @@ class Loka(MemoryMethod):
                     done = True
                     break
                 if hp.gate_tasks and le is not None and lu is not None and step > hp.min_steps:
-                    le, lu = (None, lu) if e_ok else (le, None) if f_ok else (le, lu)
+                    if e_ok:  # only one task can be met here (both met has stopped above)
+                        le = None
+                    elif f_ok:
+                        lu = None
                 lr_ = trainer.retain(rb, r_ref) if rb is not None else None
                 if le is not None and lu is not None:  # shared memory: MGDA on the two task gradients
                     g_e, g_u = trainer.grad(le, D), trainer.grad(lu, D)

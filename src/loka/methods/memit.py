@@ -149,7 +149,8 @@ class Memit(Method):
         deltas = {}
         n = len(requests)
         key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
-        if hp.key_tree and within_window(handle.config, int(key_batch.attention_mask.sum(1).max()) + 1):  # shared prefixes run once (same keys)
+        deepest = int(key_batch.attention_mask.sum(1).max()) + 1
+        if hp.key_tree and within_window(handle.config, deepest):  # shared prefixes run once (same keys)
             key_batch = tree_batch(key_batch, handle.tokenizer.pad_token_id or 0, next(handle.model.parameters()).dtype)
         plain = (key_batch.template == 0).nonzero().squeeze(1)
         fast = packed_linears(handle)  # no-grad key forwards; an edited matrix is re-packed on its next use

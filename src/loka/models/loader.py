@@ -235,7 +235,7 @@ def _compact_tokenizer(tj: Path) -> tuple[Path, list[dict]] | None:
 
 def _add_tokens_back(backend, added: list[dict]) -> None:
     """Re-insert added tokens in id order, special ones and normal ones in batches, as the source had them."""
-    from tokenizers import AddedToken
+    from .spm import added_token
 
     batch: list = []
     special = None
@@ -244,8 +244,7 @@ def _add_tokens_back(backend, added: list[dict]) -> None:
             (backend.add_special_tokens if special else backend.add_tokens)(batch)
             batch = []
         special = a["special"]
-        batch.append(AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
-                                normalized=a["normalized"], special=a["special"]))
+        batch.append(added_token(a))
     if batch:
         (backend.add_special_tokens if special else backend.add_tokens)(batch)
 

@@ -291,11 +291,16 @@ def _build(folder: Path, tj_path: Path, kw: dict, reference: Callable[[], object
     return rec
 
 
-def _construct(folder: Path, rec: dict, kw: dict):
+def added_token(a: dict):
+    """A ``tokenizers.AddedToken`` from its ``tokenizer.json`` record."""
     from tokenizers import AddedToken
 
-    atd = {a["id"]: AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
-                               normalized=a["normalized"], special=a["special"]) for a in rec["added_tokens"]}
+    return AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
+                      normalized=a["normalized"], special=a["special"])
+
+
+def _construct(folder: Path, rec: dict, kw: dict):
+    atd = {a["id"]: added_token(a) for a in rec["added_tokens"]}
     return SentencePieceTokenizer(str(folder / SPM_FILE), source_folder=str(folder), add_bos=rec["add_bos"],
                              added_tokens_decoder=atd, **kw)
 
