@@ -176,6 +176,33 @@ def test_edit_stop_nll_trains_edit_memories_past_the_first_exact_match():
     assert mem[2.0]["steps"] > mem[0.0]["steps"] and mem[2.0]["edit_nll"] <= 2.0 < mem[0.0]["edit_nll"]
 
 
+def test_edit_contexts_train_each_edit_after_context_templates():
+    """``edit_contexts`` = n: each edit also trains after n of the model's context templates (ROME/MEMIT's
+    augmentation), so the memory stops only when the new answer holds after every one of them."""
+    from loka.methods.templates import context_templates
+
+    h = loka.load_model("tiny-llama")
+    ctx = [t for t in context_templates(h) if t != "{}"][:2]
+    lp = {}
+    for n in (0, 2):
+        art, _ = loka.update(h, [E1, E2], [], [], method="loka", apply=False, progress=False,
+                             hparams={**HP, "k": 1, "router": False, "edit_stop_nll": 2.0, "edit_contexts": n})
+        (mem,) = art.manifest["extra"]["memories"]
+        assert mem["target_met"]
+        art.apply(h)
+        try:
+            texts = [c.replace("{}", e.text) for e in (E1, E2) for c in ctx]
+            answers = [e.target_new for e in (E1, E2) for _ in ctx]
+            lp[n] = [r["logprob"] for r in loka.target_logprobs(h, texts, answers)]
+            if n:
+                assert all(_em(h, t, a) == 1.0 for t, a in zip(texts, answers))
+        finally:
+            art.revert(h)
+    assert sum(lp[2]) > sum(lp[0])
+    with pytest.raises(loka.LokaError, match="edit_contexts"):
+        loka.update(h, [E1], [], [], method="loka", hparams={**HP, "edit_contexts": -1}, progress=False)
+
+
 def test_gate_tasks_stops_pushing_a_forget_target_already_met():
     """In a shared memory that keeps training for its edits (``edit_stop_nll``), ``gate_tasks`` leaves the
     forget loss out of the steps where no forget answer is the argmax: the forgotten answer is pushed

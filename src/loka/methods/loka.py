@@ -49,6 +49,7 @@ from ..router import Router, train_router
 from ..state import EditState
 from ..unlearn import losses as L
 from .base import HParams, MemoryMethod, register
+from .templates import context_templates
 from .wise import OUT_OF_SCOPE
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class LokaHParams(HParams):
     min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
     edit_stop_nll: float = 0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
     gate_tasks: bool = True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
+    edit_contexts: int = 0  # also train each edit under this many of the model's context templates ("<text>. {}")
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
@@ -116,6 +118,8 @@ def _check(hp: LokaHParams) -> None:
         raise LokaError(f"loka: hyperparameter lsh_bits must be in 1..16, got {hp.lsh_bits}")
     if hp.n_iter < 1:
         raise LokaError(f"loka: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
+    if hp.edit_contexts < 0:
+        raise LokaError(f"loka: hyperparameter edit_contexts must be >= 0, got {hp.edit_contexts}")
     if not 0.0 <= hp.router_threshold <= 1.0:
         raise LokaError(f"loka: hyperparameter router_threshold must be in [0, 1], got {hp.router_threshold}")
 
@@ -250,6 +254,7 @@ class Loka(MemoryMethod):
         touched = set(groups[n_old:].tolist()) if incremental else set(groups.tolist())
 
         trainer = _Trainer(handle, layer, hp.beta)
+        contexts = [t for t in context_templates(handle, seed=hp.seed) if t != "{}"][: hp.edit_contexts]
         r_emb = embeddings(handle, layer, [t for t, _, _ in retain_items], hp.key_source) if retain_items else None
         memories: list[dict] = []  # task, group, items, delta, key, stats
         plan = []
@@ -283,7 +288,8 @@ class Loka(MemoryMethod):
                     init = start.get(task)
                     if init is None and start and task == "shared":
                         init = start.get("edit")
-                    delta, stats = self._train(trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init)
+                    delta, stats = self._train(trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init,
+                                               contexts)
                     memories.append({"task": task, "group": int(g), "items": ei + fi, "delta": delta, "key": key,
                                      "stats": stats})
                 trainer._refs.clear()  # references are reused within a cluster only
@@ -350,8 +356,12 @@ class Loka(MemoryMethod):
             trainer.delta = None
         return conflict_score(cos)
 
-    def _train(self, trainer, tok, items, e_idx, f_idx, retain_items, r_emb, key, hp, rng, init):
-        eb = _rows(tok, [items[i] for i in e_idx]) if e_idx else None
+    def _train(self, trainer, tok, items, e_idx, f_idx, retain_items, r_emb, key, hp, rng, init, contexts=()):
+        # each edit fact trains on its prompt and, with edit_contexts, on the prompt after each context
+        # template (ROME/MEMIT's augmentation); a step samples facts and takes all rows of each
+        views = ["{}", *contexts]
+        eb = L.qa_batch(tok, [v.replace("{}", items[i].text) for i in e_idx for v in views],
+                        [items[i].answer for i in e_idx for _ in views]) if e_idx else None
         fb = _rows(tok, [items[i] for i in f_idx]) if f_idx else None
         f_ref = trainer.reference(fb)[0] if fb is not None else None
         rb = r_ref = None
@@ -368,10 +378,10 @@ class Loka(MemoryMethod):
                 le = lu = None
                 e_ok = f_ok = True
                 if eb is not None:
-                    ei = sorted(rng.sample(range(len(eb)), min(hp.batch_size, len(eb))))
-                    le, em = trainer.edit(_sub(eb, ei))
+                    facts = sorted(rng.sample(range(len(e_idx)), min(hp.batch_size, len(e_idx))))
+                    le, em = trainer.edit(_sub(eb, [f * len(views) + v for f in facts for v in range(len(views))]))
                     edit_nll = float(le.detach())
-                    e_ok = bool((em == 1).all()) and len(ei) == len(eb) and (
+                    e_ok = bool((em == 1).all()) and len(facts) == len(e_idx) and (
                         hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
                 if fb is not None:
                     fi = sorted(rng.sample(range(len(fb)), min(hp.batch_size, len(fb))))
