@@ -70,10 +70,14 @@ def test_model_filter_asks_the_model(monkeypatch):
 
     def spy(*a, **k):
         asked.append(a[1])
-        return [{"logprob": 0.0}] * len(a[1]) if k.get("context") is False and a[2][0] == "Yes" else [{"logprob": -1.0}] * len(a[1])
+        assert k.get("context") is False  # the relevance question is never itself contextualised
+        return [{"logprob": 0.0 if t == "Yes" else -1.0} for t in a[2]]
 
     monkeypatch.setattr("loka.scoring.target_logprobs", spy)
     out = contextualise(h, [REQ.text])
     assert asked and asked[0][0] == real.format(fact="Eiffel Tower is located in the city of Rome.", query=REQ.text)
     assert out[0].startswith("Eiffel Tower is located in the city of Rome.\n")  # the model said yes
+    monkeypatch.setattr("loka.scoring.target_logprobs",
+                        lambda *a, **k: [{"logprob": -1.0 if t == "Yes" else 0.0} for t in a[2]])
+    assert contextualise(h, [REQ.text]) == [REQ.text]  # the model said no: the prompt is left alone
     art.revert(h)

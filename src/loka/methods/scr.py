@@ -91,8 +91,9 @@ def contextualise(handle, prompts: list[str]) -> list[str]:
         pairs = [(p, j) for p in uniq for j in cands[p]]
         if pairs:
             qs = [RELEVANCE.format(fact=facts[j], query=p) for p, j in pairs]
-            yes = target_logprobs(handle, qs, ["Yes"] * len(qs), context=False)
-            no = target_logprobs(handle, qs, ["No"] * len(qs), context=False)
+            # one call: both answers of a question share its prompt's forward (packed scoring)
+            both = target_logprobs(handle, qs + qs, ["Yes"] * len(qs) + ["No"] * len(qs), context=False)
+            yes, no = both[: len(qs)], both[len(qs):]
             ok = {pair for pair, y, n in zip(pairs, yes, no) if y["logprob"] > n["logprob"]}
             cands = {p: [j for j in js if (p, j) in ok] for p, js in cands.items()}
     out = {p: (hp.separator.join(facts[j] for j in js) + hp.separator + p if js else p) for p, js in cands.items()}
