@@ -49,17 +49,31 @@ def requests_of(task: dict):
     return edits, forget, retain
 
 
-def router_rates(handle, task: dict) -> dict:
-    """Share of each query set for which the applied codebook's router fires."""
-    from loka.codebook import applied_codebooks
-
-    book = applied_codebooks(handle.model)[0].runtime
+def _query_sets(task: dict) -> dict:
+    """The six query sets of a joint task: updated prompts, their paraphrases, retained and held-out facts."""
     fill = lambda f: f["prompt"].replace("{}", f["subject"])  # noqa: E731
     sets = {"edit": [fill(e["requested_rewrite"]) for e in task["edit"]],
             "edit_para": [p for e in task["edit"] for p in e.get("paraphrase_prompts", [])],
             "forget": [fill(f) for f in task["forget"]], "forget_para": [p for f in task["forget"] for p in f["paraphrases"]],
             "retain": [fill(f) for f in task["retain"]], "remaining": [fill(f) for f in task["remaining"]]}
-    return {k: float((book.router_probs(v) >= book.router_threshold).float().mean()) for k, v in sets.items() if v}
+    return {k: v for k, v in sets.items() if v}
+
+
+def router_rates(handle, task: dict) -> dict:
+    """Share of each query set for which the applied codebook's router fires."""
+    from loka.codebook import applied_codebooks
+
+    book = applied_codebooks(handle.model)[0].runtime
+    return {k: float((book.router_probs(v) >= book.router_threshold).float().mean()) for k, v in _query_sets(task).items()}
+
+
+def memory_rates(handle, task: dict) -> dict:
+    """Share of each query set answered with a memory: the router fires *and* the retrieval gate
+    (``match_threshold``) lets the query through."""
+    from loka.codebook import LokaModel
+
+    lm = LokaModel(handle)
+    return {k: sum(j >= 0 for j in lm.route(v)) / len(v) for k, v in _query_sets(task).items()}
 
 
 def run_row(handle, name: str, task: dict, over: dict) -> tuple[dict, dict]:
@@ -77,7 +91,7 @@ def run_row(handle, name: str, task: dict, over: dict) -> tuple[dict, dict]:
         row = joint_metrics(handle, task)
         if arts[-1].method == "loka":
             x = arts[-1].manifest["extra"]
-            info = {"router": router_rates(handle, task), "memories": len(x["memories"]),
+            info = {"router": router_rates(handle, task), "to_memory": memory_rates(handle, task), "memories": len(x["memories"]),
                     "separate": sum(c["memories"] == "separate" for c in x["conflict"]),
                     "shared": sum(c["memories"] == "shared" for c in x["conflict"]),
                     "conflict_scores": [c["score"] for c in x["conflict"]]}

@@ -31,7 +31,7 @@ def main() -> None:
     for setting in ("in", "out"):
         rows = {}
         if setting in main_rows and "loka" in main_rows[setting]["rows"]:
-            rows["loka (default: k=20, auto conflict, K-means, MiniLM keys, router)"] = main_rows[setting]["rows"]["loka"]
+            rows["loka (default: k=20, auto conflict, K-means, MiniLM keys, router, retrieval gate 0.65)"] = main_rows[setting]["rows"]["loka"]
         rows.update(abl.get(setting, {}).get("rows", {}))
         tables[setting] = rows
         if not rows:

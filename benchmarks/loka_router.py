@@ -6,8 +6,10 @@ updated queries, across thresholds (SmolLM2 known-facts joint tasks).
 The router is trained exactly as ``loka`` trains it (positives: the edit and forget prompts;
 negatives: the retain prompts, the generic out-of-scope sentences and the update prompts with a
 retained subject swapped in), then scored on queries it never saw: the paraphrases of the edit and
-forget prompts (should fire) and the held-out remaining facts (should not). Prints a table per
-setting, writes ``benchmarks/results/loka_router_<model>.json`` and a PNG.
+forget prompts (should fire) and the held-out remaining facts (should not). The same for the
+retrieval gate (``match_threshold``: MiniLM cosine to the nearest updated query), alone and behind the
+router at its default threshold. Prints the tables per setting, writes
+``benchmarks/results/loka_router_<model>.json`` and a PNG.
 """
 
 from __future__ import annotations
@@ -17,14 +19,22 @@ import json
 import random
 from pathlib import Path
 
+import torch
 from joint_update import requests_of
 
 from loka.bench.tasks import build_tasks
+from loka.codebook import encoder_embeddings
 from loka.methods.loka import Loka, LokaHParams, _Item
 from loka.router import train_router
 from loka.utils.io import atomic_write_json
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+GATES = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
+
+
+def _nearest_cosine(texts: list[str], items) -> torch.Tensor:
+    q = torch.nn.functional.normalize(encoder_embeddings(texts), dim=-1)
+    return (q @ items.T).max(-1).values
 
 
 def main() -> None:
@@ -58,13 +68,30 @@ def main() -> None:
         rows = [{"threshold": t, "fnr_paraphrase": float((p_para < t).float().mean()),
                  "fpr_remaining": float((p_rem >= t).float().mean()), "fpr_retain": float((p_ret >= t).float().mean())}
                 for t in THRESHOLDS]
-        res["settings"][setting] = {"router": info, "n_paraphrase": len(para), "n_remaining": len(remaining), "rows": rows}
+        items_e = torch.nn.functional.normalize(encoder_embeddings([i.text for i in items]), dim=-1)
+        c_para, c_rem, c_ret = (_nearest_cosine(x, items_e) for x in (para, remaining, [r.text for r in retain]))
+        on_para, on_rem = p_para >= hp.router_threshold, p_rem >= hp.router_threshold
+        gates = [{"match_threshold": g, "fnr_paraphrase": float((c_para < g).float().mean()),
+                  "fpr_remaining": float((c_rem >= g).float().mean()), "fpr_retain": float((c_ret >= g).float().mean()),
+                  "with_router_fnr_paraphrase": float((~(on_para & (c_para >= g))).float().mean()),
+                  "with_router_fpr_remaining": float((on_rem & (c_rem >= g)).float().mean())} for g in GATES]
+        res["settings"][setting] = {"router": info, "n_paraphrase": len(para), "n_remaining": len(remaining), "rows": rows,
+                                    "gate": gates, "cosine_max": {"remaining": float(c_rem.max()), "retain": float(c_ret.max())},
+                                    "cosine_min": {"paraphrase": float(c_para.min())}}
         print(f"\n{setting}-profile: {len(para)} paraphrased updated queries, {len(remaining)} remaining, "
               f"{len(retain)} retain (trained on)")
         print("| threshold | FNR paraphrases | FPR remaining | FPR retain (train) |")
         print("|---|---|---|---|")
         for r in rows:
             print(f"| {r['threshold']} | {r['fnr_paraphrase']:.3f} | {r['fpr_remaining']:.3f} | {r['fpr_retain']:.3f} |")
+        print(f"\nretrieval gate (cosine to the nearest updated query; paraphrases >= {float(c_para.min()):.3f}, "
+              f"remaining <= {float(c_rem.max()):.3f}, retain <= {float(c_ret.max()):.3f}); last two columns: behind "
+              f"the router at τ = {hp.router_threshold}")
+        print("| match_threshold | FNR paraphrases | FPR remaining | FPR retain | FNR with router | FPR remaining with router |")
+        print("|---|---|---|---|---|---|")
+        for g in gates:
+            print(f"| {g['match_threshold']} | {g['fnr_paraphrase']:.3f} | {g['fpr_remaining']:.3f} | {g['fpr_retain']:.3f} "
+                  f"| {g['with_router_fnr_paraphrase']:.3f} | {g['with_router_fpr_remaining']:.3f} |")
     out = Path(args.out or f"benchmarks/results/loka_router_{args.model}.json")
     atomic_write_json(out, res)
     import matplotlib
@@ -72,15 +99,21 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for setting, block in res["settings"].items():
         ts = [r["threshold"] for r in block["rows"]]
         ax.plot(ts, [r["fnr_paraphrase"] for r in block["rows"]], "o-", label=f"{setting}: FNR paraphrases")
         ax.plot(ts, [r["fpr_remaining"] for r in block["rows"]], "s--", label=f"{setting}: FPR remaining")
+        gs = [g["match_threshold"] for g in block["gate"]]
+        ax2.plot(gs, [g["with_router_fnr_paraphrase"] for g in block["gate"]], "o-", label=f"{setting}: FNR paraphrases")
+        ax2.plot(gs, [g["with_router_fpr_remaining"] for g in block["gate"]], "s--", label=f"{setting}: FPR remaining")
     ax.set_xlabel("router threshold τ")
     ax.set_ylabel("rate")
-    ax.set_title(f"LOKA router calibration ({args.model} known-facts tasks)")
+    ax.set_title(f"LOKA router ({args.model} known-facts tasks)")
     ax.legend(fontsize=8)
+    ax2.set_xlabel(f"retrieval gate match_threshold (router at τ = {hp.router_threshold})")
+    ax2.set_title("router + retrieval gate")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     png = Path("benchmarks/results/plots") / f"loka_router_{args.model}.png"
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ def test_conflict_rule_and_ablations():
                          hparams={**HP, "storage": "sparse", "router": False})
     assert len(art.manifest["extra"]["memories"]) == 3
     for bad, field in [({"mapping": "tree"}, "mapping"), ({"k": 0}, "k"), ({"storage": "x"}, "storage"),
-                       ({"router_threshold": 2}, "router_threshold")]:
+                       ({"router_threshold": 2}, "router_threshold"), ({"match_threshold": -0.5}, "match_threshold")]:
         with pytest.raises(loka.LokaError, match=field):
             loka.update(h, [E1], [], [], method="loka", hparams={**HP, **bad}, progress=False)
 
@@ -174,6 +174,33 @@ def test_edit_stop_nll_trains_edit_memories_past_the_first_exact_match():
         (mem[stop],) = art.manifest["extra"]["memories"]
     assert mem[0.0]["target_met"] and mem[2.0]["target_met"]
     assert mem[2.0]["steps"] > mem[0.0]["steps"] and mem[2.0]["edit_nll"] <= 2.0 < mem[0.0]["edit_nll"]
+
+
+def test_match_threshold_keeps_unrelated_queries_on_the_base_model():
+    """Without a router every query reaches a memory; the retrieval gate (``match_threshold``, 0.65 by
+    default with encoder keys) sends a query that is not close to any updated query to the base model,
+    bit for bit, while the updated queries and a near paraphrase keep their memory. 0 turns it off."""
+    from loka.codebook import LokaModel, encoder_embeddings
+
+    h = loka.load_model("tiny-llama")
+    near, far = "Zorblax Quint was born in the town of", "The chemical symbol of gold is"
+    e = torch.nn.functional.normalize(encoder_embeddings([E1.text, near, far, E2.text]), dim=-1)
+    assert float(e[1] @ e[0]) > 0.65 > max(float(e[2] @ e[0]), float(e[2] @ e[3]))
+    base = _logits(h, far)
+    for gate in (None, 0.0):
+        art, _ = loka.update(h, [E1, E2], [], [], method="loka", progress=False,
+                             hparams={**HP, "k": 1, "router": False, "match_threshold": gate})
+        try:
+            assert art.manifest["extra"]["match_threshold"] == (0.65 if gate is None else 0.0)
+            assert LokaModel(h).route([E1.text, E2.text, near]) == [0, 0, 0]
+            routed_far = LokaModel(h).route([far])[0]
+            assert _em(h, E1.text, "Q") == 1.0
+            if gate is None:
+                assert routed_far == -1 and torch.equal(_logits(h, far), base)
+            else:
+                assert routed_far == 0 and not torch.equal(_logits(h, far), base)
+        finally:
+            art.revert(h)
 
 
 def test_edit_contexts_train_each_edit_after_context_templates():

@@ -141,12 +141,17 @@ class Codebook:
 
     def __init__(self, deltas: torch.Tensor, keys: torch.Tensor, layer: int, block_path: str, out_path: str,
                  planes: torch.Tensor | None = None, buckets: torch.Tensor | None = None, router=None,
-                 router_threshold: float = 0.5, key_source: str = "llm"):
+                 router_threshold: float = 0.5, key_source: str = "llm", items: torch.Tensor | None = None,
+                 match_threshold: float = 0.0):
         self.key_source = key_source  # "llm": e(x) from block ℓ's input; "encoder": MiniLM sentence embedding
         self.deltas, self.keys, self.layer = deltas.float(), F.normalize(keys.float(), dim=-1), layer
         self.block_path, self.out_path = block_path, out_path
         self.planes, self.buckets = planes, buckets
         self.router, self.router_threshold = router, router_threshold
+        # retrieval embeddings of the updated queries: a query whose cosine to every one of them is below
+        # match_threshold is answered by the base model (0: no such gate)
+        self.items = F.normalize(items.float(), dim=-1) if items is not None and match_threshold > 0 else None
+        self.match_threshold = match_threshold
         self.override: int | None = None  # set by select(): every row uses this memory (-1: none)
         self.enabled = True
         self._rows: torch.Tensor | None = None  # per-row memory ids of the current generation
@@ -159,7 +164,8 @@ class Codebook:
 
     # retrieval ------------------------------------------------------------------------------------
     def nearest(self, emb: torch.Tensor) -> torch.Tensor:
-        """Memory id per embedding (``-1``: no memory, e.g. an LSH bucket without one)."""
+        """Memory id per embedding (``-1``: no memory — an LSH bucket without one, or a query no closer than
+        ``match_threshold`` in cosine to any updated query)."""
         emb = F.normalize(emb.float(), dim=-1)
         dist = torch.cdist(emb, self.keys)
         if self.planes is not None and self.buckets is not None:
@@ -167,7 +173,10 @@ class Codebook:
             allowed = b[:, None] == self.buckets[None, :]
             dist = dist.masked_fill(~allowed, math.inf)
         ids = dist.argmin(-1)
-        return torch.where(torch.isfinite(dist.min(-1).values), ids, torch.full_like(ids, -1))
+        ok = torch.isfinite(dist.min(-1).values)
+        if self.items is not None:
+            ok &= (emb @ self.items.T).max(-1).values >= self.match_threshold
+        return torch.where(ok, ids, torch.full_like(ids, -1))
 
     def router_probs(self, texts: Sequence[str]) -> torch.Tensor:
         if self.router is None:

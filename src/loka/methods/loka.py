@@ -83,6 +83,9 @@ class LokaHParams(HParams):
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
+    # a routed query must also be this close (cosine of retrieval embeddings) to some updated query; None:
+    # 0.65 with encoder keys (paraphrases of updated facts >= 0.78, held-out facts <= 0.57 here), off with llm keys
+    match_threshold: float | None = None
     router_layers: int = 1
     router_epochs: int = 8
     router_lr: float = 1e-4
@@ -120,6 +123,8 @@ def _check(hp: LokaHParams) -> None:
         raise LokaError(f"loka: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
     if hp.edit_contexts < 0:
         raise LokaError(f"loka: hyperparameter edit_contexts must be >= 0, got {hp.edit_contexts}")
+    if hp.match_threshold is not None and not 0.0 <= hp.match_threshold <= 1.0:
+        raise LokaError(f"loka: hyperparameter match_threshold must be in [0, 1] (a cosine; 0 turns the gate off), got {hp.match_threshold}")
     if not 0.0 <= hp.router_threshold <= 1.0:
         raise LokaError(f"loka: hyperparameter router_threshold must be in [0, 1], got {hp.router_threshold}")
 
@@ -198,7 +203,8 @@ class Loka(MemoryMethod):
         return Codebook(t["loka.deltas"], t["loka.keys"], x["layer"], x["block"], x["module"],
                         planes=planes, buckets=t.get("loka.buckets") if planes is not None else None,
                         router=Router.from_tensors(t), router_threshold=float(x.get("router_threshold", 0.5)),
-                        key_source=x.get("key_source", "llm"))
+                        key_source=x.get("key_source", "llm"), items=t.get("loka.item_emb"),
+                        match_threshold=float(x.get("match_threshold", 0.0)))
 
     @classmethod
     def attach(cls, model, artifact) -> Codebook:
@@ -317,6 +323,7 @@ class Loka(MemoryMethod):
             "module": handle.spec.mlp_out_path(layer), "block": handle.spec.block_path(layer), "layer": layer,
             "key_source": hp.key_source,
             "router_threshold": hp.router_threshold if hp.router else 0.0,
+            "match_threshold": match_threshold(hp),
             "memories": [{"task": m["task"], "group": m["group"], "edit": sum(items[i].kind == "edit" for i in m["items"]),
                           "forget": sum(items[i].kind == "forget" for i in m["items"]), **m["stats"]} for m in memories],
             "conflict": info_conf, "router": router_info,
@@ -432,6 +439,13 @@ class Loka(MemoryMethod):
                 if "{}" in p:
                     neg.append(p.replace("{}", rng.choice(pool)))
         return list(dict.fromkeys(neg))
+
+
+def match_threshold(hp: LokaHParams) -> float:
+    """The retrieval gate's cosine bound (``match_threshold``; None: 0.65 for encoder keys, 0 for llm keys)."""
+    if hp.match_threshold is not None:
+        return float(hp.match_threshold)
+    return 0.65 if hp.key_source == "encoder" else 0.0
 
 
 def _memory_of(memories: list[dict], n: int) -> int:
