@@ -12,8 +12,18 @@ and model utility against a retain-only model.
    the reference's; model utility = harmonic mean of retain / real authors / world facts P̄, ROUGE-L,
    truth ratio), revert.
 
-Prints a markdown table and writes ``benchmarks/results/mini_tofu_<model>.json`` (rows of earlier runs
-with the same setup are kept).
+Prints a markdown table and writes ``benchmarks/results/mini_tofu_<model>_<split>.json`` (rows of
+earlier runs with the same setup are kept).
+
+**With an edit set** (``--edit-n N --methods loka npo memit ...``; LOKA's joint task on mini-TOFU):
+N retain questions (from the end of the retain set used) get a counterfactual answer by entity swap
+(:func:`loka.bench.tofu.tofu_edits`) and leave the retain set. Each method runs ``loka.update`` with
+the edits, the forget split and the rest of the retain set (single-task methods run the two tasks one
+after the other, as ``loka update`` does). Adds to forget quality / model utility: ``edt-rl`` /
+``edt-prl`` (ROUGE-L recall of the new answer on the question / its templated paraphrase) and
+``edt-ent`` / ``edt-pent`` (share of greedy answers that contain the swapped-in entity: the new
+answer differs from the old in that span only, so ROUGE alone says little). Results go to
+``mini_tofu_<model>_<split>_edit<N>.json``.
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ import time
 from pathlib import Path
 
 import loka
-from loka.bench.tofu import as_requests, build_mini_tofu
+from loka.bench.tofu import as_requests, build_mini_tofu, edit_requests, tofu_edits
 from loka.finetune import finetune
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
-from loka.unlearn.metrics import tofu_eval
+from loka.scoring import generate
+from loka.unlearn.metrics import rouge_l_recall, tofu_eval
 from loka.utils.io import atomic_write_json
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"
@@ -58,27 +69,32 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method")
+    ap.add_argument("--edit-n", type=int, default=0,
+                    help="also edit N retain questions to an entity-swapped answer (joint edit + forget; methods via loka update)")
     ap.add_argument("--work", default="out/mini_tofu")
     args = ap.parse_args()
     work = Path(args.work) / f"{args.model}-{args.split}-r{args.retain_n or 300}-e{args.epochs}-lr{args.lr:g}"
     d = build_mini_tofu()
     real, world = _lines("real_authors_perturbed.json"), _lines("world_facts_perturbed.json")
     forget, retain = d[args.split], d["retain"][: args.retain_n]
+    edits = tofu_edits(retain[::-1], args.edit_n) if args.edit_n else []
+    tuned_on = retain  # both models are fine-tuned on the edit questions too (their old answers)
+    retain = [r for r in retain if r["question"] not in {e["question"] for e in edits}]
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
-    ref, ref_info = _tuned(args.model, retain, work / "retain_only", args.epochs, args.lr)
+    ref, ref_info = _tuned(args.model, tuned_on, work / "retain_only", args.epochs, args.lr)
     ref_eval = tofu_eval(ref, forget, retain, real, world, max_new_tokens=args.max_new_tokens)
     reference = ref_eval["forget_tr_raw"]
     del ref
-    tune = (d["forget_all"] if args.finetune_set == "all" else forget) + retain
+    tune = (d["forget_all"] if args.finetune_set == "all" else forget) + tuned_on
     full, full_info = _tuned(args.model, tune, work / f"full-{args.finetune_set}", args.epochs, args.lr)
     rows = {"retain-only (reference)": {**_row(ref_eval, reference), "seconds": ref_info["seconds"]}}
     ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
-    rows["fine-tuned (before unlearning)"] = {**_row(ev), "seconds": full_info["seconds"]}
+    rows["fine-tuned (before unlearning)"] = {**_row(ev), **_edit_scores(full, edits), "seconds": full_info["seconds"]}
     print(json.dumps(rows), flush=True)
-    res = Path("benchmarks/results") / f"mini_tofu_{args.model}_{args.split}.json"
+    res = Path("benchmarks/results") / f"mini_tofu_{args.model}_{args.split}{f'_edit{len(edits)}' if edits else ''}.json"
     setup = {"split": args.split, "retain_n": len(retain), "finetune_set": args.finetune_set, "epochs": args.epochs,
-             "lr": args.lr, "max_new_tokens": args.max_new_tokens}
+             "lr": args.lr, "max_new_tokens": args.max_new_tokens, **({"edit_n": len(edits)} if edits else {})}
     old = json.loads(res.read_text()) if res.exists() else {}
     earlier = old.get("rows", {}) if old.get("setup") == setup else {}
 
@@ -90,20 +106,41 @@ def main() -> None:
     freqs, rreqs = as_requests(forget, ForgetRequest), as_requests(retain, RetainRequest)
     for m in args.methods:
         t0 = time.time()
-        art = loka.unlearn(full, freqs, rreqs, method=m, hparams=overrides or None)
+        if edits:
+            art, _ = loka.update(full, edit_requests(edits), freqs, rreqs, method=m, hparams=overrides or None)
+        else:
+            art = loka.unlearn(full, freqs, rreqs, method=m, hparams=overrides or None)
         secs = time.time() - t0
-        ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
-        art.revert(full)
-        rows[m] = {**_row(ev), "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
+        try:
+            ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
+            es = _edit_scores(full, edits)
+        finally:
+            art.revert(full)
+        rows[m] = {**_row(ev), **es, "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
         print(m, json.dumps(rows[m]), flush=True)
         save()
 
     cols = ["forget_quality", "model_utility", "forget_rouge", "forget_para_rouge", "forget_tr", "retain_rouge",
             "real_authors_p", "world_facts_p", "seconds"]
+    if edits:
+        cols[-1:-1] = ["edt-rl", "edt-prl", "edt-ent", "edt-pent"]
     print(f"\n| {args.model}, mini-TOFU {args.split} ({len(forget)} questions) | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for label, r in {**earlier, **rows}.items():
         print(f"| {label} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+
+
+def _edit_scores(handle, edits: list[dict], max_new_tokens: int = 48) -> dict:
+    """edt-rl / edt-prl (ROUGE-L recall of the new answer) and edt-ent / edt-pent (the swapped-in
+    entity appears in the greedy answer) on the edit questions and their paraphrases."""
+    if not edits:
+        return {}
+    out = {}
+    for name, field in (("", "question"), ("p", "paraphrased_question")):
+        gens = generate(handle, [QA_PROMPT.format(e[field]) for e in edits], max_new_tokens=max_new_tokens)
+        out[f"edt-{name}rl"] = sum(rouge_l_recall(g, e["answer"]) for g, e in zip(gens, edits)) / len(edits)
+        out[f"edt-{name}ent"] = sum(e["new_entity"] in g for g, e in zip(gens, edits)) / len(edits)
+    return out
 
 
 def _row(ev: dict, reference=None) -> dict:

@@ -75,3 +75,20 @@ def test_tofu_eval_quality_and_utility():
 def test_perturb_refuses_records_it_cannot_perturb():
     with pytest.raises(loka.LokaError, match="two records"):
         perturb([{"question": "q1?", "answer": "yes"}, {"question": "q2?", "answer": "yes"}])
+
+
+def test_tofu_edits_swap_one_entity_and_become_edit_requests():
+    from loka.bench.tofu import edit_requests, tofu_edits
+
+    recs = [{"question": "Where was Ana Lopez born?", "answer": "Ana Lopez was born in Lima, Peru."},
+            {"question": "Where was Bo Chen born?", "answer": "Bo Chen was born in Kyoto, Japan."},
+            {"question": "What does Bo Chen like?", "answer": "Bo Chen likes tea."}]
+    edits = tofu_edits(recs, 2)
+    assert [e["old_entity"] for e in edits] == ["Lima, Peru", "Kyoto, Japan"]
+    assert [e["new_entity"] for e in edits] == ["Kyoto, Japan", "Lima, Peru"]  # the same kind, another record's
+    assert edits[0]["answer"] == "Ana Lopez was born in Kyoto, Japan." and edits[0]["old_answer"] == recs[0]["answer"]
+    reqs = edit_requests(edits)
+    assert reqs[0].text == "Question: Where was Ana Lopez born?\nAnswer:" and reqs[0].target_new == edits[0]["answer"]
+    assert reqs[0].target_true == recs[0]["answer"] and reqs[0].paraphrases[0].startswith("Question: ")
+    with pytest.raises(loka.LokaError, match="swappable"):
+        tofu_edits(recs, 3)  # "tea" has no capitalised entity

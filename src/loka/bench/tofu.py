@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import LokaError
 from ..eval.data import load_qa
-from ..requests import ForgetRequest, RetainRequest, request_from_record
+from ..requests import QA_PROMPT, EditRequest, ForgetRequest, RetainRequest, request_from_record
 from .counterfact import DATA
 
 SPLITS = {"forget01": "forget01_reconstructed.json", "forget05": "forget05_reconstructed.json",
@@ -133,3 +133,39 @@ def as_requests(records: list[dict], kind: type = ForgetRequest) -> list:
     if kind not in (ForgetRequest, RetainRequest):
         raise LokaError(f"as_requests: kind must be ForgetRequest or RetainRequest, not {kind}")
     return [request_from_record(dict(r), f"tofu[{i}]", kind) for i, r in enumerate(records)]
+
+
+def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """``n`` counterfactual edits of QA records (for a joint edit + forget task on mini-TOFU): each
+    takes a record with a key entity (:func:`key_entity`) and swaps in the same kind of entity from
+    another record, as :func:`perturb` does. Returns ``{question, answer (new), old_answer,
+    paraphrased_question, new_entity, old_entity}`` — the entities let a metric check the swap itself,
+    which ROUGE on a long answer that changes in one span cannot."""
+    rng = random.Random(seed)
+    keys = [key_entity(r["question"], r["answer"]) for r in records]
+    pools: dict[str, list[str]] = {}
+    for k in sorted({k for k in keys if k}):
+        pools.setdefault(_kind(k), []).append(k)
+    out = []
+    for r, k in zip(records, keys):
+        if len(out) == n:
+            break
+        pool = [x for x in pools.get(_kind(k), []) if x != k] if k else []
+        if not pool:
+            continue
+        x = rng.choice(pool)
+        j = r["answer"].rfind(k)
+        out.append({"question": r["question"], "answer": r["answer"][:j] + x + r["answer"][j + len(k):],
+                    "old_answer": r["answer"], "new_entity": x, "old_entity": k,
+                    "paraphrased_question": r.get("paraphrased_question") or paraphrase_question(r["question"])})
+    if len(out) < n:
+        raise LokaError(f"tofu_edits: only {len(out)} of the records have a swappable key entity; asked for {n}")
+    return out
+
+
+def edit_requests(edits: list[dict]) -> list[EditRequest]:
+    """:class:`EditRequest` per :func:`tofu_edits` record (prompt :data:`QA_PROMPT`, the question as
+    subject, the templated question as the paraphrase)."""
+    return [EditRequest(QA_PROMPT, e["question"], e["answer"], target_true=e["old_answer"],
+                        paraphrases=[QA_PROMPT.format(e["paraphrased_question"])], case_id=f"tofu_edit[{i}]")
+            for i, e in enumerate(edits)]
