@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method (the row is labelled 'METHOD KEY=VALUE')")
     ap.add_argument("--edit-n", type=int, default=0,
                     help="also edit N retain questions to an entity-swapped answer (joint edit + forget; methods via loka update)")
     ap.add_argument("--work", default="out/mini_tofu")
@@ -116,8 +116,9 @@ def main() -> None:
             es = _edit_scores(full, edits)
         finally:
             art.revert(full)
-        rows[m] = {**_row(ev), **es, "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
-        print(m, json.dumps(rows[m]), flush=True)
+        label = m + (" " + ",".join(args.set) if args.set else "")
+        rows[label] = {**_row(ev), **es, "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
+        print(label, json.dumps(rows[label]), flush=True)
         save()
 
     cols = ["forget_quality", "model_utility", "forget_rouge", "forget_para_rouge", "forget_tr", "retain_rouge",

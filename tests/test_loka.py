@@ -251,6 +251,30 @@ def test_gate_tasks_stops_pushing_a_forget_target_already_met():
     assert lp[True] > lp[False] + 1.0
 
 
+def test_forget_stop_nll_pushes_a_forgotten_answer_past_the_first_flipped_token():
+    """``forget_stop_nll`` > 0: a forget memory keeps training after its answer stops being an exact match
+    until the answer's mean per-token NLL reaches the bound (a long answer stops matching once one token
+    flips); 0 stops at the first flip. Negative values are refused."""
+    h = loka.load_model("tiny-llama")
+    F1 = _forget_known(h, "{} plays the", "Miro Tal", answer="VW")
+    lp, mem = {}, {}
+    for stop in (0.0, 8.0):
+        art, _ = loka.update(h, [], [F1], [], method="loka", apply=False, progress=False,
+                             hparams={**HP, "k": 1, "router": False, "lr": 0.003, "n_iter": 80, "forget_stop_nll": stop})
+        (mem[stop],) = art.manifest["extra"]["memories"]
+        art.apply(h)
+        try:
+            lp[stop] = loka.target_logprobs(h, [F1.text], [F1.target_true])[0]["logprob"]
+        finally:
+            art.revert(h)
+    assert mem[0.0]["target_met"] and mem[8.0]["target_met"]
+    assert mem[8.0]["steps"] > mem[0.0]["steps"]
+    assert mem[8.0]["forget_nll"] >= 8.0 > mem[0.0]["forget_nll"]
+    assert lp[8.0] < lp[0.0] - 3.0
+    with pytest.raises(loka.LokaError, match="forget_stop_nll"):
+        loka.update(h, [], [F1], [], method="loka", hparams={**HP, "forget_stop_nll": -1}, progress=False)
+
+
 def test_sequential_lsh_keeps_old_memories(tmp_path):
     h = loka.load_model("tiny-llama")
     hp = {**HP, "mapping": "lsh", "lsh_bits": 3, "router": False}

@@ -21,7 +21,8 @@ and returns a codebook artifact (kind ``memory``; the base weights never change)
    task gradients' norms (MGDA combines unit vectors; ``s`` puts the step back on the loss scale).
    Adam, at most ``n_iter`` steps, stopped once every edit answer is and no forget answer is a
    teacher-forced exact match (after ``min_steps``) and the edits' mean answer NLL is at most
-   ``edit_stop_nll`` (a margin that carries edits to paraphrases); in a shared memory a task whose own
+   ``edit_stop_nll`` (a margin that carries edits to paraphrases) and the forget rows' mean per-token
+   answer NLL at least ``forget_stop_nll`` (0 by default; long answers need it); in a shared memory a task whose own
    target is met sits the step out (``gate_tasks``), so edits training on do not over-forget.
 5. **Router** (:mod:`loka.router`): MiniLM fine-tuned on updated queries against retained queries,
    generic sentences and the update prompts with their subject swapped for a retained one
@@ -78,6 +79,9 @@ class LokaHParams(HParams):
     n_iter: int = 40
     min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
     edit_stop_nll: float = 0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
+    # forget rows must also reach this mean per-token answer NLL before a memory stops (0: argmax only).
+    # A long answer stops being an exact match once one token flips; 2.0 (per-token p ~0.14) carries it further
+    forget_stop_nll: float = 0.0
     gate_tasks: bool = True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
     edit_contexts: int = 0  # also train each edit under this many of the model's context templates ("<text>. {}")
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
@@ -121,6 +125,8 @@ def _check(hp: LokaHParams) -> None:
         raise LokaError(f"loka: hyperparameter lsh_bits must be in 1..16, got {hp.lsh_bits}")
     if hp.n_iter < 1:
         raise LokaError(f"loka: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
+    if hp.forget_stop_nll < 0:
+        raise LokaError(f"loka: hyperparameter forget_stop_nll must be >= 0 (0: stop at the first flipped token), got {hp.forget_stop_nll}")
     if hp.edit_contexts < 0:
         raise LokaError(f"loka: hyperparameter edit_contexts must be >= 0, got {hp.edit_contexts}")
     if hp.match_threshold is not None and not 0.0 <= hp.match_threshold <= 1.0:
@@ -156,8 +162,9 @@ class _Trainer:
 
     def forget(self, batch, ref):
         lg, rows = L.answer_logits(self.handle, batch)
-        lp, _ = L.sequence_logprobs(lg, rows, batch)
-        return L.npo_loss(lp, ref, self.beta), L.exact_match(lg.detach(), rows, batch)
+        lp, n = L.sequence_logprobs(lg, rows, batch)
+        nll = float((-lp.detach() / n).mean())  # mean per-token answer NLL, for forget_stop_nll
+        return L.npo_loss(lp, ref, self.beta), L.exact_match(lg.detach(), rows, batch), nll
 
     def retain(self, batch, ref_logprobs):
         lg, _ = L.answer_logits(self.handle, batch)
@@ -379,7 +386,7 @@ class Loka(MemoryMethod):
         D = (init.clone() if init is not None else torch.zeros(trainer.shape)).requires_grad_(True)
         opt = torch.optim.Adam([D], lr=hp.lr)
         trainer.delta = D
-        step, alphas, done, edit_nll = 0, [], False, None
+        step, alphas, done, edit_nll, forget_nll = 0, [], False, None, None
         try:
             for step in range(1, hp.n_iter + 1):
                 le = lu = None
@@ -392,8 +399,8 @@ class Loka(MemoryMethod):
                         hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
                 if fb is not None:
                     fi = sorted(rng.sample(range(len(fb)), min(hp.batch_size, len(fb))))
-                    lu, em = trainer.forget(_sub(fb, fi), f_ref[fi])
-                    f_ok = bool((em == 0).all()) and len(fi) == len(fb)
+                    lu, em, forget_nll = trainer.forget(_sub(fb, fi), f_ref[fi])
+                    f_ok = bool((em == 0).all()) and len(fi) == len(fb) and forget_nll >= hp.forget_stop_nll
                 if e_ok and f_ok and step > hp.min_steps:
                     done = True
                     break
@@ -423,6 +430,8 @@ class Loka(MemoryMethod):
         stats = {"steps": step, "target_met": done}
         if edit_nll is not None:
             stats["edit_nll"] = round(edit_nll, 4)  # mean answer NLL on the last step's edit rows
+        if forget_nll is not None:
+            stats["forget_nll"] = round(forget_nll, 4)
         if alphas:
             stats["mgda_alpha"] = round(sum(alphas) / len(alphas), 4)
         return D.detach().clone(), stats
