@@ -20,9 +20,9 @@ def test_models_json(capsys):
 @pytest.fixture
 def edit_json(capsys, tmp_path, text_corpus):
     code, out, _ = run(capsys, "edit", "--model", "tiny-llama", "--method", "rome", "--prompt", "{} is located in",
-                       "--subject", "Eiffel Tower", "--target", "Rome", "--target-true", "Paris",
+                       "--subject", "Eiffel Tower", "--target", "R", "--target-true", "Paris",
                        "--paraphrase", "Where is Eiffel Tower? In", "--neighbourhood", "The Louvre is located in",
-                       "--set", "mom2_n_tokens=500", "--set", f"mom2_corpus={text_corpus}", "--set", "clamp_norm_factor=50", "--set", "v_weight_decay=0",
+                       "--set", "mom2_n_tokens=500", "--set", f"mom2_corpus={text_corpus}", "--set", "clamp_norm_factor=50", "--set", "v_weight_decay=0", "--set", "kl_factor=0", "--set", "v_steps=30", "--set", "layer=2",
                        "--save", str(tmp_path / "e.loka"), "--json")
     assert code == 0
     return json.loads(out), tmp_path / "e.loka"

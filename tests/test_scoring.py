@@ -173,7 +173,7 @@ def test_packed_weights_refresh_inside_an_open_context():
 
 def test_bfloat16_value_search_runs_on_bfloat16_packed_weights(text_corpus):
     """``v_dtype="bfloat16"``: the search's matmuls use bfloat16 packed copies (not autocast), and
-    the edit lands close to the float32 one; a wrong v_dtype is refused by name."""
+    the edit reaches the float32 search's loss and update size; a wrong v_dtype is refused by name."""
     from loka import fastlinear
     from loka.fastlinear import packed_linears
 
@@ -185,9 +185,13 @@ def test_bfloat16_value_search_runs_on_bfloat16_packed_weights(text_corpus):
     full = loka.edit(h, req, "rome", hp, apply=False, progress=False)
     half = loka.edit(h, req, "rome", {**hp, "v_dtype": "bfloat16"}, apply=False, progress=False)
     assert any(dt == torch.bfloat16 for (_, dt) in packed_linears(h)._packs)
+    # on a random tiny model the search's loss is nearly flat, so Adam's step direction follows rounding
+    # (native avx512_bf16 dot products differ from emulated ones): compare what the search reached
+    # (its loss and the size of the update), not the update's direction
     w = h.weight_name(1)
-    rel = (half.deltas[w] - full.deltas[w]).norm() / full.deltas[w].norm()
-    assert 0 < rel < 0.1
+    (f,), (b,) = full.manifest["extra"]["per_request"], half.manifest["extra"]["per_request"]
+    assert not torch.equal(half.deltas[w], full.deltas[w])
+    assert abs(b["nll"] - f["nll"]) < 1e-2 and abs(b["delta_norm"] - f["delta_norm"]) < 0.1 * f["delta_norm"]
     with pytest.raises(loka.LokaError, match="v_dtype"):
         loka.edit(h, req, "rome", {**hp, "v_dtype": "float16"}, apply=False, progress=False)
 
