@@ -73,21 +73,32 @@ def key_entity(question: str, answer: str) -> str | None:
     return cands[-1] if cands else None
 
 
-def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[list[str]]:
-    """For each record, ``n_perturbed`` wrong answers made by swapping its key entity (see module doc)."""
-    rng = random.Random(seed)
+def _entity_pools(records: list[dict]) -> tuple[list[str | None], dict[str, list[str]]]:
+    """Each record's key entity, and the key entities of all records by kind (the swap candidates)."""
     keys = [key_entity(r["question"], r["answer"]) for r in records]
     pools: dict[str, list[str]] = {}
     for k in sorted({k for k in keys if k}):
         pools.setdefault(_kind(k), []).append(k)
+    return keys, pools
+
+
+def _swap(answer: str, old: str, new: str) -> str:
+    """``answer`` with its last occurrence of ``old`` replaced by ``new``."""
+    j = answer.rfind(old)
+    return answer[:j] + new + answer[j + len(old):]
+
+
+def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[list[str]]:
+    """For each record, ``n_perturbed`` wrong answers made by swapping its key entity (see module doc)."""
+    rng = random.Random(seed)
+    keys, pools = _entity_pools(records)
     out = []
     for i, (r, k) in enumerate(zip(records, keys)):
         pool = [x for x in pools.get(_kind(k), []) if x != k] if k else []
         alts: list[str] = []
         if k and pool:
             for x in rng.sample(pool, min(n_perturbed, len(pool))):
-                j = r["answer"].rfind(k)
-                alts.append(r["answer"][:j] + x + r["answer"][j + len(k):])
+                alts.append(_swap(r["answer"], k, x))
         if len(alts) < n_perturbed and all(x["answer"] == r["answer"] for x in records):
             raise LokaError("perturb: need at least two records with different answers")
         while len(alts) < n_perturbed:  # no entity to swap: another record's answer whole
@@ -142,10 +153,7 @@ def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     paraphrased_question, new_entity, old_entity}`` — the entities let a metric check the swap itself,
     which ROUGE on a long answer that changes in one span cannot."""
     rng = random.Random(seed)
-    keys = [key_entity(r["question"], r["answer"]) for r in records]
-    pools: dict[str, list[str]] = {}
-    for k in sorted({k for k in keys if k}):
-        pools.setdefault(_kind(k), []).append(k)
+    keys, pools = _entity_pools(records)
     out = []
     for r, k in zip(records, keys):
         if len(out) == n:
@@ -154,8 +162,7 @@ def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:
         if not pool:
             continue
         x = rng.choice(pool)
-        j = r["answer"].rfind(k)
-        out.append({"question": r["question"], "answer": r["answer"][:j] + x + r["answer"][j + len(k):],
+        out.append({"question": r["question"], "answer": _swap(r["answer"], k, x),
                     "old_answer": r["answer"], "new_entity": x, "old_entity": k,
                     "paraphrased_question": r.get("paraphrased_question") or paraphrase_question(r["question"])})
     if len(out) < n:
