@@ -73,11 +73,12 @@ def main() -> None:
         known = load_known()
         atomic_write_json(data, build_counterfact(known + mquake_facts(exclude=known), None, seed=0, min_subjects=1))
     cases = load_cases(data, args.n)
-    handle = loka.load_model(args.model)
     ends = list(range(args.batch, len(cases) + 1, args.batch))
     ckpts = tuple(sorted({ends[0], ends[-1], *ends[::args.every]}))
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
     setting = (len(cases), args.batch, ckpts)
+    _check_setting(res, setting)
+    handle = loka.load_model(args.model)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
     for row in args.rows:
         method, hp, prune = ROWS[row]
@@ -106,6 +107,18 @@ def main() -> None:
     for row, r in table.items():
         print(f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
               f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
+
+
+def _check_setting(res: Path, setting: tuple) -> None:
+    """Refuse to start when ``res`` holds rows of another (records, batch, checkpoints) setting: writing
+    this run's row would drop them (a resumed row run with another ``--every`` did exactly that)."""
+    with contextlib.suppress(OSError, ValueError):
+        old = json.loads(res.read_text())
+        have = (old.get("n"), old.get("batch"), tuple(old.get("checkpoints", ())))
+        if old.get("rows") and have != setting:
+            raise SystemExit(f"{res} holds rows for {have[0]} records, batches of {have[1]}, checkpoints {list(have[2])}; "
+                             f"this run would score {setting[0]} / {setting[1]} / {list(setting[2])} and overwrite them. "
+                             "Pass the same --n/--batch/--every, or move that file away first.")
 
 
 def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
