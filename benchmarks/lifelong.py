@@ -112,7 +112,7 @@ def main() -> None:
 def _check_setting(res: Path, setting: tuple) -> None:
     """Refuse to start when ``res`` holds rows of another (records, batch, checkpoints) setting: writing
     this run's row would drop them (a resumed row run with another ``--every`` did exactly that)."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # no file or not ours: nothing to keep
         old = json.loads(res.read_text())
         have = (old.get("n"), old.get("batch"), tuple(old.get("checkpoints", ())))
         if old.get("rows") and have != setting:

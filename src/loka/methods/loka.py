@@ -62,7 +62,7 @@ CONFLICTS = ("auto", "shared", "separate")
 
 @dataclass
 class LokaHParams(HParams):
-    layer: int = 24  # the MLP output matrix the memories copy (configs/loka: 0.8 of the depth)
+    layer: int = 24  # the MLP output matrix the memories copy (configs/loka: SmolLM2 27, else 0.8 of the depth)
     mapping: str = "kmeans"  # or "lsh" (sequential updates)
     key_source: str = "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
     k: int = 20  # K-means clusters (capped at the number of queries)
