@@ -77,9 +77,8 @@ def main() -> None:
     ckpts = tuple(sorted({ends[0], ends[-1], *ends[::args.every]}))
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
     setting = (len(cases), args.batch, ckpts)
-    _check_setting(res, setting)
-    handle = loka.load_model(args.model)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
+    handle = loka.load_model(args.model)
     for row in args.rows:
         method, hp, prune = ROWS[row]
         out = Path(args.out) / f"{handle.name}-{row}-b{args.batch}-n{len(cases)}"
@@ -109,9 +108,10 @@ def main() -> None:
               f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
 
 
-def _check_setting(res: Path, setting: tuple) -> None:
-    """Refuse to start when ``res`` holds rows of another (records, batch, checkpoints) setting: writing
-    this run's row would drop them (a resumed row run with another ``--every`` did exactly that)."""
+def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
+    """The rows and series already in ``res`` for the same (records, batch, checkpoints). Refuses (exits)
+    when ``res`` holds rows of another setting: writing this run's row would drop them (a resumed row
+    run with another ``--every`` did exactly that)."""
     with contextlib.suppress(OSError, ValueError, AttributeError):  # no file or not ours: nothing to keep
         old = json.loads(res.read_text())
         have = (old.get("n"), old.get("batch"), tuple(old.get("checkpoints", ())))
@@ -119,14 +119,8 @@ def _check_setting(res: Path, setting: tuple) -> None:
             raise SystemExit(f"{res} holds rows for {have[0]} records, batches of {have[1]}, checkpoints {list(have[2])}; "
                              f"this run would score {setting[0]} / {setting[1]} / {list(setting[2])} and overwrite them. "
                              "Pass the same --n/--batch/--every, or move that file away first.")
-
-
-def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
-    """The rows and series already in ``res`` for the same (records, batch, checkpoints)."""
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        old = json.loads(res.read_text())
-        if (old["n"], old["batch"], tuple(old["checkpoints"])) == setting:
-            return old["rows"], old["series"]
+        if have == setting:
+            return old.get("rows", {}), old.get("series", {})
     return {}, {}
 
 

@@ -11,6 +11,7 @@ from loka.methods.base import get_method
 
 CONFIGS = resources.files("loka") / "configs"
 FILES = sorted((m.name, f.name) for m in CONFIGS.iterdir() if m.is_dir() for f in m.iterdir() if f.name.endswith(".json"))
+MODELS = {r["name"] for r in loka.list_models()}
 
 
 def test_there_are_config_files():
@@ -28,5 +29,4 @@ def test_config_parses_into_its_methods_hparams(method, name):
             assert getattr(hp, k) == v
     stem = name.removesuffix(".json")
     if stem != "default":  # a model file must name a registered model (a family file would name a family)
-        names = {r["name"] for r in loka.list_models()}
-        assert stem in names, f"configs/{method}/{name} names no registered model"
+        assert stem in MODELS, f"configs/{method}/{name} names no registered model"
