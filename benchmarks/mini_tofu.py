@@ -39,7 +39,7 @@ from loka.finetune import finetune
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
 from loka.scoring import generate
 from loka.unlearn.metrics import rouge_l_recall, tofu_eval
-from loka.utils.io import atomic_write_json
+from loka.utils.io import atomic_write_json, hash_json
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"
 
@@ -83,24 +83,29 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     ref, ref_info = _tuned(args.model, tuned_on, work / "retain_only", args.epochs, args.lr)
-    ref_eval = tofu_eval(ref, forget, retain, real, world, max_new_tokens=args.max_new_tokens)
+    ref_eval = _cached(ref, work / "retain_only", [forget, retain, real, world, args.max_new_tokens, None],
+                       lambda h=ref: tofu_eval(h, forget, retain, real, world, max_new_tokens=args.max_new_tokens))
     reference = ref_eval["forget_tr_raw"]
     del ref
     tune = (d["forget_all"] if args.finetune_set == "all" else forget) + tuned_on
     full, full_info = _tuned(args.model, tune, work / f"full-{args.finetune_set}", args.epochs, args.lr)
     rows = {"retain-only (reference)": {**_row(ref_eval, reference), "seconds": ref_info["seconds"]}}
-    ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)
-    rows["fine-tuned (before unlearning)"] = {**_row(ev), **_edit_scores(full, edits), "seconds": full_info["seconds"]}
+    ev = _cached(full, work / f"full-{args.finetune_set}", [forget, retain, real, world, args.max_new_tokens, reference, edits],
+                 lambda: {**tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens),
+                          "edit_scores": _edit_scores(full, edits)})
+    rows["fine-tuned (before unlearning)"] = {**_row(ev), **ev["edit_scores"], "seconds": full_info["seconds"]}
     print(json.dumps(rows), flush=True)
     res = Path("benchmarks/results") / f"mini_tofu_{args.model}_{args.split}{f'_edit{len(edits)}' if edits else ''}.json"
     setup = {"split": args.split, "retain_n": len(retain), "finetune_set": args.finetune_set, "epochs": args.epochs,
              "lr": args.lr, "max_new_tokens": args.max_new_tokens, **({"edit_n": len(edits)} if edits else {})}
-    old = json.loads(res.read_text()) if res.exists() else {}
-    earlier = old.get("rows", {}) if old.get("setup") == setup else {}
+
+    def earlier() -> dict:  # rows in the file now (a parallel invocation may have added some)
+        old = json.loads(res.read_text()) if res.exists() else {}
+        return old.get("rows", {}) if old.get("setup") == setup else {}
 
     def save() -> None:  # after every row, so an interrupted run keeps what it measured
         atomic_write_json(res, {"model": args.model, "setup": setup,
-                                "finetune": {"full": full_info, "retain_only": ref_info}, "rows": {**earlier, **rows}})
+                                "finetune": {"full": full_info, "retain_only": ref_info}, "rows": {**earlier(), **rows}})
 
     save()
     freqs, rreqs = as_requests(forget, ForgetRequest), as_requests(retain, RetainRequest)
@@ -127,8 +132,23 @@ def main() -> None:
         cols[-1:-1] = ["edt-rl", "edt-prl", "edt-ent", "edt-pent"]
     print(f"\n| {args.model}, mini-TOFU {args.split} ({len(forget)} questions) | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
-    for label, r in {**earlier, **rows}.items():
+    for label, r in {**earlier(), **rows}.items():
         print(f"| {label} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+
+
+def _cached(handle, where: Path, inputs: list, evaluate) -> dict:
+    """``evaluate()``, or its result saved in ``where`` when the weights' hash and the ``inputs`` (the
+    questions, generation length, reference) are the same; the file carries its full key and is
+    recomputed when it does not match."""
+    key = hash_json([handle.model_hash, inputs, loka.__version__])
+    path = where / f"tofu_eval-{key[:16]}.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    result = evaluate()
+    atomic_write_json(path, {"key": key, "result": result})
+    return result
 
 
 def _edit_scores(handle, edits: list[dict], max_new_tokens: int = 48) -> dict:
