@@ -139,13 +139,15 @@ def main() -> None:
 def _cached(handle, where: Path, inputs: list, evaluate) -> dict:
     """``evaluate()``, or its result saved in ``where`` when the weights' hash and the ``inputs`` (the
     questions, generation length, reference) are the same; the file carries its full key and is
-    recomputed when it does not match."""
+    recomputed when it does not match or cannot be read."""
     key = hash_json([handle.model_hash, inputs, loka.__version__])
     path = where / f"tofu_eval-{key[:16]}.json"
-    if path.exists():
+    try:
         saved = json.loads(path.read_text())
         if saved.get("key") == key:
             return saved["result"]
+    except (OSError, ValueError, AttributeError, KeyError):  # missing or unreadable: recompute
+        pass
     result = evaluate()
     atomic_write_json(path, {"key": key, "result": result})
     return result

@@ -33,3 +33,6 @@ def test_cached_evaluation_is_keyed_by_weights_and_inputs(tmp_path):
     (f,) = [p for p in tmp_path.iterdir() if json.loads(p.read_text())["result"] == first]
     f.write_text(json.dumps({"key": "not the key", "result": {"p": "stale"}}))  # a file whose key does not match
     assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 4
+    f.write_text("{truncated")  # a file cut short
+    assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 5
+    assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 5  # and saved again
