@@ -39,7 +39,7 @@ from loka.finetune import finetune
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
 from loka.scoring import generate
 from loka.unlearn.metrics import rouge_l_recall, tofu_eval
-from loka.utils.io import atomic_write_json, hash_json
+from loka.utils.io import atomic_write_json, cached_json, hash_json
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"
 
@@ -141,16 +141,7 @@ def _cached(handle, where: Path, inputs: list, evaluate) -> dict:
     questions, generation length, reference) are the same; the file carries its full key and is
     recomputed when it does not match or cannot be read."""
     key = hash_json([handle.model_hash, inputs, loka.__version__])
-    path = where / f"tofu_eval-{key[:16]}.json"
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("key") == key:
-            return saved["result"]
-    except (OSError, ValueError, AttributeError, KeyError):  # missing or unreadable: recompute
-        pass
-    result = evaluate()
-    atomic_write_json(path, {"key": key, "result": result})
-    return result
+    return cached_json(where / f"tofu_eval-{key[:16]}.json", key, evaluate)
 
 
 def _edit_scores(handle, edits: list[dict], max_new_tokens: int = 48) -> dict:

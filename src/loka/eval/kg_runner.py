@@ -27,7 +27,7 @@ from ..bench.kg import KnowledgeGraph, Triple
 from ..bench.probes import Probe, generate_probes, retain_requests
 from ..errors import RequestError
 from ..scoring import target_logprobs
-from ..utils.io import atomic_write_bytes, atomic_write_json, hash_json
+from ..utils.io import atomic_write_bytes, atomic_write_json, cached_json, hash_json
 from . import kg_metrics as km
 
 log = logging.getLogger(__name__)
@@ -171,17 +171,10 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
                            "".join(json.dumps(asdict(iv)) + "\n" for iv in ivs).encode())
     key = hash_json({"model": handle.model_hash, "probes": [p.to_dict() for p in probes], "scoring": scoring,
                  "repr_n": repr_n})
-    cache = out / "before.json" if out else None
-    before = None
-    if cache and cache.exists():
-        c = json.loads(cache.read_text())
-        if c.get("key") == key:
-            before = c["choices"]
-            log.info("reusing the pre-update choices in %s", cache)
-    if before is None:
-        before = choose(handle, probes, scoring, progress=progress)
-        if cache:
-            atomic_write_json(cache, {"key": key, "choices": before})
+    def before_choices():
+        return choose(handle, probes, scoring, progress=progress)
+
+    before = cached_json(out / "before.json", key, before_choices, field="choices") if out else before_choices()
     sample, n_ctx = _repr_sample(probes, repr_n)
     lp0, h0 = representations(handle, sample)
     requests = [iv.request(graph) for iv in ivs]

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -59,6 +62,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def cached_json(path: str | Path, key: str, compute: Callable[[], Any], field: str = "result") -> Any:
+    """``compute()``, or the value saved in ``path`` under ``field`` when the file's ``key`` equals
+    ``key`` (a content hash of everything the value depends on). A file that is missing, unreadable or
+    keyed otherwise is recomputed and rewritten atomically."""
+    path = Path(path)
+    with contextlib.suppress(OSError, ValueError, AttributeError, KeyError):
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            value = saved[field]
+            log.info("reusing %s", path)
+            return value
+    value = compute()
+    atomic_write_json(path, {"key": key, field: value})
+    return value
 
 
 @contextlib.contextmanager
