@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--data", default="data/generated/cf_lifelong_1000.json")
     ap.add_argument("--every", type=int, default=1,
                     help="score a checkpoint every K batches (the first and the last batch always)")
+    ap.add_argument("--score-sample", type=int, metavar="N",
+                    help="score a seeded random sample of N edited facts at each checkpoint instead of all "
+                         "(an estimate, for slow-scoring rows such as scr; the row is labelled ROW@N)")
     ap.add_argument("--out", default="out/lifelong")
     args = ap.parse_args()
     data = Path(args.data)
@@ -82,14 +85,17 @@ def main() -> None:
     for row in args.rows:
         method, hp, prune = ROWS[row]
         out = Path(args.out) / f"{handle.name}-{row}-b{args.batch}-n{len(cases)}"
+        if args.score_sample:
+            row = f"{row}@{args.score_sample}"
+            out = out.with_name(out.name + f"-s{args.score_sample}")
         cfg = EvalConfig(method=method, mode="sequential", batch_size=args.batch, hparams=hp, checkpoints=ckpts,
-                         prune=prune)
+                         prune=prune, score_sample=args.score_sample)
         run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
         _finite(out)
         seq = [json.loads(x) for x in (out / "sequential.jsonl").read_text().splitlines()]
         series[row] = seq
         first, last = seq[0], seq[-1]
-        table[row] = {"edits": last["n_edits"], **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
+        table[row] = {"edits": last["n_edits"], "scored": last.get("n"), **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
                       "NS_first_batch": first.get("NS"), "ppl": last["guard"]["ppl"],
                       "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
         print(row, json.dumps(table[row]), flush=True)

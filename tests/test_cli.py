@@ -4,6 +4,8 @@ import pytest
 
 from loka.cli import main
 
+from .conftest import DATA
+
 
 def run(capsys, *argv):
     code = main(list(argv))
@@ -60,6 +62,9 @@ def test_errors_exit_2_with_a_message(capsys, tmp_path):
     assert code == 2 and "out of range" in err
     code, _, err = run(capsys, "inspect", str(tmp_path / "nothing.loka"))
     assert code == 2 and "not an artifact folder" in err
+    code, _, err = run(capsys, "eval", "--model", "tiny-llama", "--data", str(DATA / "counterfact_sample5.json"),
+                       "--mode", "batch", "--score-sample", "3", "--out", str(tmp_path / "ev"))
+    assert code == 2 and "--score-sample" in err and "'sequential'" in err
 
 
 def test_help_lists_every_command(capsys):

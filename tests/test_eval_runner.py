@@ -118,3 +118,31 @@ def test_sequential_alphaedit_with_prune_carries_state_across_batches_and_resume
     with pytest.raises(loka.LokaError, match="delete .*batch_00001.loka"):
         run_eval(tiny, cases, cfg, tmp_path, resume=True)
     assert not tiny.model.__dict__.get("_loka_applied")  # refused before anything was applied
+
+
+def test_sequential_score_sample_scores_a_seeded_subset(tiny, hp, tmp_path):
+    from loka.eval.runner import checkpoint_cases
+
+    cases = load_cases(DATA / "counterfact_sample5.json", n=4)
+    cfg = EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
+                     guard=False, checkpoints=(2,), score_sample=3)
+    run_eval(tiny, cases, cfg, tmp_path)
+    ck = [json.loads(x) for x in (tmp_path / "sequential.jsonl").read_text().splitlines()]
+    assert [(c["n_edits"], c["n"]) for c in ck] == [(2, 2), (4, 3)]  # all 2 after batch 1, then 3 of 4
+    scored = [json.loads(x)["case_id"] for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert scored == [str(c.case_id) for c in checkpoint_cases(cases, 3, 4)]
+    # the sample is a function of the checkpoint: the same on a rerun, in edit order, without repeats
+    pick = checkpoint_cases(list(range(100)), 10, 400)
+    assert pick == checkpoint_cases(list(range(100)), 10, 400) == sorted(set(pick)) and len(pick) == 10
+    assert checkpoint_cases(list(range(100)), 10, 700) != pick
+    # a resumed run must use the same sample size
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(tiny, cases, EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
+                                         guard=False, checkpoints=(2,)), tmp_path, resume=True)
+
+
+def test_score_sample_needs_sequential_mode():
+    with pytest.raises(loka.LokaError, match="score_sample .*sequential"):
+        EvalConfig(method="rome", mode="batch", score_sample=10)
+    with pytest.raises(loka.LokaError, match="positive"):
+        EvalConfig(method="rome", mode="sequential", score_sample=0)

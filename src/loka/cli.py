@@ -448,7 +448,8 @@ def cmd_eval(args) -> int:
     cases = load_cases(args.data, args.n)
     handle = load_model(args.model)
     cfg = EvalConfig(method=args.method, mode=args.mode, batch_size=args.batch_size, hparams=_hparam_overrides(args),
-                     generation=args.generation, guard=not args.no_guard, prune=args.prune)
+                     generation=args.generation, guard=not args.no_guard, prune=args.prune,
+                     score_sample=args.score_sample)
     out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
     summary = run_eval(handle, cases, cfg, out, resume=args.resume)
     if args.json:
@@ -745,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
     s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
                    help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
+    s.add_argument("--score-sample", type=int, metavar="N",
+                   help="sequential mode: score a seeded random sample of N edited cases at each checkpoint "
+                        "instead of all of them (an estimate, for slow-scoring methods such as scr)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
     s.add_argument("--json", action="store_true", help="print summary.json")
     s.set_defaults(fn=cmd_eval)

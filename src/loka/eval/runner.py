@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -43,12 +44,18 @@ class EvalConfig:
     guard: bool = True  # perplexity + multiple choice before and after
     checkpoints: tuple[int, ...] = (10, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000)
     prune: float | None = None  # PRUNE log base applied after each edit (None: off)
+    # sequential: score a seeded random sample of this many of the facts edited so far at each checkpoint
+    # (None: all of them). An estimate, for methods whose scoring is slow (SCR runs a relevance check per fact)
+    score_sample: int | None = None
 
     def __post_init__(self):
         if self.mode not in ("single", "batch", "sequential"):
             raise ValueError(f"mode must be single, batch or sequential, got {self.mode!r}")
         if self.mode == "single":
             self.batch_size = 1
+        if self.score_sample is not None and (self.mode != "sequential" or self.score_sample < 1):
+            raise LokaError(f"score_sample (--score-sample) must be a positive number of cases and needs mode "
+                            f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}")
 
 
 def _append(path: Path, obj: dict) -> None:
@@ -109,11 +116,13 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
     cfg_file = out / "config.json"
     meta = {"model": handle.name, "model_hash": handle.model_hash, "method": cfg.method, "mode": cfg.mode,
             "batch_size": cfg.batch_size, "hparams": cfg.hparams, "n_cases": len(cases), "generation": cfg.generation,
-            **({"prune": cfg.prune} if cfg.prune is not None else {})}
+            **({"prune": cfg.prune} if cfg.prune is not None else {}),
+            **({"score_sample": cfg.score_sample} if cfg.score_sample is not None else {})}
     if resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text())
-        same = [k for k in meta if k != "n_cases"]  # a resumed run may extend to more cases
-        if {k: old.get(k) for k in same} != {k: meta[k] for k in same}:
+        # every key of either run (an option only one of them set counts too); a resumed run may extend to more cases
+        same = (set(meta) | set(old)) - {"n_cases"}
+        if {k: old.get(k) for k in same} != {k: meta.get(k) for k in same}:
             raise ValueError(f"{out} holds a run with other settings ({old}); use another --out or drop --resume")
     elif not resume:
         for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
@@ -234,7 +243,7 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]
             if hit:
-                edited = [c for b in batches[: k + 1] for c in b]
+                edited = checkpoint_cases([c for b in batches[: k + 1] for c in b], cfg.score_sample, n_edits)
                 rows = []
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     p = pre[str(c.case_id)]
@@ -256,6 +265,14 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     if seq:
         plot_sequential(seq, out / "sequential.png", f"{handle.name} · {cfg.method} · batch {cfg.batch_size}")
     return seq
+
+
+def checkpoint_cases(edited: list, sample: int | None, n_edits: int) -> list:
+    """The cases a checkpoint scores: every edited case, or a random sample of ``sample`` of them seeded
+    by the checkpoint (so a resumed run scores the same ones), in edit order."""
+    if sample is None or len(edited) <= sample:
+        return edited
+    return [edited[i] for i in sorted(random.Random(n_edits).sample(range(len(edited)), sample))]
 
 
 def plot_sequential(rows: list[dict], path: Path, title: str) -> None:
