@@ -96,7 +96,7 @@ def main() -> None:
         series[row] = seq
         first, last = seq[0], seq[-1]
         table[row] = {"edits": last["n_edits"], "scored": last.get("n"), **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
-                      "NS_first_batch": first.get("NS"), "ppl": last["guard"]["ppl"],
+                      "NS_first_batch": first.get("NS"), "unedited_same_cases": last.get("pre"), "ppl": last["guard"]["ppl"],
                       "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
         print(row, json.dumps(table[row]), flush=True)
         # written after every row, so an interrupted run keeps the rows it finished; rows of another

@@ -131,6 +131,9 @@ def test_sequential_score_sample_scores_a_seeded_subset(tiny, hp, tmp_path):
     assert [(c["n_edits"], c["n"]) for c in ck] == [(2, 2), (4, 3)]  # all 2 after batch 1, then 3 of 4
     scored = [json.loads(x)["case_id"] for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert scored == [str(c.case_id) for c in checkpoint_cases(cases, 3, 4)]
+    # each checkpoint carries the unedited scores of the very cases it scored
+    res = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert ck[-1]["pre"]["ES"] == pytest.approx(sum(r["pre"]["ES"] for r in res) / 3)
     # the sample is a function of the checkpoint: the same on a rerun, in edit order, without repeats
     pick = checkpoint_cases(list(range(100)), 10, 400)
     assert pick == checkpoint_cases(list(range(100)), 10, 400) == sorted(set(pick)) and len(pick) == 10

@@ -248,7 +248,9 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     p = pre[str(c.case_id)]
                     rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
-                row = {"n_edits": n_edits, **summarise(rows, "post"), "last_batch_edit_s": round(t_edit, 1),
+                # the same cases before any edit, so a sampled checkpoint has its own paired baseline
+                unedited = {k: v for k, v in summarise(rows, "pre").items() if k in ("ES", "PS", "NS", "S")}
+                row = {"n_edits": n_edits, **summarise(rows, "post"), "pre": unedited, "last_batch_edit_s": round(t_edit, 1),
                        "last_batch_timings": {k: round(v, 1) for k, v in a.manifest.get("extra", {}).get("timings", {}).items()}}
                 if cfg.guard:
                     row["guard"] = general_guard(handle)
