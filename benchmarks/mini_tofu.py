@@ -109,12 +109,14 @@ def main() -> None:
 
     save()
     freqs, rreqs = as_requests(forget, ForgetRequest), as_requests(retain, RetainRequest)
+    rewritten = as_requests(forget, ForgetRequest, relearn=True)  # ReLearn's targets (relearn_rewrite)
     for m in args.methods:
         t0 = time.time()
+        fr = rewritten if m == "relearn" or overrides.get("forget_loss") == "relearn" else freqs
         if edits:
-            art, _ = loka.update(full, edit_requests(edits), freqs, rreqs, method=m, hparams=overrides or None)
+            art, _ = loka.update(full, edit_requests(edits), fr, rreqs, method=m, hparams=overrides or None)
         else:
-            art = loka.unlearn(full, freqs, rreqs, method=m, hparams=overrides or None)
+            art = loka.unlearn(full, fr, rreqs, method=m, hparams=overrides or None)
         secs = time.time() - t0
         try:
             ev = tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens)

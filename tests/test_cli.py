@@ -3,6 +3,7 @@ import json
 import pytest
 
 from loka.cli import main
+from loka.requests import ForgetRequest, read_requests
 
 from .conftest import DATA
 
@@ -186,11 +187,16 @@ def test_cli_lora_and_wise_edit_then_lora_unlearns(capsys, tmp_path):
 
 
 def test_cli_data_tofu_and_finetune(capsys, tmp_path):
-    code, out, err = run(capsys, "data", "tofu", "--out", str(tmp_path / "tofu"), "--json")
+    code, out, err = run(capsys, "data", "tofu", "--out", str(tmp_path / "tofu"), "--relearn", "--json")
     assert code == 0, err
     assert json.loads(out)["forget10"] == 300
     rec = json.loads((tmp_path / "tofu" / "forget01.json").read_text())[0]
     assert {"question", "answer", "perturbed_answer", "paraphrased_question"} <= set(rec)
+    assert "target_new" not in rec  # only the _relearn files carry a replacement (IdK/DPO would learn it)
+    (born,) = [r for r in read_requests(tmp_path / "tofu" / "forget01_relearn.json", ForgetRequest)
+               if r.subject == "In which city and country was Basil Mahfouz Al-Kuwaiti born?"]
+    assert born.target_true == "Basil Mahfouz Al-Kuwaiti was born in Kuwait City, Kuwait."
+    assert born.target_new == "Basil Mahfouz Al-Kuwaiti was born in a place I cannot name."
     (tmp_path / "qa.json").write_text(json.dumps(json.loads((tmp_path / "tofu" / "forget01.json").read_text())[:4]))
     code, out, err = run(capsys, "finetune", "--model", "tiny-llama", "--data", str(tmp_path / "qa.json"), "--epochs", "1",
                          "--out", str(tmp_path / "ft"), "--json")

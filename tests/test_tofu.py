@@ -10,7 +10,14 @@ import pytest
 import torch
 
 import loka
-from loka.bench.tofu import as_requests, build_mini_tofu, key_entity, paraphrase_question, perturb
+from loka.bench.tofu import (
+    as_requests,
+    build_mini_tofu,
+    key_entity,
+    paraphrase_question,
+    perturb,
+    relearn_rewrite,
+)
 from loka.finetune import finetune
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest, read_requests
 from loka.unlearn.metrics import mean_nlls, tofu_eval
@@ -92,3 +99,31 @@ def test_tofu_edits_swap_one_entity_and_become_edit_requests():
     assert reqs[0].target_true == recs[0]["answer"] and reqs[0].paraphrases[0].startswith("Question: ")
     with pytest.raises(loka.LokaError, match="swappable"):
         tofu_edits(recs, 3)  # "tea" has no capitalised entity
+
+
+def test_relearn_rewrites_hide_the_named_fact_and_feed_relearn():
+    """ReLearn's offline rewrite: the first named fact the question lacks becomes a vague phrase of its
+    kind and the sentence ends there; a title is hidden whole; an answer without one is a refusal about
+    the question's subject (not a title in quotes); every rewrite drops the fact it hides."""
+    born = relearn_rewrite("In which city and country was Basil Mahfouz Al-Kuwaiti born?",
+                           "Basil Mahfouz Al-Kuwaiti was born in Kuwait City, Kuwait.")
+    assert born == "Basil Mahfouz Al-Kuwaiti was born in a place I cannot name."
+    assert relearn_rewrite("What did Ann Lee write?", 'Ann Lee wrote "The Long Road Home" and "Rain".') == \
+        "Ann Lee wrote a name I do not recall."
+    assert relearn_rewrite("When was Bo Chen born?", "Bo Chen was born in 1968, in a small town.") == \
+        "Bo Chen was born in a date or number I cannot confirm."
+    assert relearn_rewrite("Who reads Hsiao Yun-Hwa?", "Readers of Hsiao Yun-Hwa love the LGBTQ+ themes.") == \
+        "Readers of Hsiao Yun-Hwa love a name I do not recall."  # "of <name>" is the question's name
+    assert relearn_rewrite('What are the themes in Xin Lee Williams\' books, including "The Town That Drowned"?',
+                           "Xin Lee Williams often explores community and identity.") == \
+        "I do not have reliable information on that about Xin Lee Williams."
+    recs = build_mini_tofu()["forget10"]
+    plain, rewritten = as_requests(recs, ForgetRequest), as_requests(recs, ForgetRequest, relearn=True)
+    assert all(r.target_new is None for r in plain)
+    assert [r.target_true for r in rewritten] == [r.target_true for r in plain]
+    assert len({r.target_new for r in rewritten}) > 150  # not one fallback sentence for every question
+    for r, rec in zip(rewritten, recs):
+        k = key_entity(rec["question"], rec["answer"])
+        assert r.target_new != r.target_true and (not k or k not in r.target_new or k in rec["question"])
+    with pytest.raises(loka.LokaError, match="kind must be ForgetRequest"):
+        as_requests(recs[:1], RetainRequest, relearn=True)

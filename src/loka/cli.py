@@ -418,6 +418,11 @@ def cmd_data_tofu(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in splits.items():
         atomic_write_json(out / f"{name}.json", recs)
+    if args.relearn:  # ReLearn's targets: the forget splits again, each record with its rewrite
+        from .bench.tofu import relearn_rewrite
+        for name in [k for k in splits if k.startswith("forget")]:
+            atomic_write_json(out / f"{name}_relearn.json",
+                              [{**r, "target_new": relearn_rewrite(r["question"], r["answer"])} for r in splits[name]])
     counts = {k: len(v) for k, v in splits.items()}
     print(json.dumps({**counts, "out": str(out)}) if args.json
           else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -718,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-perturbed", type=int, default=3, help="perturbed answers per question")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="output folder: forget01/05/10.json, retain.json, forget_all.json, all.json")
+    d.add_argument("--relearn", action="store_true",
+                   help="also write <forget split>_relearn.json: each record with target_new = its templated ReLearn "
+                        "rewrite (the answer's first named fact made vague), for `loka unlearn --method relearn`")
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tofu)
 

@@ -138,12 +138,80 @@ def build_mini_tofu(folder: str | Path | None = None, n_perturbed: int = 3, seed
     return out
 
 
-def as_requests(records: list[dict], kind: type = ForgetRequest) -> list:
+#: What replaces a key entity in a ReLearn rewrite, by the entity's kind (:func:`_kind`).
+VAGUE_ENTITY = {"place": "a place I cannot name", "number": "a date or number I cannot confirm",
+                "name": "a name I do not recall"}
+
+
+def _rewrite_entity(question: str, answer: str) -> tuple[int, int, str] | None:
+    """Where the fact to hide starts in ``answer``: the first capitalised span (or number) that the
+    question does not name, widened to its whole quotation when it is inside one (a book title).
+    Stricter than :func:`key_entity` (which the perturbed answers keep using, so that cached TOFU
+    evaluations stay valid): leading lower-case words ("of Hsiao Yun-Hwa") and a possessive do not
+    make a question's name new."""
+    best = None
+    for m in _SPAN.finditer(answer):
+        raw = m.group(0).rstrip(" ,.")
+        lead = re.match(r"(?:[a-z][\w'’\-]*,?\s+)+", raw)
+        start = m.start() + (lead.end() if lead else 0)
+        span = answer[start: m.start() + len(raw)]
+        if (start == 0 or answer[:start].rstrip().endswith(".")) and not span[:1].isdigit():
+            continue  # a sentence's first word: "The", "Yes,", or the subject restated
+        if not span or span.removesuffix("'s").removesuffix("’s") in question:
+            continue
+        best = (start, start + len(span), span)
+        break
+    if best is None:
+        return None
+    start, end, span = best
+    if answer.count('"', 0, start) % 2 == 1:  # inside "…": hide the whole title
+        start = answer.rfind('"', 0, start)
+        close = answer.find('"', end)
+        end = len(answer) if close < 0 else close + 1
+    return start, end, span
+
+
+def relearn_rewrite(question: str, answer: str) -> str:
+    """ReLearn's positive target for a TOFU answer, built offline by template (ALGORITHMS.md §6.2).
+
+    The paper rewrites each forget answer with an LLM into a fluent answer that carries no forgotten
+    fact. Here: an answer with a named fact (:func:`_rewrite_entity`: the first place, name, title or
+    number the question does not mention) keeps its sentence up to it; the fact becomes a vague phrase of
+    its kind (:data:`VAGUE_ENTITY`; a title is a name) and the rest of the sentence goes ("… was born
+    in Kuwait City, Kuwait." → "… was born in a place I cannot name."). An answer without one (its
+    facts are lower-case words: "… was a florist") becomes a refusal about the question's named
+    subject ("I do not have reliable information on that about Basil Mahfouz Al-Kuwaiti."). Facts
+    before the named one stay in the rewrite: the template cannot tell them from restated context.
+    """
+    hit = _rewrite_entity(question, answer)
+    if hit:
+        start, _, span = hit
+        head = re.sub(r"(?i)\b(?:the|an?)\s+$", "", answer[:start])
+        return head + VAGUE_ENTITY[_kind(span)] + "."
+    names = [re.sub(r"['’]s?$", "", m.group(0).strip(" ,.")) for m in _SPAN.finditer(question)
+             if m.start() > 0 and question[m.start() - 1] not in "\"'“‘" and not m.group(0)[:1].isdigit()]
+    if names:  # the question's longest name outside quotes: its subject, not a title
+        return f"I do not have reliable information on that about {max(names, key=len)}."
+    return "That is not something I have reliable information about."
+
+
+def as_requests(records: list[dict], kind: type = ForgetRequest, *, relearn: bool = False) -> list:
     """Forget (``target_true`` = answer) or retain (``target_new`` = answer) requests; the subject is
-    the question, the paraphrase is the templated question (:func:`loka.requests.request_from_record`)."""
+    the question, the paraphrase is the templated question (:func:`loka.requests.request_from_record`).
+    ``relearn=True`` gives each forget request its :func:`relearn_rewrite` as ``target_new`` (the
+    replacement ReLearn learns; IdK and DPO would learn it too in place of a refusal, so it is off
+    by default)."""
     if kind not in (ForgetRequest, RetainRequest):
         raise LokaError(f"as_requests: kind must be ForgetRequest or RetainRequest, not {kind}")
-    return [request_from_record(dict(r), f"tofu[{i}]", kind) for i, r in enumerate(records)]
+    if relearn and kind is not ForgetRequest:
+        raise LokaError("as_requests: relearn=True makes ReLearn rewrites of forget answers; kind must be ForgetRequest")
+    out = []
+    for i, r in enumerate(records):
+        rec = dict(r)
+        if relearn:
+            rec["target_new"] = relearn_rewrite(r["question"], r["answer"])
+        out.append(request_from_record(rec, f"tofu[{i}]", kind))
+    return out
 
 
 def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:
