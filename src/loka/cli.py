@@ -424,8 +424,9 @@ def cmd_data_tofu(args) -> int:
             atomic_write_json(out / f"{name}_relearn.json",
                               [{**r, "target_new": relearn_rewrite(r["question"], r["answer"])} for r in splits[name]])
     counts = {k: len(v) for k, v in splits.items()}
-    print(json.dumps({**counts, "out": str(out)}) if args.json
-          else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    print(json.dumps({**counts, "out": str(out), "relearn": args.relearn}) if args.json
+          else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+          + ("; ReLearn targets in forget*_relearn.json" if args.relearn else ""))
     return 0
 
 
