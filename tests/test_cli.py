@@ -66,6 +66,11 @@ def test_errors_exit_2_with_a_message(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--model", "tiny-llama", "--data", str(DATA / "counterfact_sample5.json"),
                        "--mode", "batch", "--score-sample", "3", "--out", str(tmp_path / "ev"))
     assert code == 2 and "--score-sample" in err and "'sequential'" in err
+    (tmp_path / "ev2").mkdir()
+    (tmp_path / "ev2" / "config.json").write_text(json.dumps({"method": "rome", "mode": "sequential"}))
+    code, _, err = run(capsys, "eval", "--model", "tiny-llama", "--data", str(DATA / "counterfact_sample5.json"),
+                       "--n", "1", "--resume", "--out", str(tmp_path / "ev2"))
+    assert code == 2 and "other settings" in err and "drop --resume" in err  # a message, not a traceback
 
 
 def test_help_lists_every_command(capsys):

@@ -8,7 +8,7 @@ from .artifact import Artifact, bundle_artifacts, load_artifact, preserved_weigh
 from .bench.kg import KnowledgeGraph, build_curated, build_derived, load_graph  # noqa: E402
 from .bench.probes import generate_probes  # noqa: E402
 from .codebook import LokaModel  # noqa: E402
-from .errors import ArtifactError, CacheError, LokaError, ModelError, RequestError  # noqa: E402
+from .errors import ArtifactError, CacheError, ConfigError, LokaError, ModelError, RequestError  # noqa: E402
 from .eval.html_report import write_report  # noqa: E402
 from .eval.kg_runner import run_kg  # noqa: E402
 from .methods import REGISTRY as METHODS  # noqa: E402
@@ -25,7 +25,7 @@ from .trace import add_at_positions, capture  # noqa: E402
 __all__ = [
     "__version__", "edit", "unlearn", "update", "validate_requests", "Artifact", "load_artifact", "preserved_weights", "stack_artifacts",
     "bundle_artifacts",
-    "ArtifactError", "CacheError", "LokaError", "ModelError", "RequestError", "METHODS", "default_hparams",
+    "ArtifactError", "CacheError", "ConfigError", "LokaError", "ModelError", "RequestError", "METHODS", "default_hparams",
     "get_method", "KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model", "EditRequest",
     "read_requests", "request_from_record", "ForgetRequest", "RetainRequest", "generate", "target_logprobs", "second_moments",
     "add_at_positions", "capture", "Session", "EditState", "LokaModel", "CodebookFolder", "state_from_artifact",

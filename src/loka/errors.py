@@ -17,5 +17,9 @@ class ArtifactError(LokaError, ValueError):
     """A corrupt, mismatched or unreadable artifact."""
 
 
+class ConfigError(LokaError, ValueError):
+    """A run's settings are invalid or clash with an earlier run's (resume)."""
+
+
 class CacheError(LokaError):
     """A cache entry failed its content-hash check."""

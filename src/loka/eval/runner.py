@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .. import env
 from ..api import edit
 from ..artifact import load_artifact
-from ..errors import LokaError, RequestError
+from ..errors import ConfigError, LokaError, RequestError
 from ..methods import REGISTRY as METHODS
 from ..methods import get_method
 from ..state import EditState
@@ -50,11 +50,11 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.mode not in ("single", "batch", "sequential"):
-            raise ValueError(f"mode must be single, batch or sequential, got {self.mode!r}")
+            raise ConfigError(f"mode (--mode) must be single, batch or sequential, got {self.mode!r}")
         if self.mode == "single":
             self.batch_size = 1
         if self.score_sample is not None and (self.mode != "sequential" or self.score_sample < 1):
-            raise LokaError(f"score_sample (--score-sample) must be a positive number of cases and needs mode "
+            raise ConfigError(f"score_sample (--score-sample) must be a positive number of cases and needs mode "
                             f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}")
 
 
@@ -123,7 +123,7 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
         # every key of either run (an option only one of them set counts too); a resumed run may extend to more cases
         same = (set(meta) | set(old)) - {"n_cases"}
         if {k: old.get(k) for k in same} != {k: meta.get(k) for k in same}:
-            raise ValueError(f"{out} holds a run with other settings ({old}); use another --out or drop --resume")
+            raise ConfigError(f"{out} holds a run with other settings ({old}); use another --out or drop --resume")
     elif not resume:
         for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
             (out / f).unlink(missing_ok=True)
