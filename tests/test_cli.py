@@ -71,6 +71,9 @@ def test_errors_exit_2_with_a_message(capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--model", "tiny-llama", "--data", str(DATA / "counterfact_sample5.json"),
                        "--n", "1", "--resume", "--out", str(tmp_path / "ev2"))
     assert code == 2 and "other settings" in err and "drop --resume" in err  # a message, not a traceback
+    code, _, err = run(capsys, "edit", "--model", "tiny-llama", "--prompt", "{} x", "--subject", "a", "--target", "b",
+                       "--prune", "0.5")
+    assert code == 2 and "--prune ALPHA" in err and "> 1" in err  # refused before the edit runs
 
 
 def test_help_lists_every_command(capsys):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .codebook import routed_groups, selected
+from .errors import ConfigError, RequestError
 from .fastlinear import packed_linears
 from .packing import pack_trees, within_window
 
@@ -93,7 +94,7 @@ def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
             seqs[owner[r]].append(p_ids[owner[r]] + t[:-1])
     longest = max(len(s) for ss in seqs for s in ss) + 1
     if not within_window(handle.config, longest):
-        raise ValueError(f"a prompt of {longest} tokens exceeds the sliding window ({handle.config.sliding_window})")
+        raise RequestError(f"a prompt of {longest} tokens exceeds the sliding window ({handle.config.sliding_window}); shorten the prompt or target")
     tree = pack_trees(seqs, max_len, _pad_id(handle.tokenizer), share)
     reads = [[tree.at(owner[r], p_ids[owner[r]] + t[:i]) for i in range(len(t))] for r, t in enumerate(t_ids)]
     cols = sorted({c for rd in reads for _, c in rd})
@@ -131,7 +132,7 @@ def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: i
     if context:
         prompts = _contextualise(handle, prompts)
     if mode not in SCORING_MODES:
-        raise ValueError(f"scoring mode {mode!r} is not one of {sorted(SCORING_MODES)}")
+        raise ConfigError(f"scoring mode {mode!r} is not one of {sorted(SCORING_MODES)}")
     tok = handle.tokenizer
     uniq = list(dict.fromkeys(prompts))
     p_cache = {p: tok(p)["input_ids"] for p in uniq}

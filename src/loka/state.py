@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .utils.io import atomic_dir, hash_tensors
 
 
@@ -52,7 +52,7 @@ class EditState:
     def truncate(self, n_batches: int) -> None:
         """Forget everything recorded by batches ``>= n_batches`` (a rollback)."""
         if not 0 <= n_batches <= self.batches:
-            raise ValueError(f"cannot roll back to {n_batches} batch(es): the state has {self.batches}")
+            raise ConfigError(f"cannot roll back to {n_batches} batch(es) (--rollback): the state has {self.batches}")
         self.tensors = {k: v for k, v in self.tensors.items() if "@" not in k or int(k.rsplit("@", 1)[1]) < n_batches}
         self.meta["batches"] = n_batches
 

@@ -20,13 +20,14 @@ import math
 
 import torch
 
+from ..errors import ConfigError
 from ..state import EditState
 
 
 def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
     """``F(σ)``: identity below ``sigma_max``, logarithmic (base ``alpha``) growth above it."""
     if alpha <= 1:
-        raise ValueError(f"PRUNE log base must be > 1, got {alpha}")
+        raise ConfigError(f"PRUNE log base (--prune ALPHA) must be > 1, got {alpha}")
     log_a = lambda x: torch.log(x) / math.log(alpha)  # noqa: E731
     above = sigma >= sigma_max
     capped = log_a(sigma.clamp_min(sigma_max)) - math.log(sigma_max) / math.log(alpha) + sigma_max

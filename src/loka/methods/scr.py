@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..artifact import applied_context
+from ..errors import ConfigError
 from .base import HParams, Method, register
 
 RELEVANCE = "Fact: {fact}\nQuestion: {query}...\nIs the fact about the subject of the question? Answer:"
@@ -50,7 +51,7 @@ class Scr(Method):
         from ..encoder import load_encoder
 
         if hp.filter not in ("model", "none"):
-            raise ValueError(f"scr: filter must be 'model' or 'none', got {hp.filter!r}")
+            raise ConfigError(f"scr: hyperparameter filter must be 'model' or 'none', got {hp.filter!r}")
         keys = load_encoder().encode([r.text for r in requests])
         if progress is not None:
             progress.update(len(requests))
