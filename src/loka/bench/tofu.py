@@ -143,13 +143,12 @@ VAGUE_ENTITY = {"place": "a place I cannot name", "number": "a date or number I 
                 "name": "a name I do not recall"}
 
 
-def _rewrite_entity(question: str, answer: str) -> tuple[int, int, str] | None:
-    """Where the fact to hide starts in ``answer``: the first capitalised span (or number) that the
-    question does not name, widened to its whole quotation when it is inside one (a book title).
+def _rewrite_entity(question: str, answer: str) -> tuple[int, str] | None:
+    """Where the fact to hide starts in ``answer``, and the fact: the first capitalised span (or
+    number) that the question does not name, from its opening quote when it is inside one (a title).
     Stricter than :func:`key_entity` (which the perturbed answers keep using, so that cached TOFU
     evaluations stay valid): leading lower-case words ("of Hsiao Yun-Hwa") and a possessive do not
     make a question's name new."""
-    best = None
     for m in _SPAN.finditer(answer):
         raw = m.group(0).rstrip(" ,.")
         lead = re.match(r"(?:[a-z][\w'’\-]*,?\s+)+", raw)
@@ -159,16 +158,10 @@ def _rewrite_entity(question: str, answer: str) -> tuple[int, int, str] | None:
             continue  # a sentence's first word: "The", "Yes,", or the subject restated
         if not span or span.removesuffix("'s").removesuffix("’s") in question:
             continue
-        best = (start, start + len(span), span)
-        break
-    if best is None:
-        return None
-    start, end, span = best
-    if answer.count('"', 0, start) % 2 == 1:  # inside "…": hide the whole title
-        start = answer.rfind('"', 0, start)
-        close = answer.find('"', end)
-        end = len(answer) if close < 0 else close + 1
-    return start, end, span
+        if answer.count('"', 0, start) % 2 == 1:  # inside "…": hide the whole title
+            start = answer.rfind('"', 0, start)
+        return start, span
+    return None
 
 
 def relearn_rewrite(question: str, answer: str) -> str:
@@ -185,7 +178,7 @@ def relearn_rewrite(question: str, answer: str) -> str:
     """
     hit = _rewrite_entity(question, answer)
     if hit:
-        start, _, span = hit
+        start, span = hit
         head = re.sub(r"(?i)\b(?:the|an?)\s+$", "", answer[:start])
         return head + VAGUE_ENTITY[_kind(span)] + "."
     names = [re.sub(r"['’]s?$", "", m.group(0).strip(" ,.")) for m in _SPAN.finditer(question)

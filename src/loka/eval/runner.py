@@ -55,7 +55,7 @@ class EvalConfig:
             self.batch_size = 1
         if self.score_sample is not None and (self.mode != "sequential" or self.score_sample < 1):
             raise ConfigError(f"score_sample (--score-sample) must be a positive number of cases and needs mode "
-                            f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}")
+                              f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}")
 
 
 def _append(path: Path, obj: dict) -> None:
