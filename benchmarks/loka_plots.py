@@ -1,13 +1,16 @@
 """LOKA ablation table and plots from the joint-update results.
 
     python benchmarks/loka_plots.py
+    python benchmarks/loka_plots.py --ablation benchmarks/results/loka_ablation_smollm2-135m_current.json --tag current
 
 Reads ``benchmarks/results/joint_update_<model>_loka.json`` (the default LOKA rows) and
 ``benchmarks/results/loka_ablation_<model>.json`` (``joint_update.py --variant ... --set ...`` rows),
 prints one markdown table per setting (default row first) and writes two PNGs: the cluster-count
 sweep (k = 1, 5, 10, 20, 40) and the conflict-rule comparison. The plots compare rows of one stopping
-rule: the ablation rows were run with the first-match stop, so its row (``BASE``) stands for k = 20 /
-``auto`` there when present (else the default row).
+rule: the first ablation rows were run with the first-match stop, so its row (``BASE``) stands for
+k = 20 / ``auto`` there when present (else the default row). ``--ablation`` reads another ablation
+file (the re-run at the current defaults, where the default row is the base) and ``--tag`` suffixes
+the plot names.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ BASE = "first-match stop (before)"  # the stopping rule the ablation rows were r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ablation", default=None, help="ablation rows (default benchmarks/results/loka_ablation_<model>.json)")
+    ap.add_argument("--tag", default="", help="suffix for the plot file names")
     args = ap.parse_args()
     main_rows = json.loads((RES / f"joint_update_{args.model}_loka.json").read_text())["settings"]
-    abl = json.loads((RES / f"loka_ablation_{args.model}.json").read_text())["settings"]
+    abl = json.loads(Path(args.ablation or RES / f"loka_ablation_{args.model}.json").read_text())["settings"]
+    tag = f"_{args.tag}" if args.tag else ""
     tables = {}
     for setting in ("in", "out"):
         rows = {}
@@ -64,8 +70,8 @@ def main() -> None:
         ax.set_title(f"LOKA cluster sweep, in-profile ({args.model})")
         ax.legend(fontsize=8, ncol=2)
         fig.tight_layout()
-        fig.savefig(plots / f"loka_clusters_{args.model}.png", dpi=120)
-        print(f"plot: {plots / f'loka_clusters_{args.model}.png'}")
+        fig.savefig(plots / f"loka_clusters_{args.model}{tag}.png", dpi=120)
+        print(f"plot: {plots / f'loka_clusters_{args.model}{tag}.png'}")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, setting in zip(axes, ("in", "out")):
         rows = tables[setting]
@@ -79,8 +85,8 @@ def main() -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"LOKA conflict rule ({args.model})")
     fig.tight_layout()
-    fig.savefig(plots / f"loka_conflict_{args.model}.png", dpi=120)
-    print(f"plot: {plots / f'loka_conflict_{args.model}.png'}")
+    fig.savefig(plots / f"loka_conflict_{args.model}{tag}.png", dpi=120)
+    print(f"plot: {plots / f'loka_conflict_{args.model}{tag}.png'}")
 
 
 if __name__ == "__main__":
