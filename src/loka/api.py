@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from .artifact import Artifact
-from .errors import ConfigError, LokaError, RequestError
+from .errors import LokaError, RequestError
 from .methods import default_hparams, get_method
 from .methods.base import HParams
-from .methods.prune import prune_deltas
+from .methods.prune import check_alpha, prune_deltas
 from .requests import EditRequest, subject_last_token
 from .state import EditState
 
@@ -45,8 +45,8 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
     requests = list(requests)
     validate_requests(handle, requests)
     m = get_method(method)
-    if prune is not None and not prune > 1:  # checked before the method runs, not after
-        raise ConfigError(f"prune (--prune ALPHA) is PRUNE's log base and must be > 1 (e.g. 2.718), got {prune}")
+    if prune is not None:
+        check_alpha(prune)  # before the method runs, not after
     if isinstance(hparams, HParams):
         hp = hparams
     else:

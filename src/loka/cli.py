@@ -419,10 +419,9 @@ def cmd_data_tofu(args) -> int:
     for name, recs in splits.items():
         atomic_write_json(out / f"{name}.json", recs)
     if args.relearn:  # ReLearn's targets: the forget splits again, each record with its rewrite
-        from .bench.tofu import relearn_rewrite
+        from .bench.tofu import with_relearn_targets
         for name in [k for k in splits if k.startswith("forget")]:
-            atomic_write_json(out / f"{name}_relearn.json",
-                              [{**r, "target_new": relearn_rewrite(r["question"], r["answer"])} for r in splits[name]])
+            atomic_write_json(out / f"{name}_relearn.json", with_relearn_targets(splits[name]))
     counts = {k: len(v) for k, v in splits.items()}
     print(json.dumps({**counts, "out": str(out), "relearn": args.relearn}) if args.json
           else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())

@@ -188,6 +188,11 @@ def relearn_rewrite(question: str, answer: str) -> str:
     return "That is not something I have reliable information about."
 
 
+def with_relearn_targets(records: list[dict]) -> list[dict]:
+    """Copies of QA records with ``target_new`` = :func:`relearn_rewrite` (``loka data tofu --relearn``)."""
+    return [{**r, "target_new": relearn_rewrite(r["question"], r["answer"])} for r in records]
+
+
 def as_requests(records: list[dict], kind: type = ForgetRequest, *, relearn: bool = False) -> list:
     """Forget (``target_true`` = answer) or retain (``target_new`` = answer) requests; the subject is
     the question, the paraphrase is the templated question (:func:`loka.requests.request_from_record`).
@@ -198,13 +203,8 @@ def as_requests(records: list[dict], kind: type = ForgetRequest, *, relearn: boo
         raise LokaError(f"as_requests: kind must be ForgetRequest or RetainRequest, not {kind}")
     if relearn and kind is not ForgetRequest:
         raise LokaError("as_requests: relearn=True makes ReLearn rewrites of forget answers; kind must be ForgetRequest")
-    out = []
-    for i, r in enumerate(records):
-        rec = dict(r)
-        if relearn:
-            rec["target_new"] = relearn_rewrite(r["question"], r["answer"])
-        out.append(request_from_record(rec, f"tofu[{i}]", kind))
-    return out
+    recs = with_relearn_targets(records) if relearn else records
+    return [request_from_record(dict(r), f"tofu[{i}]", kind) for i, r in enumerate(recs)]
 
 
 def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:

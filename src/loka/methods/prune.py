@@ -24,10 +24,15 @@ from ..errors import ConfigError
 from ..state import EditState
 
 
+def check_alpha(alpha: float) -> None:
+    """PRUNE's log base must exceed 1 (``loka.edit`` checks it before the method runs)."""
+    if not alpha > 1:
+        raise ConfigError(f"prune (--prune ALPHA) is PRUNE's log base and must be > 1 (e.g. 2.718), got {alpha}")
+
+
 def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
     """``F(σ)``: identity below ``sigma_max``, logarithmic (base ``alpha``) growth above it."""
-    if alpha <= 1:
-        raise ConfigError(f"PRUNE log base (--prune ALPHA) must be > 1, got {alpha}")
+    check_alpha(alpha)
     log_a = lambda x: torch.log(x) / math.log(alpha)  # noqa: E731
     above = sigma >= sigma_max
     capped = log_a(sigma.clamp_min(sigma_max)) - math.log(sigma_max) / math.log(alpha) + sigma_max
