@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import loka
+from loka.forgetting import losses as L
 from loka.methods.grace import _io_at_answer_positions
 from loka.requests import read_requests
-from loka.unlearn import losses as L
 from loka.utils.io import atomic_write_json
 
 Q = [0.1, 0.5, 0.9]

@@ -14,7 +14,7 @@ right). Rows (each on the unedited model, reverted afterwards):
   on the edited model with the same retain set (single-task editors);
 * ``loka``: the codebook (defaults, or ``--set`` overrides under the row name ``--variant``).
 
-Metrics (:func:`loka.unlearn.metrics.joint_metrics`): ``unl-tr`` (forget truth ratio, mean min(R, 1/R);
+Metrics (:func:`loka.forgetting.metrics.joint_metrics`): ``unl-tr`` (forget truth ratio, mean min(R, 1/R);
 higher = closer to not knowing), ``unl-rl`` (ROUGE-L recall of the forgotten answer; lower is better),
 ``edt-rl`` / ``edt-prl`` (new answer on edit prompts / paraphrases), ``rem-tr`` / ``rem-rl`` (held-out
 remaining facts; unedited values are the bar). LOKA rows add router firing rates. Writes
@@ -30,8 +30,8 @@ from pathlib import Path
 
 import loka
 from loka.bench.tasks import build_tasks
+from loka.forgetting.metrics import joint_metrics
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
-from loka.unlearn.metrics import joint_metrics
 from loka.utils.io import atomic_write_json
 
 JOINT = {"ft": "ft", "ga": "ga", "gd": "gd", "npo": "npo", "lora": "lora", "loka": "loka"}

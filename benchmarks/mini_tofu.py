@@ -8,7 +8,7 @@ and model utility against a retain-only model.
 2. ``loka finetune`` on every forget question + retain (the "full" model) and on retain alone (the
    reference); both are cached in ``--work`` and reused;
 3. for each method: unlearn the split (forget requests) with the retain set, evaluate with
-   :func:`loka.unlearn.metrics.tofu_eval` (forget quality = KS p-value of forget truth ratios against
+   :func:`loka.forgetting.metrics.tofu_eval` (forget quality = KS p-value of forget truth ratios against
    the reference's; model utility = harmonic mean of retain / real authors / world facts P̄, ROUGE-L,
    truth ratio), revert.
 
@@ -36,9 +36,9 @@ from pathlib import Path
 import loka
 from loka.bench.tofu import as_requests, build_mini_tofu, edit_requests, tofu_edits
 from loka.finetune import finetune
+from loka.forgetting.metrics import rouge_l_recall, tofu_eval
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
 from loka.scoring import generate
-from loka.unlearn.metrics import rouge_l_recall, tofu_eval
 from loka.utils.io import atomic_write_json, cached_json, hash_json
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import loka
 from loka.eval.guard import general_guard
+from loka.forgetting.metrics import answer_stats
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
-from loka.unlearn.metrics import answer_stats
 from loka.utils.io import atomic_write_json
 
 METHODS = ["ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn"]

@@ -42,7 +42,7 @@ def answer_em(handle, text: str, answer: str) -> float:
     """Teacher-forced exact match of ``answer`` after ``text`` (the tiny models tokenise bytes)."""
     import torch
 
-    from loka.unlearn import losses as L
+    from loka.forgetting import losses as L
 
     b = L.qa_batch(handle.tokenizer, [text], [answer])
     with torch.no_grad():

@@ -13,8 +13,8 @@ import torch
 import loka
 from loka import EditRequest, ForgetRequest, RetainRequest
 from loka.codebook import Codebook, LokaModel, conflict_score, kmeans, lsh_hash, mgda_two, routed_groups
+from loka.forgetting.metrics import answer_stats
 from loka.methods.loka import CodebookFolder, state_from_artifact
-from loka.unlearn.metrics import answer_stats
 
 from .conftest import answer_em as _em
 from .conftest import prompt_logits as _logits

@@ -19,8 +19,8 @@ from loka.bench.tofu import (
     relearn_rewrite,
 )
 from loka.finetune import finetune
+from loka.forgetting.metrics import mean_nlls, tofu_eval
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest, read_requests
-from loka.unlearn.metrics import mean_nlls, tofu_eval
 
 
 def test_mini_tofu_splits_and_perturbations():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import loka
+from loka.forgetting import losses as L
+from loka.forgetting import metrics as M
 from loka.requests import ForgetRequest, RetainRequest, read_requests
-from loka.unlearn import losses as L
-from loka.unlearn import metrics as M
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,75 @@
-"""loka: edit, unlearn and measure what a language model knows."""
+"""loka: edit, unlearn and measure what a language model knows.
+
+The public API is imported on first use (``loka.edit`` imports torch and the methods, ``import loka``
+alone does not), so that the command line starts fast. ``loka.env`` is imported first: it sets
+offline mode before transformers can be imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from . import env  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
 
 __version__ = "0.1.0"
 
-from . import env  # noqa: F401,E402  (sets HF_HUB_OFFLINE before transformers is imported)
-from .api import edit, unlearn, update, validate_requests  # noqa: E402
-from .artifact import Artifact, bundle_artifacts, load_artifact, preserved_weights, stack_artifacts  # noqa: E402
-from .bench.kg import KnowledgeGraph, build_curated, build_derived, load_graph  # noqa: E402
-from .bench.probes import generate_probes  # noqa: E402
-from .codebook import LokaModel  # noqa: E402
-from .errors import ArtifactError, CacheError, ConfigError, LokaError, ModelError, RequestError  # noqa: E402
-from .eval.html_report import write_report  # noqa: E402
-from .eval.kg_runner import run_kg  # noqa: E402
-from .methods import REGISTRY as METHODS  # noqa: E402
-from .methods import default_hparams, get_method  # noqa: E402
-from .methods.loka import CodebookFolder, state_from_artifact  # noqa: E402
-from .models import KNOWN_MODELS, ArchSpec, ModelHandle, list_models, load_model  # noqa: E402
-from .requests import EditRequest, ForgetRequest, RetainRequest, read_requests, request_from_record  # noqa: E402
-from .scoring import generate, target_logprobs  # noqa: E402
-from .session import Session  # noqa: E402
-from .state import EditState  # noqa: E402
-from .stats import second_moments  # noqa: E402
-from .trace import add_at_positions, capture  # noqa: E402
+#: public name -> the module that defines it (relative to this package)
+_API = {
+    ".api": ["edit", "unlearn", "update", "validate_requests"],
+    ".artifact": ["Artifact", "bundle_artifacts", "load_artifact", "preserved_weights", "stack_artifacts"],
+    ".bench.kg": ["KnowledgeGraph", "build_curated", "build_derived", "load_graph"],
+    ".bench.probes": ["generate_probes"],
+    ".codebook": ["LokaModel"],
+    ".env": ["set_threads"],
+    ".errors": ["ArtifactError", "CacheError", "ConfigError", "LokaError", "ModelError", "RequestError"],
+    ".eval.html_report": ["write_report"],
+    ".eval.kg_runner": ["run_kg"],
+    ".methods": ["default_hparams", "get_method"],
+    ".methods.loka": ["CodebookFolder", "state_from_artifact"],
+    ".models": ["KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model"],
+    ".requests": ["EditRequest", "ForgetRequest", "RetainRequest", "read_requests", "request_from_record"],
+    ".scoring": ["generate", "target_logprobs"],
+    ".session": ["Session"],
+    ".state": ["EditState"],
+    ".stats": ["second_moments"],
+    ".trace": ["add_at_positions", "capture"],
+}
+_RENAMED = {"METHODS": (".methods", "REGISTRY")}
+_WHERE = {name: (mod, name) for mod, names in _API.items() for name in names} | _RENAMED
 
-__all__ = [
-    "__version__", "edit", "unlearn", "update", "validate_requests", "Artifact", "load_artifact", "preserved_weights", "stack_artifacts",
-    "bundle_artifacts",
-    "ArtifactError", "CacheError", "ConfigError", "LokaError", "ModelError", "RequestError", "METHODS", "default_hparams",
-    "get_method", "KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model", "EditRequest",
-    "read_requests", "request_from_record", "ForgetRequest", "RetainRequest", "generate", "target_logprobs", "second_moments",
-    "add_at_positions", "capture", "Session", "EditState", "LokaModel", "CodebookFolder", "state_from_artifact",
-    "KnowledgeGraph", "build_curated", "build_derived", "load_graph", "generate_probes", "run_kg", "write_report",
-]
+__all__ = ["__version__", *sorted(_WHERE)]
+
+if TYPE_CHECKING:
+    from .api import edit, unlearn, update, validate_requests
+    from .artifact import Artifact, bundle_artifacts, load_artifact, preserved_weights, stack_artifacts
+    from .bench.kg import KnowledgeGraph, build_curated, build_derived, load_graph
+    from .bench.probes import generate_probes
+    from .codebook import LokaModel
+    from .env import set_threads
+    from .errors import ArtifactError, CacheError, ConfigError, LokaError, ModelError, RequestError
+    from .eval.html_report import write_report
+    from .eval.kg_runner import run_kg
+    from .methods import REGISTRY as METHODS
+    from .methods import default_hparams, get_method
+    from .methods.loka import CodebookFolder, state_from_artifact
+    from .models import KNOWN_MODELS, ArchSpec, ModelHandle, list_models, load_model
+    from .requests import EditRequest, ForgetRequest, RetainRequest, read_requests, request_from_record
+    from .scoring import generate, target_logprobs
+    from .session import Session
+    from .state import EditState
+    from .stats import second_moments
+    from .trace import add_at_positions, capture
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        module, attr = _WHERE[name]
+        value = getattr(importlib.import_module(module, __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

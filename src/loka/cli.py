@@ -127,7 +127,7 @@ def cmd_edit(args) -> int:
 
 
 def _answer_rows(handle, reqs, which: str) -> list[dict]:
-    from .unlearn.metrics import answer_stats
+    from .forgetting.metrics import answer_stats
 
     ans = [getattr(r, which) for r in reqs]
     return answer_stats(handle, [r.text for r in reqs], ans)
@@ -168,7 +168,7 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
 
 def _update_options(s) -> None:
     """Options shared by ``loka unlearn`` and ``loka update``."""
-    from .models.loader import DEFAULT_MODEL
+    from .models.catalog import DEFAULT_MODEL
 
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     s.add_argument("--hparams", help="JSON file of hyperparameters overriding the method's defaults")
@@ -576,9 +576,46 @@ def cmd_demo(args) -> int:
     return run_demo(args.model, args.out)
 
 
+class _MethodNames:
+    """Method names for an option's ``choices``, read from the registry when first needed: building the
+    parser (``loka --help``) imports no method and no torch; a subcommand's help or a check does."""
+
+    def __init__(self, which: str = "all", extra: tuple[str, ...] = ()):
+        self.which, self.extra = which, extra
+
+    def _names(self) -> list[str]:
+        from .methods import REGISTRY
+
+        if self.which == "forget":
+            from .api import FORGET_METHODS
+
+            return [*self.extra, *FORGET_METHODS]
+        return [*self.extra, *sorted(REGISTRY)]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` on every (sub)command that runs a model (one with ``--model`` or ``--known-by``)."""
+    dests = {a.dest for a in parser._actions}
+    if dests & {"model", "known_by"} and "threads" not in dests:
+        parser.add_argument("--threads", metavar="N",
+                            help="torch intra-op threads: a number or 'auto' (default: $LOKA_THREADS, else auto = "
+                                 "the CPUs no other process keeps busy)")
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in dict.fromkeys(a.choices.values()):
+                _add_threads(sp)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import REGISTRY
-    from .models.loader import DEFAULT_MODEL
+    from .models.catalog import DEFAULT_MODEL
+
+    methods, forgetters = _MethodNames(), _MethodNames("forget")
 
     p = argparse.ArgumentParser(prog="loka", description="Edit, unlearn and measure what a language model knows.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -599,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("edit", help="edit facts and show the answers before/after")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    s.add_argument("--method", choices=sorted(REGISTRY),
-                   help="editing method (default rome; with --sequential, the session's own method)")
+    s.add_argument("--method", choices=methods, metavar="METHOD",
+                   help="editing method, one of %(choices)s (default rome; with --sequential, the session's own method)")
     s.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} is located in the city of'")
     s.add_argument("--subject", help="the subject, e.g. 'Eiffel Tower'")
     s.add_argument("--target", help="the new answer, e.g. 'Rome'")
@@ -621,11 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
 
-    from .api import FORGET_METHODS
-
-    forgetters = list(FORGET_METHODS)
     s = sub.add_parser("unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after")
-    s.add_argument("--method", default="npo", choices=forgetters, help="unlearning method (default npo)")
+    s.add_argument("--method", default="npo", choices=forgetters, metavar="METHOD",
+                   help="unlearning method, one of %(choices)s (default npo)")
     s.add_argument("--forget", required=True, help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
                                                    "or CounterFact records (their true object is forgotten)")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep: {prompt, subject, target_new|answer}")
@@ -633,10 +668,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_unlearn)
 
     s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
-    s.add_argument("--method", default="npo", choices=sorted(REGISTRY),
+    s.add_argument("--method", default="npo", choices=methods, metavar="METHOD",
                    help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora/loka do all in one optimisation; a single-task method (rome, memit, ...) "
                         "edits first and --forget-method then forgets (the output says so)")
-    s.add_argument("--forget-method", default="npo", choices=forgetters, help="forgetting step for single-task methods")
+    s.add_argument("--forget-method", default="npo", choices=forgetters, metavar="METHOD",
+                   help="forgetting step for single-task methods, one of %(choices)s (default npo)")
     s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")
     s.add_argument("--forget", help="JSON/JSONL of facts to forget")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep")
@@ -743,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
     s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--method", default="rome", choices=["none", *sorted(REGISTRY)], help="'none' gives the unedited row")
+    s.add_argument("--method", default="rome", choices=_MethodNames(extra=("none",)), metavar="METHOD",
+                   help="one of %(choices)s (default rome); 'none' gives the unedited row")
     s.add_argument("--data", required=True, help="CounterFact / zsRE / MQuAKE / loka JSON(L) file")
     s.add_argument("--n", type=int, help="use the first N cases")
     s.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
@@ -795,8 +832,8 @@ def build_parser() -> argparse.ArgumentParser:
             k.set_defaults(fn=cmd_kg_probes)
         else:
             k.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
-            k.add_argument("--method", required=True, choices=sorted(REGISTRY),
-                           help="any registered method: editing methods get edit interventions, unlearning ones forget")
+            k.add_argument("--method", required=True, choices=methods, metavar="METHOD",
+                           help="one of %(choices)s; editing methods get edit interventions, unlearning ones forget")
             k.add_argument("--task", choices=["edit", "forget"],
                            help="default: forget for unlearning-only methods (ga, gd, npo, ...), else edit")
             k.add_argument("--scoring", choices=["cloze", "mc"], default="cloze",
@@ -821,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--out", default="out/demo", help="where to save the demo's artifacts")
     s.set_defaults(fn=cmd_demo)
+    _add_threads(p)
     return p
 
 
@@ -831,6 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env.setup_logging(args.verbose)
     try:
+        if hasattr(args, "threads"):
+            env.set_threads(args.threads)
         return int(args.fn(args) or 0)
     except LokaError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArtifactError
+from .hf_compat import is_decode_step
 from .trace import capture, run_until_stopped
 
 TOKENIZER_ATTR = "_loka_tokenizer"  # the handle's tokenizer, set on the model by the loader
@@ -232,11 +233,7 @@ class Codebook:
         if not self.enabled or self.override is not None:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        past = 0
-        if cache is not None and hasattr(cache, "get_seq_length"):
-            past = int(cache.get_seq_length())
-        if past > 0 and self._rows is not None and len(self._rows) == (len(ids) if ids is not None else -1):
+        if is_decode_step(kwargs) and self._rows is not None and len(self._rows) == (len(ids) if ids is not None else -1):
             return None  # a decode step: keep the prefill's choice
         if ids is None:
             self._rows, self._pending = None, None

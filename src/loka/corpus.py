@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import env
 from .errors import LokaError
+from .hf_compat import generate as hf_generate
 from .utils.io import atomic_write_bytes, hash_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -135,10 +136,8 @@ class SelfSampledCorpus:
                 prompts = [SEED_PREFIXES[i] for i in idx]
                 enc = tok(prompts, return_tensors="pt", padding=True)
                 torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-                seqs = model.generate(
-                    **enc, do_sample=True, top_p=0.95, temperature=1.0, max_new_tokens=self.max_new_tokens,
-                    pad_token_id=tok.pad_token_id,
-                )
+                seqs = hf_generate(model, enc["input_ids"], enc["attention_mask"], do_sample=True, top_p=0.95,
+                                   temperature=1.0, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
                 for row in seqs:
                     t = tok.decode(row, skip_special_tokens=True).strip()
                     n = len(tok(t)["input_ids"])

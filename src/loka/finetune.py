@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .artifact import preserved_weights
 from .errors import LokaError
-from .unlearn import losses as L
+from .forgetting import losses as L
 from .utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,9 @@ class TreePack:
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The additive (B, 1, W, W) mask a Hugging Face model takes in place of a padding mask."""
-        return torch.zeros(self.allowed.shape, dtype=dtype).masked_fill(~self.allowed, torch.finfo(dtype).min)[:, None]
+        from .hf_compat import additive_mask
+
+        return additive_mask(self.allowed, dtype)
 
     @property
     def n_nodes(self) -> int:

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from .codebook import routed_groups, selected
 from .errors import ConfigError, RequestError
 from .fastlinear import packed_linears
+from .hf_compat import cache_out, select_cache_rows, with_cache
+from .hf_compat import generate as hf_generate
 from .packing import pack_trees, within_window
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,9 @@ def _rows_shared(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
     first = out.logits[:, -1].float()
     logits = [first[owner[r]][None] for r in range(len(t_ids))]
     if multi:
-        cache = out.past_key_values
+        cache = cache_out(out)
         sel = torch.tensor([owner[r] for r in multi], device=dev)
-        cache.batch_select_indices(sel)
+        select_cache_rows(cache, sel)
         w = max(len(t_ids[r]) for r in multi) - 1
         cont = torch.full((len(multi), w), _pad_id(handle.tokenizer), dtype=torch.long)
         cmask = torch.zeros_like(cont)
@@ -71,7 +73,7 @@ def _rows_shared(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
         start = mask.sum(1)[sel.cpu()]
         cpos = start[:, None] + torch.arange(w)[None]
         more = model(input_ids=cont.to(dev), attention_mask=torch.cat([mask[sel.cpu()], cmask], 1).to(dev),
-                     position_ids=cpos.to(dev), past_key_values=cache, use_cache=True).logits.float()
+                     position_ids=cpos.to(dev), use_cache=True, **with_cache(model, cache)).logits.float()
         for i, r in enumerate(multi):
             logits[r] = torch.cat([logits[r], more[i, : len(t_ids[r]) - 1]], 0)
     return logits
@@ -220,8 +222,8 @@ def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[s
         try:
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(handle.device)
             with selected(book, memory):
-                seqs = handle.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
-                                             pad_token_id=tok.pad_token_id)
+                seqs = hf_generate(handle.model, enc["input_ids"], enc["attention_mask"],
+                                   max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
         finally:
             tok.padding_side = old
         for i, s in zip(idx, seqs):

@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import LokaError
+from ..forgetting import losses as L
 from ..trace import add_at_positions, capture, run_until_stopped
-from ..unlearn import losses as L
 from .base import HParams, MemoryMethod, register
 
 

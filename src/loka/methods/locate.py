@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import LokaError, RequestError
 from ..fastlinear import packed_linears
+from ..hf_compat import cache_out, crop_cache, select_cache_rows, with_cache
 from ..packing import pack_trees
 from ..requests import EditRequest, subject_last_token
 from ..trace import add_at_positions, block_output, capture, run_until_stopped
@@ -232,12 +233,7 @@ class Replay:
         self.probe_out = {p: rec[p].output[rows, cols] for p in self.probes}
 
     def _reset_cache(self) -> None:
-        for layer in self.cache.layers:
-            extra = layer.get_seq_length() - self.split
-            if extra > 0:
-                layer.crop(-extra)
-            if getattr(layer, "keys", None) is not None:  # the prefix must not carry the last step's graph
-                layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        crop_cache(self.cache, self.split)
 
     def _capture_suffix(self, paths) -> None:
         b, s, dev = self.batch, self.batch.split, self.handle.device
@@ -245,12 +241,12 @@ class Replay:
         with torch.no_grad():
             out = model(input_ids=b.input_ids[:, :s].to(dev), attention_mask=b.attention_mask[:, :s].to(dev),
                         position_ids=b.position_ids[:, :s].to(dev), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = cache_out(out)
             with capture(model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm) as rec, \
                     capture(model, self.probes) as probe:
                 run_until_stopped(lambda: model(
                     input_ids=b.input_ids[:, s:].to(dev), attention_mask=b.attention_mask.to(dev),
-                    position_ids=b.position_ids[:, s:].to(dev), past_key_values=cache, use_cache=True))
+                    position_ids=b.position_ids[:, s:].to(dev), use_cache=True, **with_cache(model, cache)))
         self.split, self.cache = s, cache
         self._reset_cache()
         self._store(rec, paths)
@@ -273,7 +269,7 @@ class Replay:
         if self.cache is not None:
             self._reset_cache()  # back to the (detached) prefix before copying
             cache = copy.deepcopy(self.cache)
-            cache.batch_select_indices(keep)
+            select_cache_rows(cache, keep)
             new.cache = cache
             swap = lambda x: cache if x is self.cache else cut(x)  # noqa: E731
         else:

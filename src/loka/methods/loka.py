@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 
 from ..codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
 from ..errors import LokaError
+from ..forgetting import losses as L
 from ..requests import EditRequest, ForgetRequest, RetainRequest
 from ..router import Router, train_router
 from ..state import EditState
-from ..unlearn import losses as L
 from .base import HParams, MemoryMethod, register
 from .templates import context_templates
 from .wise import OUT_OF_SCOPE

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from ..artifact import preserved_weights
 from ..errors import LokaError
+from ..forgetting import losses as L
 from ..requests import ForgetRequest, RetainRequest
-from ..unlearn import losses as L
 from .base import HParams, Method, register
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def relearn_answer(req: ForgetRequest) -> str:
 
 def refusals() -> list[str]:
     """TOFU's refusal strings (``idontknow.jsonl``), bundled with the package."""
-    text = (resources.files("loka") / "unlearn" / "idontknow.jsonl").read_text()
+    text = (resources.files("loka") / "forgetting" / "idontknow.jsonl").read_text()
     return [json.loads(x) if x.strip().startswith('"') else x.strip() for x in text.splitlines() if x.strip()]
 
 

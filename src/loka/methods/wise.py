@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import LokaError
+from ..forgetting import losses as L
 from ..trace import capture, run_until_stopped
-from ..unlearn import losses as L
 from .base import HParams, MemoryMethod, register
 from .grace import _io_at_answer_positions
 from .train import _rows

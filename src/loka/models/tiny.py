@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from .catalog import TINY_NAMES
+
 VOCAB = 257
 EOS_ID = 256
 
@@ -58,7 +60,7 @@ def _configs() -> dict:
     }
 
 
-TINY_NAMES = tuple(_configs())
+assert tuple(_configs()) == TINY_NAMES, "catalog.TINY_NAMES and tiny._configs() must list the same families"
 
 
 def build_tiny(name: str, seed: int = 0):

@@ -11,9 +11,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """Content hash of named tensors (names, dtypes, shapes and bytes), order-independent."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
