@@ -1,15 +1,15 @@
-"""Small fact sets for layer sweeps and speed benchmarks, drawn from data/known_1000.json."""
+"""Small fact sets for layer sweeps and speed benchmarks, drawn from loka/data/known_1000.json."""
 
 from __future__ import annotations
 
 import json
 import random
 from collections import defaultdict
-from pathlib import Path
 
 from loka import EditRequest
+from loka.resources import data_dir
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "known_1000.json"
+DATA = data_dir() / "known_1000.json"
 
 
 def counterfactual_requests(n: int, seed: int = 0, n_neighbours: int = 3) -> list[EditRequest]:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _facts import counterfactual_requests  # noqa: E402
 
 import loka  # noqa: E402
+from loka.resources import data_dir  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = data_dir()  # loka's package data
 
 
 def peak_mb() -> float:

@@ -38,10 +38,11 @@ from loka.bench.tofu import as_requests, build_mini_tofu, edit_requests, tofu_ed
 from loka.finetune import finetune
 from loka.forgetting.metrics import rouge_l_recall, tofu_eval
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
+from loka.resources import data_dir
 from loka.scoring import generate
 from loka.utils.io import atomic_write_json, cached_json, hash_json
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "tofu"
+DATA = data_dir() / "tofu"
 
 
 def _lines(name: str) -> list[dict]:

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 import loka
+from loka.resources import data_dir
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"  # the repository's benchmark/doc data
+PKG_DATA = data_dir()  # what loka itself reads (package data)
 TINY = ["tiny-llama", "tiny-gpt2", "tiny-gptj", "tiny-neox", "tiny-gemma3"]
 
 
@@ -16,7 +18,7 @@ def text_corpus(tmp_path_factory) -> Path:
     """A JSONL corpus of real English sentences from the bundled TOFU data (fast, no sampling)."""
     texts = []
     for name in ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]:
-        for rec in json.loads((DATA / "tofu" / name).read_text()):
+        for rec in json.loads((PKG_DATA / "tofu" / name).read_text()):
             texts.append(f"{rec['question']} {rec['answer']}")
     p = tmp_path_factory.mktemp("corpus") / "tofu.jsonl"
     p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

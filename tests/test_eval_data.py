@@ -8,7 +8,7 @@ from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
 from loka.bench.relations import RELATIONS
 from loka.eval.data import load_cases, load_qa
 
-from .conftest import DATA
+from .conftest import DATA, PKG_DATA
 
 
 def test_counterfact_zsre_mquake_readers():
@@ -18,15 +18,15 @@ def test_counterfact_zsre_mquake_readers():
     raw = json.loads((DATA / "zsre_sample5.json").read_text())
     assert zs[0].target_new == raw[0]["alt"] and zs[0].paraphrase == [raw[0]["rephrase"]]
     assert zs[0].locality[0][1] == raw[0]["loc_ans"]
-    mq = load_cases(DATA / "mquake" / "MQuAKE-hard.json", n=3)
+    mq = load_cases(PKG_DATA / "mquake" / "MQuAKE-hard.json", n=3)
     assert len(mq) == 3 and len(mq[0].requests) >= 2 and len(mq[0].multihop["questions"]) == 3
 
 
 def test_tofu_reader_and_errors(tmp_path):
-    qa = load_qa(DATA / "tofu" / "forget01_reconstructed.json")
+    qa = load_qa(PKG_DATA / "tofu" / "forget01_reconstructed.json")
     assert len(qa) == 40 and qa[0]["answer"]
     with pytest.raises(RequestError, match="for unlearning"):
-        load_cases(DATA / "tofu" / "forget01_reconstructed.json")
+        load_cases(PKG_DATA / "tofu" / "forget01_reconstructed.json")
     bad = tmp_path / "b.json"
     bad.write_text(json.dumps([{"question": "q", "answer": ""}]))
     with pytest.raises(RequestError, match="'answer' must be a non-empty string"):

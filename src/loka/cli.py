@@ -729,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="KIND")
     d = dsub.add_parser("counterfact", help="CounterFact-format records from the known facts")
     d.add_argument("--from", dest="source", default="known", choices=["known", "known+mquake"],
-                   help="source of facts: 'known' (data/known_1000.json) or 'known+mquake' (adds MQuAKE's 608 "
+                   help="source of facts: 'known' (known_1000.json, shipped with loka) or 'known+mquake' (adds MQuAKE's 608 "
                         "true single-hop facts of the same relations: 1,397 records with --min-subjects 1)")
     d.add_argument("--known-file", help="another file in known_1000.json format")
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
@@ -755,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = dsub.add_parser("tofu", help="mini-TOFU: the TOFU splits with templated paraphrased questions and "
                                      "entity-swapped perturbed answers, plus the fine-tuning set")
-    d.add_argument("--tofu-dir", help="folder with the TOFU *_reconstructed.json files (default: the repo's data/tofu)")
+    d.add_argument("--tofu-dir", help="folder with the TOFU *_reconstructed.json files (default: the TOFU splits shipped with loka)")
     d.add_argument("--n-perturbed", type=int, default=3, help="perturbed answers per question")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", required=True, help="output folder: forget01/05/10.json, retain.json, forget_all.json, all.json")
@@ -804,9 +804,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "known_1000 + MQuAKE-hard, validated, as JSON")
     k.add_argument("--curated", action="store_true", help="the hand-written biology/economics/history/physics graph")
     k.add_argument("--derived", action="store_true", help="the graph derived from known_1000.json and MQuAKE-hard.json")
-    k.add_argument("--src", help="folder of .kg domain files (default: the repo's data/kg/src)")
-    k.add_argument("--known", help="known_1000.json to derive from (default: the repo's copy)")
-    k.add_argument("--mquake", help="MQuAKE-hard.json to derive from (default: the repo's copy)")
+    k.add_argument("--src", help="folder of .kg domain files (default: the curated sources shipped with loka)")
+    k.add_argument("--known", help="known_1000.json to derive from (default: the copy shipped with loka)")
+    k.add_argument("--mquake", help="MQuAKE-hard.json to derive from (default: the copy shipped with loka)")
     k.add_argument("--out", required=True, help="output graph JSON")
     k.add_argument("--json", action="store_true", help="print the statistics as JSON")
     k.set_defaults(fn=cmd_kg_build)

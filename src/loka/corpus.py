@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import env
 from .errors import LokaError
 from .hf_compat import generate as hf_generate
+from .resources import data_dir
 from .utils.io import atomic_write_bytes, hash_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -155,12 +156,11 @@ class SelfSampledCorpus:
 def tofu_corpus() -> Corpus:
     """The bundled TOFU question+answer texts (retain and forget10 sets, 600 paragraphs, ~40k tokens of English
     prose) as a corpus. For models whose self-sampling is too slow on a CPU (Gemma 3 samples at well
-    under 1 token/s here: most of its samples end at once, at full-length cost). Needs the repository's
-    ``data/`` folder."""
-    data = Path(__file__).resolve().parents[2] / "data" / "tofu"
+    under 1 token/s here: most of its samples end at once, at full-length cost). Shipped as package data."""
+    data = data_dir() / "tofu"
     names = ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]
     if not all((data / n).exists() for n in names):
-        raise LokaError(f"corpus 'tofu' needs {data} (the repository's data folder); pass a .txt/.jsonl file instead")
+        raise LokaError(f"corpus 'tofu' needs {data} (package data; reinstall loka) or pass a .txt/.jsonl file instead")
     texts = [f"{r['question']} {r['answer']}" for n in names for r in json.loads((data / n).read_text())]
     out = env.cache_dir("corpus") / f"tofu-{hash_json(texts)[:16]}.jsonl"
     if not out.exists():

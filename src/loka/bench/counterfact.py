@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LokaError
+from ..resources import data_dir
 from .relations import RELATIONS
 
-DATA = Path(__file__).resolve().parents[3] / "data"
+DATA = data_dir()  # the package data (loka/data)
 
 
 def load_known(path: str | Path | None = None) -> list[dict]:

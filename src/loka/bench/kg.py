@@ -11,7 +11,7 @@ Files: JSON (:meth:`KnowledgeGraph.to_dict`) or CSV triples
 Two builds ship with loka (``loka kg build``):
 
 - **curated**: the four domains of the seed (biology, economics, history, physics), written by hand
-  as ``data/kg/src/*.kg`` (a compact text format, see ``data/kg/README.md``);
+  as ``loka/data/kg/src/*.kg`` (a compact text format, see ``loka/data/kg/README.md``);
 - **derived**: ``known_1000.json`` facts and MQuAKE-hard chains (Wikidata triples with labels).
 """
 
@@ -25,11 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import RequestError
+from ..resources import data_dir
 from ..utils.io import atomic_write_json
 
 LEVELS = ("root", "intermediate", "leaf")
 ANY = "*"
-DATA = Path(__file__).resolve().parents[3] / "data"
+DATA = data_dir()  # the package data (loka/data)
 
 
 class KGError(RequestError):
@@ -335,7 +336,7 @@ def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relat
 
 
 def build_curated(src: str | Path | None = None) -> KnowledgeGraph:
-    """The hand-written graph: every ``*.kg`` file under ``data/kg/src`` (one domain each)."""
+    """The hand-written graph: every ``*.kg`` file under ``loka/data/kg/src`` (one domain each)."""
     folder = Path(src) if src else DATA / "kg" / "src"
     files = sorted(folder.glob("*.kg"))
     if not files:

@@ -2,7 +2,7 @@
 
 TOFU (Maini et al. 2024) fine-tunes a model on question/answer pairs about fictitious authors, then
 unlearns a forget split and compares the result with a model that never saw it. The full data is not
-downloadable here; ``data/tofu`` holds forget01 (40), forget05 (200), forget10 (300 of its 400) and
+downloadable here; ``loka/data/tofu`` holds forget01 (40), forget05 (200), forget10 (300 of its 400) and
 300 retain questions, without paraphrased or perturbed answers. This module supplies what is missing:
 
 * **perturbed answers** by entity swap: the answer's key entity — its last run of capitalised words
@@ -110,7 +110,7 @@ def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[li
 
 
 def load_split(name: str, folder: str | Path | None = None) -> list[dict]:
-    """A TOFU split (``forget01/05/10``, ``retain``) from ``data/tofu`` or ``folder``."""
+    """A TOFU split (``forget01/05/10``, ``retain``) from ``loka/data/tofu`` or ``folder``."""
     if name not in SPLITS:
         raise LokaError(f"unknown TOFU split {name!r}; choose from {sorted(SPLITS)}")
     path = Path(folder or DATA / "tofu") / SPLITS[name]

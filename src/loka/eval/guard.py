@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATA = Path(__file__).resolve().parents[3] / "data"
+from ..resources import data_dir
+
+DATA = data_dir()  # the package data (loka/data)
 
 
 def heldout_texts(n: int = 100) -> list[str]:
