@@ -30,13 +30,24 @@ def counterfactual_requests(n: int, seed: int = 0, n_neighbours: int = 3) -> lis
         seen.add(f["subject"])
         others = [g for g in by_rel[f["relation_id"]] if g["attribute"] != f["attribute"]]
         new = rng.choice(others)["attribute"]
-        neigh = [g for g in by_rel[f["relation_id"]] if g["subject"] != f["subject"] and g["attribute"] != new]
+        neigh = [
+            g for g in by_rel[f["relation_id"]] if g["subject"] != f["subject"] and g["attribute"] != new
+        ]
         neigh = rng.sample(neigh, min(n_neighbours, len(neigh)))
-        out.append(EditRequest(
-            prompt=f["prompt"].replace(f["subject"], "{}", 1), subject=f["subject"], target_new=new,
-            target_true=f["attribute"],
-            paraphrases=[f"Here is a fact. {f['prompt']}", f"According to the encyclopedia, {f['prompt']}"],
-            neighborhood=[g["prompt"] for g in neigh], case_id=f["known_id"], relation_id=f["relation_id"],
-        ))
+        out.append(
+            EditRequest(
+                prompt=f["prompt"].replace(f["subject"], "{}", 1),
+                subject=f["subject"],
+                target_new=new,
+                target_true=f["attribute"],
+                paraphrases=[
+                    f"Here is a fact. {f['prompt']}",
+                    f"According to the encyclopedia, {f['prompt']}",
+                ],
+                neighborhood=[g["prompt"] for g in neigh],
+                case_id=f["known_id"],
+                relation_id=f["relation_id"],
+            )
+        )
         out[-1].neighborhood_true = [g["attribute"] for g in neigh]  # type: ignore[attr-defined]
     return out

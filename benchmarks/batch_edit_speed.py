@@ -56,22 +56,36 @@ def main() -> None:
     for name in args.rows.split(","):
         method, hp = ROWS[name]
         folder = work / name
-        s = run_eval(handle, cases, EvalConfig(method=method, mode="batch", batch_size=args.n, hparams=hp,
-                                               guard=False), folder)
+        s = run_eval(
+            handle,
+            cases,
+            EvalConfig(method=method, mode="batch", batch_size=args.n, hparams=hp, guard=False),
+            folder,
+        )
         edit = json.loads((folder / "edits.jsonl").read_text().splitlines()[0])
-        results[name] = {"method": method, "hparams": hp, "seconds": edit["seconds"], "timings": edit["timings"],
-                         **{k: round(s["post"][k], 3) for k in ("ES", "PS", "NS", "reliability")}}
+        results[name] = {
+            "method": method,
+            "hparams": hp,
+            "seconds": edit["seconds"],
+            "timings": edit["timings"],
+            **{k: round(s["post"][k], 3) for k in ("ES", "PS", "NS", "reliability")},
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": args.model, "records": args.n, "target_s": 180, "rows": results},
-                                  indent=2))
+        out.write_text(
+            json.dumps({"model": args.model, "records": args.n, "target_s": 180, "rows": results}, indent=2)
+        )
         print(f"{name}: {edit['seconds']:.1f} s {edit['timings']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{'row':10s} {'method':9s} {'total s':>8s} {'keys':>6s} {'values':>7s} {'update':>7s} "
-          f"{'ES':>6s} {'PS':>6s} {'NS':>6s}")
+    print(
+        f"\n{'row':10s} {'method':9s} {'total s':>8s} {'keys':>6s} {'values':>7s} {'update':>7s} "
+        f"{'ES':>6s} {'PS':>6s} {'NS':>6s}"
+    )
     for name, r in results.items():
         t = r["timings"]
-        print(f"{name:10s} {r['method']:9s} {r['seconds']:8.1f} {t.get('keys', 0):6.1f} {t.get('values', 0):7.1f} "
-              f"{t.get('update', 0):7.1f} {r['ES']:6.3f} {r['PS']:6.3f} {r['NS']:6.3f}")
+        print(
+            f"{name:10s} {r['method']:9s} {r['seconds']:8.1f} {t.get('keys', 0):6.1f} {t.get('values', 0):7.1f} "
+            f"{t.get('update', 0):7.1f} {r['ES']:6.3f} {r['PS']:6.3f} {r['NS']:6.3f}"
+        )
 
 
 if __name__ == "__main__":

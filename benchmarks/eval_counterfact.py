@@ -19,7 +19,20 @@ from loka.eval.data import load_cases
 from loka.eval.runner import EvalConfig, run_eval
 from loka.utils.io import atomic_write_json
 
-COLS = ["S", "ES", "PS", "NS", "EM", "PM", "NM", "reliability", "generalization", "locality", "gen_success", "GE"]
+COLS = [
+    "S",
+    "ES",
+    "PS",
+    "NS",
+    "EM",
+    "PM",
+    "NM",
+    "reliability",
+    "generalization",
+    "locality",
+    "gen_success",
+    "GE",
+]
 
 
 def main() -> None:
@@ -44,7 +57,11 @@ def main() -> None:
         cfg = EvalConfig(method=row, mode=mode, batch_size=bs, generation=args.generation)
         out = Path(args.out) / f"{handle.name}-{row}-{mode}{bs if mode == 'batch' else ''}-n{args.n}"
         s = run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
-        label = "unedited" if row == "none" else f"{row.upper()} ({'batch ' + str(bs) if mode == 'batch' else 'single'})"
+        label = (
+            "unedited"
+            if row == "none"
+            else f"{row.upper()} ({'batch ' + str(bs) if mode == 'batch' else 'single'})"
+        )
         table[label] = {**s["post"], "guard": s.get("guard_post"), "seconds": s["seconds"]}
         print(label, json.dumps(table[label]), flush=True)
     print(f"\n| {args.model}, {args.n} records | " + " | ".join(COLS) + " |")

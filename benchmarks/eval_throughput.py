@@ -35,7 +35,7 @@ def _run(handle, cases, mode: str, per_call: int = 1):
     t = time.time()
     scores = []
     for i in range(0, len(cases), per_call):
-        scores += score_cases(handle, cases[i: i + per_call], mode=mode)
+        scores += score_cases(handle, cases[i : i + per_call], mode=mode)
     return scores, time.time() - t
 
 
@@ -50,29 +50,38 @@ def main() -> None:
     cases = load_cases(args.data, args.n)
     tok = handle.tokenizer
     rows_per = sum(2 * len(c.rewrite + c.paraphrase + c.neighborhood) for c in cases) / len(cases)
-    prompt_tokens = sum(len(tok(p)["input_ids"]) for c in cases for p in c.rewrite + c.paraphrase + c.neighborhood)
+    prompt_tokens = sum(
+        len(tok(p)["input_ids"]) for c in cases for p in c.rewrite + c.paraphrase + c.neighborhood
+    )
     fed: dict[str, int] = {}
     hook = handle.model.register_forward_pre_hook(
-        lambda m, a, kw: fed.__setitem__("n", fed.get("n", 0) + kw["input_ids"].numel()), with_kwargs=True)
+        lambda m, a, kw: fed.__setitem__("n", fed.get("n", 0) + kw["input_ids"].numel()), with_kwargs=True
+    )
     ref = None
     results = []
     fast = packed_linears(handle)
     for label, mode, dtype, per, prepack in [
-            ("full rows, float32", "full", torch.float32, 1, False),
-            ("flat packed, float32", "flat", torch.float32, 1, False),
-            ("flat packed x4 records", "flat", torch.float32, 4, False),
-            ("flat x4, prepacked weights", "flat", torch.float32, 4, True),
-            ("token tree x4, prepacked", "packed", torch.float32, 4, True),
-            ("token tree x4, bfloat16", "packed", torch.bfloat16, 4, False)]:
+        ("full rows, float32", "full", torch.float32, 1, False),
+        ("flat packed, float32", "flat", torch.float32, 1, False),
+        ("flat packed x4 records", "flat", torch.float32, 4, False),
+        ("flat x4, prepacked weights", "flat", torch.float32, 4, True),
+        ("token tree x4, prepacked", "packed", torch.float32, 4, True),
+        ("token tree x4, bfloat16", "packed", torch.bfloat16, 4, False),
+    ]:
         handle.model.to(dtype)
         fast.enabled = prepack
         score_case(handle, cases[0], mode=mode)  # warm-up
         fed["n"] = 0
         scores, sec = _run(handle, cases, mode, per)
-        row = {"scoring": label, "records": len(cases), "seconds": round(sec, 2),
-               "records_per_s": round(len(cases) / sec, 2), "rows_per_record": rows_per,
-               "prompt_tokens_per_s": round(prompt_tokens / sec),
-               "tokens_fed_per_record": round(fed["n"] / len(cases), 1)}
+        row = {
+            "scoring": label,
+            "records": len(cases),
+            "seconds": round(sec, 2),
+            "records_per_s": round(len(cases) / sec, 2),
+            "rows_per_record": rows_per,
+            "prompt_tokens_per_s": round(prompt_tokens / sec),
+            "tokens_fed_per_record": round(fed["n"] / len(cases), 1),
+        }
         if ref is None:
             ref = scores
         else:
@@ -80,14 +89,20 @@ def main() -> None:
             row["max_abs_dlogp"], row["mean_abs_dlogp"] = round(max(d), 5), round(sum(d) / len(d), 5)
         results.append(row)
     hook.remove()
-    print(f"{'scoring':28s} {'records':>7s} {'seconds':>8s} {'rec/s':>6s} {'rows/rec':>8s} {'fed/rec':>7s} {'tok/s':>6s} "
-          f"{'max|dlogp|':>10s} {'mean|dlogp|':>11s}")
+    print(
+        f"{'scoring':28s} {'records':>7s} {'seconds':>8s} {'rec/s':>6s} {'rows/rec':>8s} {'fed/rec':>7s} {'tok/s':>6s} "
+        f"{'max|dlogp|':>10s} {'mean|dlogp|':>11s}"
+    )
     for r in results:
-        print(f"{r['scoring']:28s} {r['records']:7d} {r['seconds']:8.1f} {r['records_per_s']:6.2f} {r['rows_per_record']:8.1f} "
-              f"{r['tokens_fed_per_record']:7.1f} {r['prompt_tokens_per_s']:6d} {r.get('max_abs_dlogp', 0):10.5f} "
-              f"{r.get('mean_abs_dlogp', 0):11.5f}")
+        print(
+            f"{r['scoring']:28s} {r['records']:7d} {r['seconds']:8.1f} {r['records_per_s']:6.2f} {r['rows_per_record']:8.1f} "
+            f"{r['tokens_fed_per_record']:7.1f} {r['prompt_tokens_per_s']:6d} {r.get('max_abs_dlogp', 0):10.5f} "
+            f"{r.get('mean_abs_dlogp', 0):11.5f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "target": ">= 4 records/s", "rows": results}, indent=2))
+    Path(args.out).write_text(
+        json.dumps({"model": args.model, "target": ">= 4 records/s", "rows": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ def main() -> None:
     reqs = read_requests(args.data)[: args.n]
 
     def keys(texts: list[str]) -> torch.Tensor:  # one row per text: its last prompt token (1-token answer)
-        return torch.cat([_io_at_answer_positions(h, layer, L.qa_batch(h.tokenizer, [t], ["x"]))[0][:1] for t in texts])
+        return torch.cat(
+            [_io_at_answer_positions(h, layer, L.qa_batch(h.tokenizer, [t], ["x"]))[0][:1] for t in texts]
+        )
 
     K = keys([r.text for r in reqs])
     norm = K.norm(dim=1)
@@ -45,8 +47,14 @@ def main() -> None:
         "neighbourhood": ((keys([r.neighborhood[0] for r in reqs]) - K).norm(dim=1) / norm),
         "nearest other edit": D.min(1).values,
     }
-    res = {"model": args.model, "layer": layer, "n": len(reqs), "key_norm_median": float(norm.median()),
-           "quantiles": Q, "rows": {k: [round(float(x), 3) for x in v.quantile(torch.tensor(Q))] for k, v in rows.items()}}
+    res = {
+        "model": args.model,
+        "layer": layer,
+        "n": len(reqs),
+        "key_norm_median": float(norm.median()),
+        "quantiles": Q,
+        "rows": {k: [round(float(x), 3) for x in v.quantile(torch.tensor(Q))] for k, v in rows.items()},
+    }
     print(f"\n{args.model}, layer {layer}, {len(reqs)} records: distance / ‖edit key‖ (10 / 50 / 90 %)")
     for k, v in res["rows"].items():
         print(f"{k:20s} " + " ".join(f"{x:6.3f}" for x in v))

@@ -42,20 +42,38 @@ KEYS = ["unl-tr", "unl-rl", "edt-rl", "edt-prl", "rem-tr", "rem-rl"]
 
 def requests_of(task: dict):
     edits = [request_from_record(r, f"edit[{i}]") for i, r in enumerate(task["edit"])]
-    forget = [ForgetRequest(f["prompt"], f["subject"], None, target_true=f["answer"], paraphrases=f["paraphrases"],
-                            relation_id=f["relation_id"], case_id=f["case_id"]) for f in task["forget"]]
-    retain = [RetainRequest(f["prompt"], f["subject"], f["answer"], relation_id=f["relation_id"], case_id=f["case_id"])
-              for f in task["retain"]]
+    forget = [
+        ForgetRequest(
+            f["prompt"],
+            f["subject"],
+            None,
+            target_true=f["answer"],
+            paraphrases=f["paraphrases"],
+            relation_id=f["relation_id"],
+            case_id=f["case_id"],
+        )
+        for f in task["forget"]
+    ]
+    retain = [
+        RetainRequest(
+            f["prompt"], f["subject"], f["answer"], relation_id=f["relation_id"], case_id=f["case_id"]
+        )
+        for f in task["retain"]
+    ]
     return edits, forget, retain
 
 
 def _query_sets(task: dict) -> dict:
     """The six query sets of a joint task: updated prompts, their paraphrases, retained and held-out facts."""
     fill = lambda f: f["prompt"].replace("{}", f["subject"])  # noqa: E731
-    sets = {"edit": [fill(e["requested_rewrite"]) for e in task["edit"]],
-            "edit_para": [p for e in task["edit"] for p in e.get("paraphrase_prompts", [])],
-            "forget": [fill(f) for f in task["forget"]], "forget_para": [p for f in task["forget"] for p in f["paraphrases"]],
-            "retain": [fill(f) for f in task["retain"]], "remaining": [fill(f) for f in task["remaining"]]}
+    sets = {
+        "edit": [fill(e["requested_rewrite"]) for e in task["edit"]],
+        "edit_para": [p for e in task["edit"] for p in e.get("paraphrase_prompts", [])],
+        "forget": [fill(f) for f in task["forget"]],
+        "forget_para": [p for f in task["forget"] for p in f["paraphrases"]],
+        "retain": [fill(f) for f in task["retain"]],
+        "remaining": [fill(f) for f in task["remaining"]],
+    }
     return {k: v for k, v in sets.items() if v}
 
 
@@ -64,7 +82,10 @@ def router_rates(handle, task: dict) -> dict:
     from loka.codebook import applied_codebooks
 
     book = applied_codebooks(handle.model)[0].runtime
-    return {k: float((book.router_probs(v) >= book.router_threshold).float().mean()) for k, v in _query_sets(task).items()}
+    return {
+        k: float((book.router_probs(v) >= book.router_threshold).float().mean())
+        for k, v in _query_sets(task).items()
+    }
 
 
 def memory_rates(handle, task: dict) -> dict:
@@ -91,10 +112,14 @@ def run_row(handle, name: str, task: dict, over: dict) -> tuple[dict, dict]:
         row = joint_metrics(handle, task)
         if arts[-1].method == "loka":
             x = arts[-1].manifest["extra"]
-            info = {"router": router_rates(handle, task), "to_memory": memory_rates(handle, task), "memories": len(x["memories"]),
-                    "separate": sum(c["memories"] == "separate" for c in x["conflict"]),
-                    "shared": sum(c["memories"] == "shared" for c in x["conflict"]),
-                    "conflict_scores": [c["score"] for c in x["conflict"]]}
+            info = {
+                "router": router_rates(handle, task),
+                "to_memory": memory_rates(handle, task),
+                "memories": len(x["memories"]),
+                "separate": sum(c["memories"] == "separate" for c in x["conflict"]),
+                "shared": sum(c["memories"] == "shared" for c in x["conflict"]),
+                "conflict_scores": [c["score"] for c in x["conflict"]],
+            }
     finally:
         for a in reversed(arts):
             a.revert(handle)
@@ -111,12 +136,18 @@ def main() -> None:
     ap.add_argument("--n-retain", type=int, default=50)
     ap.add_argument("--n-remaining", type=int, default=40, help="evaluate rem-* on this many held-out facts")
     ap.add_argument("--methods", nargs="+", default=["unedited", *METHODS], choices=["unedited", *METHODS])
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override (loka row)")
-    ap.add_argument("--variant", default=None, help="row name for a loka run with --set overrides (default loka)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override (loka row)"
+    )
+    ap.add_argument(
+        "--variant", default=None, help="row name for a loka run with --set overrides (default loka)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    over = {k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" or v in ("true", "false", "null") else v
-            for k, v in (kv.split("=", 1) for kv in args.set)}
+    over = {
+        k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" or v in ("true", "false", "null") else v
+        for k, v in (kv.split("=", 1) for kv in args.set)
+    }
     records = json.loads(Path(args.data).read_text())
     handle = loka.load_model(args.model)
     out = Path(args.out or f"benchmarks/results/joint_update_{args.model}.json")
@@ -124,8 +155,12 @@ def main() -> None:
     for setting in args.settings:
         task = build_tasks(records, setting, args.n_edit, args.n_forget, args.n_retain, seed=0)
         task["remaining"] = task["remaining"][: args.n_remaining]
-        size = {"edit": len(task["edit"]), "forget": len(task["forget"]), "retain": len(task["retain"]),
-                "remaining": len(task["remaining"])}
+        size = {
+            "edit": len(task["edit"]),
+            "forget": len(task["forget"]),
+            "retain": len(task["retain"]),
+            "remaining": len(task["remaining"]),
+        }
         block = res["settings"].get(setting)
         if not block or block.get("size") != size:
             block = res["settings"][setting] = {"size": size, "relations": task["relations"], "rows": {}}
@@ -136,13 +171,19 @@ def main() -> None:
                 row, info = {**joint_metrics(handle, task), "seconds": 0.0}, {}
             else:
                 row, info = run_row(handle, name, task, over if name == "loka" else {})
-            block["rows"][label] = {**row, **({"info": info} if info else {}), **({"overrides": over} if name == "loka" and over else {})}
+            block["rows"][label] = {
+                **row,
+                **({"info": info} if info else {}),
+                **({"overrides": over} if name == "loka" and over else {}),
+            }
             atomic_write_json(out, res)
             print(setting, label, json.dumps(block["rows"][label]), f"({time.time() - t:.0f}s)", flush=True)
     for setting, block in res["settings"].items():
         s = block["size"]
-        print(f"\n| {args.model} {setting}-profile: edit {s['edit']}, forget {s['forget']}, retain {s['retain']}, "
-              f"remaining {s['remaining']} | " + " | ".join(KEYS) + " | s |")
+        print(
+            f"\n| {args.model} {setting}-profile: edit {s['edit']}, forget {s['forget']}, retain {s['retain']}, "
+            f"remaining {s['remaining']} | " + " | ".join(KEYS) + " | s |"
+        )
         print("|---" * (len(KEYS) + 2) + "|")
         for name, r in block["rows"].items():
             print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['seconds']:.0f} |")

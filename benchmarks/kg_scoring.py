@@ -41,8 +41,14 @@ def main() -> None:
                 by[p.type].append(float(c == p.original))
                 by["all"].append(float(c == p.original))
             acc[scoring] = {t: sum(v) / len(v) for t, v in by.items()}
-        res["levels"][level] = {t: {"n": sum(1 for p in probes if t in ("all", p.type)), "cloze": acc["cloze"][t],
-                                    "mc": acc["mc"][t]} for t in acc["cloze"]}
+        res["levels"][level] = {
+            t: {
+                "n": sum(1 for p in probes if t in ("all", p.type)),
+                "cloze": acc["cloze"][t],
+                "mc": acc["mc"][t],
+            }
+            for t in acc["cloze"]
+        }
         for t, r in res["levels"][level].items():
             print(f"{level:13s} {t:11s} {r['n']:5d} {r['cloze']:9.3f} {r['mc']:13.3f}", flush=True)
     atomic_write_json(f"benchmarks/results/kg_scoring_{args.model}.json", res)

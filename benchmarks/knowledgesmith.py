@@ -34,9 +34,32 @@ from loka.eval.kg_runner import format_summary, run_kg
 from loka.models import load_model
 from loka.utils.io import atomic_write_bytes, atomic_write_json
 
-KEEP = ("method", "task", "level", "scale", "seed", "interventions", "probes", "ccr", "ccr_near", "ccr_far", "rr",
-        "conflict_rate", "conflict_rate_before", "inconsistency", "inconsistency_before", "by_type", "by_domain",
-        "kl", "cka", "cka_last", "geometry_mean", "seconds", "artifact", "known_interventions")
+KEEP = (
+    "method",
+    "task",
+    "level",
+    "scale",
+    "seed",
+    "interventions",
+    "probes",
+    "ccr",
+    "ccr_near",
+    "ccr_far",
+    "rr",
+    "conflict_rate",
+    "conflict_rate_before",
+    "inconsistency",
+    "inconsistency_before",
+    "by_type",
+    "by_domain",
+    "kl",
+    "cka",
+    "cka_last",
+    "geometry_mean",
+    "seconds",
+    "artifact",
+    "known_interventions",
+)
 
 
 def main() -> None:
@@ -44,10 +67,15 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--graph", default="curated", help="graph file, or curated | derived | merged")
     ap.add_argument("--edit-method", default="alphaedit")
-    ap.add_argument("--forget-methods", nargs="+", default=["npo"], help="unlearning methods (npo, relearn, ...)")
-    ap.add_argument("--forget-hparams", default='{"stop_forget_em": -1}',
-                    help="JSON overrides for the unlearning method (default: no early stop, the full "
-                         "40-step budget, as the seed trains its unlearner for a fixed budget)")
+    ap.add_argument(
+        "--forget-methods", nargs="+", default=["npo"], help="unlearning methods (npo, relearn, ...)"
+    )
+    ap.add_argument(
+        "--forget-hparams",
+        default='{"stop_forget_em": -1}',
+        help="JSON overrides for the unlearning method (default: no early stop, the full "
+        "40-step budget, as the seed trains its unlearner for a fixed budget)",
+    )
     ap.add_argument("--edit-hparams", default="{}", help="JSON overrides for the editing method")
     ap.add_argument("--levels", nargs="+", default=["root", "intermediate", "leaf"])
     ap.add_argument("--scales", nargs="+", type=int, default=[1, 10, 100])
@@ -67,24 +95,44 @@ def main() -> None:
                     continue
                 t = time.time()
                 hp = json.loads(args.forget_hparams if method in args.forget_methods else args.edit_hparams)
-                s = run_kg(handle, g, method, level, k, seed=args.seed, out_dir=out, graph_name="curated",
-                           hparams=hp or None, progress=False)
+                s = run_kg(
+                    handle,
+                    g,
+                    method,
+                    level,
+                    k,
+                    seed=args.seed,
+                    out_dir=out,
+                    graph_name="curated",
+                    hparams=hp or None,
+                    progress=False,
+                )
                 print(format_summary(s), flush=True)
                 print(f"[{method} {level} k={k}: {time.time() - t:.0f}s]\n", flush=True)
-    runs = [r for r in load_runs([root]) if r["scale"] in args.scales and r["level"] in args.levels
-            and r["method"] in (args.edit_method, *args.forget_methods)]
+    runs = [
+        r
+        for r in load_runs([root])
+        if r["scale"] in args.scales
+        and r["level"] in args.levels
+        and r["method"] in (args.edit_method, *args.forget_methods)
+    ]
     normalise(runs)
-    for title, (head, rows) in (("propagation", main_rows(runs)), ("Q+ transfer", transfer_rows(runs)),
-                                ("domains", domain_rows(runs)),
-                                ("SVD geometry", geometry_rows(runs))):
+    for title, (head, rows) in (
+        ("propagation", main_rows(runs)),
+        ("Q+ transfer", transfer_rows(runs)),
+        ("domains", domain_rows(runs)),
+        ("SVD geometry", geometry_rows(runs)),
+    ):
         print(f"\n== {title} ==")
         print(" | ".join(head))
         for r in rows:
             print(" | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in r))
     res = Path(args.results)
     tag = args.model
-    atomic_write_json(res / f"knowledgesmith_{tag}.json",
-                      {"model": args.model, "graph": args.graph, "runs": [{k: r.get(k) for k in KEEP} for r in runs]})
+    atomic_write_json(
+        res / f"knowledgesmith_{tag}.json",
+        {"model": args.model, "graph": args.graph, "runs": [{k: r.get(k) for k in KEEP} for r in runs]},
+    )
     page = render(runs, f"KnowledgeSmith study on {args.model}")
     atomic_write_bytes(res / f"knowledgesmith_{tag}.html", page.encode())
     for name, b64 in re.findall(r"alt='(\w+)' src='data:image/png;base64,([^']+)'", page):

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _facts import counterfactual_requests  # noqa: E402
+from _facts import counterfactual_requests
 
-import loka  # noqa: E402
+import loka
 
 
 def score(handle, reqs) -> dict:
@@ -43,8 +43,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 4, 6, 8, 10, 12, 15])
-    ap.add_argument("--memit-windows", type=int, nargs="*", default=[], help="first layer of 5-layer MEMIT windows")
-    ap.add_argument("--memit-weights", type=float, nargs="+", default=[15000.0], help="MEMIT λ values to try per window")
+    ap.add_argument(
+        "--memit-windows", type=int, nargs="*", default=[], help="first layer of 5-layer MEMIT windows"
+    )
+    ap.add_argument(
+        "--memit-weights", type=float, nargs="+", default=[15000.0], help="MEMIT λ values to try per window"
+    )
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--out", default="benchmarks/results/layer_sweep.json")
     args = ap.parse_args()
@@ -70,15 +74,24 @@ def main() -> None:
         for lam in args.memit_weights:
             layers = list(range(first, first + 5))
             t = time.time()
-            art = loka.edit(handle, reqs, "memit", {"layers": layers, "mom2_update_weight": lam}, progress=False)
+            art = loka.edit(
+                handle, reqs, "memit", {"layers": layers, "mom2_update_weight": lam}, progress=False
+            )
             sec = (time.time() - t) / len(reqs)
-            rows.append({"setting": f"memit L{layers[0]}-{layers[-1]} λ{lam:g} (batch {len(reqs)})", **score(handle, reqs),
-                         "sec_per_edit": sec})
+            rows.append(
+                {
+                    "setting": f"memit L{layers[0]}-{layers[-1]} λ{lam:g} (batch {len(reqs)})",
+                    **score(handle, reqs),
+                    "sec_per_edit": sec,
+                }
+            )
             art.revert(handle)
             print(rows[-1], flush=True)
     print(f"\n{'setting':32s} {'ES':>6s} {'GS':>6s} {'NS':>6s} {'score':>6s} {'s/edit':>7s}")
     for r in rows:
-        print(f"{r['setting']:32s} {r['ES']:6.2f} {r['GS']:6.2f} {r['NS']:6.2f} {r['score']:6.2f} {r['sec_per_edit']:7.2f}")
+        print(
+            f"{r['setting']:32s} {r['ES']:6.2f} {r['GS']:6.2f} {r['NS']:6.2f} {r['score']:6.2f} {r['sec_per_edit']:7.2f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=2))
 

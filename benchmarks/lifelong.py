@@ -36,7 +36,11 @@ ROWS = {
     "memit": ("memit", {}, None),
     "memit+prune": ("memit", {}, math.e),
     "alphaedit": ("alphaedit", {}, None),
-    "alphaedit+": ("alphaedit", {"relax_projection": True, "smooth_values": True, "conflict_weighting": True}, None),
+    "alphaedit+": (
+        "alphaedit",
+        {"relax_projection": True, "smooth_values": True, "conflict_weighting": True},
+        None,
+    ),
     "alphaedit+relax": ("alphaedit", {"relax_projection": True}, None),
     "alphaedit+smooth": ("alphaedit", {"smooth_values": True}, None),
     "alphaedit+conflict": ("alphaedit", {"conflict_weighting": True}, None),
@@ -64,20 +68,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--data", default="data/generated/cf_lifelong_1000.json")
-    ap.add_argument("--every", type=int, default=1,
-                    help="score a checkpoint every K batches (the first and the last batch always)")
-    ap.add_argument("--score-sample", type=int, metavar="N",
-                    help="score a seeded random sample of N edited facts at each checkpoint instead of all "
-                         "(an estimate, for slow-scoring rows such as scr; the row is labelled ROW@N)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        help="score a checkpoint every K batches (the first and the last batch always)",
+    )
+    ap.add_argument(
+        "--score-sample",
+        type=int,
+        metavar="N",
+        help="score a seeded random sample of N edited facts at each checkpoint instead of all "
+        "(an estimate, for slow-scoring rows such as scr; the row is labelled ROW@N)",
+    )
     ap.add_argument("--out", default="out/lifelong")
     args = ap.parse_args()
     data = Path(args.data)
     if not data.exists():
         known = load_known()
-        atomic_write_json(data, build_counterfact(known + mquake_facts(exclude=known), None, seed=0, min_subjects=1))
+        atomic_write_json(
+            data, build_counterfact(known + mquake_facts(exclude=known), None, seed=0, min_subjects=1)
+        )
     cases = load_cases(data, args.n)
     ends = list(range(args.batch, len(cases) + 1, args.batch))
-    ckpts = tuple(sorted({ends[0], ends[-1], *ends[::args.every]}))
+    ckpts = tuple(sorted({ends[0], ends[-1], *ends[:: args.every]}))
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
     setting = (len(cases), args.batch, ckpts)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
@@ -88,30 +102,60 @@ def main() -> None:
         if args.score_sample:
             row = f"{row}@{args.score_sample}"
             out = out.with_name(out.name + f"-s{args.score_sample}")
-        cfg = EvalConfig(method=method, mode="sequential", batch_size=args.batch, hparams=hp, checkpoints=ckpts,
-                         prune=prune, score_sample=args.score_sample)
+        cfg = EvalConfig(
+            method=method,
+            mode="sequential",
+            batch_size=args.batch,
+            hparams=hp,
+            checkpoints=ckpts,
+            prune=prune,
+            score_sample=args.score_sample,
+        )
         run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
         _finite(out)
         seq = [json.loads(x) for x in (out / "sequential.jsonl").read_text().splitlines()]
         series[row] = seq
         first, last = seq[0], seq[-1]
-        table[row] = {"edits": last["n_edits"], "scored": last.get("n"), **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
-                      "NS_first_batch": first.get("NS"), "unedited_same_cases": last.get("pre"), "ppl": last["guard"]["ppl"],
-                      "mc_real_authors": last["guard"]["mc_real_authors"], "mc_world_facts": last["guard"]["mc_world_facts"]}
+        table[row] = {
+            "edits": last["n_edits"],
+            "scored": last.get("n"),
+            **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
+            "NS_first_batch": first.get("NS"),
+            "unedited_same_cases": last.get("pre"),
+            "ppl": last["guard"]["ppl"],
+            "mc_real_authors": last["guard"]["mc_real_authors"],
+            "mc_world_facts": last["guard"]["mc_world_facts"],
+        }
         print(row, json.dumps(table[row]), flush=True)
         # written after every row, so an interrupted run keeps the rows it finished; rows of another
         # invocation written meanwhile are kept
         old_table, old_series = _rows_of(res, setting)
         table, series = {**old_table, **table}, {**old_series, **series}
-        atomic_write_json(res, {"model": args.model, "n": len(cases), "batch": args.batch, "checkpoints": ckpts,
-                                "rows": table, "series": series})
-        _plot(series, Path("benchmarks/results/plots") / f"lifelong_{args.model}_n{len(cases)}.png",
-              f"{args.model}: sequential editing, batches of {args.batch}")
-    print(f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |")
+        atomic_write_json(
+            res,
+            {
+                "model": args.model,
+                "n": len(cases),
+                "batch": args.batch,
+                "checkpoints": ckpts,
+                "rows": table,
+                "series": series,
+            },
+        )
+        _plot(
+            series,
+            Path("benchmarks/results/plots") / f"lifelong_{args.model}_n{len(cases)}.png",
+            f"{args.model}: sequential editing, batches of {args.batch}",
+        )
+    print(
+        f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |"
+    )
     print("|---" * 9 + "|")
     for row, r in table.items():
-        print(f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
-              f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |")
+        print(
+            f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
+            f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |"
+        )
 
 
 def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
@@ -122,9 +166,11 @@ def _rows_of(res: Path, setting: tuple) -> tuple[dict, dict]:
         old = json.loads(res.read_text())
         have = (old.get("n"), old.get("batch"), tuple(old.get("checkpoints", ())))
         if old.get("rows") and have != setting:
-            raise SystemExit(f"{res} holds rows for {have[0]} records, batches of {have[1]}, checkpoints {list(have[2])}; "
-                             f"this run would score {setting[0]} / {setting[1]} / {list(setting[2])} and overwrite them. "
-                             "Pass the same --n/--batch/--every, or move that file away first.")
+            raise SystemExit(
+                f"{res} holds rows for {have[0]} records, batches of {have[1]}, checkpoints {list(have[2])}; "
+                f"this run would score {setting[0]} / {setting[1]} / {list(setting[2])} and overwrite them. "
+                "Pass the same --n/--batch/--every, or move that file away first."
+            )
         if have == setting:
             return old.get("rows", {}), old.get("series", {})
     return {}, {}

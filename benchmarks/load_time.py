@@ -55,22 +55,45 @@ def main() -> None:
             subprocess.run([sys.executable, "-c", CHILD, model], env=env, check=True, capture_output=True)
             runs = []
             for _ in range(args.repeats):
-                out = subprocess.run([sys.executable, "-c", CHILD, model], env=env, check=True, capture_output=True,
-                                     text=True).stdout.strip().splitlines()[-1]
+                out = (
+                    subprocess.run(
+                        [sys.executable, "-c", CHILD, model],
+                        env=env,
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    .stdout.strip()
+                    .splitlines()[-1]
+                )
                 runs.append(json.loads(out))
-            med = {k: statistics.median(r[k] for r in runs) for k in ("load_model_s", "import_modelling_s", "rest_s",
-                                                                        "tokenizer_s")}
-            rows.append({"model": model, "backend": backend, "tokenizer": runs[0]["tokenizer"], "median": med,
-                         "min_load_model_s": min(r["load_model_s"] for r in runs),
-                         "max_load_model_s": max(r["load_model_s"] for r in runs), "runs": runs})
-    print(f"| model | tokenizer | load_model median (min–max) | of which transformers' modelling import | "
-          f"rest | tokenizer alone |  ({args.repeats} fresh processes each)")
+            med = {
+                k: statistics.median(r[k] for r in runs)
+                for k in ("load_model_s", "import_modelling_s", "rest_s", "tokenizer_s")
+            }
+            rows.append(
+                {
+                    "model": model,
+                    "backend": backend,
+                    "tokenizer": runs[0]["tokenizer"],
+                    "median": med,
+                    "min_load_model_s": min(r["load_model_s"] for r in runs),
+                    "max_load_model_s": max(r["load_model_s"] for r in runs),
+                    "runs": runs,
+                }
+            )
+    print(
+        f"| model | tokenizer | load_model median (min–max) | of which transformers' modelling import | "
+        f"rest | tokenizer alone |  ({args.repeats} fresh processes each)"
+    )
     print("|---|---|---|---|---|---|")
     for r in rows:
         m = r["median"]
-        print(f"| {r['model']} | {r['tokenizer']} | {m['load_model_s']:.2f} s ({r['min_load_model_s']:.2f}–"
-              f"{r['max_load_model_s']:.2f}) | {m['import_modelling_s']:.2f} s | {m['rest_s']:.2f} s | "
-              f"{m['tokenizer_s']:.2f} s |")
+        print(
+            f"| {r['model']} | {r['tokenizer']} | {m['load_model_s']:.2f} s ({r['min_load_model_s']:.2f}–"
+            f"{r['max_load_model_s']:.2f}) | {m['import_modelling_s']:.2f} s | {m['rest_s']:.2f} s | "
+            f"{m['tokenizer_s']:.2f} s |"
+        )
     atomic_write_json(Path(args.out), {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows})
     print(f"wrote {args.out}")
 

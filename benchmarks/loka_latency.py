@@ -53,7 +53,9 @@ def _paired(fn, art, h, repeats: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--artifact", help="a LOKA codebook artifact (default: train one on a small known-facts task)")
+    ap.add_argument(
+        "--artifact", help="a LOKA codebook artifact (default: train one on a small known-facts task)"
+    )
     ap.add_argument("--data", default="data/generated/cf_smollm2.json", help="prompts to time")
     ap.add_argument("--train-data", default="data/generated/cf_lifelong.json")
     ap.add_argument("--train-n", type=int, default=100, help="edits and forgets in the timed codebook")
@@ -76,20 +78,35 @@ def main() -> None:
         pool = json.loads(Path(args.train_data).read_text())
         n = args.train_n
         edits = [request_from_record(r, f"cf[{i}]") for i, r in enumerate(pool[:n])]
-        forget = [request_from_record(r, f"cf[{i}]", ForgetRequest) for i, r in enumerate(pool[n: 2 * n])]
-        retain = [RetainRequest(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"],
-                                r["requested_rewrite"]["target_true"]["str"]) for r in pool[2 * n: 2 * n + n // 2]]
+        forget = [request_from_record(r, f"cf[{i}]", ForgetRequest) for i, r in enumerate(pool[n : 2 * n])]
+        retain = [
+            RetainRequest(
+                r["requested_rewrite"]["prompt"],
+                r["requested_rewrite"]["subject"],
+                r["requested_rewrite"]["target_true"]["str"],
+            )
+            for r in pool[2 * n : 2 * n + n // 2]
+        ]
         over = {k: json.loads(v) if v[:1].isdigit() else v for k, v in (kv.split("=", 1) for kv in args.set)}
         t = time.time()
         with torch.enable_grad():
             art, _ = loka.update(h, edits, forget, retain, method="loka", hparams=over or None, apply=False)
-        train = {"edits": len(edits), "forgets": len(forget), "retain": len(retain),
-                 "seconds": round(time.time() - t, 1)}
-        print(f"trained a codebook for {len(edits)} edits + {len(forget)} forgets ({len(retain)} retain) in "
-              f"{train['seconds']:.0f}s: {len(art.manifest['extra']['memories'])} memories", flush=True)
+        train = {
+            "edits": len(edits),
+            "forgets": len(forget),
+            "retain": len(retain),
+            "seconds": round(time.time() - t, 1),
+        }
+        print(
+            f"trained a codebook for {len(edits)} edits + {len(forget)} forgets ({len(retain)} retain) in "
+            f"{train['seconds']:.0f}s: {len(art.manifest['extra']['memories'])} memories",
+            flush=True,
+        )
         if args.save:
             art.save(args.save)
-    prompts = [r["requested_rewrite"]["prompt"].replace("{}", r["requested_rewrite"]["subject"]) for r in records]
+    prompts = [
+        r["requested_rewrite"]["prompt"].replace("{}", r["requested_rewrite"]["subject"]) for r in records
+    ]
     tok = h.tokenizer
     tok.padding_side = "left"
     rows = []
@@ -100,26 +117,47 @@ def main() -> None:
             h.model(**enc, use_cache=False)
 
         def gen(enc=enc):
-            h.model.generate(**enc, do_sample=False, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+            h.model.generate(
+                **enc, do_sample=False, max_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id
+            )
 
         base_f, loka_f = _paired(forward, art, h, args.repeats)
         base_g, loka_g = _paired(gen, art, h, args.repeats)
-        rows.append({"batch": b, "forward_ms": round(base_f * 1e3, 1), "forward_loka_ms": round(loka_f * 1e3, 1),
-                     "forward_overhead": round(loka_f / base_f - 1, 3), "generate_ms": round(base_g * 1e3, 1),
-                     "generate_loka_ms": round(loka_g * 1e3, 1), "generate_overhead": round(loka_g / base_g - 1, 3)})
+        rows.append(
+            {
+                "batch": b,
+                "forward_ms": round(base_f * 1e3, 1),
+                "forward_loka_ms": round(loka_f * 1e3, 1),
+                "forward_overhead": round(loka_f / base_f - 1, 3),
+                "generate_ms": round(base_g * 1e3, 1),
+                "generate_loka_ms": round(loka_g * 1e3, 1),
+                "generate_overhead": round(loka_g / base_g - 1, 3),
+            }
+        )
     x = art.manifest["extra"]
-    res = {"model": args.model, "train": train, "memories": len(x["memories"]), "key_source": x.get("key_source", "llm"),
-           "router": x.get("router") is not None, "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
-           "rows": rows}
+    res = {
+        "model": args.model,
+        "train": train,
+        "memories": len(x["memories"]),
+        "key_source": x.get("key_source", "llm"),
+        "router": x.get("router") is not None,
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "rows": rows,
+    }
     out = Path(args.out or f"benchmarks/results/loka_latency_{args.model}.json")
     if not train and out.exists():  # timing a saved codebook: keep the training time measured with it
         res["train"] = json.loads(out.read_text()).get("train", {})
     atomic_write_json(out, res)
-    print(f"| batch | forward ms | + LOKA ms | overhead | generate {args.new_tokens} ms | + LOKA ms | overhead |")
+    print(
+        f"| batch | forward ms | + LOKA ms | overhead | generate {args.new_tokens} ms | + LOKA ms | overhead |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['batch']} | {r['forward_ms']} | {r['forward_loka_ms']} | {r['forward_overhead']:+.1%} | "
-              f"{r['generate_ms']} | {r['generate_loka_ms']} | {r['generate_overhead']:+.1%} |")
+        print(
+            f"| {r['batch']} | {r['forward_ms']} | {r['forward_loka_ms']} | {r['forward_overhead']:+.1%} | "
+            f"{r['generate_ms']} | {r['generate_loka_ms']} | {r['generate_overhead']:+.1%} |"
+        )
 
 
 if __name__ == "__main__":

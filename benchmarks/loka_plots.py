@@ -27,7 +27,11 @@ BASE = "first-match stop (before)"  # the stopping rule the ablation rows were r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ablation", default=None, help="ablation rows (default benchmarks/results/loka_ablation_<model>.json)")
+    ap.add_argument(
+        "--ablation",
+        default=None,
+        help="ablation rows (default benchmarks/results/loka_ablation_<model>.json)",
+    )
     ap.add_argument("--tag", default="", help="suffix for the plot file names")
     args = ap.parse_args()
     main_rows = json.loads((RES / f"joint_update_{args.model}_loka.json").read_text())["settings"]
@@ -37,7 +41,9 @@ def main() -> None:
     for setting in ("in", "out"):
         rows = {}
         if setting in main_rows and "loka" in main_rows[setting]["rows"]:
-            rows["loka (default: k=20, auto conflict, K-means, MiniLM keys, router, retrieval gate 0.65)"] = main_rows[setting]["rows"]["loka"]
+            rows["loka (default: k=20, auto conflict, K-means, MiniLM keys, router, retrieval gate 0.65)"] = (
+                main_rows[setting]["rows"]["loka"]
+            )
         rows.update(abl.get(setting, {}).get("rows", {}))
         tables[setting] = rows
         if not rows:
@@ -46,7 +52,9 @@ def main() -> None:
         print("|---" * (len(KEYS) + 3) + "|")
         for name, r in rows.items():
             mem = r.get("info", {}).get("memories", "")
-            print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {mem} | {r['seconds']:.0f} |")
+            print(
+                f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {mem} | {r['seconds']:.0f} |"
+            )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,6 +62,7 @@ def main() -> None:
 
     plots = RES / "plots"
     plots.mkdir(parents=True, exist_ok=True)
+
     def base(rows: dict):
         return rows.get(BASE) or next((r for n, r in rows.items() if n.startswith("loka")), None)
 

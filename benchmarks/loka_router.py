@@ -45,13 +45,21 @@ def main() -> None:
     ap.add_argument("--n-edit", type=int, default=25)
     ap.add_argument("--n-forget", type=int, default=25)
     ap.add_argument("--n-retain", type=int, default=50)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="router hyperparameter override")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="router hyperparameter override"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     records = json.loads(Path(args.data).read_text())
     hp = LokaHParams().replace(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
-    res = {"model": args.model, "thresholds": THRESHOLDS, "router_hparams": {k: getattr(hp, k) for k in (
-        "router_layers", "router_epochs", "router_lr", "swap_negatives")}, "settings": {}}
+    res = {
+        "model": args.model,
+        "thresholds": THRESHOLDS,
+        "router_hparams": {
+            k: getattr(hp, k) for k in ("router_layers", "router_epochs", "router_lr", "swap_negatives")
+        },
+        "settings": {},
+    }
     for setting in args.settings:
         task = build_tasks(records, setting, args.n_edit, args.n_forget, args.n_retain, seed=0)
         edits, forget, retain = requests_of(task)
@@ -59,39 +67,80 @@ def main() -> None:
         items += [_Item("forget", r.text, r.target_true, r.to_dict(), None) for r in forget]
         retain_items = [(r.text, r.target_new, r.to_dict()) for r in retain]
         neg = Loka._negatives(items, retain_items, hp, random.Random(hp.seed))
-        router, info = train_router([i.text for i in items], neg, layers=hp.router_layers, epochs=hp.router_epochs,
-                                    lr=hp.router_lr, seed=hp.seed)
+        router, info = train_router(
+            [i.text for i in items],
+            neg,
+            layers=hp.router_layers,
+            epochs=hp.router_epochs,
+            lr=hp.router_lr,
+            seed=hp.seed,
+        )
         para = [p for r in edits + forget for p in r.paraphrases]
         fill = lambda f: f["prompt"].replace("{}", f["subject"])  # noqa: E731
         remaining = [fill(f) for f in task["remaining"]]
-        p_para, p_rem, p_ret = router.probs(para), router.probs(remaining), router.probs([r.text for r in retain])
-        rows = [{"threshold": t, "fnr_paraphrase": float((p_para < t).float().mean()),
-                 "fpr_remaining": float((p_rem >= t).float().mean()), "fpr_retain": float((p_ret >= t).float().mean())}
-                for t in THRESHOLDS]
+        p_para, p_rem, p_ret = (
+            router.probs(para),
+            router.probs(remaining),
+            router.probs([r.text for r in retain]),
+        )
+        rows = [
+            {
+                "threshold": t,
+                "fnr_paraphrase": float((p_para < t).float().mean()),
+                "fpr_remaining": float((p_rem >= t).float().mean()),
+                "fpr_retain": float((p_ret >= t).float().mean()),
+            }
+            for t in THRESHOLDS
+        ]
         items_e = torch.nn.functional.normalize(encoder_embeddings([i.text for i in items]), dim=-1)
-        c_para, c_rem, c_ret = (_nearest_cosine(x, items_e) for x in (para, remaining, [r.text for r in retain]))
+        c_para, c_rem, c_ret = (
+            _nearest_cosine(x, items_e) for x in (para, remaining, [r.text for r in retain])
+        )
         on_para, on_rem = p_para >= hp.router_threshold, p_rem >= hp.router_threshold
-        gates = [{"match_threshold": g, "fnr_paraphrase": float((c_para < g).float().mean()),
-                  "fpr_remaining": float((c_rem >= g).float().mean()), "fpr_retain": float((c_ret >= g).float().mean()),
-                  "with_router_fnr_paraphrase": float((~(on_para & (c_para >= g))).float().mean()),
-                  "with_router_fpr_remaining": float((on_rem & (c_rem >= g)).float().mean())} for g in GATES]
-        res["settings"][setting] = {"router": info, "n_paraphrase": len(para), "n_remaining": len(remaining), "rows": rows,
-                                    "gate": gates, "cosine_max": {"remaining": float(c_rem.max()), "retain": float(c_ret.max())},
-                                    "cosine_min": {"paraphrase": float(c_para.min())}}
-        print(f"\n{setting}-profile: {len(para)} paraphrased updated queries, {len(remaining)} remaining, "
-              f"{len(retain)} retain (trained on)")
+        gates = [
+            {
+                "match_threshold": g,
+                "fnr_paraphrase": float((c_para < g).float().mean()),
+                "fpr_remaining": float((c_rem >= g).float().mean()),
+                "fpr_retain": float((c_ret >= g).float().mean()),
+                "with_router_fnr_paraphrase": float((~(on_para & (c_para >= g))).float().mean()),
+                "with_router_fpr_remaining": float((on_rem & (c_rem >= g)).float().mean()),
+            }
+            for g in GATES
+        ]
+        res["settings"][setting] = {
+            "router": info,
+            "n_paraphrase": len(para),
+            "n_remaining": len(remaining),
+            "rows": rows,
+            "gate": gates,
+            "cosine_max": {"remaining": float(c_rem.max()), "retain": float(c_ret.max())},
+            "cosine_min": {"paraphrase": float(c_para.min())},
+        }
+        print(
+            f"\n{setting}-profile: {len(para)} paraphrased updated queries, {len(remaining)} remaining, "
+            f"{len(retain)} retain (trained on)"
+        )
         print("| threshold | FNR paraphrases | FPR remaining | FPR retain (train) |")
         print("|---|---|---|---|")
         for r in rows:
-            print(f"| {r['threshold']} | {r['fnr_paraphrase']:.3f} | {r['fpr_remaining']:.3f} | {r['fpr_retain']:.3f} |")
-        print(f"\nretrieval gate (cosine to the nearest updated query; paraphrases >= {float(c_para.min()):.3f}, "
-              f"remaining <= {float(c_rem.max()):.3f}, retain <= {float(c_ret.max()):.3f}); last two columns: behind "
-              f"the router at τ = {hp.router_threshold}")
-        print("| match_threshold | FNR paraphrases | FPR remaining | FPR retain | FNR with router | FPR remaining with router |")
+            print(
+                f"| {r['threshold']} | {r['fnr_paraphrase']:.3f} | {r['fpr_remaining']:.3f} | {r['fpr_retain']:.3f} |"
+            )
+        print(
+            f"\nretrieval gate (cosine to the nearest updated query; paraphrases >= {float(c_para.min()):.3f}, "
+            f"remaining <= {float(c_rem.max()):.3f}, retain <= {float(c_ret.max()):.3f}); last two columns: behind "
+            f"the router at τ = {hp.router_threshold}"
+        )
+        print(
+            "| match_threshold | FNR paraphrases | FPR remaining | FPR retain | FNR with router | FPR remaining with router |"
+        )
         print("|---|---|---|---|---|---|")
         for g in gates:
-            print(f"| {g['match_threshold']} | {g['fnr_paraphrase']:.3f} | {g['fpr_remaining']:.3f} | {g['fpr_retain']:.3f} "
-                  f"| {g['with_router_fnr_paraphrase']:.3f} | {g['with_router_fpr_remaining']:.3f} |")
+            print(
+                f"| {g['match_threshold']} | {g['fnr_paraphrase']:.3f} | {g['fpr_remaining']:.3f} | {g['fpr_retain']:.3f} "
+                f"| {g['with_router_fnr_paraphrase']:.3f} | {g['with_router_fpr_remaining']:.3f} |"
+            )
     out = Path(args.out or f"benchmarks/results/loka_router_{args.model}.json")
     atomic_write_json(out, res)
     import matplotlib
@@ -105,8 +154,18 @@ def main() -> None:
         ax.plot(ts, [r["fnr_paraphrase"] for r in block["rows"]], "o-", label=f"{setting}: FNR paraphrases")
         ax.plot(ts, [r["fpr_remaining"] for r in block["rows"]], "s--", label=f"{setting}: FPR remaining")
         gs = [g["match_threshold"] for g in block["gate"]]
-        ax2.plot(gs, [g["with_router_fnr_paraphrase"] for g in block["gate"]], "o-", label=f"{setting}: FNR paraphrases")
-        ax2.plot(gs, [g["with_router_fpr_remaining"] for g in block["gate"]], "s--", label=f"{setting}: FPR remaining")
+        ax2.plot(
+            gs,
+            [g["with_router_fnr_paraphrase"] for g in block["gate"]],
+            "o-",
+            label=f"{setting}: FNR paraphrases",
+        )
+        ax2.plot(
+            gs,
+            [g["with_router_fpr_remaining"] for g in block["gate"]],
+            "s--",
+            label=f"{setting}: FPR remaining",
+        )
     ax.set_xlabel("router threshold τ")
     ax.set_ylabel("rate")
     ax.set_title(f"LOKA router ({args.model} known-facts tasks)")

@@ -52,8 +52,14 @@ def _lines(name: str) -> list[dict]:
 def _tuned(base: str, recs: list[dict], out: Path, epochs: int, lr: float) -> tuple[loka.ModelHandle, dict]:
     if not (out / "loka_finetune.json").exists():
         h = loka.load_model(base)
-        finetune(h, [QA_PROMPT.format(r["question"]) for r in recs], [r["answer"] for r in recs], out,
-                 epochs=epochs, lr=lr)
+        finetune(
+            h,
+            [QA_PROMPT.format(r["question"]) for r in recs],
+            [r["answer"] for r in recs],
+            out,
+            epochs=epochs,
+            lr=lr,
+        )
         del h
     return loka.load_model(str(out)), json.loads((out / "loka_finetune.json").read_text())
 
@@ -63,15 +69,31 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--split", default="forget10", choices=["forget01", "forget05", "forget10"])
     ap.add_argument("--methods", nargs="+", default=["ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn"])
-    ap.add_argument("--retain-n", type=int, default=None, help="use the first N retain questions (default: all 300)")
-    ap.add_argument("--finetune-set", choices=["split", "all"], default="split",
-                    help="fine-tune on the split + retain (default) or on every forget question + retain")
+    ap.add_argument(
+        "--retain-n", type=int, default=None, help="use the first N retain questions (default: all 300)"
+    )
+    ap.add_argument(
+        "--finetune-set",
+        choices=["split", "all"],
+        default="split",
+        help="fine-tune on the split + retain (default) or on every forget question + retain",
+    )
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method (the row is labelled 'METHOD KEY=VALUE')")
-    ap.add_argument("--edit-n", type=int, default=0,
-                    help="also edit N retain questions to an entity-swapped answer (joint edit + forget; methods via loka update)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter override for every method (the row is labelled 'METHOD KEY=VALUE')",
+    )
+    ap.add_argument(
+        "--edit-n",
+        type=int,
+        default=0,
+        help="also edit N retain questions to an entity-swapped answer (joint edit + forget; methods via loka update)",
+    )
     ap.add_argument("--work", default="out/mini_tofu")
     args = ap.parse_args()
     work = Path(args.work) / f"{args.model}-{args.split}-r{args.retain_n or 300}-e{args.epochs}-lr{args.lr:g}"
@@ -84,29 +106,60 @@ def main() -> None:
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     ref, ref_info = _tuned(args.model, tuned_on, work / "retain_only", args.epochs, args.lr)
-    ref_eval = _cached(ref, work / "retain_only", [forget, retain, real, world, args.max_new_tokens, None],
-                       lambda h=ref: tofu_eval(h, forget, retain, real, world, max_new_tokens=args.max_new_tokens))
+    ref_eval = _cached(
+        ref,
+        work / "retain_only",
+        [forget, retain, real, world, args.max_new_tokens, None],
+        lambda h=ref: tofu_eval(h, forget, retain, real, world, max_new_tokens=args.max_new_tokens),
+    )
     reference = ref_eval["forget_tr_raw"]
     del ref
     tune = (d["forget_all"] if args.finetune_set == "all" else forget) + tuned_on
     full, full_info = _tuned(args.model, tune, work / f"full-{args.finetune_set}", args.epochs, args.lr)
     rows = {"retain-only (reference)": {**_row(ref_eval, reference), "seconds": ref_info["seconds"]}}
-    ev = _cached(full, work / f"full-{args.finetune_set}", [forget, retain, real, world, args.max_new_tokens, reference, edits],
-                 lambda: {**tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens),
-                          "edit_scores": _edit_scores(full, edits)})
-    rows["fine-tuned (before unlearning)"] = {**_row(ev), **ev["edit_scores"], "seconds": full_info["seconds"]}
+    ev = _cached(
+        full,
+        work / f"full-{args.finetune_set}",
+        [forget, retain, real, world, args.max_new_tokens, reference, edits],
+        lambda: {
+            **tofu_eval(full, forget, retain, real, world, reference, max_new_tokens=args.max_new_tokens),
+            "edit_scores": _edit_scores(full, edits),
+        },
+    )
+    rows["fine-tuned (before unlearning)"] = {
+        **_row(ev),
+        **ev["edit_scores"],
+        "seconds": full_info["seconds"],
+    }
     print(json.dumps(rows), flush=True)
-    res = Path("benchmarks/results") / f"mini_tofu_{args.model}_{args.split}{f'_edit{len(edits)}' if edits else ''}.json"
-    setup = {"split": args.split, "retain_n": len(retain), "finetune_set": args.finetune_set, "epochs": args.epochs,
-             "lr": args.lr, "max_new_tokens": args.max_new_tokens, **({"edit_n": len(edits)} if edits else {})}
+    res = (
+        Path("benchmarks/results")
+        / f"mini_tofu_{args.model}_{args.split}{f'_edit{len(edits)}' if edits else ''}.json"
+    )
+    setup = {
+        "split": args.split,
+        "retain_n": len(retain),
+        "finetune_set": args.finetune_set,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "max_new_tokens": args.max_new_tokens,
+        **({"edit_n": len(edits)} if edits else {}),
+    }
 
     def earlier() -> dict:  # rows in the file now (a parallel invocation may have added some)
         old = json.loads(res.read_text()) if res.exists() else {}
         return old.get("rows", {}) if old.get("setup") == setup else {}
 
     def save() -> None:  # after every row, so an interrupted run keeps what it measured
-        atomic_write_json(res, {"model": args.model, "setup": setup,
-                                "finetune": {"full": full_info, "retain_only": ref_info}, "rows": {**earlier(), **rows}})
+        atomic_write_json(
+            res,
+            {
+                "model": args.model,
+                "setup": setup,
+                "finetune": {"full": full_info, "retain_only": ref_info},
+                "rows": {**earlier(), **rows},
+            },
+        )
 
     save()
     freqs, rreqs = as_requests(forget, ForgetRequest), as_requests(retain, RetainRequest)
@@ -125,12 +178,26 @@ def main() -> None:
         finally:
             art.revert(full)
         label = m + (" " + ",".join(args.set) if args.set else "")
-        rows[label] = {**_row(ev), **es, "seconds": round(secs, 1), "steps": art.manifest["extra"].get("steps")}
+        rows[label] = {
+            **_row(ev),
+            **es,
+            "seconds": round(secs, 1),
+            "steps": art.manifest["extra"].get("steps"),
+        }
         print(label, json.dumps(rows[label]), flush=True)
         save()
 
-    cols = ["forget_quality", "model_utility", "forget_rouge", "forget_para_rouge", "forget_tr", "retain_rouge",
-            "real_authors_p", "world_facts_p", "seconds"]
+    cols = [
+        "forget_quality",
+        "model_utility",
+        "forget_rouge",
+        "forget_para_rouge",
+        "forget_tr",
+        "retain_rouge",
+        "real_authors_p",
+        "world_facts_p",
+        "seconds",
+    ]
     if edits:
         cols[-1:-1] = ["edt-rl", "edt-prl", "edt-ent", "edt-pent"]
     print(f"\n| {args.model}, mini-TOFU {args.split} ({len(forget)} questions) | " + " | ".join(cols) + " |")
@@ -161,7 +228,10 @@ def _edit_scores(handle, edits: list[dict], max_new_tokens: int = 48) -> dict:
 
 
 def _row(ev: dict, reference=None) -> dict:
-    out = {"model_utility": ev.get("model_utility"), "forget_quality": ev.get("forget_quality", 1.0 if reference else None)}
+    out = {
+        "model_utility": ev.get("model_utility"),
+        "forget_quality": ev.get("forget_quality", 1.0 if reference else None),
+    }
     for s in ("forget", "retain", "real_authors", "world_facts"):
         for k, v in ev.get(s, {}).items():
             out[f"{s}_{k}"] = v

@@ -34,7 +34,7 @@ def _holds(handle, cases) -> float:
     more likely than the true one."""
     prompts = [c.rewrite[0] for c in cases]
     lp = target_logprobs(handle, prompts * 2, [c.target_new for c in cases] + [c.target_true for c in cases])
-    new, old = lp[: len(cases)], lp[len(cases):]  # one call: each prompt is run once for both targets
+    new, old = lp[: len(cases)], lp[len(cases) :]  # one call: each prompt is run once for both targets
     return sum(a["logprob"] > b["logprob"] for a, b in zip(new, old)) / len(cases)
 
 
@@ -49,10 +49,18 @@ def run(handle, cases, prune: float | None, every: int, texts: list[str]) -> dic
             if i % every == 0 or i == len(cases):
                 bad = [n for n in arts[-1].weight_deltas() if not torch.isfinite(handle.param(n)).all()]
                 assert not bad, f"non-finite weights after {i} edits: {bad}"
-                checks.append({"n_edits": i, "ppl": perplexity(handle, texts), "holds": _holds(handle, cases[:i]),
-                               "seconds": time.perf_counter() - t0})
-                tqdm.write(f"{label}: {i} edits, perplexity {checks[-1]['ppl']:.1f}, "
-                           f"edits holding {checks[-1]['holds']:.2f}")
+                checks.append(
+                    {
+                        "n_edits": i,
+                        "ppl": perplexity(handle, texts),
+                        "holds": _holds(handle, cases[:i]),
+                        "seconds": time.perf_counter() - t0,
+                    }
+                )
+                tqdm.write(
+                    f"{label}: {i} edits, perplexity {checks[-1]['ppl']:.1f}, "
+                    f"edits holding {checks[-1]['holds']:.2f}"
+                )
     finally:
         for a in reversed(arts):  # back to the unedited weights, bit for bit
             a.revert(handle)
@@ -72,22 +80,36 @@ def main() -> None:
     texts = heldout_texts(50)
     base_ppl = perplexity(handle, texts)
     runs = [run(handle, cases, None, args.every, texts), run(handle, cases, args.alpha, args.every, texts)]
-    res = {"model": args.model, "n": args.n, "every": args.every, "alpha": args.alpha, "data": args.data,
-           "unedited_ppl": base_ppl, "runs": runs}
+    res = {
+        "model": args.model,
+        "n": args.n,
+        "every": args.every,
+        "alpha": args.alpha,
+        "data": args.data,
+        "unedited_ppl": base_ppl,
+        "runs": runs,
+    }
     out = Path("benchmarks/results") / f"rome_spectrum_{args.model}.json"
     atomic_write_json(out, res)
-    plot_spectrum({r["label"]: r["spectrum"] for r in runs}, out.parent / "plots" / f"rome_spectrum_{args.model}.png",
-                  title=f"{args.model}: {args.n} sequential ROME edits, with and without PRUNE (α={args.alpha:.2f})")
+    plot_spectrum(
+        {r["label"]: r["spectrum"] for r in runs},
+        out.parent / "plots" / f"rome_spectrum_{args.model}.png",
+        title=f"{args.model}: {args.n} sequential ROME edits, with and without PRUNE (α={args.alpha:.2f})",
+    )
     print(f"\nunedited perplexity {base_ppl:.1f}")
-    print(f"{'run':14s} {'edits':>5s} {'σ_max':>8s} {'cond':>8s} {'σ_max(ΣΔ)':>10s} {'ppl':>8s} {'holding':>7s}")
+    print(
+        f"{'run':14s} {'edits':>5s} {'σ_max':>8s} {'cond':>8s} {'σ_max(ΣΔ)':>10s} {'ppl':>8s} {'holding':>7s}"
+    )
     for r in runs:
         by_n = {s["n_edits"]: s for s in r["spectrum"]}
         for c in r["checks"]:
             s = by_n.get(c["n_edits"])
             if s is None or (c["n_edits"] % (5 * args.every) and c["n_edits"] != args.n):
                 continue
-            print(f"{r['label']:14s} {c['n_edits']:5d} {s['sigma_max']:8.2f} {s['cond']:8.1f} "
-                  f"{s['delta_sigma_max']:10.2f} {c['ppl']:8.1f} {c['holds']:7.2f}")
+            print(
+                f"{r['label']:14s} {c['n_edits']:5d} {s['sigma_max']:8.2f} {s['cond']:8.1f} "
+                f"{s['delta_sigma_max']:10.2f} {c['ppl']:8.1f} {c['holds']:7.2f}"
+            )
     print(f"\nwrote {out}")
 
 

@@ -45,8 +45,15 @@ def measure(handle, forget, held, neigh) -> dict:
     p_em, p_p = _em(handle, [p for p, _ in para], [a for _, a in para])
     h_em, _ = _em(handle, [r.text for r in held], [r.target_new for r in held])
     n_em, _ = _em(handle, [p for p, _ in neigh], [a for _, a in neigh])
-    return {"forget_em": f_em, "forget_p": f_p, "para_em": p_em, "para_p": p_p, "heldout_em": h_em, "neigh_em": n_em,
-            **general_guard(handle)}
+    return {
+        "forget_em": f_em,
+        "forget_p": f_p,
+        "para_em": p_em,
+        "para_p": p_p,
+        "heldout_em": h_em,
+        "neigh_em": n_em,
+        **general_guard(handle),
+    }
 
 
 def main() -> None:
@@ -56,22 +63,43 @@ def main() -> None:
     ap.add_argument("--n-forget", type=int, default=100)
     ap.add_argument("--n-retain", type=int, default=50)
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hyperparameter override for every method")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hyperparameter override for every method",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     recs = json.loads(Path(args.data).read_text())
     forget = [request_from_record(r, f"cf[{i}]", ForgetRequest) for i, r in enumerate(recs[: args.n_forget])]
-    rest = recs[args.n_forget:]
-    as_keep = lambda r: RetainRequest(r["requested_rewrite"]["prompt"], r["requested_rewrite"]["subject"],  # noqa: E731
-                                      r["requested_rewrite"]["target_true"]["str"], case_id=r["case_id"])
+    rest = recs[args.n_forget :]
+
+    def as_keep(r):
+        return RetainRequest(
+            r["requested_rewrite"]["prompt"],
+            r["requested_rewrite"]["subject"],
+            r["requested_rewrite"]["target_true"]["str"],
+            case_id=r["case_id"],
+        )
+
     retain = [as_keep(r) for r in rest[: args.n_retain]]
-    held = [as_keep(r) for r in rest[args.n_retain:]]
+    held = [as_keep(r) for r in rest[args.n_retain :]]
     neigh = [(p, r.target_true) for r in forget for p in r.neighborhood[:2]]
-    over = {k: json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
-            for k, v in (kv.split("=", 1) for kv in args.set)}
+    over = {
+        k: json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
+        for k, v in (kv.split("=", 1) for kv in args.set)
+    }
     handle = loka.load_model(args.model)
-    res = {"model": args.model, "n_forget": len(forget), "n_retain": len(retain), "n_heldout": len(held),
-           "overrides": over, "rows": {}}
+    res = {
+        "model": args.model,
+        "n_forget": len(forget),
+        "n_retain": len(retain),
+        "n_heldout": len(held),
+        "overrides": over,
+        "rows": {},
+    }
     t = time.time()
     res["rows"]["unedited"] = measure(handle, forget, held, neigh)
     res["rows"]["unedited"]["seconds"] = 0.0
@@ -92,13 +120,17 @@ def main() -> None:
         if all(old.get(k) == res[k] for k in ("model", "n_forget", "n_retain", "n_heldout", "overrides")):
             res["rows"] = {**old["rows"], **res["rows"]}
     atomic_write_json(out, res)
-    print(f"\n| {args.model}: forget {len(forget)} known facts, retain {len(retain)}, held out {len(held)} | "
-          "forget EM | forget P̄ | paraphrase EM | held-out EM | neighbour EM | ppl | MC authors | MC world | steps | s |")
+    print(
+        f"\n| {args.model}: forget {len(forget)} known facts, retain {len(retain)}, held out {len(held)} | "
+        "forget EM | forget P̄ | paraphrase EM | held-out EM | neighbour EM | ppl | MC authors | MC world | steps | s |"
+    )
     print("|---" * 11 + "|")
     for name, r in res["rows"].items():
-        print(f"| {name} | {r['forget_em']:.3f} | {r['forget_p']:.3f} | {r['para_em']:.3f} | {r['heldout_em']:.3f} | "
-              f"{r['neigh_em']:.3f} | {r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} | "
-              f"{r.get('steps', '–')}{'*' if r.get('stopped_early') else ''} | {r['seconds']:.0f} |")
+        print(
+            f"| {name} | {r['forget_em']:.3f} | {r['forget_p']:.3f} | {r['para_em']:.3f} | {r['heldout_em']:.3f} | "
+            f"{r['neigh_em']:.3f} | {r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} | "
+            f"{r.get('steps', '–')}{'*' if r.get('stopped_early') else ''} | {r['seconds']:.0f} |"
+        )
     print("\n(* the forget target was met and training stopped early)")
     print(f"wrote {out}")
 

@@ -35,9 +35,14 @@ def smollm2():
 
 @pytest.fixture
 def request_eiffel():
-    return loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome", target_true="Paris",
-                            paraphrases=["Where is the Eiffel Tower? It is in the city of"],
-                            neighborhood=["The Louvre is located in the city of"])
+    return loka.EditRequest(
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        target_true="Paris",
+        paraphrases=["Where is the Eiffel Tower? It is in the city of"],
+        neighborhood=["The Louvre is located in the city of"],
+    )
 
 
 def answer_em(handle, text: str, answer: str) -> float:

@@ -120,13 +120,21 @@ def test_exception_mid_edit_leaves_weights_untouched(tiny, monkeypatch):
 
     monkeypatch.setattr(memit, "memit_solve", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        loka.edit(tiny, loka.EditRequest("{} is in", "Paris", "Rome"), "memit", {**tiny.hp, "layers": [1, 2]}, progress=False)
+        loka.edit(
+            tiny,
+            loka.EditRequest("{} is in", "Paris", "Rome"),
+            "memit",
+            {**tiny.hp, "layers": [1, 2]},
+            progress=False,
+        )
     assert calls["n"] == 2
     assert _same(tiny, before)
 
 
 def test_apply_false_returns_artifact_without_touching_the_model(tiny):
     before = _state(tiny)
-    art = loka.edit(tiny, loka.EditRequest("{} is in", "Paris", "Rome"), "rome", tiny.hp, apply=False, progress=False)
+    art = loka.edit(
+        tiny, loka.EditRequest("{} is in", "Paris", "Rome"), "rome", tiny.hp, apply=False, progress=False
+    )
     assert _same(tiny, before)
     assert art.deltas

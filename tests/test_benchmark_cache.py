@@ -29,9 +29,14 @@ def test_cached_evaluation_is_keyed_by_weights_and_inputs(tmp_path):
     first = cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)
     assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate) == first and len(calls) == 1
     assert cached(h, tmp_path, [[{"question": "q2"}], 24], evaluate)["p"][1] == 2  # other questions
-    assert cached(types.SimpleNamespace(model_hash="bb"), tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 3
+    assert (
+        cached(types.SimpleNamespace(model_hash="bb"), tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1]
+        == 3
+    )
     (f,) = [p for p in tmp_path.iterdir() if json.loads(p.read_text())["result"] == first]
-    f.write_text(json.dumps({"key": "not the key", "result": {"p": "stale"}}))  # a file whose key does not match
+    f.write_text(
+        json.dumps({"key": "not the key", "result": {"p": "stale"}})
+    )  # a file whose key does not match
     assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 4
     f.write_text("{truncated")  # a file cut short
     assert cached(h, tmp_path, [[{"question": "q1"}], 24], evaluate)["p"][1] == 5

@@ -10,7 +10,9 @@ import loka
 from loka.methods.base import get_method
 
 CONFIGS = resources.files("loka") / "configs"
-FILES = sorted((m.name, f.name) for m in CONFIGS.iterdir() if m.is_dir() for f in m.iterdir() if f.name.endswith(".json"))
+FILES = sorted(
+    (m.name, f.name) for m in CONFIGS.iterdir() if m.is_dir() for f in m.iterdir() if f.name.endswith(".json")
+)
 MODELS = {r["name"] for r in loka.list_models()}
 
 

@@ -34,7 +34,11 @@ def test_tofu_reader_and_errors(tmp_path):
     bad.write_text(json.dumps([{"foo": 1}]))
     with pytest.raises(RequestError, match="unrecognised record"):
         load_cases(bad)
-    bad.write_text(json.dumps([{"src": "What is X?", "subject": "Y", "alt": "a", "rephrase": "r", "loc": "l", "loc_ans": "x"}]))
+    bad.write_text(
+        json.dumps(
+            [{"src": "What is X?", "subject": "Y", "alt": "a", "rephrase": "r", "loc": "l", "loc_ans": "x"}]
+        )
+    )
     with pytest.raises(RequestError, match="subject 'Y' does not occur"):
         load_cases(bad)
     bad.write_text(json.dumps([{"requested_rewrite": {"prompt": "{} x", "subject": "s"}}]))
@@ -73,10 +77,14 @@ def test_mquake_facts_extend_the_known_facts_past_1000_records(tmp_path):
     keys = {(f["subject"], f["relation_id"]) for f in known}
     assert len(extra) == 608 and all(f["relation_id"] in RELATIONS for f in extra)
     assert not keys & {(f["subject"], f["relation_id"]) for f in extra}  # nothing the known facts hold
-    assert all(f["prompt"] == RELATIONS[f["relation_id"]]["cloze"][0].replace("{}", f["subject"]) for f in extra)
+    assert all(
+        f["prompt"] == RELATIONS[f["relation_id"]]["cloze"][0].replace("{}", f["subject"]) for f in extra
+    )
     recs = build_counterfact(known + extra, None, seed=0, min_subjects=1)
     assert len(build_counterfact(known, None, seed=0, min_subjects=1)) == 920 and len(recs) >= 1000
-    assert len({r["requested_rewrite"]["subject"] + r["requested_rewrite"]["relation_id"] for r in recs}) == len(recs)
+    assert len(
+        {r["requested_rewrite"]["subject"] + r["requested_rewrite"]["relation_id"] for r in recs}
+    ) == len(recs)
     bad = tmp_path / "mq.json"
     bad.write_text(json.dumps([{"case_id": 1}]))
     with pytest.raises(Exception, match=r"mq.json\[0\]: not an MQuAKE record"):

@@ -14,12 +14,16 @@ def sc(lps, argmax=None, target=None):
 
 POST = {
     # two edit prompts: first prefers new (mean lp -0.5 vs -2), second prefers true (-3 vs -1)
-    "rewrite": {"new": [sc([-0.5], [7], [7]), sc([-3.0, -3.0], [1, 9], [1, 2])],
-                "true": [sc([-2.0]), sc([-1.0])]},
+    "rewrite": {
+        "new": [sc([-0.5], [7], [7]), sc([-3.0, -3.0], [1, 9], [1, 2])],
+        "true": [sc([-2.0]), sc([-1.0])],
+    },
     "paraphrase": {"new": [sc([-1.0], [4], [4])], "true": [sc([-1.5])]},
     "neighborhood": {"new": [sc([-4.0]), sc([-0.1])], "true": [sc([-1.0], [5], [5]), sc([-2.0], [6], [6])]},
 }
-PRE = {"neighborhood": {"new": [sc([-4.0]), sc([-4.0])], "true": [sc([-1.0], [5], [5]), sc([-1.0], [3], [6])]}}
+PRE = {
+    "neighborhood": {"new": [sc([-4.0]), sc([-4.0])], "true": [sc([-1.0], [5], [5]), sc([-1.0], [3], [6])]}
+}
 
 
 def test_counterfact_success_metrics():

@@ -31,13 +31,17 @@ def test_single_mode_writes_results_and_resumes(tiny, hp, tmp_path, monkeypatch)
 
     calls = []
     real = runner.edit
-    monkeypatch.setattr(runner, "edit", lambda h, reqs, *a, **k: calls.append(reqs[0].subject) or real(h, reqs, *a, **k))
+    monkeypatch.setattr(
+        runner, "edit", lambda h, reqs, *a, **k: calls.append(reqs[0].subject) or real(h, reqs, *a, **k)
+    )
     s = run_eval(tiny, cases, cfg, tmp_path, resume=True)
     assert calls == [cases[2].requests[0].subject]
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(lines) == 3 and s["post"]["n"] == 3
     edits = [json.loads(x) for x in (tmp_path / "edits.jsonl").read_text().splitlines()]
-    assert [e["case_ids"] for e in edits] == [[str(c.case_id)] for c in cases]  # one line per edit, kept on resume
+    assert [e["case_ids"] for e in edits] == [
+        [str(c.case_id)] for c in cases
+    ]  # one line per edit, kept on resume
     assert {"keys", "values", "update"} <= edits[0]["timings"].keys()
     assert s["edit_seconds"] == pytest.approx(sum(e["seconds"] for e in edits), abs=0.2)
     assert json.loads((tmp_path / "summary.json").read_text())["post"]["n"] == 3
@@ -57,13 +61,22 @@ def test_method_none_is_the_unedited_row(tiny, tmp_path):
 
 def test_sequential_mode_checkpoints_plot_and_resume(tiny, hp, tmp_path):
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)
-    cfg = EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
-                     guard=True, checkpoints=(2,))
+    cfg = EvalConfig(
+        method="memit",
+        mode="sequential",
+        batch_size=2,
+        hparams={**hp, "layers": [1, 2]},
+        guard=True,
+        checkpoints=(2,),
+    )
     s = run_eval(tiny, cases, cfg, tmp_path)
     ck = [json.loads(x) for x in (tmp_path / "sequential.jsonl").read_text().splitlines()]
     assert [c["n_edits"] for c in ck] == [2, 4] and "ppl" in ck[-1]["guard"]
     assert (tmp_path / "sequential.png").stat().st_size > 1000
-    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["batch_00000.loka", "batch_00001.loka"]
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == [
+        "batch_00000.loka",
+        "batch_00001.loka",
+    ]
     # the run leaves the model as it found it
     assert not tiny.model.__dict__.get("_loka_applied")
     # resuming a finished run re-applies the saved batches and edits nothing new
@@ -90,12 +103,21 @@ def test_unedited_scores_are_shared_between_runs(tiny, tmp_path, monkeypatch):
     assert s["post"]["n"] == 2
 
 
-def test_sequential_alphaedit_with_prune_carries_state_across_batches_and_resume(tiny, hp, tmp_path, monkeypatch):
+def test_sequential_alphaedit_with_prune_carries_state_across_batches_and_resume(
+    tiny, hp, tmp_path, monkeypatch
+):
     from loka.state import EditState
 
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)
-    cfg = EvalConfig(method="alphaedit", mode="sequential", batch_size=2, guard=False, checkpoints=(2,),
-                     hparams={**hp, "layers": [1, 2]}, prune=2.0)
+    cfg = EvalConfig(
+        method="alphaedit",
+        mode="sequential",
+        batch_size=2,
+        guard=False,
+        checkpoints=(2,),
+        hparams={**hp, "layers": [1, 2]},
+        prune=2.0,
+    )
     import loka.eval.runner as runner
 
     seen = []
@@ -107,9 +129,15 @@ def test_sequential_alphaedit_with_prune_carries_state_across_batches_and_resume
 
     monkeypatch.setattr(runner, "edit", spy)
     run_eval(tiny, cases, cfg, tmp_path)
-    assert seen == [0, 4]  # the second batch sees the first's past keys and PRUNE accumulation (2 layers each)
+    assert seen == [
+        0,
+        4,
+    ]  # the second batch sees the first's past keys and PRUNE accumulation (2 layers each)
     state = EditState.load(tmp_path / "state")
-    assert state.meta["batches"] == 2 and set(state.meta["prune_sigma_max"]) == {tiny.weight_name(1), tiny.weight_name(2)}
+    assert state.meta["batches"] == 2 and set(state.meta["prune_sigma_max"]) == {
+        tiny.weight_name(1),
+        tiny.weight_name(2),
+    }
     man = json.loads((tmp_path / "artifacts" / "batch_00001.loka" / "manifest.json").read_text())
     assert man["extra"]["prune_alpha"] == 2.0
     # a state that lags behind the artifacts is refused on resume, with the fix in the message
@@ -124,8 +152,15 @@ def test_sequential_score_sample_scores_a_seeded_subset(tiny, hp, tmp_path):
     from loka.eval.runner import checkpoint_cases
 
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)
-    cfg = EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
-                     guard=False, checkpoints=(2,), score_sample=3)
+    cfg = EvalConfig(
+        method="memit",
+        mode="sequential",
+        batch_size=2,
+        hparams={**hp, "layers": [1, 2]},
+        guard=False,
+        checkpoints=(2,),
+        score_sample=3,
+    )
     run_eval(tiny, cases, cfg, tmp_path)
     ck = [json.loads(x) for x in (tmp_path / "sequential.jsonl").read_text().splitlines()]
     assert [(c["n_edits"], c["n"]) for c in ck] == [(2, 2), (4, 3)]  # all 2 after batch 1, then 3 of 4
@@ -140,8 +175,20 @@ def test_sequential_score_sample_scores_a_seeded_subset(tiny, hp, tmp_path):
     assert checkpoint_cases(list(range(100)), 10, 700) != pick
     # a resumed run must use the same sample size
     with pytest.raises(ValueError, match="other settings"):
-        run_eval(tiny, cases, EvalConfig(method="memit", mode="sequential", batch_size=2, hparams={**hp, "layers": [1, 2]},
-                                         guard=False, checkpoints=(2,)), tmp_path, resume=True)
+        run_eval(
+            tiny,
+            cases,
+            EvalConfig(
+                method="memit",
+                mode="sequential",
+                batch_size=2,
+                hparams={**hp, "layers": [1, 2]},
+                guard=False,
+                checkpoints=(2,),
+            ),
+            tmp_path,
+            resume=True,
+        )
 
 
 def test_score_sample_needs_sequential_mode():

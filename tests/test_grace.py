@@ -17,15 +17,15 @@ A = loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Q")
 B = loka.EditRequest("{} works as a", "Perla Vint", "Z")
 
 
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_grace_edits_its_prompt_only_and_reverts_exactly(name, tmp_path):
     h = loka.load_model(name)
     other = "Mira Olde likes to eat"
     before_a, before_other = _logits(h, A.text), _logits(h, other)
     w_before = {k: v.clone() for k, v in h.model.state_dict().items()}
-    art = loka.edit(h, [A, B], "grace", {**HP, "eps": 0.05}, progress=False)  # random tiny models: keys sit close
+    art = loka.edit(
+        h, [A, B], "grace", {**HP, "eps": 0.05}, progress=False
+    )  # random tiny models: keys sit close
     assert art.kind == "memory" and art.manifest["extra"]["entries"] == 4  # 2 answer positions each
     assert _em(h, A.text, "Q") == 1.0 and _em(h, B.text, "Z") == 1.0
     assert torch.equal(_logits(h, other), before_other)  # outside every ball: untouched, bit for bit
@@ -48,7 +48,11 @@ def test_grace_codebook_rules():
     again = loka.EditRequest(A.prompt, A.subject, "R")
     art = loka.edit(h, [A, again], "grace", HP, apply=False, progress=False)
     ex = art.manifest["extra"]
-    assert ex["entries"] == 2 and ex["overwritten"] == 2 and [x.split("\x1f")[0] for x in ex["labels"]] == ["R", "R"]
+    assert (
+        ex["entries"] == 2
+        and ex["overwritten"] == 2
+        and [x.split("\x1f")[0] for x in ex["labels"]] == ["R", "R"]
+    )
     art.apply(h)
     assert _em(h, A.text, "R") == 1.0 and _em(h, A.text, "Q") == 0.0
     art.revert(h)
@@ -76,7 +80,9 @@ def test_grace_artifact_is_refused_on_a_model_without_its_module():
         art.apply(h)
 
 
-@pytest.mark.parametrize("bad,field", [({"eps": 0.0}, "eps"), ({"n_iter": 0}, "n_iter"), ({"layer": 9}, "layer")])
+@pytest.mark.parametrize(
+    "bad,field", [({"eps": 0.0}, "eps"), ({"n_iter": 0}, "n_iter"), ({"layer": 9}, "layer")]
+)
 def test_grace_refuses_bad_hyperparameters(bad, field):
     h = loka.load_model("tiny-llama")
     with pytest.raises((loka.LokaError, loka.ModelError), match=field):

@@ -101,9 +101,14 @@ def test_plain_generate_through_a_codebook_routes_each_row_on_its_prompt(family)
         enc = tok([prompt], return_tensors="pt")
         ctx = book.select(memory) if memory is not None else torch.no_grad()
         with ctx, torch.no_grad():
-            seq = hf_compat.generate(h.model, enc["input_ids"], enc["attention_mask"], max_new_tokens=6,
-                                     pad_token_id=tok.pad_token_id)
-        return seq[0, enc["input_ids"].shape[1]:].tolist()
+            seq = hf_compat.generate(
+                h.model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                max_new_tokens=6,
+                pad_token_id=tok.pad_token_id,
+            )
+        return seq[0, enc["input_ids"].shape[1] :].tolist()
 
     base = [alone(p, None) for p in PROMPTS]
     book = Codebook(deltas, emb, layer, h.spec.block_path(layer), h.spec.mlp_out_path(layer)).attach(h.model)
@@ -114,7 +119,7 @@ def test_plain_generate_through_a_codebook_routes_each_row_on_its_prompt(family)
         assert (enc["attention_mask"] == 0).any()  # left padding is exercised
         with torch.no_grad():
             seqs = h.model.generate(**enc, do_sample=False, max_new_tokens=6, pad_token_id=tok.pad_token_id)
-        raw = [s[enc["input_ids"].shape[1]:].tolist() for s in seqs]
+        raw = [s[enc["input_ids"].shape[1] :].tolist() for s in seqs]
         tok.padding_side = old
         forced = [alone(p, i) for i, p in enumerate(PROMPTS)]
     finally:

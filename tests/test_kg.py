@@ -62,8 +62,10 @@ def test_derived_graph_from_known_facts_and_mquake_chains():
 
 def _tiny_graph(**over):
     rel = Relation("cap", "capital", "country", "city", "The capital of {} is")
-    nodes = {f"d:{n}": Node(f"d:{n}", n, t, lv, "d") for n, t, lv in
-             [("France", "country", "root"), ("Paris", "city", "leaf")]}
+    nodes = {
+        f"d:{n}": Node(f"d:{n}", n, t, lv, "d")
+        for n, t, lv in [("France", "country", "root"), ("Paris", "city", "leaf")]
+    }
     triples = [Triple("d:France", "cap", "d:Paris")]
     args = {"relations": {"cap": rel}, "nodes": nodes, "triples": triples, **over}
     return KnowledgeGraph("t", args["relations"], args["nodes"], args["triples"])
@@ -72,8 +74,12 @@ def _tiny_graph(**over):
 def test_graph_validation_names_the_field():
     _tiny_graph()
     with pytest.raises(KGError, match="'level'"):
-        _tiny_graph(nodes={"d:France": Node("d:France", "France", "country", "top", "d"),
-                           "d:Paris": Node("d:Paris", "Paris", "city", "leaf", "d")})
+        _tiny_graph(
+            nodes={
+                "d:France": Node("d:France", "France", "country", "top", "d"),
+                "d:Paris": Node("d:Paris", "Paris", "city", "leaf", "d"),
+            }
+        )
     with pytest.raises(KGError, match="'cloze'"):
         _tiny_graph(relations={"cap": Relation("cap", "capital", "country", "city", "The capital is")})
     with pytest.raises(KGError, match="head 'd:Paris' has type 'city' but relation 'cap' wants 'country'"):
@@ -95,15 +101,19 @@ def test_source_format_errors_carry_file_and_line():
     with pytest.raises(KGError, match="'head = tail'"):
         parse_source(ok + "cap: France - Paris\n")
     with pytest.raises(KGError, match="has no level"):
-        parse_source("@domain d\n@type country root\n@relation cap | capital | country -> city | {} x\ncap: A = B\n")
+        parse_source(
+            "@domain d\n@type country root\n@relation cap | capital | country -> city | {} x\ncap: A = B\n"
+        )
     with pytest.raises(KGError, match="is a 'city' elsewhere"):
         parse_source(ok + "cap: France = Paris; Paris = Rome\n")
 
 
 def test_csv_and_json_round_trip(tmp_path, curated):
     p = tmp_path / "g.csv"
-    p.write_text("head,relation,tail,domain,head_type,tail_type,head_level,tail_level,noun\n"
-                 "France,cap,Paris,geo,country,city,root,leaf,capital\nItaly,cap,Rome,geo,country,city,root,leaf,capital\n")
+    p.write_text(
+        "head,relation,tail,domain,head_type,tail_type,head_level,tail_level,noun\n"
+        "France,cap,Paris,geo,country,city,root,leaf,capital\nItaly,cap,Rome,geo,country,city,root,leaf,capital\n"
+    )
     g = load_graph(p)
     assert g.tails("geo:Italy", "cap") == ["geo:Rome"] and g.relations["cap"].cloze == "The capital of {} is"
     bad = tmp_path / "bad.csv"
@@ -112,10 +122,10 @@ def test_csv_and_json_round_trip(tmp_path, curated):
         load_graph(bad)
     j = curated.save(tmp_path / "g.json")
     assert load_graph(j).to_dict() == curated.to_dict()
-    (tmp_path / "x.json").write_text("{\"nodes\": []}")
+    (tmp_path / "x.json").write_text('{"nodes": []}')
     with pytest.raises(KGError, match="loka-kg"):
         load_graph(tmp_path / "x.json")
-    (tmp_path / "broken.json").write_text("{\"format\": \"loka-kg\", ")
+    (tmp_path / "broken.json").write_text('{"format": "loka-kg", ')
     with pytest.raises(KGError, match="not valid JSON"):
         load_graph(tmp_path / "broken.json")
     with pytest.raises(KGError, match="loka kg build"):
@@ -148,7 +158,10 @@ def _true_options(g, p, iv) -> list[int]:
             ok = False
             for h in g.role[(r, "head")]:
                 for t in g.pool(r, "tail"):
-                    if o.rstrip(".").lower() == f"the {g.relations[r].noun} of {g.name_of(h)} is {g.name_of(t)}".lower():
+                    if (
+                        o.rstrip(".").lower()
+                        == f"the {g.relations[r].noun} of {g.name_of(h)} is {g.name_of(t)}".lower()
+                    ):
                         ok = holds_after(h, r, t)
         else:  # contextual: a fact the update does not touch
             ok = name[o] in g.tails(p.subject, p.relation)
@@ -177,7 +190,11 @@ def test_every_probe_has_one_true_option_and_same_type_distractors(curated, task
             rel = p.relation.split(">")[-1]
             slot = "head" if p.type == "reverse" else "tail"
             want = g.relations[rel].__getattribute__(f"{slot}_type")
-            types = {g.nodes[n].type for n in g.nodes if g.name_of(n) in p.options and g.nodes[n].domain == p.domain}
+            types = {
+                g.nodes[n].type
+                for n in g.nodes
+                if g.name_of(n) in p.options and g.nodes[n].domain == p.domain
+            }
             assert types == {want}, (p.options, types)
     # phrasings: three different texts per Q+ type and intervention
     for t in ("direct", "reverse", "comparison", "conflict"):
@@ -208,10 +225,17 @@ def test_interventions_spread_over_domains_prefer_known_and_refuse_too_many(cura
     forget = make_interventions(curated, "leaf", 4, "forget", seed=0)
     req = forget[0].request(curated)
     assert isinstance(req, loka.ForgetRequest) and req.target_true == curated.name_of(forget[0].old)
-    pref = {t for t in curated.triples if curated.nodes[t.head].level == "leaf" and
-            curated.nodes[t.head].domain == "history"}
+    pref = {
+        t
+        for t in curated.triples
+        if curated.nodes[t.head].level == "leaf" and curated.nodes[t.head].domain == "history"
+    }
     ivs = make_interventions(curated, "leaf", 4, "edit", seed=0, prefer=pref)
-    assert [iv.domain for iv in ivs if (iv.head, iv.relation, iv.old) in {(t.head, t.relation, t.tail) for t in pref}] == ["history"]
+    assert [
+        iv.domain
+        for iv in ivs
+        if (iv.head, iv.relation, iv.old) in {(t.head, t.relation, t.tail) for t in pref}
+    ] == ["history"]
     big = make_interventions(loka.bench.kg.merge_graphs([curated, build_derived()]), "leaf", 1000, "edit")
     assert len(big) == 1000 and len({iv.head for iv in big}) == 1000  # the k = 1000 scale
     with pytest.raises(loka.RequestError, match="more interventions than"):
@@ -224,15 +248,29 @@ def test_interventions_spread_over_domains_prefer_known_and_refuse_too_many(cura
 
 # ---- diagnostics on hand-built cases --------------------------------------------------------------
 def _row(t, before, after, target=None, original=None, iv=0, claims=(), scope=""):
-    return {"type": t, "before": before, "after": after, "target": target, "original": original,
-            "intervention": iv, "claims": list(claims), "scope": scope}
+    return {
+        "type": t,
+        "before": before,
+        "after": after,
+        "target": target,
+        "original": original,
+        "intervention": iv,
+        "claims": list(claims),
+        "scope": scope,
+    }
 
 
 def test_ccr_rr_and_accuracy_by_hand():
-    rows = [_row("contextual", 0, 0, 0, 0), _row("contextual", 1, 2, 1, 1), _row("contextual", 3, 3, 3, 3),
-            _row("contextual", 2, 0, 2, 2),
-            _row("direct", 1, 0, target=0, original=1), _row("direct", 1, 1, target=0, original=1),
-            _row("reverse", 2, 2, target=2, original=None), _row("multihop", 3, 3, target=0, original=3)]
+    rows = [
+        _row("contextual", 0, 0, 0, 0),
+        _row("contextual", 1, 2, 1, 1),
+        _row("contextual", 3, 3, 3, 3),
+        _row("contextual", 2, 0, 2, 2),
+        _row("direct", 1, 0, target=0, original=1),
+        _row("direct", 1, 1, target=0, original=1),
+        _row("reverse", 2, 2, target=2, original=None),
+        _row("multihop", 3, 3, target=0, original=3),
+    ]
     assert km.ccr(rows) == 0.5  # 2 of 4 contextual answers changed
     assert km.rr(rows) == pytest.approx(2 / 3)  # direct#2 and multihop kept the original; reverse has none
     assert km.accuracy([r for r in rows if r["type"] != "contextual"]) == pytest.approx(2 / 4)
@@ -242,13 +280,18 @@ def test_ccr_rr_and_accuracy_by_hand():
 def test_conflict_rate_by_hand():
     facts = {0: ("old", "new"), 1: ("old", "new"), 2: ("o", None), 3: ("o", None)}
     rows = [  # iv 0 asserts the old object in one probe and the new one in another: conflict
-        _row("direct", 0, 0, claims=["new", "old"]), _row("conflict", 0, 1, claims=["new", "old"]),
+        _row("direct", 0, 0, claims=["new", "old"]),
+        _row("conflict", 0, 1, claims=["new", "old"]),
         # iv 1 asserts only the new object; its reverse probe agrees: no conflict
-        _row("direct", 0, 0, iv=1, claims=["new", "old"]), _row("reverse", 0, 0, iv=1, claims=["new", "not:new"]),
+        _row("direct", 0, 0, iv=1, claims=["new", "old"]),
+        _row("reverse", 0, 0, iv=1, claims=["new", "not:new"]),
         # iv 2 (forget): the forgotten object in one context, another in the next: conflict
-        _row("direct", 0, 0, iv=2, claims=["o", "x"]), _row("comparison", 1, 1, iv=2, claims=["o", "x"]),
+        _row("direct", 0, 0, iv=2, claims=["o", "x"]),
+        _row("comparison", 1, 1, iv=2, claims=["o", "x"]),
         # iv 3 (forget): never asserts o: no conflict, but inconsistent (x and y)
-        _row("direct", 1, 1, iv=3, claims=["o", "x", "y"]), _row("direct", 2, 2, iv=3, claims=["o", "x", "y"])]
+        _row("direct", 1, 1, iv=3, claims=["o", "x", "y"]),
+        _row("direct", 2, 2, iv=3, claims=["o", "x", "y"]),
+    ]
     assert km.conflict_rate(rows, facts) == 0.5
     assert km.conflict_rate(rows, facts, when="before") == 0.25  # before, iv 0 said "new" twice
     assert km.inconsistency_rate(rows) == 0.75
@@ -301,7 +344,8 @@ def _small_graph(tmp_path):
         "@relation continent | continent | city -> continent | {} is a city in\n"
         "capital: France = Paris; Italy = Rome; Spain = Madrid; Japan = Tokyo; Egypt = Cairo; Peru = Lima\n"
         "continent: Paris = Europe; Rome = Europe; Madrid = Europe; Tokyo = Asia; Cairo = Africa; Lima = South America\n"
-        "@nodes continent: Oceania\n")
+        "@nodes continent: Oceania\n"
+    )
     return build_curated(src)
 
 
@@ -316,9 +360,17 @@ def test_run_kg_on_a_tiny_model_restores_weights_and_reuses_before(tmp_path):
     s = run_kg(h, g, "ft", "root", 2, seed=0, out_dir=out, hparams=hp, progress=False, repr_n=16)
     for n, p in h.model.named_parameters():
         assert torch.equal(p, snap[n]), n
-    assert s["interventions"] == 2 and s["task"] == "edit" and s["probes"] == len(
-        (out / "probes.jsonl").read_text().splitlines())
-    assert 0 <= s["ccr"] <= 1 and 0 <= s["cka"] <= 1 + 1e-9 and s["kl"] >= 0 and len(s["cka_layers"]) == h.n_layers
+    assert (
+        s["interventions"] == 2
+        and s["task"] == "edit"
+        and s["probes"] == len((out / "probes.jsonl").read_text().splitlines())
+    )
+    assert (
+        0 <= s["ccr"] <= 1
+        and 0 <= s["cka"] <= 1 + 1e-9
+        and s["kl"] >= 0
+        and len(s["cka_layers"]) == h.n_layers
+    )
     assert s["geometry"] and all(0 <= v["rot_u"] <= 1 for v in s["geometry"].values())
     key = json.loads((out / "before.json").read_text())["key"]
     import loka.eval.kg_runner as kr
@@ -329,6 +381,7 @@ def test_run_kg_on_a_tiny_model_restores_weights_and_reuses_before(tmp_path):
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
+
     kr.choose = counting
     try:  # a rerun scores the probes once (after the update): the pre-update choices come from the cache
         s2 = run_kg(h, g, "ft", "root", 2, seed=0, out_dir=out, hparams=hp, progress=False, repr_n=16)
@@ -341,8 +394,17 @@ def test_run_kg_on_a_tiny_model_restores_weights_and_reuses_before(tmp_path):
     assert s2["ccr_near"] == s["ccr_near"] and s2["by_type"] == s["by_type"]
     with pytest.raises(loka.RequestError, match="only unlearns"):
         run_kg(h, g, "npo", "root", 1, task="edit", progress=False)
-    f = run_kg(h, g, "npo", "root", 2, out_dir=tmp_path / "f", progress=False, repr_n=16,
-               hparams={"layers": [0], "max_steps": 3})
+    f = run_kg(
+        h,
+        g,
+        "npo",
+        "root",
+        2,
+        out_dir=tmp_path / "f",
+        progress=False,
+        repr_n=16,
+        hparams={"layers": [0], "max_steps": 3},
+    )
     assert f["task"] == "forget" and f["by_type"]["direct"]["target_after"] is None
     # a memory-based editor: no weight changes, so no geometry, but every probe is measured through it
     m = run_kg(h, g, "grace", "root", 2, progress=False, repr_n=16, hparams={"layer": 1})
@@ -358,8 +420,18 @@ def test_kg_edit_on_smollm2_moves_the_direct_probes(smollm2):
     g = build_curated()
     name = smollm2.weight_name(5)
     w = smollm2.param(name).detach().clone()
-    s = run_kg(smollm2, g, "ft", "leaf", 2, seed=1, progress=False, repr_n=32, domains=["biology"],
-               hparams={"layers": [5], "max_steps": 25})
+    s = run_kg(
+        smollm2,
+        g,
+        "ft",
+        "leaf",
+        2,
+        seed=1,
+        progress=False,
+        repr_n=32,
+        domains=["biology"],
+        hparams={"layers": [5], "max_steps": 25},
+    )
     d = s["by_type"]["direct"]
     assert d["target_after"] >= 0.5 and d["original_after"] < d["original_before"], d
     assert torch.equal(smollm2.param(name), w)
@@ -370,19 +442,71 @@ def test_cli_build_probes_run_and_report(tmp_path, capsys):
     assert cli(["kg", "build", "--curated", "--out", str(g), "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert st["triples"] == len(build_curated().triples) and st["domains"]["history"]["triples"] >= 150
-    assert cli(["kg", "probes", "--graph", str(g), "--level", "intermediate", "--scale", "3", "--out",
-                str(tmp_path / "p.jsonl")]) == 0
+    assert (
+        cli(
+            [
+                "kg",
+                "probes",
+                "--graph",
+                str(g),
+                "--level",
+                "intermediate",
+                "--scale",
+                "3",
+                "--out",
+                str(tmp_path / "p.jsonl"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "3 intervention(s)" in text and "reverse" in text and "mc:" in text
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert sum(x["kind"] == "intervention" for x in lines) == 3 and all("mc_prompt" in x for x in lines[3:])
-    assert cli(["kg", "probes", "--graph", str(tmp_path / "missing.json"), "--level", "leaf",
-                "--out", str(tmp_path / "q.jsonl")]) == 2
+    assert (
+        cli(
+            [
+                "kg",
+                "probes",
+                "--graph",
+                str(tmp_path / "missing.json"),
+                "--level",
+                "leaf",
+                "--out",
+                str(tmp_path / "q.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "loka kg build" in capsys.readouterr().err
     small = _small_graph(tmp_path).save(tmp_path / "small.json")
-    for method, extra in (("ft", ["--set", "layers=[0]", "--set", "max_steps=5"]), ("npo", ["--set", "layers=[0]"])):
-        assert cli(["kg", "run", "--model", "tiny-llama", "--method", method, "--graph", str(small), "--level", "root",
-                    "--scale", "2", "--out", str(tmp_path / "runs" / method), "--json", *extra]) == 0
+    for method, extra in (
+        ("ft", ["--set", "layers=[0]", "--set", "max_steps=5"]),
+        ("npo", ["--set", "layers=[0]"]),
+    ):
+        assert (
+            cli(
+                [
+                    "kg",
+                    "run",
+                    "--model",
+                    "tiny-llama",
+                    "--method",
+                    method,
+                    "--graph",
+                    str(small),
+                    "--level",
+                    "root",
+                    "--scale",
+                    "2",
+                    "--out",
+                    str(tmp_path / "runs" / method),
+                    "--json",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         s = json.loads(capsys.readouterr().out)
         assert s["method"] == method and s["interventions"] == 2
     assert cli(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "r.html")]) == 0
@@ -395,8 +519,12 @@ def test_cli_build_probes_run_and_report(tmp_path, capsys):
 def test_report_normalises_per_task():
     from loka.eval.html_report import normalise
 
-    runs = [{"task": "edit", "kl": 0.01, "cka": 0.9}, {"task": "edit", "kl": 0.1, "cka": 0.99},
-            {"task": "forget", "kl": 1.0, "cka": 0.5}, {"task": "forget", "kl": 1.0, "cka": 0.5}]
+    runs = [
+        {"task": "edit", "kl": 0.01, "cka": 0.9},
+        {"task": "edit", "kl": 0.1, "cka": 0.99},
+        {"task": "forget", "kl": 1.0, "cka": 0.5},
+        {"task": "forget", "kl": 1.0, "cka": 0.5},
+    ]
     normalise(runs)
     assert [r["kl_norm"] for r in runs] == pytest.approx([0, 1, 0, 0])
 

@@ -34,7 +34,9 @@ def test_alphaedit_closed_form_is_the_papers_formula():
     g = torch.Generator().manual_seed(1)
     K, R = torch.randn(4, 12, generator=g), torch.randn(4, 7, generator=g)
     Kp = torch.randn(5, 12, generator=g)
-    P, _ = nullspace_projection(torch.diag(torch.tensor([1.0] * 4 + [0.0] * 8)), 0.5)  # null space: last 8 dims
+    P, _ = nullspace_projection(
+        torch.diag(torch.tensor([1.0] * 4 + [0.0] * 8)), 0.5
+    )  # null space: last 8 dims
     upd = alphaedit_solve(K, R, P, Kp.T @ Kp, 10.0).double()
     Pd, Kd, Rd, Kpd = P.double(), K.double().T, R.double().T, Kp.double().T
     # Eq. 9: ΔW = R K1ᵀ P (K_p K_pᵀ P + K1 K1ᵀ P + λ I)⁻¹  ⇔  ΔW (K_pK_pᵀP + K1K1ᵀP + λI) = R K1ᵀ P
@@ -50,9 +52,22 @@ def test_alphaedit_update_spares_preserved_keys_and_raises_the_target(hp):
     thr = float(evals.median())  # half the key space is treated as preserved
     req = loka.EditRequest(REQ_A.prompt, REQ_A.subject, "R")
     before = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
-    art = loka.edit(h, req, "alphaedit", {**hp, "layers": [1], "nullspace_threshold": thr, "L2": 0.01,
-                                         "clamp_norm_factor": 50.0, "v_steps": 30, "v_weight_decay": 0.0,
-                                         "kl_factor": 0.0}, progress=False)
+    art = loka.edit(
+        h,
+        req,
+        "alphaedit",
+        {
+            **hp,
+            "layers": [1],
+            "nullspace_threshold": thr,
+            "L2": 0.01,
+            "clamp_norm_factor": 50.0,
+            "v_steps": 30,
+            "v_weight_decay": 0.0,
+            "kl_factor": 0.0,
+        },
+        progress=False,
+    )
     after = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
     dW = art.deltas[h.weight_name(1)].double()  # llama stores (out, in)
     kept = evecs[:, evals >= thr]  # preserved directions
@@ -70,9 +85,12 @@ def test_alphaedit_past_keys_protect_earlier_edits(hp):
     assert state.batches == 1 and [k.shape for k in state.batch_tensors(name)] == [(1, 128)]
     from loka.methods.locate import build_prompts, mean_over_templates, module_io_at_lookup
     from loka.methods.templates import context_templates
+
     kb = build_prompts(h, [REQ_A], context_templates(h), with_targets=False, kl_prompts=())
     kA = mean_over_templates(module_io_at_lookup(h, kb, [2])["keys"][2], kb, 1)[0].double()
-    with_state = loka.edit(h, REQ_B, "alphaedit", {**hp, **thr}, state=state.copy(), apply=False, progress=False)
+    with_state = loka.edit(
+        h, REQ_B, "alphaedit", {**hp, **thr}, state=state.copy(), apply=False, progress=False
+    )
     without = loka.edit(h, REQ_B, "alphaedit", {**hp, **thr}, apply=False, progress=False)
     w = h.weight_name(2)
     hit = lambda art: float((art.deltas[w].double() @ kA).norm() / art.deltas[w].double().norm())  # noqa: E731
@@ -96,7 +114,11 @@ def test_prune_restrains_the_accumulated_update_and_stays_revertible(hp):
     w0 = h.param(name).detach().clone()
     smax = float(torch.linalg.matrix_norm(w0.double(), ord=2))
     state = EditState()
-    big = {name: 3.0 * smax * torch.outer(torch.randn(w0.shape[0]), torch.randn(w0.shape[1])).div(w0.shape[0] ** 0.5)}
+    big = {
+        name: 3.0
+        * smax
+        * torch.outer(torch.randn(w0.shape[0]), torch.randn(w0.shape[1])).div(w0.shape[0] ** 0.5)
+    }
     arts = []
     for _ in range(3):  # three large rank-one updates in a row
         d, info = prune_deltas(h, {k: v.clone() for k, v in big.items()}, state)
@@ -108,7 +130,9 @@ def test_prune_restrains_the_accumulated_update_and_stays_revertible(hp):
         assert torch.equal(state.get(f"prune.base.{name}"), w0)  # the original is kept once
         s_acc = float(torch.linalg.matrix_norm(acc, ord=2))
         assert s_acc == pytest.approx(info[name]["sigma_max_acc"], rel=1e-4)
-        assert s_acc == pytest.approx(float(restrain(torch.tensor(info[name]["sigma_max_acc_raw"]), smax)), rel=1e-4)
+        assert s_acc == pytest.approx(
+            float(restrain(torch.tensor(info[name]["sigma_max_acc_raw"]), smax)), rel=1e-4
+        )
         assert s_acc < info[name]["sigma_max_acc_raw"]
     for art in reversed(arts):
         art.revert(h)
@@ -152,7 +176,10 @@ def test_spectrum_follows_the_accumulated_update(capsys, tmp_path):
     g = torch.Generator().manual_seed(0)
     arts = []
     for k in range(3):
-        d = {name: 5.0 * torch.outer(torch.randn(w0.shape[0], generator=g), torch.randn(w0.shape[1], generator=g))}
+        d = {
+            name: 5.0
+            * torch.outer(torch.randn(w0.shape[0], generator=g), torch.randn(w0.shape[1], generator=g))
+        }
         a = loka.Artifact.create(d, method="test", hparams={}, requests=[{"k": k}, {"k": k}], handle=h)
         arts.append(a)
         a.save(tmp_path / "seq" / f"batch_{k:05d}.loka")
@@ -164,8 +191,19 @@ def test_spectrum_follows_the_accumulated_update(capsys, tmp_path):
     assert rows[-1]["cond"] == pytest.approx(float(s[0] / s[-1]), rel=1e-6)
     assert rows[0]["delta_sigma_max"] == 0.0 and rows[-1]["sigma_max"] > rows[0]["sigma_max"]
     assert torch.equal(h.param(name), w0)  # analysis never touches the model
-    code = main(["analyze", "spectrum", "--model", "tiny-llama", "--sequence", str(tmp_path / "seq"),
-                 "--png", str(tmp_path / "s.png"), "--json"])
+    code = main(
+        [
+            "analyze",
+            "spectrum",
+            "--model",
+            "tiny-llama",
+            "--sequence",
+            str(tmp_path / "seq"),
+            "--png",
+            str(tmp_path / "s.png"),
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and len(out) == 4 and (tmp_path / "s.png").stat().st_size > 1000
 
@@ -178,7 +216,9 @@ def test_lyaplock_first_batch_is_memit_and_the_queue_follows_eq7(hp):
     K, R, W = torch.randn(3, 10, generator=g), torch.randn(3, 6, generator=g), torch.randn(6, 10, generator=g)
     A = torch.randn(20, 10, generator=g)
     C = A.T @ A / 20
-    assert torch.allclose(lyaplock_solve(K, R, W, W, 50.0 * C, None, None, 1.0, 1.0), memit_solve(K, R, C, 50.0), atol=1e-5)
+    assert torch.allclose(
+        lyaplock_solve(K, R, W, W, 50.0 * C, None, None, 1.0, 1.0), memit_solve(K, R, C, 50.0), atol=1e-5
+    )
 
     h = loka.load_model("tiny-llama")
     state = EditState()
@@ -207,10 +247,17 @@ def test_relax_projection_gives_back_directions_only_while_they_pay():
     from loka.methods.alphaedit import AlphaEditHParams, relax
 
     K, R, C = _toy()
-    hp = AlphaEditHParams(nullspace_threshold=float(torch.linalg.eigvalsh(C.double())[3]), L2=0.1, relax_step=2,
-                          relax_epsilon=0.01)
+    hp = AlphaEditHParams(
+        nullspace_threshold=float(torch.linalg.eigvalsh(C.double())[3]),
+        L2=0.1,
+        relax_step=2,
+        relax_epsilon=0.01,
+    )
     P, rank = nullspace_projection(C, hp.nullspace_threshold)
-    fit = lambda Pm: float((K.double() @ alphaedit_solve(K, R, Pm, None, 0.1).double().T - R.double()).pow(2).sum())  # noqa: E731
+
+    def fit(Pm):
+        return float((K.double() @ alphaedit_solve(K, R, Pm, None, 0.1).double().T - R.double()).pow(2).sum())
+
     P2, added = relax(K, R, C, P, None, hp)
     assert 0 < added <= 12 - rank and fit(P2) < fit(P)  # whole steps of 2, the last one may be short
     assert torch.allclose(P2 @ P2, P2, atol=1e-5)  # still a projection, of rank + added
@@ -232,7 +279,9 @@ def test_smoothed_values_reach_the_targets_at_least_as_well_as_one_solve():
     assert err(smooth) < err(one)  # the iterations add up corrections
     # a single fact is never 'large' (the median is its own norm): one iteration per t on the full residual
     hp1 = AlphaEditHParams(L2=1e-6, smooth_T=2)
-    assert torch.allclose(smoothed_solve(K[:1], R[:1], P, None, hp1), alphaedit_solve(K[:1], R[:1], P, None, 1e-6), atol=1e-4)
+    assert torch.allclose(
+        smoothed_solve(K[:1], R[:1], P, None, hp1), alphaedit_solve(K[:1], R[:1], P, None, 1e-6), atol=1e-4
+    )
 
 
 def test_conflict_weights_by_hand():
@@ -241,7 +290,7 @@ def test_conflict_weights_by_hand():
     K = torch.tensor([[1.0, 0.0]])
     Kp = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
     lam = conflict_weights(K, Kp, torch.tensor([False, False, False, True]))
-    assert lam.tolist() == pytest.approx([1.0, 0.5, 1 / (1 + 2 ** -0.5), 0.0])
+    assert lam.tolist() == pytest.approx([1.0, 0.5, 1 / (1 + 2**-0.5), 0.0])
 
 
 def test_conflict_weighting_supersedes_an_earlier_edit_of_the_same_fact(hp):
@@ -250,9 +299,18 @@ def test_conflict_weighting_supersedes_an_earlier_edit_of_the_same_fact(hp):
     state = EditState()
     first = loka.edit(h, REQ_A, "alphaedit", opts, state=state, progress=False)
     again = loka.EditRequest(REQ_A.prompt, REQ_A.subject, "Berlin")  # same subject and relation, new object
-    sup = loka.edit(h, again, "alphaedit", {**opts, "conflict_weighting": True}, state=state.copy(), apply=False,
-                    progress=False)
-    fresh = loka.edit(h, again, "alphaedit", opts, apply=False, progress=False)  # as if the first edit had no past
+    sup = loka.edit(
+        h,
+        again,
+        "alphaedit",
+        {**opts, "conflict_weighting": True},
+        state=state.copy(),
+        apply=False,
+        progress=False,
+    )
+    fresh = loka.edit(
+        h, again, "alphaedit", opts, apply=False, progress=False
+    )  # as if the first edit had no past
     plain = loka.edit(h, again, "alphaedit", opts, state=state.copy(), apply=False, progress=False)
     w = h.weight_name(2)
     assert sup.manifest["extra"]["superseded"] == {"2": 1}

@@ -62,8 +62,13 @@ def test_untrained_memory_is_the_base_model():
     h = loka.load_model("tiny-llama")
     base = _logits(h, E1.text)
     d = h.config.hidden_size
-    book = Codebook(torch.zeros((1, *h.weight(1).shape)), torch.randn(1, d), 1, h.spec.block_path(1),
-                    h.spec.mlp_out_path(1)).attach(h.model)
+    book = Codebook(
+        torch.zeros((1, *h.weight(1).shape)),
+        torch.randn(1, d),
+        1,
+        h.spec.block_path(1),
+        h.spec.mlp_out_path(1),
+    ).attach(h.model)
     try:
         assert torch.equal(_logits(h, E1.text), base)  # auto-routed to memory 0 (no router): Δ = 0
         with book.select(0):
@@ -104,8 +109,13 @@ def test_loka_edits_and_forgets_at_once(tiny_update):
         base = loka.target_logprobs(h, [E1.text, R1.text], ["Q", "K"])
     finally:
         art.apply(h)
-    assert lp[0]["logprob"] > base[0]["logprob"] + 1.0  # (grouped by memory, so batch shapes differ: 1e-5 noise)
-    assert lp[1]["logprob"] == pytest.approx(base[1]["logprob"], abs=1e-4) and lp[1]["top_token"] == base[1]["top_token"]
+    assert (
+        lp[0]["logprob"] > base[0]["logprob"] + 1.0
+    )  # (grouped by memory, so batch shapes differ: 1e-5 noise)
+    assert (
+        lp[1]["logprob"] == pytest.approx(base[1]["logprob"], abs=1e-4)
+        and lp[1]["top_token"] == base[1]["top_token"]
+    )
 
 
 def test_loka_generation_routes_like_scoring(tiny_update):
@@ -119,7 +129,7 @@ def test_loka_generation_routes_like_scoring(tiny_update):
         seqs = LokaModel(h).generate(**enc, do_sample=False, max_new_tokens=3, pad_token_id=tok.pad_token_id)
     finally:
         tok.padding_side = "right"
-    raw = [tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True) for s in seqs]
+    raw = [tok.decode(s[enc["input_ids"].shape[1] :], skip_special_tokens=True) for s in seqs]
     assert raw == via_groups and via_groups[0].startswith(" Q")
 
 
@@ -143,22 +153,51 @@ def test_conflict_rule_and_ablations():
     h = loka.load_model("tiny-llama")
     same = ForgetRequest("{} was born in the city of", "Zorblax Quint", None, target_true="Q")
     # identical (x, y) to edit and to forget: every gradient pair is opposite → score 1 → separate memories
-    art, _ = loka.update(h, [E1], [same], [], method="loka", hparams={**HP, "k": 1, "router": False},
-                         apply=False, progress=False)
+    art, _ = loka.update(
+        h,
+        [E1],
+        [same],
+        [],
+        method="loka",
+        hparams={**HP, "k": 1, "router": False},
+        apply=False,
+        progress=False,
+    )
     c = art.manifest["extra"]["conflict"]
     assert c[0]["score"] == 1.0 and c[0]["memories"] == "separate"
     assert sorted(m["task"] for m in art.manifest["extra"]["memories"]) == ["edit", "forget"]
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
-    art, _ = loka.update(h, [E1, E2], [F1], [], method="loka", apply=False, progress=False,
-                         hparams={**HP, "storage": "dense", "conflict": "shared", "router": False})
+    art, _ = loka.update(
+        h,
+        [E1, E2],
+        [F1],
+        [],
+        method="loka",
+        apply=False,
+        progress=False,
+        hparams={**HP, "storage": "dense", "conflict": "shared", "router": False},
+    )
     mem = art.manifest["extra"]["memories"]
     assert len(mem) == 1 and mem[0]["task"] == "shared" and 0.0 <= mem[0]["mgda_alpha"] <= 1.0
     assert "router.head.weight" not in art.deltas
-    art, _ = loka.update(h, [E1, E2], [F1], [], method="loka", apply=False, progress=False,
-                         hparams={**HP, "storage": "sparse", "router": False})
+    art, _ = loka.update(
+        h,
+        [E1, E2],
+        [F1],
+        [],
+        method="loka",
+        apply=False,
+        progress=False,
+        hparams={**HP, "storage": "sparse", "router": False},
+    )
     assert len(art.manifest["extra"]["memories"]) == 3
-    for bad, field in [({"mapping": "tree"}, "mapping"), ({"k": 0}, "k"), ({"storage": "x"}, "storage"),
-                       ({"router_threshold": 2}, "router_threshold"), ({"match_threshold": -0.5}, "match_threshold")]:
+    for bad, field in [
+        ({"mapping": "tree"}, "mapping"),
+        ({"k": 0}, "k"),
+        ({"storage": "x"}, "storage"),
+        ({"router_threshold": 2}, "router_threshold"),
+        ({"match_threshold": -0.5}, "match_threshold"),
+    ]:
         with pytest.raises(loka.LokaError, match=field):
             loka.update(h, [E1], [], [], method="loka", hparams={**HP, **bad}, progress=False)
 
@@ -169,8 +208,16 @@ def test_edit_stop_nll_trains_edit_memories_past_the_first_exact_match():
     h = loka.load_model("tiny-llama")
     mem = {}
     for stop in (0.0, 2.0):
-        art, _ = loka.update(h, [E1, E2], [], [], method="loka", apply=False, progress=False,
-                             hparams={**HP, "k": 1, "router": False, "edit_stop_nll": stop})
+        art, _ = loka.update(
+            h,
+            [E1, E2],
+            [],
+            [],
+            method="loka",
+            apply=False,
+            progress=False,
+            hparams={**HP, "k": 1, "router": False, "edit_stop_nll": stop},
+        )
         (mem[stop],) = art.manifest["extra"]["memories"]
     assert mem[0.0]["target_met"] and mem[2.0]["target_met"]
     assert mem[2.0]["steps"] > mem[0.0]["steps"] and mem[2.0]["edit_nll"] <= 2.0 < mem[0.0]["edit_nll"]
@@ -188,8 +235,15 @@ def test_match_threshold_keeps_unrelated_queries_on_the_base_model():
     assert float(e[1] @ e[0]) > 0.65 > max(float(e[2] @ e[0]), float(e[2] @ e[3]))
     base = _logits(h, far)
     for gate in (None, 0.0):
-        art, _ = loka.update(h, [E1, E2], [], [], method="loka", progress=False,
-                             hparams={**HP, "k": 1, "router": False, "match_threshold": gate})
+        art, _ = loka.update(
+            h,
+            [E1, E2],
+            [],
+            [],
+            method="loka",
+            progress=False,
+            hparams={**HP, "k": 1, "router": False, "match_threshold": gate},
+        )
         try:
             assert art.manifest["extra"]["match_threshold"] == (0.65 if gate is None else 0.0)
             assert LokaModel(h).route([E1.text, E2.text, near]) == [0, 0, 0]
@@ -212,8 +266,16 @@ def test_edit_contexts_train_each_edit_after_context_templates():
     ctx = [t for t in context_templates(h) if t != "{}"][:2]
     lp = {}
     for n in (0, 2):
-        art, _ = loka.update(h, [E1, E2], [], [], method="loka", apply=False, progress=False,
-                             hparams={**HP, "k": 1, "router": False, "edit_stop_nll": 2.0, "edit_contexts": n})
+        art, _ = loka.update(
+            h,
+            [E1, E2],
+            [],
+            [],
+            method="loka",
+            apply=False,
+            progress=False,
+            hparams={**HP, "k": 1, "router": False, "edit_stop_nll": 2.0, "edit_contexts": n},
+        )
         (mem,) = art.manifest["extra"]["memories"]
         assert mem["target_met"]
         art.apply(h)
@@ -238,9 +300,23 @@ def test_gate_tasks_stops_pushing_a_forget_target_already_met():
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
     lp, mem = {}, {}
     for gate in (False, True):
-        art, _ = loka.update(h, [E1, E2], [F1], [], method="loka", apply=False, progress=False,
-                             hparams={**HP, "storage": "dense", "conflict": "shared", "router": False,
-                                      "edit_stop_nll": 2.0, "gate_tasks": gate})
+        art, _ = loka.update(
+            h,
+            [E1, E2],
+            [F1],
+            [],
+            method="loka",
+            apply=False,
+            progress=False,
+            hparams={
+                **HP,
+                "storage": "dense",
+                "conflict": "shared",
+                "router": False,
+                "edit_stop_nll": 2.0,
+                "gate_tasks": gate,
+            },
+        )
         (mem[gate],) = art.manifest["extra"]["memories"]
         art.apply(h)
         try:
@@ -259,8 +335,16 @@ def test_forget_stop_nll_pushes_a_forgotten_answer_past_the_first_flipped_token(
     F1 = _forget_known(h, "{} plays the", "Miro Tal", answer="VW")
     lp, mem = {}, {}
     for stop in (0.0, 8.0):
-        art, _ = loka.update(h, [], [F1], [], method="loka", apply=False, progress=False,
-                             hparams={**HP, "k": 1, "router": False, "lr": 0.003, "n_iter": 80, "forget_stop_nll": stop})
+        art, _ = loka.update(
+            h,
+            [],
+            [F1],
+            [],
+            method="loka",
+            apply=False,
+            progress=False,
+            hparams={**HP, "k": 1, "router": False, "lr": 0.003, "n_iter": 80, "forget_stop_nll": stop},
+        )
         (mem[stop],) = art.manifest["extra"]["memories"]
         art.apply(h)
         try:
@@ -282,10 +366,14 @@ def test_sequential_lsh_keeps_old_memories(tmp_path):
     a1, _ = loka.update(h, [E1, E2], [], [R1], method="loka", hparams=hp, apply=False, progress=False)
     folder.append(a1)
     E3 = EditRequest("{} speaks the language", "Kell Dorv", "W")
-    a2, _ = loka.update(h, [E3], [], [], method="loka", hparams=hp, state=folder.state(), apply=False, progress=False)
+    a2, _ = loka.update(
+        h, [E3], [], [], method="loka", hparams=hp, state=folder.state(), apply=False, progress=False
+    )
     folder.append(a2)
     x1, x2 = a1.manifest["extra"], a2.manifest["extra"]
-    assert [i["group"] for i in x2["data"]["items"][:2]] == [i["group"] for i in x1["data"]["items"]]  # not re-assigned
+    assert [i["group"] for i in x2["data"]["items"][:2]] == [
+        i["group"] for i in x1["data"]["items"]
+    ]  # not re-assigned
     assert x2["batch"] == 1 and len(x2["data"]["items"]) == 3 and len(x2["data"]["retain"]) == 1
     new_group = x2["data"]["items"][2]["group"]
     assert x2["retrained_groups"] == [new_group]
@@ -309,11 +397,28 @@ def test_cli_update_loka_with_state(tmp_path, capsys):
 
     edits, forget, retain = tmp_path / "e.jsonl", tmp_path / "f.jsonl", tmp_path / "r.jsonl"
     edits.write_text(json.dumps({"prompt": E1.prompt, "subject": E1.subject, "target_new": "Q"}) + "\n")
-    forget.write_text(json.dumps({"prompt": "{} plays the", "subject": "Miro Tal", "target_true": "V"}) + "\n")
+    forget.write_text(
+        json.dumps({"prompt": "{} plays the", "subject": "Miro Tal", "target_true": "V"}) + "\n"
+    )
     retain.write_text(json.dumps({"prompt": R1.prompt, "subject": R1.subject, "target_new": "K"}) + "\n")
     sets = [f"--set={k}={v}" for k, v in {**HP, "router_epochs": 2}.items()]
-    args = ["update", "--model", "tiny-llama", "--method", "loka", "--edit", str(edits), "--forget", str(forget),
-            "--retain", str(retain), "--state", str(tmp_path / "book"), "--set=mapping=lsh", *sets]
+    args = [
+        "update",
+        "--model",
+        "tiny-llama",
+        "--method",
+        "loka",
+        "--edit",
+        str(edits),
+        "--forget",
+        str(forget),
+        "--retain",
+        str(retain),
+        "--state",
+        str(tmp_path / "book"),
+        "--set=mapping=lsh",
+        *sets,
+    ]
     assert main([*args, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["sets"]["edit"]["em_after"] == 1.0 and out["artifact"]["method"] == "loka"
@@ -335,8 +440,7 @@ def test_two_step_update_with_a_memory_editor_is_a_bundle(tmp_path):
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
     before = {t: _logits(h, t) for t in (E1.text, F1.text)}
     w0 = {k: v.clone() for k, v in h.model.state_dict().items()}
-    art, steps = loka.update(h, [E1], [F1], [R1], method="grace", hparams={"layer": 1},
-                             progress=False)
+    art, steps = loka.update(h, [E1], [F1], [R1], method="grace", hparams={"layer": 1}, progress=False)
     assert art.kind == "bundle" and [p.method for p in art.parts()] == ["grace", "npo"] and len(steps) == 2
     assert _em(h, E1.text, "Q") == 1.0 and _em(h, F1.text, F1.target_true) == 0.0
     edited = _logits(h, E1.text)
@@ -344,7 +448,9 @@ def test_two_step_update_with_a_memory_editor_is_a_bundle(tmp_path):
     art.revert(h)
     for k, v in h.model.state_dict().items():
         assert torch.equal(v, w0[k]), k
-    assert torch.equal(_logits(h, E1.text), before[E1.text]) and torch.equal(_logits(h, F1.text), before[F1.text])
+    assert torch.equal(_logits(h, E1.text), before[E1.text]) and torch.equal(
+        _logits(h, F1.text), before[F1.text]
+    )
     loaded = loka.load_artifact(tmp_path / "b.loka").apply(h)
     assert torch.equal(_logits(h, E1.text), edited)
     loaded.revert(h)
@@ -358,15 +464,26 @@ def test_router_and_key_share_one_encoder_pass():
     from loka.encoder import load_encoder
     from loka.router import train_router
 
-    router, _ = train_router(["The Eiffel Tower is in", "Alan Turing was born in"],
-                             ["Cats often sleep for most of the day.", "Water boils at"], epochs=2)
+    router, _ = train_router(
+        ["The Eiffel Tower is in", "Alan Turing was born in"],
+        ["Cats often sleep for most of the day.", "Water boils at"],
+        epochs=2,
+    )
     assert router.first_trained_layer() == 5
     base = load_encoder()
     texts = ["The Eiffel Tower is in", "Water boils at", "A much longer sentence about the weather in spring"]
     probs, emb = router.probs_and_embeddings(texts, base)
     assert torch.allclose(probs, router.probs(texts), atol=1e-5)
     assert torch.allclose(emb, base.encode(texts), atol=1e-5)
-    book = Codebook(torch.zeros(3, 4, 4), base.encode(["Water", "Eiffel Tower", "weather"]), 1, "b", "o",
-                    router=router, router_threshold=float(probs.median()), key_source="encoder")
+    book = Codebook(
+        torch.zeros(3, 4, 4),
+        base.encode(["Water", "Eiffel Tower", "weather"]),
+        1,
+        "b",
+        "o",
+        router=router,
+        router_threshold=float(probs.median()),
+        key_source="encoder",
+    )
     want = torch.where(probs >= book.router_threshold, book.nearest(base.encode(texts)), torch.tensor(-1))
     assert torch.equal(book.route_encoder(texts), want) and (want >= 0).any() and (want < 0).any()

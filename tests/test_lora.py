@@ -17,8 +17,6 @@ HP = {"layers": [1], "lr": 0.05, "max_steps": 80, "rank": 4}
 A = loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Q")
 
 
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_lora_merged_adapter_equals_peft_forward(name, tmp_path):
     from peft import LoraConfig, inject_adapter_in_model
@@ -41,7 +39,9 @@ def test_lora_merged_adapter_equals_peft_forward(name, tmp_path):
         assert torch.equal(v, w0[k]), k
 
     path = target.removesuffix(".weight")  # the same factors in peft's own layer
-    cfg = LoraConfig(r=4, lora_alpha=16.0, target_modules=[path], lora_dropout=0.0, fan_in_fan_out=h.spec.transposed)
+    cfg = LoraConfig(
+        r=4, lora_alpha=16.0, target_modules=[path], lora_dropout=0.0, fan_in_fan_out=h.spec.transposed
+    )
     m = inject_adapter_in_model(cfg, h.model)
     mod = m.get_submodule(path)
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_replay_reproduces_the_full_forward(tiny, align):
 
 def test_rome_is_rank_one_and_maps_the_key_to_the_new_value(tiny):
     art = loka.edit(tiny, REQ, "rome", {**tiny.hp, "layer": 1}, progress=False)
-    (name, delta), = art.deltas.items()
+    ((name, delta),) = art.deltas.items()
     assert name == tiny.weight_name(1)
     assert delta.shape == tiny.param(name).shape  # stored orientation (transposed for Conv1D)
     s = torch.linalg.svdvals(delta)
@@ -59,7 +59,7 @@ def test_rome_is_rank_one_and_maps_the_key_to_the_new_value(tiny):
 
 def test_rome_update_in_out_orientation_matches_weight_view(tiny):
     art = loka.edit(tiny, REQ, "rome", {**tiny.hp, "layer": 2}, progress=False)
-    (name, delta), = art.deltas.items()
+    ((name, delta),) = art.deltas.items()
     art.revert(tiny)
     w0 = tiny.weight(2).clone()  # (out, in) view
     art.apply(tiny)
@@ -129,8 +129,11 @@ def test_token_tree_key_batch_gives_the_padded_batch_keys(tiny):
     keys and block outputs of the padded batch, on every family; the trees really are smaller."""
     from loka.methods.locate import build_prompts, tree_batch
 
-    reqs = [REQ, loka.EditRequest("{} plays the sport of", "Messi", "tennis"),
-            loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English")]
+    reqs = [
+        REQ,
+        loka.EditRequest("{} plays the sport of", "Messi", "tennis"),
+        loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+    ]
     templates = ["{}", "The story goes. {}", "The story goes on. {}", "In 1990, {}"]
     padded = build_prompts(tiny, reqs, templates, with_targets=False, kl_prompts=())
     tree = tree_batch(padded, 0, torch.float32, max_len=64)  # small packs: several rows, shared prefixes
@@ -148,8 +151,20 @@ def test_rome_raises_the_target_on_a_tiny_model(tiny):
     # a random model has tiny gradients: without the decay term and with a large clamp the target must rise
     req = loka.EditRequest(REQ.prompt, REQ.subject, "R")  # " R": two byte tokens
     before = loka.target_logprobs(tiny, [req.text], [req.target_new])[0]["logprob"]
-    loka.edit(tiny, req, "rome", {**tiny.hp, "layer": 2, "clamp_norm_factor": 50.0, "v_steps": 30,
-                                  "v_weight_decay": 0.0, "kl_factor": 0.0}, progress=False)
+    loka.edit(
+        tiny,
+        req,
+        "rome",
+        {
+            **tiny.hp,
+            "layer": 2,
+            "clamp_norm_factor": 50.0,
+            "v_steps": 30,
+            "v_weight_decay": 0.0,
+            "kl_factor": 0.0,
+        },
+        progress=False,
+    )
     after = loka.target_logprobs(tiny, [req.text], [req.target_new])[0]["logprob"]
     # logits of a random model behind its final norm are bounded: the search saturates at a rise of
     # ~0.5 nat (tiny-gemma3, tiny-neox) to ~1.4 nat (tiny-gpt2); 0.3 is a clear rise on every family
@@ -179,9 +194,22 @@ def test_memit_reaches_its_target_through_gemmas_post_norm(text_corpus):
     h = loka.load_model("tiny-gemma3")
     req = loka.EditRequest(REQ.prompt, REQ.subject, "R")
     before = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
-    loka.edit(h, req, "memit", {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "layers": [1, 2],
-                                "v_steps": 30, "clamp_norm_factor": 50.0, "v_weight_decay": 0.0, "kl_factor": 0.0,
-                                "mom2_update_weight": 1.0}, progress=False)
+    loka.edit(
+        h,
+        req,
+        "memit",
+        {
+            "mom2_n_tokens": 1000,
+            "mom2_corpus": str(text_corpus),
+            "layers": [1, 2],
+            "v_steps": 30,
+            "clamp_norm_factor": 50.0,
+            "v_weight_decay": 0.0,
+            "kl_factor": 0.0,
+            "mom2_update_weight": 1.0,
+        },
+        progress=False,
+    )
     after = loka.target_logprobs(h, [req.text], [req.target_new])[0]["logprob"]
     assert after > before + 0.5
 
@@ -192,13 +220,18 @@ def test_grouped_value_search_equals_the_single_padded_batch(tiny, monkeypatch):
     from loka.methods import locate
     from loka.methods.locate import optimize_values
 
-    reqs = [REQ, loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
-            loka.EditRequest("{} was made by", "the iPhone 5 camera", "Nokia")]
+    reqs = [
+        REQ,
+        loka.EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English"),
+        loka.EditRequest("{} was made by", "the iPhone 5 camera", "Nokia"),
+    ]
     tm = context_templates(tiny)
     out = {}
     monkeypatch.setattr(locate, "GROUP_COST_COLUMNS", 0)  # "suffix": one bucket per suffix length
     lens = {locate._suffix_len(tiny.tokenizer, r) for r in reqs}
-    assert len(locate.suffix_buckets([locate._suffix_len(tiny.tokenizer, r) for r in reqs], 6)) == len(lens) > 1
+    assert (
+        len(locate.suffix_buckets([locate._suffix_len(tiny.tokenizer, r) for r in reqs], 6)) == len(lens) > 1
+    )
     for mode in ("none", "template", "kl", "suffix"):
         hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1, "v_grouping": mode, "v_steps": 6})
         out[mode] = optimize_values(tiny, reqs, 1, tm, hp)
@@ -221,8 +254,11 @@ def test_suffix_buckets_are_optimal_and_cover_every_request():
     got = suffix_buckets(lengths, rows_per_request=3, group_cost=8)
     assert sorted(i for g in got for i in g) == list(range(len(lengths)))
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    best = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
-               for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+    best = min(
+        cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+        for k in range(len(order))
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
     assert cost(got) == best
     assert len(suffix_buckets(lengths, 3, group_cost=10_000)) == 1  # groups too dear: one padded group
     assert len(suffix_buckets(lengths, 3, group_cost=0)) == len(set(lengths))  # free: one per length

@@ -124,7 +124,9 @@ def _bpe_folder(tmp_path, with_space_merge: bool = False):
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     text = ["The Eiffel Tower is in Paris. Lionel Messi plays football.\n\nnew lines\tand tabs"] * 50
-    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"]))
+    tk.train_from_iterator(
+        text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<pad>", "<eos>"])
+    )
     tk.add_special_tokens([AddedToken(f"<unused{i}>", special=True, normalized=False) for i in range(40)])
     tk.add_tokens([AddedToken("<b>", normalized=False), AddedToken("Eiffel Tower", single_word=True)])
     d = json.loads(tk.to_str())
@@ -148,7 +150,9 @@ def test_compact_tokenizer_serialises_and_encodes_like_the_source(tmp_path, spac
     from loka.models import loader
 
     folder = _bpe_folder(tmp_path, space)
-    ref = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>")
+    ref = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>"
+    )
     fast = loader._fast_tokenizer(folder)
     assert (folder / "tokenizer.compact.json").exists()
     merges = json.loads((folder / "tokenizer.compact.json").read_text())["model"]["merges"]
@@ -173,7 +177,9 @@ def test_a_damaged_compact_tokenizer_falls_back_to_the_source_and_is_rebuilt(tmp
     from loka.models import loader
 
     folder = _bpe_folder(tmp_path)
-    ref = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>")
+    ref = PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), eos_token="<eos>", pad_token="<pad>"
+    )
     loader._fast_tokenizer(folder)
     (folder / "tokenizer.compact.json").write_text("{not json")
     s = "The Eiffel Tower <unused3> is<b>in Paris"

@@ -14,13 +14,19 @@ def test_valid_request_fills_subject():
     assert r.paraphrases == [] and r.neighborhood == []
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"prompt": "Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"}, "prompt"),
-    ({"prompt": "{} and {}", "subject": "X", "target_new": "Rome"}, "prompt"),
-    ({"prompt": "{} is in", "subject": "", "target_new": "Rome"}, "subject"),
-    ({"prompt": "{} is in", "subject": "X", "target_new": "  "}, "target_new"),
-    ({"prompt": "{} is in", "subject": "X", "target_new": "Rome", "paraphrases": "not a list"}, "paraphrases"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"prompt": "Eiffel Tower is located in", "subject": "Eiffel Tower", "target_new": "Rome"}, "prompt"),
+        ({"prompt": "{} and {}", "subject": "X", "target_new": "Rome"}, "prompt"),
+        ({"prompt": "{} is in", "subject": "", "target_new": "Rome"}, "subject"),
+        ({"prompt": "{} is in", "subject": "X", "target_new": "  "}, "target_new"),
+        (
+            {"prompt": "{} is in", "subject": "X", "target_new": "Rome", "paraphrases": "not a list"},
+            "paraphrases",
+        ),
+    ],
+)
 def test_invalid_requests_name_the_field(kwargs, field):
     with pytest.raises(RequestError, match=field):
         EditRequest(**kwargs)
@@ -39,8 +45,10 @@ def test_reader_accepts_counterfact_records():
 
 def test_reader_jsonl_and_aliases(tmp_path):
     p = tmp_path / "r.jsonl"
-    p.write_text('{"prompt": "{} plays", "subject": "Messi", "target": "tennis"}\n\n'
-                 '{"prompt": "{} speaks", "subject": "Darrieux", "target_new": "English", "neighbourhood": ["X speaks"]}\n')
+    p.write_text(
+        '{"prompt": "{} plays", "subject": "Messi", "target": "tennis"}\n\n'
+        '{"prompt": "{} speaks", "subject": "Darrieux", "target_new": "English", "neighbourhood": ["X speaks"]}\n'
+    )
     reqs = read_requests(p)
     assert [r.target_new for r in reqs] == ["tennis", "English"]
     assert reqs[1].neighborhood == ["X speaks"]
@@ -72,8 +80,8 @@ def test_subject_may_swallow_punctuation_but_not_letters(monkeypatch):
             toks = []
             i = 0
             while i < len(text):
-                step = 2 if text[i: i + 2] in (")'", "To") else 1
-                toks.append(text[i: i + step])
+                step = 2 if text[i : i + 2] in (")'", "To") else 1
+                toks.append(text[i : i + step])
                 i += step
             return {"input_ids": toks}
 

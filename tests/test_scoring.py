@@ -22,7 +22,9 @@ def test_shared_prefix_matches_full_rows(name, mode, monkeypatch):
         raise AssertionError("fell back to full rows")
 
     monkeypatch.setattr(scoring, "_rows_full", no_fallback)  # the shared path must really be taken
-    shared = scoring.score_targets(h, PROMPTS, TARGETS, batch_size=2, mode=mode)  # chunks split a repeated prompt
+    shared = scoring.score_targets(
+        h, PROMPTS, TARGETS, batch_size=2, mode=mode
+    )  # chunks split a repeated prompt
     for a, b in zip(full, shared):
         assert a["target_ids"] == b["target_ids"]
         assert a["argmax_ids"] == b["argmax_ids"]
@@ -64,7 +66,9 @@ def test_several_records_in_one_call_score_like_one_at_a_time():
             for w in alone[g]:
                 for a, b in zip(alone[g][w], t[g][w]):
                     assert a["target_ids"] == b["target_ids"]
-                    assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
+                    assert torch.allclose(
+                        torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4
+                    )
 
 
 def test_packed_linear_weights_follow_every_edit():
@@ -85,7 +89,9 @@ def test_packed_linear_weights_follow_every_edit():
     for a, b in zip(ref, dense):
         assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(b["token_logprobs"]), atol=1e-4)
     name = h.weight_name(1)
-    art = loka.Artifact.create({name: torch.randn_like(h.param(name)) * 0.5}, method="t", hparams={}, requests=[], handle=h)
+    art = loka.Artifact.create(
+        {name: torch.randn_like(h.param(name)) * 0.5}, method="t", hparams={}, requests=[], handle=h
+    )
     art.apply(h)
     edited, edited_ref = scoring.score_targets(h, PROMPTS, TARGETS), dense_ref()
     assert abs(edited[0]["token_logprobs"][0] - dense[0]["token_logprobs"][0]) > 1e-3  # the edit is seen
@@ -143,8 +149,10 @@ def test_memit_sees_its_own_lower_layer_updates_on_packed_weights(text_corpus):
 
     h = loka.load_model("tiny-llama")
     hp = {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 5, "layers": [0, 1]}
-    reqs = [loka.EditRequest("{} is located in", "Eiffel Tower", "Rome"),
-            loka.EditRequest("{} plays", "Lionel Messi", "basketball")]
+    reqs = [
+        loka.EditRequest("{} is located in", "Eiffel Tower", "Rome"),
+        loka.EditRequest("{} plays", "Lionel Messi", "basketball"),
+    ]
     fast = loka.edit(h, reqs, "memit", hp, apply=False, progress=False)
     packed_linears(h).enabled = False
     try:
@@ -201,11 +209,16 @@ def test_token_tree_runs_shared_prefixes_once(name):
     """Prompts sharing a template, and targets sharing a first token, run their common prefix once,
     and every row still gets the logits of its own full ``prompt + target`` forward."""
     h = loka.load_model(name)
-    prompts = ["The nationality of Ann Lee is", "The nationality of Bo Ek is", "The nationality of Ann Lee is"]
+    prompts = [
+        "The nationality of Ann Lee is",
+        "The nationality of Bo Ek is",
+        "The nationality of Ann Lee is",
+    ]
     targets = ["New York City", "New Delhi", "Poland"]
     widths: list[int] = []
-    hook = h.model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].numel()),
-                                             with_kwargs=True)
+    hook = h.model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].numel()), with_kwargs=True
+    )
     try:
         tree = scoring.score_targets(h, prompts, targets, mode="packed")
         flat = scoring.score_targets(h, prompts, targets, mode="flat")
@@ -222,5 +235,7 @@ def test_token_tree_runs_shared_prefixes_once(name):
         assert a["target_ids"] == b["target_ids"] == c["target_ids"]
         assert a["argmax_ids"] == b["argmax_ids"] == c["argmax_ids"]
         for x in (b, c):
-            assert torch.allclose(torch.tensor(a["token_logprobs"]), torch.tensor(x["token_logprobs"]), atol=1e-4)
+            assert torch.allclose(
+                torch.tensor(a["token_logprobs"]), torch.tensor(x["token_logprobs"]), atol=1e-4
+            )
     assert t_ids[0][:5] == t_ids[1][:5]  # the two targets' branches share their first tokens too

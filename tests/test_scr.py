@@ -14,14 +14,20 @@ NONE = {"filter": "none", "min_similarity": 0.6}
 def test_store_prepends_the_retrieved_fact_and_changes_no_weight(tmp_path):
     h = loka.load_model("tiny-llama")
     before = {k: v.clone() for k, v in h.model.state_dict().items()}
-    q = ["Eiffel Tower is located in the city of", "Where is the Eiffel Tower? It is in the city of",
-         "Lionel Messi plays the sport of", "The weather today is"]
+    q = [
+        "Eiffel Tower is located in the city of",
+        "Where is the Eiffel Tower? It is in the city of",
+        "Lionel Messi plays the sport of",
+        "The weather today is",
+    ]
     plain = loka.target_logprobs(h, q, ["Rome"] * 4)
     art = loka.edit(h, [REQ, REQ2], "scr", NONE, progress=False)
     assert art.kind == "context" and applied_context(h.model) == [art]
     got = contextualise(h, q)
     assert got[0] == "Eiffel Tower is located in the city of Rome.\nEiffel Tower is located in the city of"
-    assert got[1].startswith("Eiffel Tower is located in the city of Rome.\n")  # a paraphrase retrieves it too
+    assert got[1].startswith(
+        "Eiffel Tower is located in the city of Rome.\n"
+    )  # a paraphrase retrieves it too
     assert got[2].startswith("Lionel Messi plays the sport of tennis.\n")
     assert got[3] == q[3]  # nothing similar enough: the prompt is left alone
     inctx = loka.target_logprobs(h, q, ["Rome"] * 4)
@@ -75,9 +81,13 @@ def test_model_filter_asks_the_model(monkeypatch):
 
     monkeypatch.setattr("loka.scoring.target_logprobs", spy)
     out = contextualise(h, [REQ.text])
-    assert asked and asked[0][0] == real.format(fact="Eiffel Tower is located in the city of Rome.", query=REQ.text)
+    assert asked and asked[0][0] == real.format(
+        fact="Eiffel Tower is located in the city of Rome.", query=REQ.text
+    )
     assert out[0].startswith("Eiffel Tower is located in the city of Rome.\n")  # the model said yes
-    monkeypatch.setattr("loka.scoring.target_logprobs",
-                        lambda *a, **k: [{"logprob": -1.0 if t == "Yes" else 0.0} for t in a[2]])
+    monkeypatch.setattr(
+        "loka.scoring.target_logprobs",
+        lambda *a, **k: [{"logprob": -1.0 if t == "Yes" else 0.0} for t in a[2]],
+    )
     assert contextualise(h, [REQ.text]) == [REQ.text]  # the model said no: the prompt is left alone
     art.revert(h)

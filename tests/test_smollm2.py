@@ -17,7 +17,9 @@ def _top(h, prompt):
     return loka.target_logprobs(h, [prompt], ["x"])[0]["top_token"]
 
 
-def test_rome_edit_changes_the_answer_generalises_and_keeps_other_facts(smollm2, hp, request_eiffel, tmp_path):
+def test_rome_edit_changes_the_answer_generalises_and_keeps_other_facts(
+    smollm2, hp, request_eiffel, tmp_path
+):
     h = smollm2
     original = {k: v.clone() for k, v in h.model.state_dict().items()}
     other = "The capital of France is"
@@ -53,7 +55,9 @@ def test_memit_batch_edits_each_fact(smollm2, hp):
         loka.EditRequest("{} plays the sport of", "Lionel Messi", "basketball"),
         loka.EditRequest("{} was developed by", "Windows 95", "Apple"),
     ]
-    before = [r["prob"] for r in loka.target_logprobs(h, [r.text for r in reqs], [r.target_new for r in reqs])]
+    before = [
+        r["prob"] for r in loka.target_logprobs(h, [r.text for r in reqs], [r.target_new for r in reqs])
+    ]
     art = loka.edit(h, reqs, "memit", hp, progress=False)
     try:
         after = loka.target_logprobs(h, [r.text for r in reqs], [r.target_new for r in reqs])
@@ -74,12 +78,16 @@ def test_batched_values_with_early_stopping_match_one_by_one(smollm2, hp):
     from loka.methods.templates import context_templates
 
     h = smollm2
-    reqs = [loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
-            loka.EditRequest("{} plays the sport of", "Lionel Messi", "basketball")]
+    reqs = [
+        loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
+        loka.EditRequest("{} plays the sport of", "Lionel Messi", "basketball"),
+    ]
     rome = loka.default_hparams("rome", h, hp)
     tm = context_templates(h)
     both = optimize_values(h, reqs, rome.layer, tm, rome)
     for i, r in enumerate(reqs):
         alone = optimize_values(h, [r], rome.layer, tm, rome)
         assert both.nll[i] < rome.early_stop_loss
-        assert torch.allclose(both.targets[i], alone.targets[0], rtol=1e-3, atol=1e-3 * float(alone.targets[0].norm()))
+        assert torch.allclose(
+            both.targets[i], alone.targets[0], rtol=1e-3, atol=1e-3 * float(alone.targets[0].norm())
+        )

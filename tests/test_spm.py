@@ -8,8 +8,17 @@ import pytest
 
 from loka.models import loader, spm
 
-TEXTS = ["The Eiffel Tower is in Paris.", "  Lionel Messi   plays football.", "Indent    code\tand tabs",
-         "x\n\ny <bos> z<eos>", "héllo wörld 日本語 🙂", " Paris", "", "a" * 30, "The  The   The    The"]
+TEXTS = [
+    "The Eiffel Tower is in Paris.",
+    "  Lionel Messi   plays football.",
+    "Indent    code\tand tabs",
+    "x\n\ny <bos> z<eos>",
+    "héllo wörld 日本語 🙂",
+    " Paris",
+    "",
+    "a" * 30,
+    "The  The   The    The",
+]
 
 
 def _spm_folder(tmp_path):
@@ -20,30 +29,60 @@ def _spm_folder(tmp_path):
     tmp_path.mkdir(parents=True, exist_ok=True)
     tk = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     tk.normalizer = normalizers.Replace(" ", "\u2581")
-    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    corpus = ["The Eiffel Tower is in Paris.  Lionel Messi plays football.", "Indent    code\tand tabs  here",
-              "Paris is the capital of France.   The Tower is tall.", "Messi plays for Inter Miami now."] * 20
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=260, special_tokens=["<pad>", "<eos>", "<bos>", "<mask>",
-                                                                                     "<unk>"]))
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    corpus = [
+        "The Eiffel Tower is in Paris.  Lionel Messi plays football.",
+        "Indent    code\tand tabs  here",
+        "Paris is the capital of France.   The Tower is tall.",
+        "Messi plays for Inter Miami now.",
+    ] * 20
+    tk.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(vocab_size=260, special_tokens=["<pad>", "<eos>", "<bos>", "<mask>", "<unk>"]),
+    )
     d = json.loads(tk.to_str())
     vocab = d["model"]["vocab"]
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     for content in ("\n", "\n\n", "<start_of_turn>"):
         vocab[content] = len(vocab)
-        d["added_tokens"].append({"id": vocab[content], "content": content, "single_word": False, "lstrip": False,
-                                  "rstrip": False, "normalized": False, "special": content.startswith("<")})
+        d["added_tokens"].append(
+            {
+                "id": vocab[content],
+                "content": content,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": content.startswith("<"),
+            }
+        )
     bos = vocab["<bos>"]
     d["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": "<bos>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": "<bos>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos], "tokens": ["<bos>"]}}}
+        "pair": [
+            {"SpecialToken": {"id": "<bos>", "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": "<bos>", "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {"<bos>": {"id": "<bos>", "ids": [bos], "tokens": ["<bos>"]}},
+    }
     (tmp_path / "tokenizer.json").write_text(json.dumps(d, ensure_ascii=False))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
-         "tokenizer_class": "GemmaTokenizer"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<bos>",
+                "eos_token": "<eos>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "tokenizer_class": "GemmaTokenizer",
+            }
+        )
+    )
     return tmp_path
 
 
@@ -69,7 +108,12 @@ def test_spm_conversion_encodes_and_decodes_like_tokenizers(tmp_path):
     assert tok.padding_side == ref.padding_side == "left"  # Gemma's family default survives
     byte = ref.convert_tokens_to_ids
     assert tok.decode([byte("<0xC3>"), byte("<0xA9>")]) == "é"
-    broken = [byte("<0x68>"), byte("<0xF0>"), byte("<0x51>"), *ref("Paris", add_special_tokens=False)["input_ids"]]
+    broken = [
+        byte("<0x68>"),
+        byte("<0xF0>"),
+        byte("<0x51>"),
+        *ref("Paris", add_special_tokens=False)["input_ids"],
+    ]
     assert tok.decode(broken) == ref.decode(broken) == "\ufffd" * 3 + "Paris"  # an invalid UTF-8 run
     import copy
     import pickle
@@ -86,9 +130,18 @@ def test_an_inexact_conversion_is_caught_and_tokenizers_kept(tmp_path, monkeypat
     good = json.loads((folder / "tokenizer.json").read_text())
     bad = {**good, "model": {**good["model"], "merges": good["model"]["merges"][::-1]}}
     (folder / spm.SPM_FILE).write_bytes(spm.sentencepiece_proto(bad))
-    wrong = spm._construct(folder, {"added_tokens": good["added_tokens"], "add_bos": "<bos>"},
-                           {"padding_side": "left", "model_input_names": ["input_ids", "attention_mask"],
-                            "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    wrong = spm._construct(
+        folder,
+        {"added_tokens": good["added_tokens"], "add_bos": "<bos>"},
+        {
+            "padding_side": "left",
+            "model_input_names": ["input_ids", "attention_mask"],
+            "bos_token": "<bos>",
+            "eos_token": "<eos>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+        },
+    )
     assert spm.mismatch(wrong, _reference(folder)) is not None
     (folder / spm.SPM_FILE).unlink()
     calls = []
@@ -115,7 +168,9 @@ def test_unsupported_shapes_are_named_and_stay_on_tokenizers(tmp_path):
     with pytest.raises(spm.Unsupported, match="normalizer"):
         spm.sentencepiece_proto({**tj, "normalizer": None})
     with pytest.raises(spm.Unsupported, match="added token"):
-        spm.sentencepiece_proto({**tj, "added_tokens": [*tj["added_tokens"], {"id": 10**6, "content": "<x>"}]})
+        spm.sentencepiece_proto(
+            {**tj, "added_tokens": [*tj["added_tokens"], {"id": 10**6, "content": "<x>"}]}
+        )
 
 
 def test_env_forces_tokenizers_and_a_damaged_conversion_is_rebuilt(tmp_path, monkeypatch):

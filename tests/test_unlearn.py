@@ -28,24 +28,28 @@ def test_answer_masking_covers_only_answer_tokens(tiny):
         assert kept == a_ids
         # label at t is the token at t+1: the kept labels are exactly the row's last len(a_ids) real tokens
         n = int(b.attention_mask[i].sum())
-        assert b.input_ids[i, n - len(a_ids): n].tolist() == a_ids
-        assert (lab[: n - len(a_ids) - 1] == L.IGNORE).all() and (lab[n - 1:] == L.IGNORE).all()
+        assert b.input_ids[i, n - len(a_ids) : n].tolist() == a_ids
+        assert (lab[: n - len(a_ids) - 1] == L.IGNORE).all() and (lab[n - 1 :] == L.IGNORE).all()
 
 
 def test_npo_gradient_equals_gradient_ascent_at_initialisation(tiny):
     """At θ = θ_ref, ∇L_NPO = mean ∇ log p_θ(y|x): gradient ascent on the summed NLL (§6.3)."""
-    b = L.qa_batch(tiny.tokenizer, ["The capital of France is", "Water boils at"], ["Paris", "one hundred degrees"])
+    b = L.qa_batch(
+        tiny.tokenizer, ["The capital of France is", "Water boils at"], ["Paris", "one hundred degrees"]
+    )
     p = tiny.param(tiny.weight_name(1))
     p.requires_grad_(True)
     try:
         lg, rows = L.answer_logits(tiny, b)
         lp, _ = L.sequence_logprobs(lg, rows, b)
-        g_npo, = torch.autograd.grad(L.npo_loss(lp, lp.detach(), beta=0.1), p, retain_graph=True)
-        g_ga, = torch.autograd.grad(lp.mean(), p)
+        (g_npo,) = torch.autograd.grad(L.npo_loss(lp, lp.detach(), beta=0.1), p, retain_graph=True)
+        (g_ga,) = torch.autograd.grad(lp.mean(), p)
     finally:
         p.requires_grad_(False)
     assert torch.allclose(g_npo, g_ga, rtol=1e-5, atol=1e-8)
-    assert float(L.npo_loss(lp.detach(), lp.detach(), 0.1)) == pytest.approx(20 * torch.log(torch.tensor(2.0)).item())
+    assert float(L.npo_loss(lp.detach(), lp.detach(), 0.1)) == pytest.approx(
+        20 * torch.log(torch.tensor(2.0)).item()
+    )
 
 
 def test_truth_ratio_of_identical_distributions_is_one():
@@ -85,14 +89,27 @@ def test_forget_request_validation_and_readers(tmp_path):
     assert fr.target_new is None and fr.text == "Ann lives in"
     f = tmp_path / "f.jsonl"
     f.write_text(json.dumps({"prompt": "{} lives in", "subject": "Ann", "answer": "Paris"}) + "\n")
-    r, = read_requests(f, ForgetRequest)
+    (r,) = read_requests(f, ForgetRequest)
     assert isinstance(r, ForgetRequest) and r.target_true == "Paris"
-    r, = read_requests(f, RetainRequest)
+    (r,) = read_requests(f, RetainRequest)
     assert isinstance(r, RetainRequest) and r.target_new == "Paris"
     cf = tmp_path / "cf.json"
-    cf.write_text(json.dumps([{"case_id": 3, "requested_rewrite": {
-        "prompt": "{} is in", "subject": "Rome", "target_new": {"str": "Asia"}, "target_true": {"str": "Europe"}}}]))
-    r, = read_requests(cf, ForgetRequest)
+    cf.write_text(
+        json.dumps(
+            [
+                {
+                    "case_id": 3,
+                    "requested_rewrite": {
+                        "prompt": "{} is in",
+                        "subject": "Rome",
+                        "target_new": {"str": "Asia"},
+                        "target_true": {"str": "Europe"},
+                    },
+                }
+            ]
+        )
+    )
+    (r,) = read_requests(cf, ForgetRequest)
     assert r.target_true == "Europe" and r.target_new is None
     f.write_text(json.dumps({"prompt": "{} lives in", "subject": "Ann"}) + "\n")
     with pytest.raises(loka.RequestError, match="missing field"):
@@ -117,12 +134,10 @@ def test_ft_learns_then_npo_forgets_and_reverts_restore_bit_for_bit(tiny):
     names = [tiny.weight_name(i) for i in range(tiny.n_layers)]
     before = {n: tiny.param(n).detach().clone() for n in names}
     assert _em(tiny, text, a) == 0.0
-    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft",
-                      {**HP, "linf_constraint": None}, progress=False)
+    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft", {**HP, "linf_constraint": None}, progress=False)
     assert learn.manifest["extra"]["edit_em"] == 1.0 and _em(tiny, text, a) == 1.0
     assert learn.manifest["extra"]["stopped_early"]
-    forget = loka.edit(tiny, ForgetRequest(p, s, target_true=a), "npo",
-                       HP, progress=False)
+    forget = loka.edit(tiny, ForgetRequest(p, s, target_true=a), "npo", HP, progress=False)
     assert forget.manifest["extra"]["forget_em"] == 0.0 and _em(tiny, text, a) == 0.0
     assert forget.manifest["extra"]["history"][0]["forget"] == pytest.approx(20 * 0.6931472, rel=1e-4)
     forget.revert(tiny)
@@ -136,8 +151,7 @@ def test_ft_learns_then_npo_forgets_and_reverts_restore_bit_for_bit(tiny):
 def test_each_forget_loss_removes_a_learned_fact(tiny, method):
     p, s, a = FACT
     text = p.replace("{}", s)
-    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft",
-                      {**HP, "linf_constraint": None}, progress=False)
+    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft", {**HP, "linf_constraint": None}, progress=False)
     try:
         keep = RetainRequest("{} was born in the city of", "Mira Olde", "L")
         hp = {**HP, **({"gamma": 1.0} if method == "simnpo" else {})}
@@ -152,12 +166,19 @@ def test_each_forget_loss_removes_a_learned_fact(tiny, method):
 def test_relearn_rewrites_name_no_forgotten_entity(tiny):
     from loka.methods.train import RELEARN_FALLBACK, relearn_answer
 
-    r = ForgetRequest("The mother tongue of {} is", "Danielle Darrieux", target_true="French", relation_id="P103",
-                      paraphrases=["Danielle Darrieux grew up speaking the language"])
+    r = ForgetRequest(
+        "The mother tongue of {} is",
+        "Danielle Darrieux",
+        target_true="French",
+        relation_id="P103",
+        paraphrases=["Danielle Darrieux grew up speaking the language"],
+    )
     assert relearn_answer(r) == "a language"
     assert relearn_answer(ForgetRequest("{} wrote", "Jaime Vasquez", target_true="Fire")) == RELEARN_FALLBACK
-    assert relearn_answer(ForgetRequest("{} wrote", "X Y", target_true="Fire", target_new="several novels")) == \
-        "several novels"
+    assert (
+        relearn_answer(ForgetRequest("{} wrote", "X Y", target_true="Fire", target_new="several novels"))
+        == "several novels"
+    )
     p, s, a = FACT
     learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft", {**HP, "linf_constraint": None}, progress=False)
     text = p.replace("{}", s)
@@ -170,8 +191,13 @@ def test_relearn_rewrites_name_no_forgotten_entity(tiny):
 
     try:  # the rewrite is learned on the prompt and on each paraphrase: 2 rows
         before = rewrite_logp()
-        art = loka.edit(tiny, ForgetRequest(p, s, target_true=a, target_new="Q R", paraphrases=[s + " lives in"]),
-                        "relearn", HP, progress=False)
+        art = loka.edit(
+            tiny,
+            ForgetRequest(p, s, target_true=a, target_new="Q R", paraphrases=[s + " lives in"]),
+            "relearn",
+            HP,
+            progress=False,
+        )
         assert art.manifest["extra"]["relearn_rows"] == 2
         assert _em(tiny, text, a) == 0.0 and rewrite_logp() > before + 1.0
         art.revert(tiny)
@@ -181,12 +207,10 @@ def test_relearn_rewrites_name_no_forgotten_entity(tiny):
 
 def test_joint_edit_and_forget_in_one_run(tiny):
     p, s, a = FACT
-    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft",
-                      {**HP, "linf_constraint": None}, progress=False)
+    learn = loka.edit(tiny, loka.EditRequest(p, s, a), "ft", {**HP, "linf_constraint": None}, progress=False)
     try:
         edit = loka.EditRequest("{} works as a", "Perla Vint", "Z")
-        art = loka.edit(tiny, [ForgetRequest(p, s, target_true=a), edit], "npo",
-                        HP, progress=False)
+        art = loka.edit(tiny, [ForgetRequest(p, s, target_true=a), edit], "npo", HP, progress=False)
         ex = art.manifest["extra"]
         assert ex["forget_em"] == 0.0 and ex["edit_em"] == 1.0
         assert _em(tiny, "Perla Vint works as a", "Z") == 1.0 and _em(tiny, p.replace("{}", s), a) == 0.0
@@ -197,17 +221,28 @@ def test_joint_edit_and_forget_in_one_run(tiny):
 
 def test_bad_retain_loss_is_refused(tiny):
     with pytest.raises(loka.LokaError, match="retain_loss"):
-        loka.edit(tiny, ForgetRequest(*FACT[:2], target_true=FACT[2]), "npo", {"retain_loss": "l2"}, progress=False)
+        loka.edit(
+            tiny, ForgetRequest(*FACT[:2], target_true=FACT[2]), "npo", {"retain_loss": "l2"}, progress=False
+        )
 
 
 def _records(n_rel=4, per=6):
     recs = []
     for r in range(n_rel):
         for k in range(per):
-            recs.append({"case_id": len(recs), "requested_rewrite": {
-                "prompt": f"{{}} rel{r} is", "subject": f"S{r}_{k}", "relation_id": f"P{r}",
-                "target_true": {"str": f"o{r}_{k % 3}"}, "target_new": {"str": f"o{r}_{(k + 1) % 3}"}},
-                "paraphrase_prompts": [f"About S{r}_{k}: rel{r} is"]})
+            recs.append(
+                {
+                    "case_id": len(recs),
+                    "requested_rewrite": {
+                        "prompt": f"{{}} rel{r} is",
+                        "subject": f"S{r}_{k}",
+                        "relation_id": f"P{r}",
+                        "target_true": {"str": f"o{r}_{k % 3}"},
+                        "target_new": {"str": f"o{r}_{(k + 1) % 3}"},
+                    },
+                    "paraphrase_prompts": [f"About S{r}_{k}: rel{r} is"],
+                }
+            )
     return recs
 
 
@@ -219,7 +254,7 @@ def test_joint_tasks_are_disjoint_and_respect_the_profile(setting):
     subj = lambda xs: {x["subject"] if "subject" in x else x["requested_rewrite"]["subject"] for x in xs}  # noqa: E731
     sets = [subj(t["edit"]), subj(t["forget"]), subj(t["retain"]), subj(t["remaining"])]
     assert [len(x) for x in sets[:3]] == [5, 5, 4] and len(sets[3]) == 24 - 14
-    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1 :])
     shared = set(t["relations"]["edit"]) & set(t["relations"]["forget"])
     assert shared if setting == "in" else not shared
     for f in t["forget"]:
@@ -234,7 +269,9 @@ def test_joint_metrics_have_the_six_loka_names(tiny):
     t = build_tasks(_records(2, 4), "in", n_edit=2, n_forget=2, n_retain=1)
     m = M.joint_metrics(tiny, t, max_new_tokens=3)
     assert set(m) == {"unl-tr", "unl-rl", "edt-rl", "edt-prl", "rem-tr", "rem-rl"}
-    assert 0 < m["unl-tr"] <= 1 and 0 <= m["rem-tr"] <= 1 and all(0 <= m[k] <= 1 for k in m if k.endswith("rl"))
+    assert (
+        0 < m["unl-tr"] <= 1 and 0 <= m["rem-tr"] <= 1 and all(0 <= m[k] <= 1 for k in m if k.endswith("rl"))
+    )
 
 
 def test_cli_data_tasks_writes_files_the_readers_accept(tmp_path, capsys):
@@ -242,8 +279,25 @@ def test_cli_data_tasks_writes_files_the_readers_accept(tmp_path, capsys):
 
     src = tmp_path / "cf.json"
     src.write_text(json.dumps(_records()))
-    code = main(["data", "tasks", "--from", str(src), "--setting", "out", "--n-edit", "4", "--n-forget", "4",
-                 "--n-retain", "3", "--out", str(tmp_path / "t"), "--json"])
+    code = main(
+        [
+            "data",
+            "tasks",
+            "--from",
+            str(src),
+            "--setting",
+            "out",
+            "--n-edit",
+            "4",
+            "--n-forget",
+            "4",
+            "--n-retain",
+            "3",
+            "--out",
+            str(tmp_path / "t"),
+            "--json",
+        ]
+    )
     assert code == 0
     info = json.loads(capsys.readouterr().out)
     assert info["forget"] == 4 and not set(info["relations"]["edit"]) & set(info["relations"]["forget"])

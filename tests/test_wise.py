@@ -18,8 +18,6 @@ A = loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Q")
 B = loka.EditRequest("{} works as a", "Perla Vint", "Z")
 
 
-
-
 @pytest.mark.parametrize("name", TINY)
 def test_wise_edits_and_reverts_exactly(name, tmp_path):
     h = loka.load_model(name)
@@ -62,6 +60,10 @@ def test_side_memory_routing():
 
 def test_wise_bad_hyperparameters():
     h = loka.load_model("tiny-llama")
-    for bad, field in [({"mask_ratio": 0}, "mask_ratio"), ({"n_iter": 0}, "n_iter"), ({"norm_constraint": 0}, "norm_constraint")]:
+    for bad, field in [
+        ({"mask_ratio": 0}, "mask_ratio"),
+        ({"n_iter": 0}, "n_iter"),
+        ({"norm_constraint": 0}, "norm_constraint"),
+    ]:
         with pytest.raises(loka.LokaError, match=field):
             loka.edit(h, [A], "wise", {**HP, **bad}, progress=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from . import env  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
+from . import env  # sets HF_HUB_OFFLINE before transformers is imported
 
 __version__ = "0.1.0"
 

@@ -27,9 +27,17 @@ def spectrum(handle, artifacts: Sequence[Artifact], every: int = 1) -> list[dict
     def measure(k: int) -> None:
         for n in names:
             s = torch.linalg.svdvals(base[n] + acc[n])
-            rows.append({"n_edits": n_edits, "batch": k, "matrix": n, "sigma_max": float(s[0]),
-                         "sigma_min": float(s[-1]), "cond": float(s[0] / s[-1].clamp_min(1e-30)),
-                         "delta_sigma_max": float(torch.linalg.matrix_norm(acc[n], ord=2))})
+            rows.append(
+                {
+                    "n_edits": n_edits,
+                    "batch": k,
+                    "matrix": n,
+                    "sigma_max": float(s[0]),
+                    "sigma_min": float(s[-1]),
+                    "cond": float(s[0] / s[-1].clamp_min(1e-30)),
+                    "delta_sigma_max": float(torch.linalg.matrix_norm(acc[n], ord=2)),
+                }
+            )
 
     measure(0)
     for k, a in enumerate(artifacts, 1):
@@ -49,8 +57,10 @@ def format_spectrum(rows: list[dict], max_rows: int = 12) -> str:
         step = max(1, len(mine) // max_rows)
         pick = mine[::step] + ([mine[-1]] if (len(mine) - 1) % step else [])
         for r in pick:
-            out.append(f"{r['n_edits']:6d}  {m:40s} {r['sigma_max']:9.3f} {r['sigma_min']:10.3g} {r['cond']:10.1f} "
-                       f"{r['delta_sigma_max']:10.3f}")
+            out.append(
+                f"{r['n_edits']:6d}  {m:40s} {r['sigma_max']:9.3f} {r['sigma_min']:10.3g} {r['cond']:10.1f} "
+                f"{r['delta_sigma_max']:10.3f}"
+            )
     return "\n".join(out)
 
 

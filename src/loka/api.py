@@ -29,9 +29,17 @@ def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
         subject_last_token(handle.tokenizer, r.prompt, r.subject)
 
 
-def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "rome",
-         hparams: HParams | dict | None = None, *, apply: bool = True, progress: bool = True,
-         state: EditState | None = None, prune: float | None = None) -> Artifact:
+def edit(
+    handle,
+    requests: EditRequest | Sequence[EditRequest],
+    method: str = "rome",
+    hparams: HParams | dict | None = None,
+    *,
+    apply: bool = True,
+    progress: bool = True,
+    state: EditState | None = None,
+    prune: float | None = None,
+) -> Artifact:
     """Run ``method`` on ``requests`` and return the artifact (applied to ``handle`` unless ``apply=False``).
 
     The model's weights are untouched if the method fails; hyperparameters default to the
@@ -67,20 +75,45 @@ def edit(handle, requests: EditRequest | Sequence[EditRequest], method: str = "r
         work.meta["batches"] = work.batches + 1
         state.tensors, state.meta = work.tensors, work.meta
     seconds = time.time() - t0
-    art = Artifact.create(deltas, method=method, hparams=hp.to_dict(), requests=[r.to_dict() for r in requests],
-                          handle=handle, extra={"seconds": round(seconds, 3), **info}, kind=m.kind)
+    art = Artifact.create(
+        deltas,
+        method=method,
+        hparams=hp.to_dict(),
+        requests=[r.to_dict() for r in requests],
+        handle=handle,
+        extra={"seconds": round(seconds, 3), **info},
+        kind=m.kind,
+    )
     log.info("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
     if apply:
         art.apply(handle)
     return art
 
 
-FORGET_METHODS = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn", "lora", "loka")  # methods with a forget loss
+FORGET_METHODS = (
+    "ga",
+    "gd",
+    "npo",
+    "simnpo",
+    "idk",
+    "dpo",
+    "relearn",
+    "lora",
+    "loka",
+)  # methods with a forget loss
 TRAINING_METHODS = (*FORGET_METHODS, "ft")  # one run handles edit + forget + retain
 
 
-def unlearn(handle, forget, retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,
-            apply: bool = True, progress: bool = True) -> Artifact:
+def unlearn(
+    handle,
+    forget,
+    retain=(),
+    method: str = "npo",
+    hparams: HParams | dict | None = None,
+    *,
+    apply: bool = True,
+    progress: bool = True,
+) -> Artifact:
     """Forget ``forget`` (:class:`~loka.requests.ForgetRequest`) while keeping ``retain``
     (:class:`~loka.requests.RetainRequest`); returns the artifact, applied unless ``apply=False``."""
     from .requests import ForgetRequest, RetainRequest
@@ -89,15 +122,29 @@ def unlearn(handle, forget, retain=(), method: str = "npo", hparams: HParams | d
     if not forget:
         raise RequestError("no forget requests given")
     if not all(isinstance(r, ForgetRequest) for r in forget):
-        raise RequestError("forget requests must be ForgetRequest (read them with read_requests(path, ForgetRequest))")
+        raise RequestError(
+            "forget requests must be ForgetRequest (read them with read_requests(path, ForgetRequest))"
+        )
     if not all(isinstance(r, RetainRequest) for r in retain):
-        raise RequestError("retain requests must be RetainRequest (read them with read_requests(path, RetainRequest))")
+        raise RequestError(
+            "retain requests must be RetainRequest (read them with read_requests(path, RetainRequest))"
+        )
     return edit(handle, forget + retain, method, hparams, apply=apply, progress=progress)
 
 
-def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams: HParams | dict | None = None, *,
-           forget_method: str = "npo", apply: bool = True, progress: bool = True,
-           state: EditState | None = None) -> tuple[Artifact, list[str]]:
+def update(
+    handle,
+    edits=(),
+    forget=(),
+    retain=(),
+    method: str = "npo",
+    hparams: HParams | dict | None = None,
+    *,
+    forget_method: str = "npo",
+    apply: bool = True,
+    progress: bool = True,
+    state: EditState | None = None,
+) -> tuple[Artifact, list[str]]:
     """Joint update: learn ``edits``, forget ``forget``, keep ``retain``.
 
     A training method does all three in one optimisation. A single-task method (ROME, MEMIT, …)
@@ -109,8 +156,12 @@ def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams:
 
     edits, forget, retain = list(edits), list(forget), list(retain)
     if method in TRAINING_METHODS:
-        art = edit(handle, edits + forget + retain, method, hparams, apply=apply, progress=progress, state=state)
-        return art, [f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"]
+        art = edit(
+            handle, edits + forget + retain, method, hparams, apply=apply, progress=progress, state=state
+        )
+        return art, [
+            f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"
+        ]
     if not edits and not forget:
         raise RequestError("nothing to do: give edit and/or forget requests")
     steps, arts = [], []
@@ -120,7 +171,9 @@ def update(handle, edits=(), forget=(), retain=(), method: str = "npo", hparams:
             steps.append(f"{method} is single-task: edited {len(edits)} fact(s) first")
         if forget:
             arts.append(unlearn(handle, forget, retain, forget_method, apply=True, progress=progress))
-            steps.append(f"then {forget_method} forgot {len(forget)} fact(s) (retain {len(retain)}) on the edited model")
+            steps.append(
+                f"then {forget_method} forgot {len(forget)} fact(s) (retain {len(retain)}) on the edited model"
+            )
     finally:  # leave the model as it was; the result is applied below as one artifact
         for a in reversed(arts):
             a.revert(handle)

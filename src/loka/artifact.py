@@ -71,8 +71,17 @@ class Artifact:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, deltas: dict[str, torch.Tensor], *, method: str, hparams: dict, requests: list[dict],
-               handle, extra: dict | None = None, kind: str = "weight-delta") -> Artifact:
+    def create(
+        cls,
+        deltas: dict[str, torch.Tensor],
+        *,
+        method: str,
+        hparams: dict,
+        requests: list[dict],
+        handle,
+        extra: dict | None = None,
+        kind: str = "weight-delta",
+    ) -> Artifact:
         """``kind`` is ``weight-delta`` (tensors are added to parameters), ``context`` (tensors are a
         fact store that applying attaches to the model and that scoring/generation consult) or
         ``memory`` (tensors are a codebook that the method's ``attach`` installs as a forward hook on
@@ -87,9 +96,16 @@ class Artifact:
             "method": method,
             "hparams": hparams,
             "requests": requests,
-            "model": {"name": handle.name, "hash": handle.model_hash, "family": handle.spec.family,
-                      "source": handle.source},
-            "params": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in deltas.items()},
+            "model": {
+                "name": handle.name,
+                "hash": handle.model_hash,
+                "family": handle.spec.family,
+                "source": handle.source,
+            },
+            "params": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in deltas.items()
+            },
             "loka_version": _version(),
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "extra": extra or {},
@@ -124,8 +140,15 @@ class Artifact:
 
         ad = self.manifest.get("extra", {}).get("adapter", {})
         try:
-            return {n: merged_delta(self.deltas[f"{n}.lora_A"], self.deltas[f"{n}.lora_B"], float(ad["scaling"]),
-                                    bool(ad.get("transposed", False))) for n in ad["targets"]}
+            return {
+                n: merged_delta(
+                    self.deltas[f"{n}.lora_A"],
+                    self.deltas[f"{n}.lora_B"],
+                    float(ad["scaling"]),
+                    bool(ad.get("transposed", False)),
+                )
+                for n in ad["targets"]
+            }
         except KeyError as e:
             raise ArtifactError(f"adapter artifact {self.id} lacks {e}; it is corrupt") from None
 
@@ -137,7 +160,7 @@ class Artifact:
         out = []
         for i, m in enumerate(self.manifest.get("extra", {}).get("parts", [])):
             pre = f"{i}/"
-            out.append(Artifact({k[len(pre):]: v for k, v in self.deltas.items() if k.startswith(pre)}, m))
+            out.append(Artifact({k[len(pre) :]: v for k, v in self.deltas.items() if k.startswith(pre)}, m))
         return out
 
     def check_compatible(self, target, *, force: bool = False) -> nn.Module:
@@ -160,15 +183,21 @@ class Artifact:
             try:
                 model.get_submodule(path)
             except AttributeError:
-                raise ArtifactError(f"artifact {self.id} hooks module {path!r}, which this model does not have") from None
+                raise ArtifactError(
+                    f"artifact {self.id} hooks module {path!r}, which this model does not have"
+                ) from None
             return model
         for name, delta in self.weight_deltas().items():
             try:
                 p = model.get_parameter(name)
             except AttributeError:
-                raise ArtifactError(f"artifact {self.id} edits {name!r}, which this model does not have") from None
+                raise ArtifactError(
+                    f"artifact {self.id} edits {name!r}, which this model does not have"
+                ) from None
             if tuple(p.shape) != tuple(delta.shape):
-                raise ArtifactError(f"artifact {self.id}: {name} has shape {tuple(delta.shape)}, model has {tuple(p.shape)}")
+                raise ArtifactError(
+                    f"artifact {self.id}: {name} has shape {tuple(delta.shape)}, model has {tuple(p.shape)}"
+                )
         return model
 
     def apply(self, target, *, force: bool = False) -> Artifact:
@@ -235,7 +264,7 @@ class Artifact:
         pos = next((i for i, (a, _) in enumerate(stack) if a.id == self.id), None)
         if pos is None:
             raise ArtifactError(f"artifact {self.id} is not applied to this model")
-        later = stack[pos + 1:]
+        later = stack[pos + 1 :]
         with torch.no_grad():
             for _, backup in reversed(stack[pos:]):  # unwind to the state before this artifact
                 for n, t in backup.items():
@@ -261,7 +290,9 @@ class Artifact:
         path = Path(path)
         mf, tf = path / "manifest.json", path / "deltas.safetensors"
         if not path.is_dir():
-            raise ArtifactError(f"{path} is not an artifact folder (expected manifest.json + deltas.safetensors)")
+            raise ArtifactError(
+                f"{path} is not an artifact folder (expected manifest.json + deltas.safetensors)"
+            )
         if not mf.exists() or not tf.exists():
             raise ArtifactError(f"{path} is incomplete: needs manifest.json and deltas.safetensors")
         try:
@@ -273,7 +304,9 @@ class Artifact:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
             raise ArtifactError(f"{path} needs a newer loka (format_version {manifest['format_version']})")
         if sha256_file(tf) != manifest.get("tensors_sha256"):
-            raise ArtifactError(f"{tf} does not match the sha256 in its manifest: the artifact is corrupt or was modified")
+            raise ArtifactError(
+                f"{tf} does not match the sha256 in its manifest: the artifact is corrupt or was modified"
+            )
         deltas = load_file(str(tf))
         if set(deltas) != set(manifest.get("params", {})):
             raise ArtifactError(f"{path}: tensors do not match the manifest's parameter list")
@@ -284,7 +317,9 @@ class Artifact:
         out = {k: v for k, v in self.manifest.items() if k != "requests"}
         out["n_requests"] = len(self.manifest.get("requests", []))
         out["requests"] = self.manifest.get("requests", [])
-        out["delta_norms"] = {k: round(float(v.norm()), 6) for k, v in (self.weight_deltas() or self.deltas).items()}
+        out["delta_norms"] = {
+            k: round(float(v.norm()), 6) for k, v in (self.weight_deltas() or self.deltas).items()
+        }
         return out
 
 
@@ -301,15 +336,24 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     if len(hashes) > 1:
         raise ArtifactError("cannot stack artifacts made for different models")
     if any(a.kind not in ("weight-delta", "adapter") for a in artifacts):
-        raise ArtifactError("only weight-delta and adapter artifacts can be stacked; apply context and memory "
-                            "artifacts (fact stores, codebooks) side by side")
+        raise ArtifactError(
+            "only weight-delta and adapter artifacts can be stacked; apply context and memory "
+            "artifacts (fact stores, codebooks) side by side"
+        )
     deltas: dict[str, torch.Tensor] = {}
     for a in artifacts:  # adapters are merged into plain deltas
         for k, v in a.weight_deltas().items():
             deltas[k] = deltas[k] + v if k in deltas else v.clone()
     base = artifacts[0].manifest
-    manifest = dict(base, method="stack", kind="weight-delta", hparams={}, requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
-                    parents=[a.id for a in artifacts], params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()})
+    manifest = dict(
+        base,
+        method="stack",
+        kind="weight-delta",
+        hparams={},
+        requests=[r for a in artifacts for r in a.manifest.get("requests", [])],
+        parents=[a.id for a in artifacts],
+        params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()},
+    )
     manifest.pop("tensors_sha256", None)
     manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
     return Artifact(deltas, manifest)
@@ -328,10 +372,16 @@ def bundle_artifacts(artifacts: list[Artifact]) -> Artifact:
     deltas = {f"{i}/{k}": v for i, p in enumerate(parts) for k, v in p.deltas.items()}
     manifests = [{k: v for k, v in p.manifest.items() if k != "tensors_sha256"} for p in parts]
     base = parts[0].manifest
-    manifest = dict(base, method="bundle", kind="bundle", hparams={},
-                    requests=[r for p in parts for r in p.manifest.get("requests", [])], parents=[p.id for p in parts],
-                    params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()},
-                    extra={"parts": manifests})
+    manifest = dict(
+        base,
+        method="bundle",
+        kind="bundle",
+        hparams={},
+        requests=[r for p in parts for r in p.manifest.get("requests", [])],
+        parents=[p.id for p in parts],
+        params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()},
+        extra={"parts": manifests},
+    )
     manifest.pop("tensors_sha256", None)
     manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
     return Artifact(deltas, manifest)

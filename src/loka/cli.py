@@ -49,7 +49,9 @@ def cmd_models(args) -> int:
         return 0
     print(f"{'name':14s} {'installed':9s} {'cached':6s} description")
     for r in rows:
-        print(f"{r['name']:14s} {'yes' if r['installed'] else 'no':9s} {'yes' if r['cached'] else 'no':6s} {r['description']}")
+        print(
+            f"{r['name']:14s} {'yes' if r['installed'] else 'no':9s} {'yes' if r['cached'] else 'no':6s} {r['description']}"
+        )
         if not r["installed"]:
             print(f"{'':14s} install: {r['install']}")
     return 0
@@ -89,38 +91,78 @@ def cmd_edit(args) -> int:
     else:
         missing = [f for f in ("prompt", "subject", "target") if not getattr(args, f)]
         if missing:
-            raise SystemExit(f"error: give --requests FILE or all of --prompt/--subject/--target (missing: {', '.join('--' + m for m in missing)})")
-        reqs = [EditRequest(args.prompt, args.subject, args.target, target_true=args.target_true,
-                            paraphrases=args.paraphrase or [], neighborhood=args.neighbourhood or [])]
+            raise SystemExit(
+                f"error: give --requests FILE or all of --prompt/--subject/--target (missing: {', '.join('--' + m for m in missing)})"
+            )
+        reqs = [
+            EditRequest(
+                args.prompt,
+                args.subject,
+                args.target,
+                target_true=args.target_true,
+                paraphrases=args.paraphrase or [],
+                neighborhood=args.neighbourhood or [],
+            )
+        ]
     handle = load_model(args.model)
     session = None
     if args.sequential:
         from .session import Session
 
         new = not (Path(args.sequential) / "session.json").exists()
-        session = Session(args.sequential, handle, method=args.method or ("rome" if new else None),
-                          hparams=_hparam_overrides(args), prune=args.prune)
+        session = Session(
+            args.sequential,
+            handle,
+            method=args.method or ("rome" if new else None),
+            hparams=_hparam_overrides(args),
+            prune=args.prune,
+        )
     before = [probe_rows(handle, r) for r in reqs]
     t0 = time.time()
     if session is not None:
         art = session.append(reqs, progress=not args.json)
     else:
-        art = edit(handle, reqs, args.method or "rome", _hparam_overrides(args), progress=not args.json, prune=args.prune)
+        art = edit(
+            handle,
+            reqs,
+            args.method or "rome",
+            _hparam_overrides(args),
+            progress=not args.json,
+            prune=args.prune,
+        )
     seconds = time.time() - t0
     after = [probe_rows(handle, r) for r in reqs]
     saved = str(art.save(args.save)) if args.save else None
     if args.json:
-        print(json.dumps({
-            "before": before if len(reqs) > 1 else before[0], "after": after if len(reqs) > 1 else after[0],
-            "artifact": {"id": art.id, "path": saved, "method": art.method, "params": list(art.deltas)},
-            "seconds": round(seconds, 3),
-            **({"session": {"folder": args.sequential, "batches": session.n_batches}} if session else {}),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "before": before if len(reqs) > 1 else before[0],
+                    "after": after if len(reqs) > 1 else after[0],
+                    "artifact": {
+                        "id": art.id,
+                        "path": saved,
+                        "method": art.method,
+                        "params": list(art.deltas),
+                    },
+                    "seconds": round(seconds, 3),
+                    **(
+                        {"session": {"folder": args.sequential, "batches": session.n_batches}}
+                        if session
+                        else {}
+                    ),
+                },
+                indent=2,
+            )
+        )
     else:
         for r, b, a in zip(reqs, before, after):
             print(format_table(r, b, a))
             print()
-        print(f"{art.method}: {len(reqs)} edit(s) in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+        print(
+            f"{art.method}: {len(reqs)} edit(s) in {seconds:.1f}s; artifact {art.id}"
+            + (f" saved to {saved}" if saved else "")
+        )
         if session:
             print(f"session {args.sequential}: batch {session.n_batches} of {session.n_batches} saved")
     return 0
@@ -135,24 +177,51 @@ def _answer_rows(handle, reqs, which: str) -> list[dict]:
 
 def _set_summary(before: list[dict], after: list[dict]) -> dict:
     mean = lambda rows, k: round(sum(r[k] for r in rows) / len(rows), 4) if rows else None  # noqa: E731
-    return {"n": len(before), "p_norm_before": mean(before, "p_norm"), "p_norm_after": mean(after, "p_norm"),
-            "em_before": mean(before, "em"), "em_after": mean(after, "em")}
+    return {
+        "n": len(before),
+        "p_norm_before": mean(before, "p_norm"),
+        "p_norm_after": mean(after, "p_norm"),
+        "em_before": mean(before, "em"),
+        "em_after": mean(after, "em"),
+    }
 
 
 def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> None:
     if args.json:
-        print(json.dumps({"sets": sets, "artifact": {"id": art.id, "path": saved, "method": art.method,
-                                                     "params": list(art.deltas)},
-                          "training": {k: art.manifest["extra"].get(k) for k in ("steps", "stopped_early")},
-                          **({"codebook": {k: art.manifest["extra"].get(k) for k in ("memories", "conflict", "router")}}
-                             if "memories" in art.manifest["extra"] else {}),
-                          "steps": steps or [], "seconds": round(seconds, 3)}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "sets": sets,
+                    "artifact": {
+                        "id": art.id,
+                        "path": saved,
+                        "method": art.method,
+                        "params": list(art.deltas),
+                    },
+                    "training": {k: art.manifest["extra"].get(k) for k in ("steps", "stopped_early")},
+                    **(
+                        {
+                            "codebook": {
+                                k: art.manifest["extra"].get(k) for k in ("memories", "conflict", "router")
+                            }
+                        }
+                        if "memories" in art.manifest["extra"]
+                        else {}
+                    ),
+                    "steps": steps or [],
+                    "seconds": round(seconds, 3),
+                },
+                indent=2,
+            )
+        )
         return
     for line in steps or []:
         print(line)
     print(f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'EM before':>9s} {'EM after':>9s}")
     for name, r in sets.items():
-        print(f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}")
+        print(
+            f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}"
+        )
     ex = art.manifest.get("extra", {})
     if "steps" in ex:
         what = f"{ex['steps']} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''}"
@@ -163,7 +232,9 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
         what = f"{len(art.parts())} artifacts bundled ({', '.join(p.method for p in art.parts())})"
     else:
         what = f"{len(art.manifest.get('parents', [])) or 1} artifact(s) stacked"
-    print(f"{art.method}: {what} in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else ""))
+    print(
+        f"{art.method}: {what} in {seconds:.1f}s; artifact {art.id}" + (f" saved to {saved}" if saved else "")
+    )
 
 
 def _update_options(s) -> None:
@@ -172,10 +243,23 @@ def _update_options(s) -> None:
 
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
     s.add_argument("--hparams", help="JSON file of hyperparameters overriding the method's defaults")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable), e.g. lr=1e-3")
-    s.add_argument("--artifact", action="append", help="apply this artifact first (repeatable), e.g. a fine-tuned fact set")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one hyperparameter (repeatable), e.g. lr=1e-3",
+    )
+    s.add_argument(
+        "--artifact",
+        action="append",
+        help="apply this artifact first (repeatable), e.g. a fine-tuned fact set",
+    )
     s.add_argument("--save", help="save the artifact (stacked, for a two-step update) to this folder")
-    s.add_argument("--json", action="store_true", help="print one JSON object: per-set P̄/EM before and after, artifact, seconds")
+    s.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object: per-set P̄/EM before and after, artifact, seconds",
+    )
 
 
 def cmd_unlearn(args) -> int:
@@ -185,13 +269,17 @@ def cmd_unlearn(args) -> int:
     forget = read_requests(args.forget, ForgetRequest)
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
     handle = _load_with_artifacts(args.model, args.artifact)
-    before = {"forget": _answer_rows(handle, forget, "target_true"),
-              **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {})}
+    before = {
+        "forget": _answer_rows(handle, forget, "target_true"),
+        **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {}),
+    }
     t0 = time.time()
     art = unlearn(handle, forget, retain, args.method, _hparam_overrides(args), progress=not args.json)
     seconds = time.time() - t0
-    after = {"forget": _answer_rows(handle, forget, "target_true"),
-             **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {})}
+    after = {
+        "forget": _answer_rows(handle, forget, "target_true"),
+        **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {}),
+    }
     saved = str(art.save(args.save)) if args.save else None
     _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved)
     return 0
@@ -206,7 +294,9 @@ def cmd_update(args) -> int:
         from .methods.loka import CodebookFolder
 
         if args.method != "loka" or not args.state:
-            raise SystemExit("error: --state DIR (and --rollback N) are for --method loka: a sequential codebook folder")
+            raise SystemExit(
+                "error: --state DIR (and --rollback N) are for --method loka: a sequential codebook folder"
+            )
         folder = CodebookFolder(args.state)
         if args.rollback is not None:
             gone = folder.rollback(args.rollback)
@@ -219,18 +309,34 @@ def cmd_update(args) -> int:
     if not edits and not forget:
         raise SystemExit("error: give --edit FILE and/or --forget FILE")
     handle = _load_with_artifacts(args.model, args.artifact)
-    sets = {"edit": (edits, "target_new"), "forget": (forget, "target_true"), "retain": (retain, "target_new")}
+    sets = {
+        "edit": (edits, "target_new"),
+        "forget": (forget, "target_true"),
+        "retain": (retain, "target_new"),
+    }
     before = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
     t0 = time.time()
-    art, steps = update(handle, edits, forget, retain, args.method, _hparam_overrides(args),
-                        forget_method=args.forget_method, progress=not args.json, state=state)
+    art, steps = update(
+        handle,
+        edits,
+        forget,
+        retain,
+        args.method,
+        _hparam_overrides(args),
+        forget_method=args.forget_method,
+        progress=not args.json,
+        state=state,
+    )
     seconds = time.time() - t0
     after = {k: _answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
     if folder is not None:
         path = folder.append(art)
         x = art.manifest["extra"]
-        steps = [*steps, f"codebook {path}: batch {len(folder.batches())}, {len(x['memories'])} memories, "
-                         f"{len(x['retrained_groups'])} bucket(s) trained, {x['carried_over']} memories carried over"]
+        steps = [
+            *steps,
+            f"codebook {path}: batch {len(folder.batches())}, {len(x['memories'])} memories, "
+            f"{len(x['retrained_groups'])} bucket(s) trained, {x['carried_over']} memories carried over",
+        ]
     saved = str(art.save(args.save)) if args.save else None
     _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved, steps)
     return 0
@@ -265,7 +371,9 @@ def cmd_analyze(args) -> int:
         a.check_compatible(handle, force=args.force)
     rows = spectrum(handle, arts, every=args.every)
     if args.png:
-        plot_spectrum({args.label or arts[0].method: rows}, args.png, f"{handle.name}: {len(arts)} artifact(s)")
+        plot_spectrum(
+            {args.label or arts[0].method: rows}, args.png, f"{handle.name}: {len(arts)} artifact(s)"
+        )
     if args.out:
         from .utils.io import atomic_write_json
 
@@ -283,9 +391,15 @@ def cmd_session(args) -> int:
     from .models import load_model
     from .session import Session
 
-    meta = json.loads((Path(args.folder) / "session.json").read_text()) if (Path(args.folder) / "session.json").exists() else None
+    meta = (
+        json.loads((Path(args.folder) / "session.json").read_text())
+        if (Path(args.folder) / "session.json").exists()
+        else None
+    )
     if meta is None:
-        raise SystemExit(f"error: {args.folder} is not a session (no session.json); start one with loka edit --sequential")
+        raise SystemExit(
+            f"error: {args.folder} is not a session (no session.json); start one with loka edit --sequential"
+        )
     handle = load_model(args.model or meta["model"])
     s = Session(args.folder, handle)
     if args.rollback:
@@ -296,8 +410,11 @@ def cmd_session(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        print(f"{args.folder}: {info['model']} · {info['method']}" + (f" + PRUNE(α={info['prune']:.3g})" if info["prune"] else "")
-              + f" · {info['batches']} batch(es), {info['edits']} edit(s)")
+        print(
+            f"{args.folder}: {info['model']} · {info['method']}"
+            + (f" + PRUNE(α={info['prune']:.3g})" if info["prune"] else "")
+            + f" · {info['batches']} batch(es), {info['edits']} edit(s)"
+        )
         for b in info["batch_list"]:
             print(f"  batch {b['batch']:4d}  {b['id']}  {b['requests']:4d} request(s)  {b['seconds']} s")
         if args.export:
@@ -325,7 +442,11 @@ def cmd_inspect(args) -> int:
     print(f"created    {s['created']}  loka {s['loka_version']}")
     print(f"requests   {s['n_requests']}")
     for r in s["requests"][:10]:
-        what = f"-> {r['target_new']!r}" if r.get("target_new") is not None else f"forget {r.get('target_true')!r}"
+        what = (
+            f"-> {r['target_new']!r}"
+            if r.get("target_new") is not None
+            else f"forget {r.get('target_true')!r}"
+        )
         print(f"  - {r['prompt'].replace('{}', r['subject'])!r} {what}")
     print("deltas")
     for k, v in s["delta_norms"].items():
@@ -337,9 +458,11 @@ def cmd_inspect(args) -> int:
 
         x = s["extra"]
         tasks = ", ".join(f"{n} {t}" for t, n in sorted(Counter(m["task"] for m in mem).items()))
-        print(f"codebook   {len(mem)} memories ({tasks}) on {x['module']}, keys {x.get('key_source', 'llm')}, "
-              f"router {'τ = ' + str(x['router_threshold']) if x.get('router') else 'off'}, "
-              f"{len(x.get('conflict', []))} mixed cluster(s)")
+        print(
+            f"codebook   {len(mem)} memories ({tasks}) on {x['module']}, keys {x.get('key_source', 'llm')}, "
+            f"router {'τ = ' + str(x['router_threshold']) if x.get('router') else 'off'}, "
+            f"{len(x.get('conflict', []))} mixed cluster(s)"
+        )
     return 0
 
 
@@ -367,7 +490,9 @@ def cmd_data_counterfact(args) -> int:
     from .utils.io import atomic_write_json
 
     if args.source not in ("known", "known+mquake"):
-        raise SystemExit(f"error: --from {args.source!r} is not supported; use --from known or --from known+mquake")
+        raise SystemExit(
+            f"error: --from {args.source!r} is not supported; use --from known or --from known+mquake"
+        )
     facts = load_known(args.known_file)
     if args.source == "known+mquake":
         facts = facts + mquake_facts(exclude=facts)
@@ -379,9 +504,19 @@ def cmd_data_counterfact(args) -> int:
         log.info("%s gets %d of %d known facts right", args.known_by, len(edited), len(facts))
     recs = build_counterfact(edited, args.n, args.seed, all_facts=facts, min_subjects=args.min_subjects)
     atomic_write_json(args.out, recs)
-    info = {"records": len(recs), "facts": len(facts), "known_by": args.known_by, "facts_known": len(edited), "out": args.out}
-    print(json.dumps(info) if args.json else f"wrote {len(recs)} CounterFact-format records to {args.out}"
-          + (f" ({args.known_by} knows {len(edited)} of {len(facts)} facts)" if args.known_by else ""))
+    info = {
+        "records": len(recs),
+        "facts": len(facts),
+        "known_by": args.known_by,
+        "facts_known": len(edited),
+        "out": args.out,
+    }
+    print(
+        json.dumps(info)
+        if args.json
+        else f"wrote {len(recs)} CounterFact-format records to {args.out}"
+        + (f" ({args.known_by} knows {len(edited)} of {len(facts)} facts)" if args.known_by else "")
+    )
     return 0
 
 
@@ -391,8 +526,12 @@ def cmd_data_tasks(args) -> int:
 
     src = Path(args.source)
     if not src.exists():
-        raise SystemExit(f"error: --from {src} does not exist (build it with loka data counterfact --known-by MODEL)")
-    task = build_tasks(json.loads(src.read_text()), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed)
+        raise SystemExit(
+            f"error: --from {src} does not exist (build it with loka data counterfact --known-by MODEL)"
+        )
+    task = build_tasks(
+        json.loads(src.read_text()), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "task.json", task)
@@ -404,8 +543,11 @@ def cmd_data_tasks(args) -> int:
         tmp.write_text(lines)
         tmp.replace(out / f"{name}.jsonl")
     counts = {k: len(task[k]) for k in ("edit", "forget", "retain", "remaining")}
-    print(json.dumps({**counts, "setting": args.setting, "relations": task["relations"], "out": str(out)}) if args.json
-          else f"{args.setting}-profile task in {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    print(
+        json.dumps({**counts, "setting": args.setting, "relations": task["relations"], "out": str(out)})
+        if args.json
+        else f"{args.setting}-profile task in {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+    )
     return 0
 
 
@@ -420,12 +562,17 @@ def cmd_data_tofu(args) -> int:
         atomic_write_json(out / f"{name}.json", recs)
     if args.relearn:  # ReLearn's targets: the forget splits again, each record with its rewrite
         from .bench.tofu import with_relearn_targets
+
         for name in [k for k in splits if k.startswith("forget")]:
             atomic_write_json(out / f"{name}_relearn.json", with_relearn_targets(splits[name]))
     counts = {k: len(v) for k, v in splits.items()}
-    print(json.dumps({**counts, "out": str(out), "relearn": args.relearn}) if args.json
-          else f"mini-TOFU in {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
-          + ("; ReLearn targets in forget*_relearn.json" if args.relearn else ""))
+    print(
+        json.dumps({**counts, "out": str(out), "relearn": args.relearn})
+        if args.json
+        else f"mini-TOFU in {out}: "
+        + ", ".join(f"{k} {v}" for k, v in counts.items())
+        + ("; ReLearn targets in forget*_relearn.json" if args.relearn else "")
+    )
     return 0
 
 
@@ -437,11 +584,23 @@ def cmd_finetune(args) -> int:
 
     recs = [r for f in args.data for r in load_qa(f)]
     handle = load_model(args.model)
-    rec = finetune(handle, [QA_PROMPT.format(r["question"]) for r in recs], [r["answer"] for r in recs], args.out,
-                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed, progress=not args.json)
-    print(json.dumps({**rec, "out": args.out}) if args.json else
-          f"fine-tuned {handle.name} on {rec['n']} QA pairs: {rec['epochs']} epochs, {rec['steps']} steps in "
-          f"{rec['seconds']:.0f}s (loss per epoch {rec['epoch_loss']}); model in {args.out} (load it with --model {args.out})")
+    rec = finetune(
+        handle,
+        [QA_PROMPT.format(r["question"]) for r in recs],
+        [r["answer"] for r in recs],
+        args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress=not args.json,
+    )
+    print(
+        json.dumps({**rec, "out": args.out})
+        if args.json
+        else f"fine-tuned {handle.name} on {rec['n']} QA pairs: {rec['epochs']} epochs, {rec['steps']} steps in "
+        f"{rec['seconds']:.0f}s (loss per epoch {rec['epoch_loss']}); model in {args.out} (load it with --model {args.out})"
+    )
     return 0
 
 
@@ -452,16 +611,26 @@ def cmd_eval(args) -> int:
 
     cases = load_cases(args.data, args.n)
     handle = load_model(args.model)
-    cfg = EvalConfig(method=args.method, mode=args.mode, batch_size=args.batch_size, hparams=_hparam_overrides(args),
-                     generation=args.generation, guard=not args.no_guard, prune=args.prune,
-                     score_sample=args.score_sample)
+    cfg = EvalConfig(
+        method=args.method,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        hparams=_hparam_overrides(args),
+        generation=args.generation,
+        guard=not args.no_guard,
+        prune=args.prune,
+        score_sample=args.score_sample,
+    )
     out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
     summary = run_eval(handle, cases, cfg, out, resume=args.resume)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
-        print(f"results in {out} (summary.json, results.jsonl" + (", sequential.png)" if args.mode == "sequential" else ")"))
+        print(
+            f"results in {out} (summary.json, results.jsonl"
+            + (", sequential.png)" if args.mode == "sequential" else ")")
+        )
     return 0
 
 
@@ -474,17 +643,31 @@ def _graph(spec: str):
 def _print_kg_stats(g, as_json: bool) -> None:
     st = g.stats()
     if as_json:
-        print(json.dumps({"name": g.name, "triples": len(g.triples), "nodes": len(g.nodes),
-                          "relations": len(g.relations), "domains": st}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "name": g.name,
+                    "triples": len(g.triples),
+                    "nodes": len(g.nodes),
+                    "relations": len(g.relations),
+                    "domains": st,
+                },
+                indent=2,
+            )
+        )
         return
     print(f"graph {g.name}: {len(g.triples)} triples, {len(g.nodes)} nodes, {len(g.relations)} relations")
-    print(f"{'domain':10s} {'triples':>7s} {'relations':>9s} {'root':>5s} {'interm.':>7s} {'leaf':>5s}   "
-          f"{'heads at root/interm./leaf':>26s} {'2-hop chains':>12s}")
+    print(
+        f"{'domain':10s} {'triples':>7s} {'relations':>9s} {'root':>5s} {'interm.':>7s} {'leaf':>5s}   "
+        f"{'heads at root/interm./leaf':>26s} {'2-hop chains':>12s}"
+    )
     for d, x in st.items():
         n, h = x["nodes"], x["triples_by_head_level"]
-        print(f"{d:10s} {x['triples']:7d} {x['relations']:9d} {n.get('root', 0):5d} {n.get('intermediate', 0):7d} "
-              f"{n.get('leaf', 0):5d}   {h.get('root', 0):>8d} /{h.get('intermediate', 0):>6d} /{h.get('leaf', 0):>6d}"
-              f"   {x['two_hop_chains']:12d}")
+        print(
+            f"{d:10s} {x['triples']:7d} {x['relations']:9d} {n.get('root', 0):5d} {n.get('intermediate', 0):7d} "
+            f"{n.get('leaf', 0):5d}   {h.get('root', 0):>8d} /{h.get('intermediate', 0):>6d} /{h.get('leaf', 0):>6d}"
+            f"   {x['two_hop_chains']:12d}"
+        )
 
 
 def cmd_kg_build(args) -> int:
@@ -518,26 +701,40 @@ def cmd_kg_probes(args) -> int:
     from .utils.io import atomic_write_bytes
 
     g = _graph(args.graph)
-    ivs, probes = generate_probes(g, args.level, args.scale, args.task, args.seed, args.domain, args.phrasings,
-                                  args.n_context)
-    lines = [json.dumps({"kind": "intervention", **asdict(iv), "request": iv.request(g).to_dict()}) for iv in ivs]
+    ivs, probes = generate_probes(
+        g, args.level, args.scale, args.task, args.seed, args.domain, args.phrasings, args.n_context
+    )
+    lines = [
+        json.dumps({"kind": "intervention", **asdict(iv), "request": iv.request(g).to_dict()}) for iv in ivs
+    ]
     lines += [json.dumps({"kind": "probe", **p.to_dict(), "mc_prompt": p.mc_prompt()}) for p in probes]
     atomic_write_bytes(args.out, ("\n".join(lines) + "\n").encode())
     counts = Counter(p.type for p in probes)
     if args.json:
-        print(json.dumps({"interventions": len(ivs), "probes": len(probes), "by_type": dict(counts), "out": args.out}))
+        print(
+            json.dumps(
+                {"interventions": len(ivs), "probes": len(probes), "by_type": dict(counts), "out": args.out}
+            )
+        )
         return 0
-    print(f"{len(ivs)} intervention(s) at level {args.level} ({args.task}), {len(probes)} probes: "
-          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    print(
+        f"{len(ivs)} intervention(s) at level {args.level} ({args.task}), {len(probes)} probes: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    )
     iv = ivs[0]
-    print(f"intervention 0: ({g.name_of(iv.head)}, {g.relations[iv.relation].noun}, {g.name_of(iv.old)})"
-          + (f" -> {g.name_of(iv.new)}" if iv.new else " forgotten"))
+    print(
+        f"intervention 0: ({g.name_of(iv.head)}, {g.relations[iv.relation].noun}, {g.name_of(iv.old)})"
+        + (f" -> {g.name_of(iv.new)}" if iv.new else " forgotten")
+    )
     for t in ("direct", "reverse", "multihop", "comparison", "conflict", "contextual"):
         p = next((p for p in probes if p.intervention == 0 and p.type == t), None)
         if p is not None:
             mark = "" if p.target is None else f" [target {'ABCD'[p.target]}]"
-            print(f"  {t:10s} cloze: {p.cloze!r}\n  {'':10s} mc:    {p.question} "
-                  + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(p.options)) + mark)
+            print(
+                f"  {t:10s} cloze: {p.cloze!r}\n  {'':10s} mc:    {p.question} "
+                + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(p.options))
+                + mark
+            )
     print(f"wrote {args.out}")
     return 0
 
@@ -549,11 +746,26 @@ def cmd_kg_run(args) -> int:
     g = _graph(args.graph)
     handle = load_model(args.model)
     out = args.out or f"out/kg/{args.method}-{args.level}-{args.scale}"
-    s = run_kg(handle, g, args.method, args.level, args.scale, task=args.task, seed=args.seed, domains=args.domain,
-               phrasings=args.phrasings, n_context=args.n_context, scoring=args.scoring,
-               hparams=_hparam_overrides(args) or None, retain_n=args.retain_n, out_dir=out,
-               graph_name=Path(args.graph).stem, progress=not args.json, save_artifact=args.save_artifact,
-               known_first=not args.any_facts)
+    s = run_kg(
+        handle,
+        g,
+        args.method,
+        args.level,
+        args.scale,
+        task=args.task,
+        seed=args.seed,
+        domains=args.domain,
+        phrasings=args.phrasings,
+        n_context=args.n_context,
+        scoring=args.scoring,
+        hparams=_hparam_overrides(args) or None,
+        retain_n=args.retain_n,
+        out_dir=out,
+        graph_name=Path(args.graph).stem,
+        progress=not args.json,
+        save_artifact=args.save_artifact,
+        known_first=not args.any_facts,
+    )
     if args.json:
         print(json.dumps(s, indent=2))
     else:
@@ -603,9 +815,12 @@ def _add_threads(parser: argparse.ArgumentParser) -> None:
     """``--threads`` on every (sub)command that runs a model (one with ``--model`` or ``--known-by``)."""
     dests = {a.dest for a in parser._actions}
     if dests & {"model", "known_by"} and "threads" not in dests:
-        parser.add_argument("--threads", metavar="N",
-                            help="torch intra-op threads: a number or 'auto' (default: $LOKA_THREADS, else auto = "
-                                 "the CPUs no other process keeps busy)")
+        parser.add_argument(
+            "--threads",
+            metavar="N",
+            help="torch intra-op threads: a number or 'auto' (default: $LOKA_THREADS, else auto = "
+            "the CPUs no other process keeps busy)",
+        )
     for a in parser._actions:
         if isinstance(a, argparse._SubParsersAction):
             for sp in dict.fromkeys(a.choices.values()):
@@ -617,7 +832,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods, forgetters = _MethodNames(), _MethodNames("forget")
 
-    p = argparse.ArgumentParser(prog="loka", description="Edit, unlearn and measure what a language model knows.")
+    p = argparse.ArgumentParser(
+        prog="loka", description="Edit, unlearn and measure what a language model knows."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -626,8 +843,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("generate", help="greedy generation, optionally with artifacts applied")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"registered name, tiny-* or HF folder (default {DEFAULT_MODEL})")
-    s.add_argument("--artifact", action="append", default=[], help="artifact folder to apply first (repeatable, applied in order)")
+    s.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"registered name, tiny-* or HF folder (default {DEFAULT_MODEL})",
+    )
+    s.add_argument(
+        "--artifact",
+        action="append",
+        default=[],
+        help="artifact folder to apply first (repeatable, applied in order)",
+    )
     s.add_argument("--max-new-tokens", type=int, default=20)
     s.add_argument("--force", action="store_true", help="apply artifacts even if made for other weights")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -636,59 +862,116 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("edit", help="edit facts and show the answers before/after")
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    s.add_argument("--method", choices=methods, metavar="METHOD",
-                   help="editing method, one of %(choices)s (default rome; with --sequential, the session's own method)")
+    s.add_argument(
+        "--method",
+        choices=methods,
+        metavar="METHOD",
+        help="editing method, one of %(choices)s (default rome; with --sequential, the session's own method)",
+    )
     s.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} is located in the city of'")
     s.add_argument("--subject", help="the subject, e.g. 'Eiffel Tower'")
     s.add_argument("--target", help="the new answer, e.g. 'Rome'")
     s.add_argument("--target-true", help="the current answer (optional, for reporting)")
     s.add_argument("--paraphrase", action="append", help="a paraphrased full prompt to check (repeatable)")
-    s.add_argument("--neighbourhood", "--neighborhood", action="append", help="an unrelated full prompt to check (repeatable)")
+    s.add_argument(
+        "--neighbourhood",
+        "--neighborhood",
+        action="append",
+        help="an unrelated full prompt to check (repeatable)",
+    )
     s.add_argument("--requests", help="JSON/JSONL file of requests (loka or CounterFact records)")
     s.add_argument("--layer", type=int, help="edit layer (ROME) / single layer (MEMIT)")
     s.add_argument("--layers", type=int, nargs="+", help="MEMIT edit layers")
     s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    s.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
+    )
     s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
-    s.add_argument("--sequential", metavar="DIR",
-                   help="append this batch to the sequential-editing session in DIR (created on first use): earlier "
-                        "batches are re-applied first and the method's state (AlphaEdit keys, PRUNE base) carried on")
-    s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
-                   help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
-    s.add_argument("--json", action="store_true", help="print one JSON object: before, after, artifact, seconds")
+    s.add_argument(
+        "--sequential",
+        metavar="DIR",
+        help="append this batch to the sequential-editing session in DIR (created on first use): earlier "
+        "batches are re-applied first and the method's state (AlphaEdit keys, PRUNE base) carried on",
+    )
+    s.add_argument(
+        "--prune",
+        nargs="?",
+        const=math.e,
+        type=float,
+        metavar="ALPHA",
+        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print one JSON object: before, after, artifact, seconds"
+    )
     s.set_defaults(fn=cmd_edit)
 
-    s = sub.add_parser("unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after")
-    s.add_argument("--method", default="npo", choices=forgetters, metavar="METHOD",
-                   help="unlearning method, one of %(choices)s (default npo)")
-    s.add_argument("--forget", required=True, help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
-                                                   "or CounterFact records (their true object is forgotten)")
+    s = sub.add_parser(
+        "unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after"
+    )
+    s.add_argument(
+        "--method",
+        default="npo",
+        choices=forgetters,
+        metavar="METHOD",
+        help="unlearning method, one of %(choices)s (default npo)",
+    )
+    s.add_argument(
+        "--forget",
+        required=True,
+        help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
+        "or CounterFact records (their true object is forgotten)",
+    )
     s.add_argument("--retain", help="JSON/JSONL of facts to keep: {prompt, subject, target_new|answer}")
     _update_options(s)
     s.set_defaults(fn=cmd_unlearn)
 
     s = sub.add_parser("update", help="joint update: edit some facts, forget others, keep the rest")
-    s.add_argument("--method", default="npo", choices=methods, metavar="METHOD",
-                   help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora/loka do all in one optimisation; a single-task method (rome, memit, ...) "
-                        "edits first and --forget-method then forgets (the output says so)")
-    s.add_argument("--forget-method", default="npo", choices=forgetters, metavar="METHOD",
-                   help="forgetting step for single-task methods, one of %(choices)s (default npo)")
+    s.add_argument(
+        "--method",
+        default="npo",
+        choices=methods,
+        metavar="METHOD",
+        help="ga/gd/npo/simnpo/idk/dpo/relearn/ft/lora/loka do all in one optimisation; a single-task method (rome, memit, ...) "
+        "edits first and --forget-method then forgets (the output says so)",
+    )
+    s.add_argument(
+        "--forget-method",
+        default="npo",
+        choices=forgetters,
+        metavar="METHOD",
+        help="forgetting step for single-task methods, one of %(choices)s (default npo)",
+    )
     s.add_argument("--edit", help="JSON/JSONL of edit requests (loka or CounterFact records)")
     s.add_argument("--forget", help="JSON/JSONL of facts to forget")
     s.add_argument("--retain", help="JSON/JSONL of facts to keep")
-    s.add_argument("--state", metavar="DIR", help="LOKA only: add this batch to the sequential codebook in DIR (created on "
-                                                  "first use; use --set mapping=lsh so old knowledge keeps its buckets)")
-    s.add_argument("--rollback", type=int, metavar="N", help="with --state: keep the first N batches, delete the rest")
+    s.add_argument(
+        "--state",
+        metavar="DIR",
+        help="LOKA only: add this batch to the sequential codebook in DIR (created on "
+        "first use; use --set mapping=lsh so old knowledge keeps its buckets)",
+    )
+    s.add_argument(
+        "--rollback", type=int, metavar="N", help="with --state: keep the first N batches, delete the rest"
+    )
     _update_options(s)
     s.set_defaults(fn=cmd_update)
 
     s = sub.add_parser("analyze", help="analyses of edited models (spectrum)")
     asub = s.add_subparsers(dest="what", required=True)
-    a = asub.add_parser("spectrum", help="σ_max, σ_min and condition number of each edited matrix against the number of edits")
+    a = asub.add_parser(
+        "spectrum", help="σ_max, σ_min and condition number of each edited matrix against the number of edits"
+    )
     a.add_argument("--model", default=DEFAULT_MODEL)
-    a.add_argument("--artifact", action="append", help="artifact folder (repeatable; applied cumulatively in order)")
-    a.add_argument("--sequence", action="append", metavar="DIR",
-                   help="a session (loka edit --sequential), an eval run or a folder of *.loka, in name order")
+    a.add_argument(
+        "--artifact", action="append", help="artifact folder (repeatable; applied cumulatively in order)"
+    )
+    a.add_argument(
+        "--sequence",
+        action="append",
+        metavar="DIR",
+        help="a session (loka edit --sequential), an eval run or a folder of *.loka, in name order",
+    )
     a.add_argument("--every", type=int, default=1, help="measure after every K-th artifact (and the last)")
     a.add_argument("--png", help="write the plot here")
     a.add_argument("--out", help="write the rows as JSON here")
@@ -697,17 +980,25 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print the rows as JSON")
     a.set_defaults(fn=cmd_analyze)
 
-    s = sub.add_parser("session", help="show, roll back or export a sequential-editing session (loka edit --sequential)")
+    s = sub.add_parser(
+        "session", help="show, roll back or export a sequential-editing session (loka edit --sequential)"
+    )
     s.add_argument("folder", help="the session folder")
     s.add_argument("--model", help="model (default: the one the session was made with)")
     s.add_argument("--rollback", type=int, metavar="N", help="revert and delete the last N batches")
-    s.add_argument("--export", metavar="DIR", help="write the edited model (all remaining batches applied) as a HF folder")
+    s.add_argument(
+        "--export",
+        metavar="DIR",
+        help="write the edited model (all remaining batches applied) as a HF folder",
+    )
     s.add_argument("--json", action="store_true", help="print the session summary as JSON")
     s.set_defaults(fn=cmd_session)
 
     s = sub.add_parser("apply", help="write the model with artifacts applied as a Hugging Face folder")
     s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--artifact", action="append", required=True, help="artifact folder (repeatable, applied in order)")
+    s.add_argument(
+        "--artifact", action="append", required=True, help="artifact folder (repeatable, applied in order)"
+    )
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--force", action="store_true", help="apply even if made for other weights")
     s.set_defaults(fn=cmd_apply)
@@ -720,7 +1011,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="compute (or load cached) second-moment statistics for layers")
     s.add_argument("--model", default=DEFAULT_MODEL)
     s.add_argument("--layers", type=int, nargs="+", required=True)
-    s.add_argument("--corpus", default="self", help="'self' (text sampled from the model), a .txt, a .jsonl or a datasets folder")
+    s.add_argument(
+        "--corpus",
+        default="self",
+        help="'self' (text sampled from the model), a .txt, a .jsonl or a datasets folder",
+    )
     s.add_argument("--n-tokens", type=int, default=20_000)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_stats)
@@ -728,59 +1023,110 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("data", help="build benchmark data offline")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="KIND")
     d = dsub.add_parser("counterfact", help="CounterFact-format records from the known facts")
-    d.add_argument("--from", dest="source", default="known", choices=["known", "known+mquake"],
-                   help="source of facts: 'known' (known_1000.json, shipped with loka) or 'known+mquake' (adds MQuAKE's 608 "
-                        "true single-hop facts of the same relations: 1,397 records with --min-subjects 1)")
+    d.add_argument(
+        "--from",
+        dest="source",
+        default="known",
+        choices=["known", "known+mquake"],
+        help="source of facts: 'known' (known_1000.json, shipped with loka) or 'known+mquake' (adds MQuAKE's 608 "
+        "true single-hop facts of the same relations: 1,397 records with --min-subjects 1)",
+    )
     d.add_argument("--known-file", help="another file in known_1000.json format")
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--known-by", metavar="MODEL", help="keep only facts this model completes correctly")
-    d.add_argument("--min-subjects", type=int, default=3,
-                   help="distinct same-object neighbour subjects a fact needs (default 3: 757 records; 1 gives more)")
+    d.add_argument(
+        "--min-subjects",
+        type=int,
+        default=3,
+        help="distinct same-object neighbour subjects a fact needs (default 3: 757 records; 1 gives more)",
+    )
     d.add_argument("--out", required=True, help="output JSON file")
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_counterfact)
-    d = dsub.add_parser("tasks", help="known-facts unlearning tasks: edit / forget / retain / remaining files")
-    d.add_argument("--from", dest="source", required=True, metavar="FILE",
-                   help="CounterFact records of facts the model knows (loka data counterfact --known-by MODEL)")
-    d.add_argument("--setting", choices=["in", "out"], default="out",
-                   help="in-profile (edit and forget share relations: they conflict) or out-profile (disjoint)")
+    d = dsub.add_parser(
+        "tasks", help="known-facts unlearning tasks: edit / forget / retain / remaining files"
+    )
+    d.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="FILE",
+        help="CounterFact records of facts the model knows (loka data counterfact --known-by MODEL)",
+    )
+    d.add_argument(
+        "--setting",
+        choices=["in", "out"],
+        default="out",
+        help="in-profile (edit and forget share relations: they conflict) or out-profile (disjoint)",
+    )
     d.add_argument("--n-edit", type=int, default=50)
     d.add_argument("--n-forget", type=int, default=50)
     d.add_argument("--n-retain", type=int, default=50)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True, help="output folder: edit.json, forget.jsonl, retain.jsonl, remaining.jsonl, task.json")
+    d.add_argument(
+        "--out",
+        required=True,
+        help="output folder: edit.json, forget.jsonl, retain.jsonl, remaining.jsonl, task.json",
+    )
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tasks)
 
-    d = dsub.add_parser("tofu", help="mini-TOFU: the TOFU splits with templated paraphrased questions and "
-                                     "entity-swapped perturbed answers, plus the fine-tuning set")
-    d.add_argument("--tofu-dir", help="folder with the TOFU *_reconstructed.json files (default: the TOFU splits shipped with loka)")
+    d = dsub.add_parser(
+        "tofu",
+        help="mini-TOFU: the TOFU splits with templated paraphrased questions and "
+        "entity-swapped perturbed answers, plus the fine-tuning set",
+    )
+    d.add_argument(
+        "--tofu-dir",
+        help="folder with the TOFU *_reconstructed.json files (default: the TOFU splits shipped with loka)",
+    )
     d.add_argument("--n-perturbed", type=int, default=3, help="perturbed answers per question")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", required=True, help="output folder: forget01/05/10.json, retain.json, forget_all.json, all.json")
-    d.add_argument("--relearn", action="store_true",
-                   help="also write <forget split>_relearn.json: each record with target_new = its templated ReLearn "
-                        "rewrite (the answer's first named fact made vague), for `loka unlearn --method relearn`")
+    d.add_argument(
+        "--out",
+        required=True,
+        help="output folder: forget01/05/10.json, retain.json, forget_all.json, all.json",
+    )
+    d.add_argument(
+        "--relearn",
+        action="store_true",
+        help="also write <forget split>_relearn.json: each record with target_new = its templated ReLearn "
+        "rewrite (the answer's first named fact made vague), for `loka unlearn --method relearn`",
+    )
     d.add_argument("--json", action="store_true", help="print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tofu)
 
-    s = sub.add_parser("finetune", help="fine-tune every weight on question/answer pairs (TOFU's first stage) and "
-                                        "save the model as a folder")
+    s = sub.add_parser(
+        "finetune",
+        help="fine-tune every weight on question/answer pairs (TOFU's first stage) and "
+        "save the model as a folder",
+    )
     s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--data", nargs="+", required=True, help="TOFU-style JSON/JSONL files of {question, answer}")
-    s.add_argument("--out", required=True, help="output model folder (a Hugging Face folder; pass it as --model later)")
+    s.add_argument(
+        "--data", nargs="+", required=True, help="TOFU-style JSON/JSONL files of {question, answer}"
+    )
+    s.add_argument(
+        "--out", required=True, help="output model folder (a Hugging Face folder; pass it as --model later)"
+    )
     s.add_argument("--epochs", type=int, default=5)
     s.add_argument("--lr", type=float, default=1e-4)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true", help="print one JSON object: steps, seconds, loss per epoch")
+    s.add_argument(
+        "--json", action="store_true", help="print one JSON object: steps, seconds, loss per epoch"
+    )
     s.set_defaults(fn=cmd_finetune)
 
     s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
     s.add_argument("--model", default=DEFAULT_MODEL)
-    s.add_argument("--method", default="rome", choices=_MethodNames(extra=("none",)), metavar="METHOD",
-                   help="one of %(choices)s (default rome); 'none' gives the unedited row")
+    s.add_argument(
+        "--method",
+        default="rome",
+        choices=_MethodNames(extra=("none",)),
+        metavar="METHOD",
+        help="one of %(choices)s (default rome); 'none' gives the unedited row",
+    )
     s.add_argument("--data", required=True, help="CounterFact / zsRE / MQuAKE / loka JSON(L) file")
     s.add_argument("--n", type=int, help="use the first N cases")
     s.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
@@ -789,22 +1135,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
-    s.add_argument("--prune", nargs="?", const=math.e, type=float, metavar="ALPHA",
-                   help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)")
-    s.add_argument("--score-sample", type=int, metavar="N",
-                   help="sequential mode: score a seeded random sample of N edited cases at each checkpoint "
-                        "instead of all of them (an estimate, for slow-scoring methods such as scr)")
-    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+    s.add_argument(
+        "--prune",
+        nargs="?",
+        const=math.e,
+        type=float,
+        metavar="ALPHA",
+        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
+    )
+    s.add_argument(
+        "--score-sample",
+        type=int,
+        metavar="N",
+        help="sequential mode: score a seeded random sample of N edited cases at each checkpoint "
+        "instead of all of them (an estimate, for slow-scoring methods such as scr)",
+    )
+    s.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
+    )
     s.add_argument("--json", action="store_true", help="print summary.json")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("kg", help="KnowledgeSmith: knowledge graphs, propagation probes and runs")
     ksub = s.add_subparsers(dest="kg_command", required=True, metavar="COMMAND")
-    k = ksub.add_parser("build", help="build the curated four-domain graph and/or the graph derived from "
-                                      "known_1000 + MQuAKE-hard, validated, as JSON")
-    k.add_argument("--curated", action="store_true", help="the hand-written biology/economics/history/physics graph")
-    k.add_argument("--derived", action="store_true", help="the graph derived from known_1000.json and MQuAKE-hard.json")
-    k.add_argument("--src", help="folder of .kg domain files (default: the curated sources shipped with loka)")
+    k = ksub.add_parser(
+        "build",
+        help="build the curated four-domain graph and/or the graph derived from "
+        "known_1000 + MQuAKE-hard, validated, as JSON",
+    )
+    k.add_argument(
+        "--curated", action="store_true", help="the hand-written biology/economics/history/physics graph"
+    )
+    k.add_argument(
+        "--derived", action="store_true", help="the graph derived from known_1000.json and MQuAKE-hard.json"
+    )
+    k.add_argument(
+        "--src", help="folder of .kg domain files (default: the curated sources shipped with loka)"
+    )
     k.add_argument("--known", help="known_1000.json to derive from (default: the copy shipped with loka)")
     k.add_argument("--mquake", help="MQuAKE-hard.json to derive from (default: the copy shipped with loka)")
     k.add_argument("--out", required=True, help="output graph JSON")
@@ -814,37 +1181,77 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--graph", default="curated", help="graph JSON/CSV, or curated | derived | merged")
     k.add_argument("--json", action="store_true")
     k.set_defaults(fn=cmd_kg_stats)
-    for name, hlp in (("probes", "interventions and their six probe types (MC and cloze) as JSONL"),
-                      ("run", "apply a method to K interventions and measure every probe before and after")):
+    for name, hlp in (
+        ("probes", "interventions and their six probe types (MC and cloze) as JSONL"),
+        ("run", "apply a method to K interventions and measure every probe before and after"),
+    ):
         k = ksub.add_parser(name, help=hlp)
         k.add_argument("--graph", default="curated", help="graph JSON/CSV, or curated | derived | merged")
-        k.add_argument("--level", required=True, choices=["root", "intermediate", "leaf"],
-                       help="level of the intervened subjects")
+        k.add_argument(
+            "--level",
+            required=True,
+            choices=["root", "intermediate", "leaf"],
+            help="level of the intervened subjects",
+        )
         k.add_argument("--scale", type=int, default=10, help="number of interventions K (1, 10, 100, 1000)")
-        k.add_argument("--seed", type=int, default=0, help="picks the interventions, new objects and option order")
+        k.add_argument(
+            "--seed", type=int, default=0, help="picks the interventions, new objects and option order"
+        )
         k.add_argument("--domain", nargs="+", help="restrict to these domains (default: all, spread evenly)")
-        k.add_argument("--phrasings", type=int, default=3, choices=[1, 2, 3], help="phrasings per Q+ probe type")
-        k.add_argument("--n-context", type=int, default=6, help="contextual probes per intervention (half near, half far)")
+        k.add_argument(
+            "--phrasings", type=int, default=3, choices=[1, 2, 3], help="phrasings per Q+ probe type"
+        )
+        k.add_argument(
+            "--n-context",
+            type=int,
+            default=6,
+            help="contextual probes per intervention (half near, half far)",
+        )
         if name == "probes":
             k.add_argument("--task", choices=["edit", "forget"], default="edit")
             k.add_argument("--out", required=True, help="output JSONL (interventions, then probes)")
             k.add_argument("--json", action="store_true", help="print counts as JSON")
             k.set_defaults(fn=cmd_kg_probes)
         else:
-            k.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})")
-            k.add_argument("--method", required=True, choices=methods, metavar="METHOD",
-                           help="one of %(choices)s; editing methods get edit interventions, unlearning ones forget")
-            k.add_argument("--task", choices=["edit", "forget"],
-                           help="default: forget for unlearning-only methods (ga, gd, npo, ...), else edit")
-            k.add_argument("--scoring", choices=["cloze", "mc"], default="cloze",
-                           help="cloze: the option with the highest log-probability after the cloze prompt "
-                                "(default; a 135M model answers MMLU-style letters near chance); mc: the letter")
-            k.add_argument("--retain-n", type=int, help="retain facts for unlearning (default min(max(2K, 10), 100))")
+            k.add_argument(
+                "--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})"
+            )
+            k.add_argument(
+                "--method",
+                required=True,
+                choices=methods,
+                metavar="METHOD",
+                help="one of %(choices)s; editing methods get edit interventions, unlearning ones forget",
+            )
+            k.add_argument(
+                "--task",
+                choices=["edit", "forget"],
+                help="default: forget for unlearning-only methods (ga, gd, npo, ...), else edit",
+            )
+            k.add_argument(
+                "--scoring",
+                choices=["cloze", "mc"],
+                default="cloze",
+                help="cloze: the option with the highest log-probability after the cloze prompt "
+                "(default; a 135M model answers MMLU-style letters near chance); mc: the letter",
+            )
+            k.add_argument(
+                "--retain-n", type=int, help="retain facts for unlearning (default min(max(2K, 10), 100))"
+            )
             k.add_argument("--out", help="run folder (default out/kg/METHOD-LEVEL-K)")
-            k.add_argument("--save-artifact", action="store_true", help="also save the update's artifact in the run folder")
-            k.add_argument("--any-facts", action="store_true",
-                           help="intervene on facts regardless of whether the model knows them (default: known facts first)")
-            k.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)")
+            k.add_argument(
+                "--save-artifact",
+                action="store_true",
+                help="also save the update's artifact in the run folder",
+            )
+            k.add_argument(
+                "--any-facts",
+                action="store_true",
+                help="intervene on facts regardless of whether the model knows them (default: known facts first)",
+            )
+            k.add_argument(
+                "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
+            )
             k.add_argument("--json", action="store_true", help="print summary.json")
             k.set_defaults(fn=cmd_kg_run)
 

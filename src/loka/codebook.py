@@ -49,7 +49,9 @@ def kmeans(emb: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torc
     if k == 1:
         return torch.zeros(len(x), dtype=torch.long), emb.double().mean(0, keepdim=True).float()
     km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(x)
-    return torch.as_tensor(km.labels_, dtype=torch.long), torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+    return torch.as_tensor(km.labels_, dtype=torch.long), torch.as_tensor(
+        km.cluster_centers_, dtype=torch.float32
+    )
 
 
 def lsh_planes(bits: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -96,11 +98,14 @@ def query_embeddings(handle, layer: int, texts: Sequence[str], batch_size: int =
     out = []
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i: i + batch_size]), return_tensors="pt", padding=True)
+            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
             with capture(handle.model, [path], outputs=False, stop_after=path) as rec:
                 with _suspended(handle.model):
-                    run_until_stopped(lambda enc=enc: handle.model(**{k: v.to(handle.device) for k, v in enc.items()},
-                                                               use_cache=False))
+                    run_until_stopped(
+                        lambda enc=enc: handle.model(
+                            **{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False
+                        )
+                    )
             h = rec[path].input
             last = enc["attention_mask"].sum(1) - 1
             out.append(F.normalize(h[torch.arange(len(last)), last.to(h.device)].float().cpu(), dim=-1))
@@ -140,10 +145,21 @@ def _suspended(model: nn.Module) -> Iterator[None]:
 class Codebook:
     """An applied LOKA codebook: memories, keys, optional LSH planes and router, and its hooks."""
 
-    def __init__(self, deltas: torch.Tensor, keys: torch.Tensor, layer: int, block_path: str, out_path: str,
-                 planes: torch.Tensor | None = None, buckets: torch.Tensor | None = None, router=None,
-                 router_threshold: float = 0.5, key_source: str = "llm", items: torch.Tensor | None = None,
-                 match_threshold: float = 0.0):
+    def __init__(
+        self,
+        deltas: torch.Tensor,
+        keys: torch.Tensor,
+        layer: int,
+        block_path: str,
+        out_path: str,
+        planes: torch.Tensor | None = None,
+        buckets: torch.Tensor | None = None,
+        router=None,
+        router_threshold: float = 0.5,
+        key_source: str = "llm",
+        items: torch.Tensor | None = None,
+        match_threshold: float = 0.0,
+    ):
         self.key_source = key_source  # "llm": e(x) from block ℓ's input; "encoder": MiniLM sentence embedding
         self.deltas, self.keys, self.layer = deltas.float(), F.normalize(keys.float(), dim=-1), layer
         self.block_path, self.out_path = block_path, out_path
@@ -233,7 +249,11 @@ class Codebook:
         if not self.enabled or self.override is not None:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if is_decode_step(kwargs) and self._rows is not None and len(self._rows) == (len(ids) if ids is not None else -1):
+        if (
+            is_decode_step(kwargs)
+            and self._rows is not None
+            and len(self._rows) == (len(ids) if ids is not None else -1)
+        ):
             return None  # a decode step: keep the prefill's choice
         if ids is None:
             self._rows, self._pending = None, None
@@ -242,11 +262,16 @@ class Codebook:
         if mask is None or mask.dim() != 2:
             mask = torch.ones_like(ids)
         width = mask.shape[1]
-        last = width - 1 - mask.flip(1).long().argmax(1)  # last real token of each row (left or right padding)
+        last = (
+            width - 1 - mask.flip(1).long().argmax(1)
+        )  # last real token of each row (left or right padding)
         tok = module.__dict__.get(TOKENIZER_ATTR)
         texts = None
         if tok is not None and (self.router is not None or self.key_source == "encoder"):
-            texts = [tok.decode(r[m.bool()].tolist(), skip_special_tokens=True) for r, m in zip(ids.cpu(), mask.cpu())]
+            texts = [
+                tok.decode(r[m.bool()].tolist(), skip_special_tokens=True)
+                for r, m in zip(ids.cpu(), mask.cpu())
+            ]
         if self.key_source == "encoder" and texts is not None:
             self._rows, self._pending = self.route_encoder(texts), None
             return None
@@ -294,7 +319,9 @@ def applied_codebooks(model: nn.Module) -> list:
     """The applied memory artifacts of ``model`` that carry a :class:`Codebook` (``artifact.runtime``)."""
     from .artifact import MEMORY_ATTR
 
-    return [a for a, _ in model.__dict__.get(MEMORY_ATTR, []) if isinstance(getattr(a, "runtime", None), Codebook)]
+    return [
+        a for a, _ in model.__dict__.get(MEMORY_ATTR, []) if isinstance(getattr(a, "runtime", None), Codebook)
+    ]
 
 
 def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None, int | None, list[int]]]:
@@ -306,7 +333,9 @@ def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None,
     if not books or not prompts:
         return [(None, None, list(range(len(prompts))))]
     if len(books) > 1:
-        raise ArtifactError("more than one LOKA codebook is applied; revert one (a sequential update makes one codebook)")
+        raise ArtifactError(
+            "more than one LOKA codebook is applied; revert one (a sequential update makes one codebook)"
+        )
     book = books[0].runtime
     uniq = list(dict.fromkeys(prompts))
     if book.key_source == "encoder":
@@ -343,7 +372,9 @@ class LokaModel:
         if artifact is not None and not any(a.id == artifact.id for a in applied_codebooks(handle.model)):
             artifact.apply(handle)
         if not applied_codebooks(handle.model):
-            raise ArtifactError("LokaModel needs a LOKA codebook artifact applied to the handle (or passed in)")
+            raise ArtifactError(
+                "LokaModel needs a LOKA codebook artifact applied to the handle (or passed in)"
+            )
 
     @property
     def codebook(self) -> Codebook:

@@ -79,13 +79,17 @@ class DatasetFolderCorpus:
 
     def fingerprint(self) -> str:
         files = sorted(p for p in self.path.rglob("*") if p.is_file())
-        return hash_json(["datasets", [(str(p.relative_to(self.path)), sha256_file(p)) for p in files], self.field])
+        return hash_json(
+            ["datasets", [(str(p.relative_to(self.path)), sha256_file(p)) for p in files], self.field]
+        )
 
     def texts(self) -> Iterator[str]:
         try:
             import datasets
         except ImportError as e:
-            raise LokaError("reading a datasets folder needs the 'datasets' package: pip install datasets") from e
+            raise LokaError(
+                "reading a datasets folder needs the 'datasets' package: pip install datasets"
+            ) from e
         ds = datasets.load_from_disk(str(self.path))
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[next(iter(ds))]
@@ -94,9 +98,36 @@ class DatasetFolderCorpus:
 
 
 SEED_PREFIXES = [
-    "The", "In", "A", "It", "When", "This", "He", "She", "We", "There", "After", "According to",
-    "One of the", "Many", "The city of", "During the", "Scientists", "The history of", "In 19", "Today",
-    "The company", "His", "Her", "Although", "The first", "Most", "If you", "On the", "For example,", "Because",
+    "The",
+    "In",
+    "A",
+    "It",
+    "When",
+    "This",
+    "He",
+    "She",
+    "We",
+    "There",
+    "After",
+    "According to",
+    "One of the",
+    "Many",
+    "The city of",
+    "During the",
+    "Scientists",
+    "The history of",
+    "In 19",
+    "Today",
+    "The company",
+    "His",
+    "Her",
+    "Although",
+    "The first",
+    "Most",
+    "If you",
+    "On the",
+    "For example,",
+    "Because",
 ]
 
 
@@ -137,8 +168,16 @@ class SelfSampledCorpus:
                 prompts = [SEED_PREFIXES[i] for i in idx]
                 enc = tok(prompts, return_tensors="pt", padding=True)
                 torch.manual_seed(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-                seqs = hf_generate(model, enc["input_ids"], enc["attention_mask"], do_sample=True, top_p=0.95,
-                                   temperature=1.0, max_new_tokens=self.max_new_tokens, pad_token_id=tok.pad_token_id)
+                seqs = hf_generate(
+                    model,
+                    enc["input_ids"],
+                    enc["attention_mask"],
+                    do_sample=True,
+                    top_p=0.95,
+                    temperature=1.0,
+                    max_new_tokens=self.max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
                 for row in seqs:
                     t = tok.decode(row, skip_special_tokens=True).strip()
                     n = len(tok(t)["input_ids"])
@@ -160,7 +199,9 @@ def tofu_corpus() -> Corpus:
     data = data_dir() / "tofu"
     names = ["retain_perturbed_subset_reconstructed.json", "forget10_reconstructed.json"]
     if not all((data / n).exists() for n in names):
-        raise LokaError(f"corpus 'tofu' needs {data} (package data; reinstall loka) or pass a .txt/.jsonl file instead")
+        raise LokaError(
+            f"corpus 'tofu' needs {data} (package data; reinstall loka) or pass a .txt/.jsonl file instead"
+        )
     texts = [f"{r['question']} {r['answer']}" for n in names for r in json.loads((data / n).read_text())]
     out = env.cache_dir("corpus") / f"tofu-{hash_json(texts)[:16]}.jsonl"
     if not out.exists():
@@ -181,7 +222,9 @@ def corpus_from_spec(spec: str | None, handle, n_tokens: int = 20_000) -> Corpus
     if p.is_dir():
         return DatasetFolderCorpus(p)
     if not p.exists():
-        raise LokaError(f"corpus {spec!r} not found: pass 'self', a .txt file, a .jsonl file or a datasets folder")
+        raise LokaError(
+            f"corpus {spec!r} not found: pass 'self', a .txt file, a .jsonl file or a datasets folder"
+        )
     if p.suffix == ".jsonl":
         return JsonlCorpus(p)
     return TextFilesCorpus([p])

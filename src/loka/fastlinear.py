@@ -114,14 +114,20 @@ class PackedLinears:
         """Inside: every float32 ``nn.Linear`` of ``model`` uses its packed weight. ``grad=True``
         also packs ``Wᵀ`` so that gradients flow to the *inputs* (weights must be frozen).
         Yields whether the packed path is in use."""
-        if not self.enabled or not available(model) or (grad and any(p.requires_grad for p in model.parameters())):
+        if (
+            not self.enabled
+            or not available(model)
+            or (grad and any(p.requires_grad for p in model.parameters()))
+        ):
             yield False
             return
         patched = []
         try:
             for m in model.modules():
                 if type(m) is nn.Linear:
-                    m.forward = lambda x, m=m: self._forward(m, grad, x)  # instance attribute shadows the class's
+                    m.forward = lambda x, m=m: self._forward(
+                        m, grad, x
+                    )  # instance attribute shadows the class's
                     patched.append(m)
             self.on = True
             yield True

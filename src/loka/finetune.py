@@ -25,14 +25,29 @@ from .utils.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def finetune(handle, prompts: list[str], answers: list[str], out: str | Path, *, epochs: int = 5, lr: float = 1e-4,
-             batch_size: int = 16, weight_decay: float = 0.01, seed: int = 0, progress: bool = True) -> dict:
+def finetune(
+    handle,
+    prompts: list[str],
+    answers: list[str],
+    out: str | Path,
+    *,
+    epochs: int = 5,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Fine-tune on (prompt, answer) pairs and save the model to ``out``; returns the run's record
     (steps, seconds, loss per epoch), also written to ``out/loka_finetune.json``."""
     if len(prompts) != len(answers) or not prompts:
-        raise LokaError(f"finetune: need as many answers as prompts, and at least one (got {len(prompts)}/{len(answers)})")
+        raise LokaError(
+            f"finetune: need as many answers as prompts, and at least one (got {len(prompts)}/{len(answers)})"
+        )
     if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise LokaError(f"finetune: epochs and batch_size must be >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+        raise LokaError(
+            f"finetune: epochs and batch_size must be >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})"
+        )
     model = handle.model
     names = [n for n, _ in model.named_parameters()]
     rng = random.Random(seed)
@@ -47,14 +62,16 @@ def finetune(handle, prompts: list[str], answers: list[str], out: str | Path, *,
             p.requires_grad_(True)
         model.train()
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch)))  # 1-epoch warm-up
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch))
+        )  # 1-epoch warm-up
         bar = tqdm(total=epochs * steps_per_epoch, desc="finetune", unit="step", disable=not progress)
         try:
             for _ in range(epochs):
                 rng.shuffle(order)
                 total = 0.0
                 for i in range(0, len(order), batch_size):
-                    idx = order[i: i + batch_size]
+                    idx = order[i : i + batch_size]
                     b = L.qa_batch(handle.tokenizer, [prompts[j] for j in idx], [answers[j] for j in idx])
                     lg, rows = L.answer_logits(handle, b)
                     loss = L.nll_loss(*L.sequence_logprobs(lg, rows, b))
@@ -75,8 +92,16 @@ def finetune(handle, prompts: list[str], answers: list[str], out: str | Path, *,
                 p.requires_grad_(False)
         seconds = time.time() - t0
         handle.save_pretrained(out)  # the fine-tuned weights, before they are restored
-    record = {"base_model": handle.name, "base_hash": handle.model_hash, "n": len(prompts), "epochs": epochs, "lr": lr,
-              "batch_size": batch_size, "steps": epochs * steps_per_epoch, "seconds": round(seconds, 1),
-              "epoch_loss": [round(x, 4) for x in losses]}
+    record = {
+        "base_model": handle.name,
+        "base_hash": handle.model_hash,
+        "n": len(prompts),
+        "epochs": epochs,
+        "lr": lr,
+        "batch_size": batch_size,
+        "steps": epochs * steps_per_epoch,
+        "seconds": round(seconds, 1),
+        "epoch_loss": [round(x, 4) for x in losses],
+    }
     atomic_write_json(Path(out) / "loka_finetune.json", record)
     return record

@@ -126,8 +126,9 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
 
 
-def generation_config(model: nn.Module, *, do_sample: bool, max_new_tokens: int, pad_token_id: int | None,
-                      **sampling: Any):
+def generation_config(
+    model: nn.Module, *, do_sample: bool, max_new_tokens: int, pad_token_id: int | None, **sampling: Any
+):
     """A ``GenerationConfig`` from the model's own with loka's settings on top. Greedy decoding
     clears the sampling settings a model ships with (else transformers warns that they are unused)."""
     import copy
@@ -148,11 +149,20 @@ def generation_config(model: nn.Module, *, do_sample: bool, max_new_tokens: int,
     return cfg
 
 
-def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int, pad_token_id: int | None, do_sample: bool = False, **sampling: Any) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    pad_token_id: int | None,
+    do_sample: bool = False,
+    **sampling: Any,
+) -> torch.Tensor:
     """``model.generate`` with loka's keyword conventions: the full sequences (prompt + new tokens)."""
-    cfg = generation_config(model, do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                            **sampling)
+    cfg = generation_config(
+        model, do_sample=do_sample, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling
+    )
     kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
     return model.generate(input_ids=input_ids, generation_config=cfg, **kw)
 

@@ -51,8 +51,9 @@ def within_window(config, depth: int) -> bool:
     return not window or depth <= window
 
 
-def pack_trees(groups: Sequence[Sequence[Sequence[int]]], max_len: int = 1024, pad_id: int = 0,
-               share: bool = True) -> TreePack:
+def pack_trees(
+    groups: Sequence[Sequence[Sequence[int]]], max_len: int = 1024, pad_id: int = 0, share: bool = True
+) -> TreePack:
     """Pack groups of token sequences (a group stays in one row) into rows of at most ``max_len``
     nodes, opening a new row when the next group's new nodes would not fit. ``share=False`` keeps
     one tree per group (no sharing across groups)."""

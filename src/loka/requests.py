@@ -82,7 +82,9 @@ class ForgetRequest(EditRequest):
     def __post_init__(self) -> None:
         where = f"request {self.case_id}" if self.case_id is not None else "request"
         if self.target_true is None:
-            raise RequestError(f"{where}: field 'target_true' (the answer to forget) is required for a ForgetRequest")
+            raise RequestError(
+                f"{where}: field 'target_true' (the answer to forget) is required for a ForgetRequest"
+            )
         self.target_true = _clean_target(self.target_true, "target_true", where)
         keep = self.target_new
         self.target_new = self.target_true if keep is None else keep  # validated like an edit, then restored
@@ -115,7 +117,9 @@ def _qa_record(rec: dict) -> dict:
     return {**rec, **out}
 
 
-def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest] = EditRequest) -> EditRequest:
+def request_from_record(
+    rec: Any, where: str = "record", kind: type[EditRequest] = EditRequest
+) -> EditRequest:
     """Build an :class:`EditRequest` (or ``kind``) from a loka record or a CounterFact record."""
     if not isinstance(rec, dict):
         raise RequestError(f"{where}: expected a JSON object, got {type(rec).__name__}")
@@ -129,8 +133,16 @@ def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest]
             rec["target_true"] = rec.pop("target")
         if kind is ForgetRequest and "requested_rewrite" in rec:  # forget the CounterFact true object
             base = request_from_record(rec, where)
-            return ForgetRequest(base.prompt, base.subject, None, base.target_true, base.paraphrases,
-                                 base.neighborhood, base.case_id, base.relation_id)
+            return ForgetRequest(
+                base.prompt,
+                base.subject,
+                None,
+                base.target_true,
+                base.paraphrases,
+                base.neighborhood,
+                base.case_id,
+                base.relation_id,
+            )
     if "requested_rewrite" in rec:  # CounterFact / multi-CounterFact
         rw = rec["requested_rewrite"]
         if isinstance(rw, list):  # MQuAKE-style list of rewrites: take them one by one elsewhere
@@ -139,9 +151,13 @@ def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest]
         if missing:
             raise RequestError(f"{where}: requested_rewrite lacks field(s) {missing}")
         return EditRequest(
-            prompt=rw["prompt"], subject=rw["subject"], target_new=rw["target_new"],
-            target_true=rw.get("target_true"), paraphrases=rec.get("paraphrase_prompts", []),
-            neighborhood=rec.get("neighborhood_prompts", []), case_id=rec.get("case_id", where),
+            prompt=rw["prompt"],
+            subject=rw["subject"],
+            target_new=rw["target_new"],
+            target_true=rw.get("target_true"),
+            paraphrases=rec.get("paraphrase_prompts", []),
+            neighborhood=rec.get("neighborhood_prompts", []),
+            case_id=rec.get("case_id", where),
             relation_id=rw.get("relation_id"),
         )
     data = {_ALIASES.get(k, k): v for k, v in rec.items()}
@@ -155,8 +171,11 @@ def request_from_record(rec: Any, where: str = "record", kind: type[EditRequest]
     if kind is EditRequest:
         missing = [k for k in ("prompt", "subject", "target_new") if k not in data]
     else:
-        missing = [k for k in ("prompt", "subject", "target_true" if kind is ForgetRequest else "target_new")
-                   if k not in data]
+        missing = [
+            k
+            for k in ("prompt", "subject", "target_true" if kind is ForgetRequest else "target_new")
+            if k not in data
+        ]
     if missing:
         raise RequestError(f"{where}: missing field(s) {missing}")
     return kind(**data)
@@ -176,7 +195,11 @@ def read_requests(path: str | Path, kind: type[EditRequest] = EditRequest) -> li
     stripped = text.lstrip()
     try:
         obj = json.loads(text)
-        records = [(f"{path.name}[{i}]", r) for i, r in enumerate(obj)] if isinstance(obj, list) else [(path.name, obj)]
+        records = (
+            [(f"{path.name}[{i}]", r) for i, r in enumerate(obj)]
+            if isinstance(obj, list)
+            else [(path.name, obj)]
+        )
     except json.JSONDecodeError:
         if stripped.startswith("["):
             raise RequestError(f"{path}: not valid JSON") from None
@@ -207,9 +230,11 @@ def subject_last_token(tokenizer, text_template: str, subject: str) -> int:
     prefix = text_template[:idx] + subject
     full_ids = tokenizer(full)["input_ids"]
     n = len(tokenizer(prefix)["input_ids"])
-    covered = (tokenizer.decode(full_ids[:n], skip_special_tokens=True) if 0 < n <= len(full_ids) else "").rstrip()
+    covered = (
+        tokenizer.decode(full_ids[:n], skip_special_tokens=True) if 0 < n <= len(full_ids) else ""
+    ).rstrip()
     end = covered.rfind(subject.rstrip())
-    overflow = covered[end + len(subject.rstrip()):] if end >= 0 else ""
+    overflow = covered[end + len(subject.rstrip()) :] if end >= 0 else ""
     # the subject's last token may swallow following punctuation ("Section)'s" -> ")'"), not letters
     if end < 0 or (overflow and overflow[0].isalnum()):
         raise RequestError(

@@ -23,6 +23,8 @@ def data_path(*parts: str) -> Path:
     """``loka/data/<parts...>``, which must exist (else the installation is incomplete)."""
     p = data_dir().joinpath(*parts)
     if not p.exists():
-        raise LokaError(f"package data {'/'.join(parts)} is missing from {data_dir()}: reinstall loka "
-                        "(pip install --force-reinstall loka)")
+        raise LokaError(
+            f"package data {'/'.join(parts)} is missing from {data_dir()}: reinstall loka "
+            "(pip install --force-reinstall loka)"
+        )
     return p

@@ -43,7 +43,10 @@ class Router:
         """``P(updated | text)`` per text."""
         self.model.eval()
         with self._packed.active(self.model):
-            out = [torch.sigmoid(self._logits(texts[i: i + batch_size])) for i in range(0, len(texts), batch_size)]
+            out = [
+                torch.sigmoid(self._logits(texts[i : i + batch_size]))
+                for i in range(0, len(texts), batch_size)
+            ]
         return torch.cat(out) if out else torch.zeros(0)
 
     def first_trained_layer(self) -> int | None:
@@ -52,7 +55,9 @@ class Router:
         return min(idx) if idx and len(idx) == len(self.trained) else None
 
     @torch.no_grad()
-    def probs_and_embeddings(self, texts: Sequence[str], base, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    def probs_and_embeddings(
+        self, texts: Sequence[str], base, batch_size: int = 64
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``P(updated | text)`` and the base encoder's sentence embeddings in one pass.
 
         The router fine-tunes only the top encoder layers, so below them its states are the base
@@ -69,8 +74,13 @@ class Router:
         self.model.eval()
         with self._packed.active(self.model), base._packed.active(base.model):
             for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(list(texts[i: i + batch_size]), padding=True, truncation=True, max_length=128,
-                                     return_tensors="pt")
+                enc = self.tokenizer(
+                    list(texts[i : i + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=128,
+                    return_tensors="pt",
+                )
                 with capture(self.model, [path], outputs=False, kwargs=True) as rec:
                     h = self.model(**enc).last_hidden_state
                 m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -104,7 +114,7 @@ class Router:
         with torch.no_grad():
             for k, v in tensors.items():
                 if k.startswith(PREFIX + "enc."):
-                    n = k[len(PREFIX + "enc."):]
+                    n = k[len(PREFIX + "enc.") :]
                     model.get_parameter(n).copy_(v)
                     trained.append(n)
         head = nn.Linear(base.dim, 1)
@@ -114,8 +124,17 @@ class Router:
         return cls(model, base.tokenizer, head, trained)
 
 
-def train_router(positives: Sequence[str], negatives: Sequence[str], *, layers: int = 1, epochs: int = 8,
-                 lr: float = 1e-4, batch_size: int = 32, seed: int = 0, progress=None) -> tuple[Router, dict]:
+def train_router(
+    positives: Sequence[str],
+    negatives: Sequence[str],
+    *,
+    layers: int = 1,
+    epochs: int = 8,
+    lr: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress=None,
+) -> tuple[Router, dict]:
     """Fine-tune the top ``layers`` MiniLM layers and a linear head with class-balanced BCE
     (positives weighted by ``#neg / #pos``); returns the router and its training accuracy."""
     base = load_encoder()
@@ -123,8 +142,11 @@ def train_router(positives: Sequence[str], negatives: Sequence[str], *, layers: 
     model = copy.deepcopy(base.model)
     n_layers = len(model.encoder.layer)
     layers = max(0, min(layers, n_layers))
-    trained = [n for n, _ in model.named_parameters()
-               if any(n.startswith(f"encoder.layer.{i}.") for i in range(n_layers - layers, n_layers))]
+    trained = [
+        n
+        for n, _ in model.named_parameters()
+        if any(n.startswith(f"encoder.layer.{i}.") for i in range(n_layers - layers, n_layers))
+    ]
     for n, p in model.named_parameters():
         p.requires_grad_(n in trained)
     head = nn.Linear(base.dim, 1)
@@ -133,8 +155,13 @@ def train_router(positives: Sequence[str], negatives: Sequence[str], *, layers: 
     labels = torch.tensor([1.0] * len(positives) + [0.0] * len(negatives))
     pos_weight = torch.tensor(max(1.0, len(negatives) / max(1, len(positives))))
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr},
-                             {"params": list(head.parameters()), "lr": lr * 100}], weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": lr},
+            {"params": list(head.parameters()), "lr": lr * 100},
+        ],
+        weight_decay=0.01,
+    )
     rng = random.Random(seed)
     order = list(range(len(texts)))
     losses = []
@@ -142,7 +169,7 @@ def train_router(positives: Sequence[str], negatives: Sequence[str], *, layers: 
     for _ in range(epochs):
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            idx = order[i: i + batch_size]
+            idx = order[i : i + batch_size]
             logits = router._logits([texts[j] for j in idx])
             loss = F.binary_cross_entropy_with_logits(logits, labels[idx], pos_weight=pos_weight)
             opt.zero_grad()
@@ -157,5 +184,11 @@ def train_router(positives: Sequence[str], negatives: Sequence[str], *, layers: 
         p.requires_grad_(False)
     pr = router.probs(texts)
     acc = float(((pr >= 0.5).float() == labels).float().mean())
-    return router, {"positives": len(positives), "negatives": len(negatives), "layers": layers, "epochs": epochs,
-                    "train_accuracy": acc, "final_loss": losses[-1] if losses else None}
+    return router, {
+        "positives": len(positives),
+        "negatives": len(negatives),
+        "layers": layers,
+        "epochs": epochs,
+        "train_accuracy": acc,
+        "final_loss": losses[-1] if losses else None,
+    }

@@ -42,8 +42,8 @@ def _left_pad(rows: list[list[int]], pad: int):
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, seq in enumerate(rows):
-        ids[r, width - len(seq):] = torch.tensor(seq)
-        mask[r, width - len(seq):] = 1
+        ids[r, width - len(seq) :] = torch.tensor(seq)
+        mask[r, width - len(seq) :] = 1
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
@@ -51,13 +51,20 @@ def _pad_id(tok) -> int:
     return tok.pad_token_id if tok.pad_token_id is not None else 0
 
 
-def _rows_shared(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]) -> list[torch.Tensor]:
+def _rows_shared(
+    handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
+) -> list[torch.Tensor]:
     """Logits (m_r, V) predicting each target token of row r; prompts run once into a KV cache."""
     dev, model = handle.device, handle.model
     ids, mask, pos = _left_pad(p_ids, _pad_id(handle.tokenizer))
     multi = [r for r, t in enumerate(t_ids) if len(t) > 1]
-    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                use_cache=bool(multi), logits_to_keep=1)
+    out = model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=pos.to(dev),
+        use_cache=bool(multi),
+        logits_to_keep=1,
+    )
     first = out.logits[:, -1].float()
     logits = [first[owner[r]][None] for r in range(len(t_ids))]
     if multi:
@@ -72,15 +79,26 @@ def _rows_shared(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
             cmask[i, : len(t_ids[r]) - 1] = 1
         start = mask.sum(1)[sel.cpu()]
         cpos = start[:, None] + torch.arange(w)[None]
-        more = model(input_ids=cont.to(dev), attention_mask=torch.cat([mask[sel.cpu()], cmask], 1).to(dev),
-                     position_ids=cpos.to(dev), use_cache=True, **with_cache(model, cache)).logits.float()
+        more = model(
+            input_ids=cont.to(dev),
+            attention_mask=torch.cat([mask[sel.cpu()], cmask], 1).to(dev),
+            position_ids=cpos.to(dev),
+            use_cache=True,
+            **with_cache(model, cache),
+        ).logits.float()
         for i, r in enumerate(multi):
             logits[r] = torch.cat([logits[r], more[i, : len(t_ids[r]) - 1]], 0)
     return logits
 
 
-def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int],
-                 max_len: int = 1024, share: bool = True) -> list[torch.Tensor]:
+def _rows_packed(
+    handle,
+    p_ids: list[list[int]],
+    t_ids: list[list[int]],
+    owner: list[int],
+    max_len: int = 1024,
+    share: bool = True,
+) -> list[torch.Tensor]:
     """The same logits from packed token trees (tree attention, :mod:`loka.packing`).
 
     Every prompt and every ``prompt + target[:-1]`` branch is a path in a trie of token prefixes,
@@ -96,37 +114,60 @@ def _rows_packed(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: 
             seqs[owner[r]].append(p_ids[owner[r]] + t[:-1])
     longest = max(len(s) for ss in seqs for s in ss) + 1
     if not within_window(handle.config, longest):
-        raise RequestError(f"a prompt of {longest} tokens exceeds the sliding window ({handle.config.sliding_window}); shorten the prompt or target")
+        raise RequestError(
+            f"a prompt of {longest} tokens exceeds the sliding window ({handle.config.sliding_window}); shorten the prompt or target"
+        )
     tree = pack_trees(seqs, max_len, _pad_id(handle.tokenizer), share)
     reads = [[tree.at(owner[r], p_ids[owner[r]] + t[:i]) for i in range(len(t))] for r, t in enumerate(t_ids)]
     cols = sorted({c for rd in reads for _, c in rd})
     colix = {c: i for i, c in enumerate(cols)}
     dtype = next(handle.model.parameters()).dtype
     dev = handle.device
-    lg = handle.model(input_ids=tree.input_ids.to(dev), attention_mask=tree.attention_mask(dtype).to(dev),
-                      position_ids=tree.position_ids.to(dev), use_cache=False,
-                      logits_to_keep=torch.tensor(cols, device=dev)).logits.float()
+    lg = handle.model(
+        input_ids=tree.input_ids.to(dev),
+        attention_mask=tree.attention_mask(dtype).to(dev),
+        position_ids=tree.position_ids.to(dev),
+        use_cache=False,
+        logits_to_keep=torch.tensor(cols, device=dev),
+    ).logits.float()
     return [torch.stack([lg[b, colix[c]] for b, c in rd]) for rd in reads]
 
 
-def _rows_full(handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]) -> list[torch.Tensor]:
+def _rows_full(
+    handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
+) -> list[torch.Tensor]:
     """The same logits from full ``prompt + target`` rows (for models whose cache cannot be shared)."""
     dev = handle.device
     rows = [p_ids[owner[r]] + t for r, t in enumerate(t_ids)]
     ids, mask, pos = _left_pad(rows, _pad_id(handle.tokenizer))
     keep = max(len(t) for t in t_ids) + 1
-    lg = handle.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                      use_cache=False, logits_to_keep=keep).logits.float()
-    return [lg[r, keep - len(t) - 1: keep - 1] for r, t in enumerate(t_ids)]
+    lg = handle.model(
+        input_ids=ids.to(dev),
+        attention_mask=mask.to(dev),
+        position_ids=pos.to(dev),
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits.float()
+    return [lg[r, keep - len(t) - 1 : keep - 1] for r, t in enumerate(t_ids)]
 
 
-SCORING_MODES = {"packed": _rows_packed, "flat": partial(_rows_packed, share=False), "cache": _rows_shared,
-                 "full": _rows_full}
+SCORING_MODES = {
+    "packed": _rows_packed,
+    "flat": partial(_rows_packed, share=False),
+    "cache": _rows_shared,
+    "full": _rows_full,
+}
 
 
 @torch.no_grad()
-def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int, mode: str = "packed",
-           context: bool = True):
+def _score(
+    handle,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int,
+    mode: str = "packed",
+    context: bool = True,
+):
     """Yield (row index, logits (m, V), target ids (m,)) for every (prompt, target) row.
 
     With a context artifact applied (an editing-free method such as SCR) and ``context`` true, the
@@ -143,14 +184,15 @@ def _score(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: i
         by_prompt.setdefault(p, []).append(r)
     for book, memory, idx in routed_groups(handle, uniq):  # one group unless a LOKA codebook is applied
         with selected(book, memory):
-            yield from _score_chunks(handle, [uniq[i] for i in idx], p_cache, by_prompt, prompts, targets,
-                                     batch_size, mode)
+            yield from _score_chunks(
+                handle, [uniq[i] for i in idx], p_cache, by_prompt, prompts, targets, batch_size, mode
+            )
 
 
 def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size, mode):
     tok = handle.tokenizer
     for s in range(0, len(uniq), batch_size):
-        chunk = uniq[s: s + batch_size]
+        chunk = uniq[s : s + batch_size]
         rows = [r for p in chunk for r in by_prompt[p]]
         index = {p: i for i, p in enumerate(chunk)}
         p_ids = [p_cache[p] for p in chunk]
@@ -161,7 +203,9 @@ def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size
             if mode != "full":
                 try:
                     logits = SCORING_MODES[mode](handle, p_ids, t_ids, owner)
-                except Exception as e:  # an attention or cache this model does not support: full rows are exact too
+                except (
+                    Exception
+                ) as e:  # an attention or cache this model does not support: full rows are exact too
                     log.debug("%s scoring unavailable (%s); scoring full rows", mode, e)
                     mode = "full"
             if logits is None:
@@ -180,8 +224,9 @@ def _contextualise(handle, prompts: Sequence[str]) -> list[str]:
     return contextualise(handle, list(prompts))
 
 
-def target_logprobs(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32,
-                    context: bool = True) -> list[dict]:
+def target_logprobs(
+    handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, context: bool = True
+) -> list[dict]:
     """Per (prompt, target): summed and mean token log-probability of the target (teacher forcing),
     the model's top next token after the prompt and its probability."""
     out: list[dict] = [{}] * len(prompts)
@@ -189,13 +234,19 @@ def target_logprobs(handle, prompts: Sequence[str], targets: Sequence[str], batc
         logp = F.log_softmax(lg, dim=-1)
         lp = logp.gather(1, tgt[:, None].to(logp.device)).squeeze(1)
         top = int(logp[0].argmax())
-        out[r] = {"logprob": float(lp.sum()), "mean_logprob": float(lp.mean()), "prob": float(lp.sum().exp()),
-                  "top_token": handle.tokenizer.decode([top]), "top_prob": float(logp[0, top].exp())}
+        out[r] = {
+            "logprob": float(lp.sum()),
+            "mean_logprob": float(lp.mean()),
+            "prob": float(lp.sum().exp()),
+            "top_token": handle.tokenizer.decode([top]),
+            "top_prob": float(logp[0, top].exp()),
+        }
     return out
 
 
-def score_targets(handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64,
-                  mode: str = "packed") -> list[dict]:
+def score_targets(
+    handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64, mode: str = "packed"
+) -> list[dict]:
     """Teacher-forced scoring of ``target`` after each prompt, all rows of a call batched together.
 
     Per row: ``token_logprobs`` (one per target token), ``argmax_ids`` (the model's top token at each
@@ -205,8 +256,11 @@ def score_targets(handle, prompts: Sequence[str], targets: Sequence[str], batch_
     out: list[dict] = [{}] * len(prompts)
     for r, lg, tgt in _score(handle, prompts, targets, batch_size, mode):
         lp = F.log_softmax(lg, dim=-1).gather(1, tgt[:, None].to(lg.device)).squeeze(1)
-        out[r] = {"token_logprobs": lp.cpu().tolist(), "argmax_ids": lg.argmax(-1).cpu().tolist(),
-                  "target_ids": tgt.tolist()}
+        out[r] = {
+            "token_logprobs": lp.cpu().tolist(),
+            "argmax_ids": lg.argmax(-1).cpu().tolist(),
+            "target_ids": tgt.tolist(),
+        }
     return out
 
 
@@ -222,10 +276,15 @@ def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[s
         try:
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(handle.device)
             with selected(book, memory):
-                seqs = hf_generate(handle.model, enc["input_ids"], enc["attention_mask"],
-                                   max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+                seqs = hf_generate(
+                    handle.model,
+                    enc["input_ids"],
+                    enc["attention_mask"],
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tok.pad_token_id,
+                )
         finally:
             tok.padding_side = old
         for i, s in zip(idx, seqs):
-            out[i] = tok.decode(s[enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out[i] = tok.decode(s[enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out

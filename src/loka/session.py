@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, folder: str | Path, handle, method: str | None = None, hparams: dict | None = None,
-                 prune: float | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        handle,
+        method: str | None = None,
+        hparams: dict | None = None,
+        prune: float | None = None,
+    ):
         """Open ``folder`` (created when missing) and apply its batches to ``handle``.
 
         A new session needs ``method``; an existing one refuses another model, method, overrides or
@@ -38,23 +44,36 @@ class Session:
         if meta_f.exists():
             self.meta = json.loads(meta_f.read_text())
             if self.meta["model_hash"] != handle.model_hash:
-                raise LokaError(f"{folder}: session made for {self.meta['model']} ({self.meta['model_hash'][:12]}), "
-                                f"not {handle.name} ({handle.model_hash[:12]}); use another folder")
+                raise LokaError(
+                    f"{folder}: session made for {self.meta['model']} ({self.meta['model_hash'][:12]}), "
+                    f"not {handle.name} ({handle.model_hash[:12]}); use another folder"
+                )
             for k, v in want.items():  # what is not given is taken from the session
                 if v and v != self.meta[k]:
-                    raise LokaError(f"{folder}: session uses {k}={self.meta[k]!r}, not {v!r}; use another folder")
+                    raise LokaError(
+                        f"{folder}: session uses {k}={self.meta[k]!r}, not {v!r}; use another folder"
+                    )
         else:
             if method is None:
                 raise LokaError(f"{folder} is not a session yet: give a method to start one")
-            self.meta = {"format": "loka-session", "model": handle.name, "model_hash": handle.model_hash,
-                         **want, "batches": 0}
+            self.meta = {
+                "format": "loka-session",
+                "model": handle.name,
+                "model_hash": handle.model_hash,
+                **want,
+                "batches": 0,
+            }
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(meta_f, self.meta)
-        self.state = EditState.load(self.folder / "state") if (self.folder / "state").exists() else EditState()
+        self.state = (
+            EditState.load(self.folder / "state") if (self.folder / "state").exists() else EditState()
+        )
         n = self.meta["batches"]
         if self.state.batches != n:
-            raise ArtifactError(f"{folder}: state covers {self.state.batches} batch(es), session.json {n}; "
-                                f"the last append was interrupted: delete batches/batch_{n:05d}.loka if present")
+            raise ArtifactError(
+                f"{folder}: state covers {self.state.batches} batch(es), session.json {n}; "
+                f"the last append was interrupted: delete batches/batch_{n:05d}.loka if present"
+            )
         self.applied: list[Artifact] = []
         try:
             for k in range(n):
@@ -73,8 +92,15 @@ class Session:
     def append(self, requests, progress: bool = True) -> Artifact:
         """Edit ``requests`` as the next batch on top of the earlier ones; saved before returning."""
         k = self.n_batches
-        art = edit(self.handle, requests, self.meta["method"], self.meta["hparams"] or None, progress=progress,
-                   state=self.state, prune=self.meta["prune"])
+        art = edit(
+            self.handle,
+            requests,
+            self.meta["method"],
+            self.meta["hparams"] or None,
+            progress=progress,
+            state=self.state,
+            prune=self.meta["prune"],
+        )
         self.applied.append(art)
         try:
             art.save(self._batch(k))
@@ -109,10 +135,19 @@ class Session:
     def summary(self) -> dict:
         batches = []
         for k, a in enumerate(self.applied):
-            batches.append({"batch": k, "id": a.id, "requests": len(a.manifest["requests"]),
-                            "seconds": a.manifest.get("extra", {}).get("seconds")})
-        return {**{k: v for k, v in self.meta.items() if k != "format"}, "edits": sum(b["requests"] for b in batches),
-                "batch_list": batches}
+            batches.append(
+                {
+                    "batch": k,
+                    "id": a.id,
+                    "requests": len(a.manifest["requests"]),
+                    "seconds": a.manifest.get("extra", {}).get("seconds"),
+                }
+            )
+        return {
+            **{k: v for k, v in self.meta.items() if k != "format"},
+            "edits": sum(b["requests"] for b in batches),
+            "batch_list": batches,
+        }
 
     def close(self) -> None:
         """Revert every batch this session applied (the model is as it was before opening)."""

@@ -46,14 +46,22 @@ class EditState:
 
     def batch_tensors(self, name: str) -> list[torch.Tensor]:
         """The tensors recorded under ``name``, in batch order."""
-        tagged = [(int(k.rsplit("@", 1)[1]), v) for k, v in self.tensors.items() if k.rsplit("@", 1)[0] == name and "@" in k]
+        tagged = [
+            (int(k.rsplit("@", 1)[1]), v)
+            for k, v in self.tensors.items()
+            if k.rsplit("@", 1)[0] == name and "@" in k
+        ]
         return [v for _, v in sorted(tagged, key=lambda x: x[0])]
 
     def truncate(self, n_batches: int) -> None:
         """Forget everything recorded by batches ``>= n_batches`` (a rollback)."""
         if not 0 <= n_batches <= self.batches:
-            raise ConfigError(f"cannot roll back to {n_batches} batch(es) (--rollback): the state has {self.batches}")
-        self.tensors = {k: v for k, v in self.tensors.items() if "@" not in k or int(k.rsplit("@", 1)[1]) < n_batches}
+            raise ConfigError(
+                f"cannot roll back to {n_batches} batch(es) (--rollback): the state has {self.batches}"
+            )
+        self.tensors = {
+            k: v for k, v in self.tensors.items() if "@" not in k or int(k.rsplit("@", 1)[1]) < n_batches
+        }
         self.meta["batches"] = n_batches
 
     def copy(self) -> EditState:
@@ -63,7 +71,9 @@ class EditState:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             save_file(self.tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps({"meta": self.meta, "sha": hash_tensors(self.tensors)}, indent=2))
+            (tmp / "state.json").write_text(
+                json.dumps({"meta": self.meta, "sha": hash_tensors(self.tensors)}, indent=2)
+            )
         return folder
 
     @classmethod

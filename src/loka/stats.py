@@ -77,7 +77,9 @@ def second_moments(
         else:
             out[layer] = c
     if missing:
-        out.update(_compute(handle, missing, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress))
+        out.update(
+            _compute(handle, missing, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress)
+        )
     return {layer: out[layer] for layer in layers}
 
 
@@ -103,7 +105,13 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
             log.warning("ignoring unreadable partial statistics: %s", e)
             count, texts_done = 0, 0
     stop = paths[max(layers)]
-    bar = tqdm(total=n_tokens, initial=count, desc=f"statistics for layers {layers}", unit="tok", disable=not progress)
+    bar = tqdm(
+        total=n_tokens,
+        initial=count,
+        desc=f"statistics for layers {layers}",
+        unit="tok",
+        disable=not progress,
+    )
     t0 = time.time()
     texts_iter = iter(corpus.texts())
     for _ in range(texts_done):
@@ -134,7 +142,14 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
         bar.update(take)
         if batches % checkpoint_every == 0 and count < n_tokens:
             for layer, p in zip(layers, partials):
-                _save_tensor_file(p, {"sum": sums[layer], "count": torch.tensor(count), "texts_done": torch.tensor(texts_done)})
+                _save_tensor_file(
+                    p,
+                    {
+                        "sum": sums[layer],
+                        "count": torch.tensor(count),
+                        "texts_done": torch.tensor(texts_done),
+                    },
+                )
     bar.close()
     if count < n_tokens:
         log.warning("corpus ran out after %d of %d tokens; statistics use what there was", count, n_tokens)
@@ -144,10 +159,18 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
         f, meta_f, _ = _paths(handle, layer, fp, n_tokens)
         f.parent.mkdir(parents=True, exist_ok=True)
         _save_tensor_file(f, {"mom2": mom2})
-        atomic_write_json(meta_f, {
-            "model_hash": handle.model_hash, "module": handle.spec.mlp_out_path(layer), "corpus": fp,
-            "n_tokens": n_tokens, "count": count, "sha256": sha256_file(f), "seconds": round(time.time() - t0, 2),
-        })
+        atomic_write_json(
+            meta_f,
+            {
+                "model_hash": handle.model_hash,
+                "module": handle.spec.mlp_out_path(layer),
+                "corpus": fp,
+                "n_tokens": n_tokens,
+                "count": count,
+                "sha256": sha256_file(f),
+                "seconds": round(time.time() - t0, 2),
+            },
+        )
         p.unlink(missing_ok=True)
         result[layer] = mom2
     log.info("statistics for layers %s: %d tokens in %.1fs", layers, count, time.time() - t0)
@@ -159,4 +182,3 @@ def verify(path: Path) -> None:
     meta = json.loads(path.with_suffix(".json").read_text())
     if sha256_file(path) != meta["sha256"]:
         raise CacheError(f"{path} does not match its recorded sha256; delete it to recompute")
-

@@ -65,6 +65,7 @@ def capture(
                 rec.kwargs = dict(kw)
                 if len(args) > 1:
                     rec.kwargs["__args__"] = args[1:]
+
         return hook
 
     def post_hook(path):
@@ -74,6 +75,7 @@ def capture(
                 records[path].output = o.detach() if detach else o
             if path == stop_after:
                 raise StopForward
+
         return hook
 
     try:

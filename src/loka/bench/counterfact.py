@@ -51,8 +51,14 @@ def mquake_facts(path: str | Path | None = None, exclude: list[dict] | None = No
 
     def add(subject: str, rel: str, obj: str) -> None:
         if rel in RELATIONS and (subject, rel) not in seen and (subject, rel) not in out and subject and obj:
-            out[(subject, rel)] = {"subject": subject, "attribute": obj, "relation_id": rel, "known_id": None,
-                                   "prompt": RELATIONS[rel]["cloze"][0].replace("{}", subject), "source": "mquake"}
+            out[(subject, rel)] = {
+                "subject": subject,
+                "attribute": obj,
+                "relation_id": rel,
+                "known_id": None,
+                "prompt": RELATIONS[rel]["cloze"][0].replace("{}", subject),
+                "source": "mquake",
+            }
 
     for i, case in enumerate(json.loads(path.read_text())):
         try:
@@ -72,7 +78,7 @@ def facts_known_by(handle, facts: list[dict], batch_size: int = 32) -> list[dict
 
     keep = []
     for s in tqdm(range(0, len(facts), batch_size), desc=f"which facts {handle.name} knows", unit="batch"):
-        chunk = facts[s: s + batch_size]
+        chunk = facts[s : s + batch_size]
         outs = generate(handle, [f["prompt"] for f in chunk], max_new_tokens=6)
         for f, o in zip(chunk, outs):
             if o.strip().lower().startswith(f["attribute"].strip().lower()):
@@ -84,8 +90,16 @@ def _fill(template: str, subject: str) -> str:
     return template.replace("{}", subject)
 
 
-def build_counterfact(facts: list[dict], n: int | None = None, seed: int = 0, *, all_facts: list[dict] | None = None,
-                      min_neighbours: int = 5, max_neighbours: int = 10, min_subjects: int = 3) -> list[dict]:
+def build_counterfact(
+    facts: list[dict],
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    all_facts: list[dict] | None = None,
+    min_neighbours: int = 5,
+    max_neighbours: int = 10,
+    min_subjects: int = 3,
+) -> list[dict]:
     """Records for up to ``n`` of ``facts`` (those with enough same-object neighbours), seeded.
 
     ``all_facts`` (default: ``facts``) supplies the objects and neighbours, so that filtering the
@@ -107,7 +121,12 @@ def build_counterfact(facts: list[dict], n: int | None = None, seed: int = 0, *,
         if n is not None and len(out) >= n:
             break
         rel, subj, true = f["relation_id"], f["subject"], f["attribute"]
-        if rel not in RELATIONS or subj not in f["prompt"] or not f["prompt"].startswith(subj) and f["prompt"].count(subj) != 1:
+        if (
+            rel not in RELATIONS
+            or subj not in f["prompt"]
+            or not f["prompt"].startswith(subj)
+            and f["prompt"].count(subj) != 1
+        ):
             continue
         choices = sorted(objects[rel] - {true})
         siblings = [g for g in same[(rel, true)] if g["subject"] != subj]
@@ -136,16 +155,21 @@ def build_counterfact(facts: list[dict], n: int | None = None, seed: int = 0, *,
         rng.shuffle(attr_subjects)
         attribute_prompts = [_fill(tmpls[0], s) for s in attr_subjects[:5]]
         gen = [_fill(t, subj) for t in RELATIONS[rel]["gen"]] + [f"{subj} is", f"The story of {subj}"]
-        out.append({
-            "case_id": len(out),
-            "known_id": f.get("known_id"),
-            "requested_rewrite": {
-                "prompt": edit_prompt, "relation_id": rel, "subject": subj,
-                "target_new": {"str": new}, "target_true": {"str": true},
-            },
-            "paraphrase_prompts": paraphrases,
-            "neighborhood_prompts": neigh,
-            "attribute_prompts": attribute_prompts,
-            "generation_prompts": gen,
-        })
+        out.append(
+            {
+                "case_id": len(out),
+                "known_id": f.get("known_id"),
+                "requested_rewrite": {
+                    "prompt": edit_prompt,
+                    "relation_id": rel,
+                    "subject": subj,
+                    "target_new": {"str": new},
+                    "target_true": {"str": true},
+                },
+                "paraphrase_prompts": paraphrases,
+                "neighborhood_prompts": neigh,
+                "attribute_prompts": attribute_prompts,
+                "generation_prompts": gen,
+            }
+        )
     return out

@@ -68,8 +68,14 @@ class Triple:
 class KnowledgeGraph:
     """Typed, levelled triples with the indexes the probe generator needs."""
 
-    def __init__(self, name: str, relations: dict[str, Relation], nodes: dict[str, Node], triples: list[Triple],
-                 where: str = "graph"):
+    def __init__(
+        self,
+        name: str,
+        relations: dict[str, Relation],
+        nodes: dict[str, Node],
+        triples: list[Triple],
+        where: str = "graph",
+    ):
         self.name, self.relations, self.nodes, self.triples = name, relations, nodes, list(triples)
         self.where = where
         self.validate()
@@ -87,7 +93,7 @@ class KnowledgeGraph:
             self.by_type[(n.domain, n.type)].append(n.id)
         self.rel_domain = {t.relation: self.nodes[t.head].domain for t in reversed(self.triples)}
         self._rels_of: dict[str, list[str]] = defaultdict(list)  # head -> relations it has
-        for (h, r) in self.out:
+        for h, r in self.out:
             self._rels_of[h].append(r)
 
     def relations_of(self, head: str) -> list[str]:
@@ -104,8 +110,10 @@ class KnowledgeGraph:
                 if not isinstance(getattr(r, f), str) or not getattr(r, f).strip():
                     raise KGError(f"{w}: relation {r.name!r}: field '{f}' must be a non-empty string")
             if not isinstance(r.cloze, str) or r.cloze.count("{}") != 1:
-                raise KGError(f"{w}: relation {r.name!r}: field 'cloze' must contain '{{}}' exactly once "
-                              f"where the subject goes (got {r.cloze!r})")
+                raise KGError(
+                    f"{w}: relation {r.name!r}: field 'cloze' must contain '{{}}' exactly once "
+                    f"where the subject goes (got {r.cloze!r})"
+                )
         for n in self.nodes.values():
             if n.level not in LEVELS:
                 raise KGError(f"{w}: node {n.id!r}: field 'level' must be one of {LEVELS} (got {n.level!r})")
@@ -115,15 +123,19 @@ class KnowledgeGraph:
         for i, t in enumerate(self.triples):
             where = f"{w}: triple {i} {(t.head, t.relation, t.tail)}"
             if t.relation not in self.relations:
-                raise KGError(f"{where}: field 'relation' names no declared relation (known: {sorted(self.relations)})")
+                raise KGError(
+                    f"{where}: field 'relation' names no declared relation (known: {sorted(self.relations)})"
+                )
             for slot in ("head", "tail"):
                 nid = getattr(t, slot)
                 if nid not in self.nodes:
                     raise KGError(f"{where}: field '{slot}' names no declared node {nid!r}")
                 want = getattr(self.relations[t.relation], f"{slot}_type")
                 if want != ANY and self.nodes[nid].type != want:
-                    raise KGError(f"{where}: {slot} {nid!r} has type {self.nodes[nid].type!r} but relation "
-                                  f"{t.relation!r} wants {want!r}")
+                    raise KGError(
+                        f"{where}: {slot} {nid!r} has type {self.nodes[nid].type!r} but relation "
+                        f"{t.relation!r} wants {want!r}"
+                    )
             if t.head == t.tail:
                 raise KGError(f"{where}: head and tail are the same node")
             if t in seen:
@@ -157,16 +169,27 @@ class KnowledgeGraph:
             levels = Counter(n.level for n in self.nodes.values() if n.domain == d)
             heads_by_level = Counter(self.nodes[t.head].level for t in tr)
             chains = sum(len(self.relations_of(t.tail)) for t in tr)
-            out[d] = {"triples": len(tr), "nodes": dict(levels), "triples_by_head_level": dict(heads_by_level),
-                      "relations": len({t.relation for t in tr}), "two_hop_chains": chains}
+            out[d] = {
+                "triples": len(tr),
+                "nodes": dict(levels),
+                "triples_by_head_level": dict(heads_by_level),
+                "relations": len({t.relation for t in tr}),
+                "two_hop_chains": chains,
+            }
         return out
 
     # ---- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": "loka-kg", "version": 1, "name": self.name,
-                "relations": {k: {f: v for f, v in asdict(r).items() if f != "name"} for k, r in self.relations.items()},
-                "nodes": [asdict(n) for n in self.nodes.values()],
-                "triples": [[t.head, t.relation, t.tail] for t in self.triples]}
+        return {
+            "format": "loka-kg",
+            "version": 1,
+            "name": self.name,
+            "relations": {
+                k: {f: v for f, v in asdict(r).items() if f != "name"} for k, r in self.relations.items()
+            },
+            "nodes": [asdict(n) for n in self.nodes.values()],
+            "triples": [[t.head, t.relation, t.tail] for t in self.triples],
+        }
 
     def save(self, path: str | Path) -> Path:
         atomic_write_json(path, self.to_dict())
@@ -175,16 +198,23 @@ class KnowledgeGraph:
     @classmethod
     def from_dict(cls, d: dict, where: str = "graph") -> KnowledgeGraph:
         if not isinstance(d, dict) or d.get("format") != "loka-kg":
-            raise KGError(f"{where}: not a loka knowledge graph (expected a JSON object with \"format\": \"loka-kg\"; "
-                          "CSV triples are read from a .csv file)")
+            raise KGError(
+                f'{where}: not a loka knowledge graph (expected a JSON object with "format": "loka-kg"; '
+                "CSV triples are read from a .csv file)"
+            )
         for f in ("relations", "nodes", "triples"):
             if f not in d:
                 raise KGError(f"{where}: missing field '{f}'")
         rels = {}
         for k, r in d["relations"].items():
             try:
-                rels[k] = Relation(name=k, noun=r["noun"], head_type=r["head_type"], tail_type=r["tail_type"],
-                                   cloze=r["cloze"])
+                rels[k] = Relation(
+                    name=k,
+                    noun=r["noun"],
+                    head_type=r["head_type"],
+                    tail_type=r["tail_type"],
+                    cloze=r["cloze"],
+                )
             except (KeyError, TypeError) as e:
                 raise KGError(f"{where}: relation {k!r}: missing field {e}") from None
         nodes = {}
@@ -192,7 +222,9 @@ class KnowledgeGraph:
             try:
                 node = Node(id=n["id"], name=n["name"], type=n["type"], level=n["level"], domain=n["domain"])
             except (KeyError, TypeError) as e:
-                raise KGError(f"{where}: node {i}: missing field {e} (need id, name, type, level, domain)") from None
+                raise KGError(
+                    f"{where}: node {i}: missing field {e} (need id, name, type, level, domain)"
+                ) from None
             if node.id in nodes:
                 raise KGError(f"{where}: node {i}: duplicate id {node.id!r}")
             nodes[node.id] = node
@@ -213,23 +245,41 @@ def _csv_graph(path: Path) -> KnowledgeGraph:
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise KGError(f"{path}: CSV header lacks column(s) {missing}; the header must have {need} "
-                          "and optionally noun, cloze")
+            raise KGError(
+                f"{path}: CSV header lacks column(s) {missing}; the header must have {need} "
+                "and optionally noun, cloze"
+            )
         for i, row in enumerate(reader, start=2):
             r = row["relation"].strip()
             if r not in rels:
                 noun = (row.get("noun") or r.replace("_", " ")).strip()
-                rels[r] = Relation(r, noun, row["head_type"].strip(), row["tail_type"].strip(),
-                                   (row.get("cloze") or f"The {noun} of {{}} is").strip())
+                rels[r] = Relation(
+                    r,
+                    noun,
+                    row["head_type"].strip(),
+                    row["tail_type"].strip(),
+                    (row.get("cloze") or f"The {noun} of {{}} is").strip(),
+                )
             for slot in ("head", "tail"):
                 name = row[slot].strip()
                 nid = f"{row['domain'].strip()}:{name}"
-                node = Node(nid, name, row[f"{slot}_type"].strip(), row[f"{slot}_level"].strip(), row["domain"].strip())
+                node = Node(
+                    nid,
+                    name,
+                    row[f"{slot}_type"].strip(),
+                    row[f"{slot}_level"].strip(),
+                    row["domain"].strip(),
+                )
                 if nid in nodes and nodes[nid] != node:
                     raise KGError(f"{path}:{i}: node {name!r} was declared before with another type or level")
                 nodes[nid] = node
-            triples.append(Triple(f"{row['domain'].strip()}:{row['head'].strip()}", r,
-                                  f"{row['domain'].strip()}:{row['tail'].strip()}"))
+            triples.append(
+                Triple(
+                    f"{row['domain'].strip()}:{row['head'].strip()}",
+                    r,
+                    f"{row['domain'].strip()}:{row['tail'].strip()}",
+                )
+            )
     return KnowledgeGraph(path.stem, rels, nodes, triples, where=str(path))
 
 
@@ -267,7 +317,9 @@ def resolve_graph(spec: str | Path) -> KnowledgeGraph:
 _DIRECTIVE = re.compile(r"^@(\w+)\s+(.*)$")
 
 
-def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relation], dict[str, Node], list[Triple]]:
+def parse_source(
+    text: str, where: str = "source"
+) -> tuple[str, dict[str, Relation], dict[str, Node], list[Triple]]:
     """Parse one ``.kg`` domain file: ``@domain``, ``@type NAME LEVEL``,
     ``@relation name | noun | head_type -> tail_type | cloze``, ``@nodes TYPE: a, b``, and triple lines
     ``relation: head = tail; head = tail``. Node types come from the relations that use them."""
@@ -294,7 +346,9 @@ def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relat
             elif key == "relation":
                 parts = [p.strip() for p in rest.split("|")]
                 if len(parts) != 4 or "->" not in parts[2]:
-                    raise KGError(f"{at}: @relation must be 'name | noun | head_type -> tail_type | cloze with {{}}'")
+                    raise KGError(
+                        f"{at}: @relation must be 'name | noun | head_type -> tail_type | cloze with {{}}'"
+                    )
                 ht, tt = (x.strip() for x in parts[2].split("->"))
                 rels[parts[0]] = Relation(parts[0], parts[1], ht, tt, parts[3])
             elif key == "nodes":
@@ -307,7 +361,9 @@ def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relat
             continue
         rel, sep, body = line.partition(":")
         if not sep or rel.strip() not in rels:
-            raise KGError(f"{at}: expected 'relation: head = tail; ...' with a declared relation (got {line[:60]!r})")
+            raise KGError(
+                f"{at}: expected 'relation: head = tail; ...' with a declared relation (got {line[:60]!r})"
+            )
         for item in body.split(";"):
             if not item.strip():
                 continue
@@ -321,7 +377,9 @@ def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relat
         r = rels[rel]
         for name, typ in ((h, r.head_type), (t, r.tail_type)):
             if names.get(name, typ) != typ:
-                raise KGError(f"{where}:{ln}: {name!r} is a {names[name]!r} elsewhere but relation {rel!r} makes it a {typ!r}")
+                raise KGError(
+                    f"{where}:{ln}: {name!r} is a {names[name]!r} elsewhere but relation {rel!r} makes it a {typ!r}"
+                )
             names[name] = typ
     nodes = {}
     for name, typ in names.items():
@@ -331,8 +389,12 @@ def parse_source(text: str, where: str = "source") -> tuple[str, dict[str, Relat
     triples = [Triple(f"{domain}:{h}", rel, f"{domain}:{t}") for _, rel, h, t in pairs]
     # relation names are shared across domains in one graph: qualify them by domain
     qual = {k: Relation(f"{domain}/{k}", r.noun, r.head_type, r.tail_type, r.cloze) for k, r in rels.items()}
-    return domain, {q.name: q for q in qual.values()}, nodes, [Triple(t.head, f"{domain}/{t.relation}", t.tail)
-                                                                for t in triples]
+    return (
+        domain,
+        {q.name: q for q in qual.values()},
+        nodes,
+        [Triple(t.head, f"{domain}/{t.relation}", t.tail) for t in triples],
+    )
 
 
 def build_curated(src: str | Path | None = None) -> KnowledgeGraph:
@@ -358,7 +420,9 @@ def _mquake_cloze(folder: Path) -> dict[str, str]:
     return {k: v.replace("[X]", "{}").replace("__", "").strip() for k, v in raw.items()}
 
 
-def build_derived(known: str | Path | None = None, mquake: str | Path | None = None, hub: int = 10) -> KnowledgeGraph:
+def build_derived(
+    known: str | Path | None = None, mquake: str | Path | None = None, hub: int = 10
+) -> KnowledgeGraph:
     """Entities, relations and chains from ``known_1000.json`` and ``MQuAKE-hard.json``.
 
     Nodes are keyed by their label (the two sources share Wikidata labels), relation by Wikidata id.
@@ -376,7 +440,12 @@ def build_derived(known: str | Path | None = None, mquake: str | Path | None = N
     raw: list[tuple[str, str, str, str, str]] = []  # head, rel, tail, noun, cloze
     for i, rec in enumerate(json.loads(known_p.read_text(encoding="utf-8"))):
         try:
-            rid, s, o, tmpl = rec["relation_id"], rec["subject"].strip(), rec["attribute"].strip(), rec["template"]
+            rid, s, o, tmpl = (
+                rec["relation_id"],
+                rec["subject"].strip(),
+                rec["attribute"].strip(),
+                rec["template"],
+            )
         except KeyError as e:
             raise KGError(f"{known_p}: record {i}: missing field {e}") from None
         noun = RELATIONS.get(rid, {}).get("name", rid)
@@ -394,7 +463,9 @@ def build_derived(known: str | Path | None = None, mquake: str | Path | None = N
         if not h or not t or h == t or (h, rid, t) in seen:
             continue
         seen.add((h, rid, t))
-        rels.setdefault(rid, Relation(rid, noun, ANY, ANY, tmpl if tmpl.count("{}") == 1 else f"The {noun} of {{}} is"))
+        rels.setdefault(
+            rid, Relation(rid, noun, ANY, ANY, tmpl if tmpl.count("{}") == 1 else f"The {noun} of {{}} is")
+        )
         indeg[t] += 1
         obj_type.setdefault(t, f"{rid} object")
         triples.append(Triple(f"wikidata:{h}", rid, f"wikidata:{t}"))

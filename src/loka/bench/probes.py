@@ -37,20 +37,38 @@ LETTERS = "ABCD"
 
 _DIRECT_Q = ("What is the {noun} of {s}?", "Which {tt} is the {noun} of {s}?", "Name the {noun} of {s}.")
 _DIRECT_C = ("{rel}", "The {noun} of {s} is", "{s}'s {noun} is")
-_REVERSE_Q = ("Which {ht} has {y} as its {noun}?", "{Y} is the {noun} of which {ht}?", "Of which {ht} is {y} the {noun}?")
+_REVERSE_Q = (
+    "Which {ht} has {y} as its {noun}?",
+    "{Y} is the {noun} of which {ht}?",
+    "Of which {ht} is {y} the {noun}?",
+)
 _REVERSE_C = ("{Y} is the {noun} of", "The {ht} whose {noun} is {y} is", "One {ht} with {y} as its {noun} is")
-_MULTI_Q = ("What is the {noun2} of the {noun} of {s}?", "Consider the {noun} of {s}. What is its {noun2}?",
-            "Which {tt2} is the {noun2} of {s}'s {noun}?")
-_MULTI_C = ("The {noun2} of the {noun} of {s} is", "Take the {noun} of {s}: its {noun2} is",
-            "{S}'s {noun} has as its {noun2}")
-_COMP_Q = ("Which statement is true?", "Which of the following is correct?", "Which of these claims is accurate?")
+_MULTI_Q = (
+    "What is the {noun2} of the {noun} of {s}?",
+    "Consider the {noun} of {s}. What is its {noun2}?",
+    "Which {tt2} is the {noun2} of {s}'s {noun}?",
+)
+_MULTI_C = (
+    "The {noun2} of the {noun} of {s} is",
+    "Take the {noun} of {s}: its {noun2} is",
+    "{S}'s {noun} has as its {noun2}",
+)
+_COMP_Q = (
+    "Which statement is true?",
+    "Which of the following is correct?",
+    "Which of these claims is accurate?",
+)
 _COMP_C = ("True statement:", "A correct fact:", "It is accurate that")
-_CONF_Q = ("Some sources claim that the {noun} of {s} is {c}. What is the {noun} of {s}?",
-           "A student wrote that the {noun} of {s} is {c}. Which {tt} is really the {noun} of {s}?",
-           "Ignore the rumour that the {noun} of {s} is {c}. Name the {noun} of {s}.")
-_CONF_C = ("Some sources claim that the {noun} of {s} is {c}. In fact, the {noun} of {s} is",
-           "A student wrote that the {noun} of {s} is {c}. The correct {noun} of {s} is",
-           "Despite the rumour that {s}'s {noun} is {c}, {s}'s {noun} is")
+_CONF_Q = (
+    "Some sources claim that the {noun} of {s} is {c}. What is the {noun} of {s}?",
+    "A student wrote that the {noun} of {s} is {c}. Which {tt} is really the {noun} of {s}?",
+    "Ignore the rumour that the {noun} of {s} is {c}. Name the {noun} of {s}.",
+)
+_CONF_C = (
+    "Some sources claim that the {noun} of {s} is {c}. In fact, the {noun} of {s} is",
+    "A student wrote that the {noun} of {s} is {c}. The correct {noun} of {s} is",
+    "Despite the rumour that {s}'s {noun} is {c}, {s}'s {noun} is",
+)
 
 
 def _cap(x: str) -> str:
@@ -84,13 +102,26 @@ class Intervention:
         """The unified request (KnowledgeSmith §3.1): target = the new object (edit) or the forgotten
         object with no replacement (forget); paraphrases are the other direct cloze phrasings."""
         r, s = g.relations[self.relation], g.name_of(self.head)
-        para = [_fill(t, g, self)[0] for t in _DIRECT_C[1:1 + paraphrases]]
+        para = [_fill(t, g, self)[0] for t in _DIRECT_C[1 : 1 + paraphrases]]
         if self.task == "edit":
-            return EditRequest(r.cloze, s, g.name_of(self.new), g.name_of(self.old), paraphrases=para,
-                               case_id=f"kg-{self.index}", relation_id=self.relation)
-        return ForgetRequest(r.cloze, s, target_true=g.name_of(self.old), target_new=neutral_answer(r.tail_type),
-                             paraphrases=para,
-                             case_id=f"kg-{self.index}", relation_id=self.relation)
+            return EditRequest(
+                r.cloze,
+                s,
+                g.name_of(self.new),
+                g.name_of(self.old),
+                paraphrases=para,
+                case_id=f"kg-{self.index}",
+                relation_id=self.relation,
+            )
+        return ForgetRequest(
+            r.cloze,
+            s,
+            target_true=g.name_of(self.old),
+            target_new=neutral_answer(r.tail_type),
+            paraphrases=para,
+            case_id=f"kg-{self.index}",
+            relation_id=self.relation,
+        )
 
 
 @dataclass
@@ -110,7 +141,9 @@ class Probe:
     domain: str
     relation: str
     scope: str = ""  # contextual: "near" | "far"
-    claims: list[str] = field(default_factory=list)  # per option, the object it asserts for the intervention's (s, r)
+    claims: list[str] = field(
+        default_factory=list
+    )  # per option, the object it asserts for the intervention's (s, r)
     subject: str = ""  # node id the probe asks about (the intervened subject, or a contextual fact's head)
 
     @property
@@ -129,14 +162,23 @@ class Probe:
 def _fill(template: str, g: KnowledgeGraph, iv: Intervention, **kw) -> tuple[str, dict]:
     r = g.relations[iv.relation]
     s = g.name_of(iv.head)
-    vals = {"noun": r.noun, "s": s, "S": _cap(s), "tt": _type_word(r.tail_type), "ht": _type_word(r.head_type),
-            "rel": r.prompt(s), **kw}
+    vals = {
+        "noun": r.noun,
+        "s": s,
+        "S": _cap(s),
+        "tt": _type_word(r.tail_type),
+        "ht": _type_word(r.head_type),
+        "rel": r.prompt(s),
+        **kw,
+    }
     if "y" in vals:
         vals["Y"] = _cap(vals["y"])
     return _cap(template.format(**vals)), vals
 
 
-def _options(rng: random.Random, correct: list[str], pool: list[str], exclude: set[str], n: int = 4) -> list[str] | None:
+def _options(
+    rng: random.Random, correct: list[str], pool: list[str], exclude: set[str], n: int = 4
+) -> list[str] | None:
     """``correct`` first-listed ids plus same-type distractors not in ``exclude``, shuffled; None if short."""
     cand = [x for x in pool if x not in exclude and x not in correct]
     need = n - len(correct)
@@ -165,8 +207,15 @@ def candidate_triples(g: KnowledgeGraph, level: str, task: str, domains: list[st
     return out
 
 
-def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit", seed: int = 0,
-                       domains: list[str] | None = None, prefer: dict | set | None = None) -> list[Intervention]:
+def make_interventions(
+    g: KnowledgeGraph,
+    level: str,
+    k: int,
+    task: str = "edit",
+    seed: int = 0,
+    domains: list[str] | None = None,
+    prefer: dict | set | None = None,
+) -> list[Intervention]:
     """``k`` interventions at ``level``, one per subject, spread evenly over the domains (seeded).
     Triples in ``prefer`` (e.g. the facts the model knows, :func:`loka.eval.kg_runner.known_triples`)
     are taken first in each domain; when ``prefer`` maps a triple to objects, an edit's new object is
@@ -192,8 +241,10 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
             lst.sort(key=lambda t: t not in prefer)  # stable: preferred first, each part still shuffled
     heads_avail = len({t.head for t in cands})
     if k > heads_avail:
-        raise RequestError(f"scale {k} asks for more interventions than the graph has subjects at level "
-                           f"{level!r} ({heads_avail}); use a smaller --scale or a larger graph (--graph derived)")
+        raise RequestError(
+            f"scale {k} asks for more interventions than the graph has subjects at level "
+            f"{level!r} ({heads_avail}); use a smaller --scale or a larger graph (--graph derived)"
+        )
     chosen, used = [], set()
     doms = sorted(by_dom)
     while len(chosen) < k:
@@ -219,23 +270,44 @@ def make_interventions(g: KnowledgeGraph, level: str, k: int, task: str = "edit"
 
             def differs(x, old_facts=old_facts):
                 return any(g.tails(x, r2) and tuple(g.tails(x, r2)) != tl for r2, tl in old_facts)
+
             new = next((x for x in free if differs(x)), free[0])
         n = g.nodes[t.head]
         out.append(Intervention(i, t.head, t.relation, t.tail, new, task, n.level, n.domain))
     return out
 
 
-def _probe(pid, iv, typ, ph, q, c, opts_ids, g, target_id, original_id, claims=None, rel=None, scope="",
-           labels=None) -> Probe:
+def _probe(
+    pid, iv, typ, ph, q, c, opts_ids, g, target_id, original_id, claims=None, rel=None, scope="", labels=None
+) -> Probe:
     names = labels or [g.name_of(x) for x in opts_ids]
-    return Probe(pid, iv.index, typ, ph, q, c, names,
-                 opts_ids.index(target_id) if target_id in opts_ids else None,
-                 opts_ids.index(original_id) if original_id in opts_ids else None,
-                 iv.level, iv.domain, rel or iv.relation, scope, claims or [], iv.head)
+    return Probe(
+        pid,
+        iv.index,
+        typ,
+        ph,
+        q,
+        c,
+        names,
+        opts_ids.index(target_id) if target_id in opts_ids else None,
+        opts_ids.index(original_id) if original_id in opts_ids else None,
+        iv.level,
+        iv.domain,
+        rel or iv.relation,
+        scope,
+        claims or [],
+        iv.head,
+    )
 
 
-def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasings: int = 3, n_context: int = 6,
-               avoid: set[str] | None = None) -> list[Probe]:
+def probes_for(
+    g: KnowledgeGraph,
+    iv: Intervention,
+    rng: random.Random,
+    phrasings: int = 3,
+    n_context: int = 6,
+    avoid: set[str] | None = None,
+) -> list[Probe]:
     """All probes of one intervention (``phrasings`` of each Q+ type; ``n_context`` contextual probes,
     half near, half far). ``avoid``: heads of other interventions (their facts are not contextual)."""
     avoid = avoid or set()
@@ -255,12 +327,18 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
     for ph in phs:
         q, _ = _fill(_DIRECT_Q[ph], g, iv)
         c, _ = _fill(_DIRECT_C[ph], g, iv)
-        out.append(_probe(f"{pfx}-direct-{ph}", iv, "direct", ph, q, c, direct, g, tgt, iv.old, claims=list(direct)))
+        out.append(
+            _probe(f"{pfx}-direct-{ph}", iv, "direct", ph, q, c, direct, g, tgt, iv.old, claims=list(direct))
+        )
     contra = iv.old if edit else rng.choice([x for x in direct if x != iv.old])
     for ph in phs:
         q, _ = _fill(_CONF_Q[ph], g, iv, c=g.name_of(contra))
         c, _ = _fill(_CONF_C[ph], g, iv, c=g.name_of(contra))
-        out.append(_probe(f"{pfx}-conflict-{ph}", iv, "conflict", ph, q, c, direct, g, tgt, iv.old, claims=list(direct)))
+        out.append(
+            _probe(
+                f"{pfx}-conflict-{ph}", iv, "conflict", ph, q, c, direct, g, tgt, iv.old, claims=list(direct)
+            )
+        )
     # reverse: which subject has y?
     has_y = set(g.heads(r, y)) - {s}
     rev = _options(rng, [s], g.role[(r, "head")], has_y)  # subjects with a known, different value
@@ -269,8 +347,21 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
             q, _ = _fill(_REVERSE_Q[ph], g, iv, y=g.name_of(y))
             c, _ = _fill(_REVERSE_C[ph], g, iv, y=g.name_of(y))
             claims = [y if x == s else f"not:{y}" for x in rev]
-            out.append(_probe(f"{pfx}-reverse-{ph}", iv, "reverse", ph, q, c, rev, g, s if edit else None,
-                              None if edit else s, claims=claims))
+            out.append(
+                _probe(
+                    f"{pfx}-reverse-{ph}",
+                    iv,
+                    "reverse",
+                    ph,
+                    q,
+                    c,
+                    rev,
+                    g,
+                    s if edit else None,
+                    None if edit else s,
+                    claims=claims,
+                )
+            )
     # multi-hop: y -r2-> x
     for r2 in g.relations_of(y):
         if len(g.tails(y, r2)) != 1:
@@ -289,8 +380,21 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
             kw = {"noun2": r2d.noun, "tt2": _type_word(r2d.tail_type)}
             q, _ = _fill(_MULTI_Q[ph], g, iv, **kw)
             c, _ = _fill(_MULTI_C[ph], g, iv, **kw)
-            out.append(_probe(f"{pfx}-multihop-{ph}", iv, "multihop", ph, q, c, mh, g, x_new if edit else None,
-                              x_old if edit else x_new, rel=f"{r}>{r2}"))
+            out.append(
+                _probe(
+                    f"{pfx}-multihop-{ph}",
+                    iv,
+                    "multihop",
+                    ph,
+                    q,
+                    c,
+                    mh,
+                    g,
+                    x_new if edit else None,
+                    x_old if edit else x_new,
+                    rel=f"{r}>{r2}",
+                )
+            )
         break
     # comparison: statements; one true after the update
     noun = g.relations[r].noun
@@ -307,8 +411,22 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
         claims = [b if a == s else "" for a, b in pairs]
         for ph in phs:
             stmts = [_cap(x) + "." for x in labels] if ph < 2 else [x + "." for x in labels]
-            out.append(_probe(f"{pfx}-comparison-{ph}", iv, "comparison", ph, _COMP_Q[ph], _COMP_C[ph], ids, g,
-                              f"{s}|{y}" if edit else None, f"{s}|{iv.old}", claims=claims, labels=stmts))
+            out.append(
+                _probe(
+                    f"{pfx}-comparison-{ph}",
+                    iv,
+                    "comparison",
+                    ph,
+                    _COMP_Q[ph],
+                    _COMP_C[ph],
+                    ids,
+                    g,
+                    f"{s}|{y}" if edit else None,
+                    f"{s}|{iv.old}",
+                    claims=claims,
+                    labels=stmts,
+                )
+            )
     # contextual: near (shares a node with the intervention) then far (same domain, no shared node)
     touched = {s, iv.old, iv.new} | avoid
     near, far = [], []
@@ -323,22 +441,46 @@ def probes_for(g: KnowledgeGraph, iv: Intervention, rng: random.Random, phrasing
     picked = rng.sample(near, min(len(near), n_context // 2))
     picked += rng.sample(far, min(len(far), n_context - len(picked)))
     for j, t in enumerate(picked):
-        civ = Intervention(iv.index, t.head, t.relation, t.tail, None, "forget", g.nodes[t.head].level, iv.domain)
+        civ = Intervention(
+            iv.index, t.head, t.relation, t.tail, None, "forget", g.nodes[t.head].level, iv.domain
+        )
         opts = _options(rng, [t.tail], g.pool(t.relation, "tail"), set(g.tails(t.head, t.relation)))
         if opts is None:
             continue
         ph = j % 3
         q, _ = _fill(_DIRECT_Q[ph], g, civ)
         c, _ = _fill(_DIRECT_C[ph], g, civ)
-        out.append(_probe(f"{pfx}-contextual-{j}", civ, "contextual", ph, q, c, opts, g, t.tail, t.tail,
-                          rel=t.relation, scope="near" if t in near else "far"))
+        out.append(
+            _probe(
+                f"{pfx}-contextual-{j}",
+                civ,
+                "contextual",
+                ph,
+                q,
+                c,
+                opts,
+                g,
+                t.tail,
+                t.tail,
+                rel=t.relation,
+                scope="near" if t in near else "far",
+            )
+        )
         out[-1].level = iv.level  # reported under the intervention's level
     return out
 
 
-def generate_probes(g: KnowledgeGraph, level: str, k: int, task: str = "edit", seed: int = 0,
-                    domains: list[str] | None = None, phrasings: int = 3, n_context: int = 6,
-                    prefer: dict | set | None = None) -> tuple[list[Intervention], list[Probe]]:
+def generate_probes(
+    g: KnowledgeGraph,
+    level: str,
+    k: int,
+    task: str = "edit",
+    seed: int = 0,
+    domains: list[str] | None = None,
+    phrasings: int = 3,
+    n_context: int = 6,
+    prefer: dict | set | None = None,
+) -> tuple[list[Intervention], list[Probe]]:
     """Interventions and their probes for one run (same seed → same interventions, options, order)."""
     ivs = make_interventions(g, level, k, task, seed, domains, prefer)
     heads = {iv.head for iv in ivs}
@@ -349,14 +491,21 @@ def generate_probes(g: KnowledgeGraph, level: str, k: int, task: str = "edit", s
     return ivs, probes
 
 
-def retain_requests(g: KnowledgeGraph, ivs: list[Intervention], probes: list[Probe], n: int,
-                    seed: int = 0) -> list[RetainRequest]:
+def retain_requests(
+    g: KnowledgeGraph, ivs: list[Intervention], probes: list[Probe], n: int, seed: int = 0
+) -> list[RetainRequest]:
     """Facts to keep during unlearning: same-domain triples whose subject and object no intervention
     touches and whose subject no probe asks about (so the retain loss never sees a measured fact)."""
     used = {iv.head for iv in ivs} | {iv.old for iv in ivs} | {p.subject for p in probes}
     rng = random.Random(seed)
     doms = {iv.domain for iv in ivs}
-    cand = [t for t in g.triples if g.nodes[t.head].domain in doms and t.head not in used and t.tail not in used]
+    cand = [
+        t for t in g.triples if g.nodes[t.head].domain in doms and t.head not in used and t.tail not in used
+    ]
     rng.shuffle(cand)
-    return [RetainRequest(g.relations[t.relation].cloze, g.name_of(t.head), g.name_of(t.tail),
-                          case_id=f"kg-retain-{i}") for i, t in enumerate(cand[:n])]
+    return [
+        RetainRequest(
+            g.relations[t.relation].cloze, g.name_of(t.head), g.name_of(t.tail), case_id=f"kg-retain-{i}"
+        )
+        for i, t in enumerate(cand[:n])
+    ]

@@ -33,13 +33,20 @@ def _obj(x) -> str:
 
 def _fact(rec: dict, perturbed: list[str]) -> dict:
     rw = _rw(rec)
-    return {"prompt": rw["prompt"], "subject": rw["subject"], "answer": _obj(rw["target_true"]),
-            "paraphrases": list(rec.get("paraphrase_prompts", [])), "perturbed": perturbed,
-            "case_id": rec.get("case_id"), "relation_id": rw.get("relation_id")}
+    return {
+        "prompt": rw["prompt"],
+        "subject": rw["subject"],
+        "answer": _obj(rw["target_true"]),
+        "paraphrases": list(rec.get("paraphrase_prompts", [])),
+        "perturbed": perturbed,
+        "case_id": rec.get("case_id"),
+        "relation_id": rw.get("relation_id"),
+    }
 
 
-def build_tasks(records: list[dict], setting: str, n_edit: int, n_forget: int, n_retain: int,
-                seed: int = 0) -> dict:
+def build_tasks(
+    records: list[dict], setting: str, n_edit: int, n_forget: int, n_retain: int, seed: int = 0
+) -> dict:
     """Split known-fact records into ``edit`` / ``forget`` / ``retain`` / ``remaining`` for ``setting``
     (``"in"`` or ``"out"`` profile). Raises when the records cannot fill the sizes asked."""
     if setting not in ("in", "out"):
@@ -81,8 +88,10 @@ def build_tasks(records: list[dict], setting: str, n_edit: int, n_forget: int, n
             take += by_rel[rel][:k]
             by_rel[rel] = by_rel[rel][k:]
     if len(forget) < n_forget or len(edit) < n_edit:
-        raise LokaError(f"{len(records)} records give only {len(forget)} forget and {len(edit)} edit facts for the "
-                        f"{setting}-profile setting; ask for fewer (--n-forget/--n-edit)")
+        raise LokaError(
+            f"{len(records)} records give only {len(forget)} forget and {len(edit)} edit facts for the "
+            f"{setting}-profile setting; ask for fewer (--n-forget/--n-edit)"
+        )
     used = {id(r) for r in forget + edit}
     rest = [r for rel in rels for r in by_rel[rel] if id(r) not in used]
     rng.shuffle(rest)
@@ -96,11 +105,14 @@ def build_tasks(records: list[dict], setting: str, n_edit: int, n_forget: int, n
         return rng.sample(wrong, min(3, len(wrong)))
 
     return {
-        "setting": setting, "seed": seed,
+        "setting": setting,
+        "seed": seed,
         "edit": edit,
         "forget": [_fact(r, pert(r)) for r in forget],
         "retain": [_fact(r, pert(r)) for r in retain],
         "remaining": [_fact(r, pert(r)) for r in remaining],
-        "relations": {"edit": sorted({_rw(r).get("relation_id") for r in edit}),
-                      "forget": sorted({_rw(r).get("relation_id") for r in forget})},
+        "relations": {
+            "edit": sorted({_rw(r).get("relation_id") for r in edit}),
+            "forget": sorted({_rw(r).get("relation_id") for r in forget}),
+        },
     }

@@ -27,9 +27,15 @@ from ..eval.data import load_qa
 from ..requests import QA_PROMPT, EditRequest, ForgetRequest, RetainRequest, request_from_record
 from .counterfact import DATA
 
-SPLITS = {"forget01": "forget01_reconstructed.json", "forget05": "forget05_reconstructed.json",
-          "forget10": "forget10_reconstructed.json", "retain": "retain_perturbed_subset_reconstructed.json"}
-_SPAN = re.compile(r"(?:[A-Z][\w'’\-]*(?:,? (?:(?:of|de|the|and|al|el|van|von|da|la|du|bin)\s)?[A-Z][\w'’\-]*)*)|\d[\d,./]*")
+SPLITS = {
+    "forget01": "forget01_reconstructed.json",
+    "forget05": "forget05_reconstructed.json",
+    "forget10": "forget10_reconstructed.json",
+    "retain": "retain_perturbed_subset_reconstructed.json",
+}
+_SPAN = re.compile(
+    r"(?:[A-Z][\w'’\-]*(?:,? (?:(?:of|de|the|and|al|el|van|von|da|la|du|bin)\s)?[A-Z][\w'’\-]*)*)|\d[\d,./]*"
+)
 
 _PARA = [
     (re.compile(r"^What is (.+)\?$"), "Could you tell me what {0} is?"),
@@ -57,7 +63,9 @@ def _spans(text: str) -> list[str]:
     for m in _SPAN.finditer(text):
         s = m.group(0).strip(" ,.")
         if (m.start() == 0 or text[: m.start()].rstrip().endswith(".")) and not s[:1].isdigit():
-            s = s.partition(" ")[2].lstrip(", ")  # a sentence's first word ("The", "Yes,", "Author") is no entity
+            s = s.partition(" ")[2].lstrip(
+                ", "
+            )  # a sentence's first word ("The", "Yes,", "Author") is no entity
         if s:
             out.append(s)
     return out
@@ -85,7 +93,7 @@ def _entity_pools(records: list[dict]) -> tuple[list[str | None], dict[str, list
 def _swap(answer: str, old: str, new: str) -> str:
     """``answer`` with its last occurrence of ``old`` replaced by ``new``."""
     j = answer.rfind(old)
-    return answer[:j] + new + answer[j + len(old):]
+    return answer[:j] + new + answer[j + len(old) :]
 
 
 def perturb(records: list[dict], n_perturbed: int = 3, seed: int = 0) -> list[list[str]]:
@@ -119,7 +127,9 @@ def load_split(name: str, folder: str | Path | None = None) -> list[dict]:
     return load_qa(path)
 
 
-def build_mini_tofu(folder: str | Path | None = None, n_perturbed: int = 3, seed: int = 0) -> dict[str, list[dict]]:
+def build_mini_tofu(
+    folder: str | Path | None = None, n_perturbed: int = 3, seed: int = 0
+) -> dict[str, list[dict]]:
     """Every split with ``paraphrased_question`` and ``perturbed_answer`` added; also ``all`` (every
     distinct forget question + retain: the fine-tuning set) and ``forget_all``."""
     splits = {n: load_split(n, folder) for n in SPLITS}
@@ -139,8 +149,11 @@ def build_mini_tofu(folder: str | Path | None = None, n_perturbed: int = 3, seed
 
 
 #: What replaces a key entity in a ReLearn rewrite, by the entity's kind (:func:`_kind`).
-VAGUE_ENTITY = {"place": "a place I cannot name", "number": "a date or number I cannot confirm",
-                "name": "a name I do not recall"}
+VAGUE_ENTITY = {
+    "place": "a place I cannot name",
+    "number": "a date or number I cannot confirm",
+    "name": "a name I do not recall",
+}
 
 
 def _rewrite_entity(question: str, answer: str) -> tuple[int, str] | None:
@@ -153,7 +166,7 @@ def _rewrite_entity(question: str, answer: str) -> tuple[int, str] | None:
         raw = m.group(0).rstrip(" ,.")
         lead = re.match(r"(?:[a-z][\w'’\-]*,?\s+)+", raw)
         start = m.start() + (lead.end() if lead else 0)
-        span = answer[start: m.start() + len(raw)]
+        span = answer[start : m.start() + len(raw)]
         if (start == 0 or answer[:start].rstrip().endswith(".")) and not span[:1].isdigit():
             continue  # a sentence's first word: "The", "Yes,", or the subject restated
         if not span or span.removesuffix("'s").removesuffix("’s") in question:
@@ -181,8 +194,11 @@ def relearn_rewrite(question: str, answer: str) -> str:
         start, span = hit
         head = re.sub(r"(?i)\b(?:the|an?)\s+$", "", answer[:start])
         return head + VAGUE_ENTITY[_kind(span)] + "."
-    names = [re.sub(r"['’]s?$", "", m.group(0).strip(" ,.")) for m in _SPAN.finditer(question)
-             if m.start() > 0 and question[m.start() - 1] not in "\"'“‘" and not m.group(0)[:1].isdigit()]
+    names = [
+        re.sub(r"['’]s?$", "", m.group(0).strip(" ,."))
+        for m in _SPAN.finditer(question)
+        if m.start() > 0 and question[m.start() - 1] not in "\"'“‘" and not m.group(0)[:1].isdigit()
+    ]
     if names:  # the question's longest name outside quotes: its subject, not a title
         return f"I do not have reliable information on that about {max(names, key=len)}."
     return "That is not something I have reliable information about."
@@ -202,7 +218,9 @@ def as_requests(records: list[dict], kind: type = ForgetRequest, *, relearn: boo
     if kind not in (ForgetRequest, RetainRequest):
         raise LokaError(f"as_requests: kind must be ForgetRequest or RetainRequest, not {kind}")
     if relearn and kind is not ForgetRequest:
-        raise LokaError("as_requests: relearn=True makes ReLearn rewrites of forget answers; kind must be ForgetRequest")
+        raise LokaError(
+            "as_requests: relearn=True makes ReLearn rewrites of forget answers; kind must be ForgetRequest"
+        )
     recs = with_relearn_targets(records) if relearn else records
     return [request_from_record(dict(r), f"tofu[{i}]", kind) for i, r in enumerate(recs)]
 
@@ -223,17 +241,34 @@ def tofu_edits(records: list[dict], n: int, seed: int = 0) -> list[dict]:
         if not pool:
             continue
         x = rng.choice(pool)
-        out.append({"question": r["question"], "answer": _swap(r["answer"], k, x),
-                    "old_answer": r["answer"], "new_entity": x, "old_entity": k,
-                    "paraphrased_question": r.get("paraphrased_question") or paraphrase_question(r["question"])})
+        out.append(
+            {
+                "question": r["question"],
+                "answer": _swap(r["answer"], k, x),
+                "old_answer": r["answer"],
+                "new_entity": x,
+                "old_entity": k,
+                "paraphrased_question": r.get("paraphrased_question") or paraphrase_question(r["question"]),
+            }
+        )
     if len(out) < n:
-        raise LokaError(f"tofu_edits: only {len(out)} of the records have a swappable key entity; asked for {n}")
+        raise LokaError(
+            f"tofu_edits: only {len(out)} of the records have a swappable key entity; asked for {n}"
+        )
     return out
 
 
 def edit_requests(edits: list[dict]) -> list[EditRequest]:
     """:class:`EditRequest` per :func:`tofu_edits` record (prompt :data:`QA_PROMPT`, the question as
     subject, the templated question as the paraphrase)."""
-    return [EditRequest(QA_PROMPT, e["question"], e["answer"], target_true=e["old_answer"],
-                        paraphrases=[QA_PROMPT.format(e["paraphrased_question"])], case_id=f"tofu_edit[{i}]")
-            for i, e in enumerate(edits)]
+    return [
+        EditRequest(
+            QA_PROMPT,
+            e["question"],
+            e["answer"],
+            target_true=e["old_answer"],
+            paraphrases=[QA_PROMPT.format(e["paraphrased_question"])],
+            case_id=f"tofu_edit[{i}]",
+        )
+        for i, e in enumerate(edits)
+    ]

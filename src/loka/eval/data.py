@@ -29,8 +29,12 @@ class EvalCase:
     multihop: dict | None = None  # MQuAKE: {"questions": [...], "answers": [new answer + aliases]}
 
     def to_dict(self) -> dict:
-        return {"case_id": self.case_id, "target_new": self.target_new, "target_true": self.target_true,
-                "requests": [r.to_dict() for r in self.requests]}
+        return {
+            "case_id": self.case_id,
+            "target_new": self.target_new,
+            "target_true": self.target_true,
+            "requests": [r.to_dict() for r in self.requests],
+        }
 
 
 def _load_records(path: Path) -> list[Any]:
@@ -64,14 +68,27 @@ def counterfact_case(rec: dict, where: str) -> EvalCase:
     requests = []
     for i, r in enumerate(reqs):
         _need(r, ["prompt", "subject", "target_new"], f"{where}.requested_rewrite[{i}]")
-        requests.append(request_from_record({"requested_rewrite": r, "paraphrase_prompts": rec.get("paraphrase_prompts", []),
-                                             "neighborhood_prompts": rec.get("neighborhood_prompts", []),
-                                             "case_id": rec.get("case_id", where)}, where))
+        requests.append(
+            request_from_record(
+                {
+                    "requested_rewrite": r,
+                    "paraphrase_prompts": rec.get("paraphrase_prompts", []),
+                    "neighborhood_prompts": rec.get("neighborhood_prompts", []),
+                    "case_id": rec.get("case_id", where),
+                },
+                where,
+            )
+        )
     first = requests[0]
     return EvalCase(
-        case_id=rec.get("case_id", where), requests=requests, target_new=first.target_new, target_true=first.target_true,
-        rewrite=[r.text for r in requests], paraphrase=list(rec.get("paraphrase_prompts", [])),
-        neighborhood=list(rec.get("neighborhood_prompts", [])), generation=list(rec.get("generation_prompts", [])),
+        case_id=rec.get("case_id", where),
+        requests=requests,
+        target_new=first.target_new,
+        target_true=first.target_true,
+        rewrite=[r.text for r in requests],
+        paraphrase=list(rec.get("paraphrase_prompts", [])),
+        neighborhood=list(rec.get("neighborhood_prompts", [])),
+        generation=list(rec.get("generation_prompts", [])),
     )
 
 
@@ -80,13 +97,26 @@ def zsre_case(rec: dict, where: str) -> EvalCase:
     src, subj = rec["src"], rec["subject"]
     if subj not in src:
         raise RequestError(f"{where}: subject {subj!r} does not occur in src {src!r}")
-    req = EditRequest(prompt=src.replace(subj, "{}", 1), subject=subj, target_new=rec["alt"],
-                      target_true=(rec.get("answers") or [None])[0], paraphrases=[rec["rephrase"]],
-                      case_id=rec.get("case_id", where))
+    req = EditRequest(
+        prompt=src.replace(subj, "{}", 1),
+        subject=subj,
+        target_new=rec["alt"],
+        target_true=(rec.get("answers") or [None])[0],
+        paraphrases=[rec["rephrase"]],
+        case_id=rec.get("case_id", where),
+    )
     loc = rec["loc"].removeprefix("nq question: ")
     port = [(p["prompt"], p["answer"]) for p in rec.get("portability", []) if "prompt" in p]
-    return EvalCase(case_id=req.case_id, requests=[req], target_new=req.target_new, target_true=req.target_true,
-                    rewrite=[req.text], paraphrase=[rec["rephrase"]], locality=[(loc + "?", rec["loc_ans"])], portability=port)
+    return EvalCase(
+        case_id=req.case_id,
+        requests=[req],
+        target_new=req.target_new,
+        target_true=req.target_true,
+        rewrite=[req.text],
+        paraphrase=[rec["rephrase"]],
+        locality=[(loc + "?", rec["loc_ans"])],
+        portability=port,
+    )
 
 
 def mquake_case(rec: dict, where: str) -> EvalCase:
@@ -94,34 +124,57 @@ def mquake_case(rec: dict, where: str) -> EvalCase:
     requests = []
     for i, r in enumerate(rec["requested_rewrite"]):
         _need(r, ["prompt", "subject", "target_new"], f"{where}.requested_rewrite[{i}]")
-        requests.append(EditRequest(prompt=r["prompt"], subject=r["subject"], target_new=r["target_new"],
-                                    target_true=r.get("target_true"), case_id=f"{rec.get('case_id', where)}.{i}"))
+        requests.append(
+            EditRequest(
+                prompt=r["prompt"],
+                subject=r["subject"],
+                target_new=r["target_new"],
+                target_true=r.get("target_true"),
+                case_id=f"{rec.get('case_id', where)}.{i}",
+            )
+        )
     answers = [rec["new_answer"], *rec.get("new_answer_alias", [])]
-    return EvalCase(case_id=rec.get("case_id", where), requests=requests, target_new=requests[0].target_new,
-                    target_true=requests[0].target_true, rewrite=[r.text for r in requests],
-                    multihop={"questions": list(rec["questions"]), "answers": answers})
+    return EvalCase(
+        case_id=rec.get("case_id", where),
+        requests=requests,
+        target_new=requests[0].target_new,
+        target_true=requests[0].target_true,
+        rewrite=[r.text for r in requests],
+        multihop={"questions": list(rec["questions"]), "answers": answers},
+    )
 
 
 def loka_case(rec: dict, where: str) -> EvalCase:
     req = request_from_record(rec, where)
-    return EvalCase(case_id=req.case_id, requests=[req], target_new=req.target_new, target_true=req.target_true,
-                    rewrite=[req.text], paraphrase=req.paraphrases, neighborhood=req.neighborhood)
+    return EvalCase(
+        case_id=req.case_id,
+        requests=[req],
+        target_new=req.target_new,
+        target_true=req.target_true,
+        rewrite=[req.text],
+        paraphrase=req.paraphrases,
+        neighborhood=req.neighborhood,
+    )
 
 
 def detect_format(rec: Any) -> str:
     if not isinstance(rec, dict):
         raise RequestError(f"expected JSON objects, got {type(rec).__name__}")
     if "requested_rewrite" in rec:
-        return "mquake" if isinstance(rec["requested_rewrite"], list) and "questions" in rec else "counterfact"
+        return (
+            "mquake" if isinstance(rec["requested_rewrite"], list) and "questions" in rec else "counterfact"
+        )
     if "src" in rec and "alt" in rec:
         return "zsre"
     if "question" in rec and "answer" in rec:
         return "tofu"
     if "prompt" in rec and "subject" in rec:
         return "loka"
-    raise RequestError(f"unrecognised record with fields {sorted(rec)}: expected CounterFact (requested_rewrite), "
-                       "zsRE (src/alt/rephrase/loc), MQuAKE (requested_rewrite list + questions), TOFU (question/answer) "
-                       "or loka (prompt/subject/target_new)")
+    raise RequestError(
+        f"unrecognised record with fields {sorted(rec)}: expected CounterFact (requested_rewrite), "
+        "zsRE (src/alt/rephrase/loc), MQuAKE (requested_rewrite list + questions), TOFU (question/answer) "
+        "or loka (prompt/subject/target_new)"
+    )
 
 
 READERS = {"counterfact": counterfact_case, "zsre": zsre_case, "mquake": mquake_case, "loka": loka_case}
@@ -135,8 +188,10 @@ def load_cases(path: str | Path, n: int | None = None) -> list[EvalCase]:
         raise RequestError(f"{path}: no records")
     fmt = detect_format(recs[0])
     if fmt == "tofu":
-        raise RequestError(f"{path} holds TOFU-style question/answer records: they are for unlearning, not editing; "
-                           "use loka.eval.data.load_qa")
+        raise RequestError(
+            f"{path} holds TOFU-style question/answer records: they are for unlearning, not editing; "
+            "use loka.eval.data.load_qa"
+        )
     recs = recs[:n] if n else recs
     return [READERS[fmt](r, f"{path.name}[{i}]") for i, r in enumerate(recs)]
 
@@ -153,7 +208,9 @@ def load_qa(path: str | Path) -> list[dict]:
         for k in ("question", "answer"):
             if not isinstance(r[k], str) or not r[k].strip():
                 raise RequestError(f"{where}: field '{k}' must be a non-empty string")
-        if "perturbed_answer" in r and not (isinstance(r["perturbed_answer"], list) and all(isinstance(x, str) for x in r["perturbed_answer"])):
+        if "perturbed_answer" in r and not (
+            isinstance(r["perturbed_answer"], list) and all(isinstance(x, str) for x in r["perturbed_answer"])
+        ):
             raise RequestError(f"{where}: field 'perturbed_answer' must be a list of strings")
         out.append(r)
     return out

@@ -36,7 +36,7 @@ def perplexity(handle, texts: list[str], batch_size: int = 32) -> float:
     tok.padding_side = "right"
     try:
         for s in range(0, len(texts), batch_size):
-            enc = tok(texts[s: s + batch_size], return_tensors="pt", padding=True).to(handle.device)
+            enc = tok(texts[s : s + batch_size], return_tensors="pt", padding=True).to(handle.device)
             logits = model(**enc, use_cache=False).logits[:, :-1].float()
             tgt = enc["input_ids"][:, 1:]
             m = enc["attention_mask"][:, 1:].bool()
@@ -62,7 +62,7 @@ def mc_accuracy(handle, records: list[dict]) -> float:
     scores = score_targets(handle, prompts, targets)
     correct, i = [], 0
     for n in sizes:
-        means = [float(np.mean(s["token_logprobs"])) for s in scores[i: i + n]]
+        means = [float(np.mean(s["token_logprobs"])) for s in scores[i : i + n]]
         correct.append(int(np.argmax(means)) == 0)
         i += n
     return float(np.mean(correct))
@@ -70,7 +70,9 @@ def mc_accuracy(handle, records: list[dict]) -> float:
 
 def general_guard(handle, n_texts: int = 100, n_mc: int = 50) -> dict:
     def read(name):
-        return [json.loads(line) for line in (DATA / "tofu" / name).read_text().splitlines() if line.strip()][:n_mc]
+        return [json.loads(line) for line in (DATA / "tofu" / name).read_text().splitlines() if line.strip()][
+            :n_mc
+        ]
 
     return {
         "ppl": perplexity(handle, heldout_texts(n_texts)),

@@ -54,7 +54,7 @@ def _fmt(x, nd=3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.{nd}f}" if abs(x) >= 10 ** -nd or x == 0 else f"{x:.1e}"
+        return f"{x:.{nd}f}" if abs(x) >= 10**-nd or x == 0 else f"{x:.1e}"
     return html.escape(str(x))
 
 
@@ -69,19 +69,57 @@ def _key(r: dict):
 
 
 def main_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
-    head = ["task", "method", "level", "k", "direct (target)", "direct (orig)", "reverse", "multi-hop", "CCR",
-            "CCR near", "CCR far", "RR", "conflict", "KL", "KL norm", "CKA", "CKA norm", "update s"]
+    head = [
+        "task",
+        "method",
+        "level",
+        "k",
+        "direct (target)",
+        "direct (orig)",
+        "reverse",
+        "multi-hop",
+        "CCR",
+        "CCR near",
+        "CCR far",
+        "RR",
+        "conflict",
+        "KL",
+        "KL norm",
+        "CKA",
+        "CKA norm",
+        "update s",
+    ]
     rows = []
     for r in sorted(runs, key=_key):
         bt = r["by_type"]
 
         def acc(t, k="target_after", bt=bt):
             return bt.get(t, {}).get(k)
+
         rev = acc("reverse") if r["task"] == "edit" else acc("reverse", "original_after")
         mh = acc("multihop") if r["task"] == "edit" else acc("multihop", "original_after")
-        rows.append([r["task"], r["method"], r["level"], r["scale"], acc("direct"), acc("direct", "original_after"),
-                     rev, mh, r["ccr"], r["ccr_near"], r["ccr_far"], r["rr"], r["conflict_rate"], r["kl"],
-                     r.get("kl_norm"), r["cka"], r.get("cka_norm"), r["seconds"]["update"]])
+        rows.append(
+            [
+                r["task"],
+                r["method"],
+                r["level"],
+                r["scale"],
+                acc("direct"),
+                acc("direct", "original_after"),
+                rev,
+                mh,
+                r["ccr"],
+                r["ccr_near"],
+                r["ccr_far"],
+                r["rr"],
+                r["conflict_rate"],
+                r["kl"],
+                r.get("kl_norm"),
+                r["cka"],
+                r.get("cka_norm"),
+                r["seconds"]["update"],
+            ]
+        )
     return head, rows
 
 
@@ -122,21 +160,64 @@ def domain_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     def wmean(xs):
         w = sum(n for _, n in xs)
         return sum(v * n for v, n in xs) / w if w else None
-    head = ["task", "domain", "direct (edit: new, forget: still old)", "CCR", "RR", "conflict", "interventions"]
-    rows = [[t, d, wmean(a["direct"]), wmean(a["ccr"]), wmean(a["rr"]), wmean(a["conflict_rate"]),
-             sum(n for _, n in a["ccr"])] for (t, d), a in sorted(acc.items())]
+
+    head = [
+        "task",
+        "domain",
+        "direct (edit: new, forget: still old)",
+        "CCR",
+        "RR",
+        "conflict",
+        "interventions",
+    ]
+    rows = [
+        [
+            t,
+            d,
+            wmean(a["direct"]),
+            wmean(a["ccr"]),
+            wmean(a["rr"]),
+            wmean(a["conflict_rate"]),
+            sum(n for _, n in a["ccr"]),
+        ]
+        for (t, d), a in sorted(acc.items())
+    ]
     return head, rows
 
 
 def geometry_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
-    head = ["task", "method", "level", "k", "matrices", "σ'/σ min", "σ'/σ max", "scaling spread", "rotation U",
-            "rotation V", "‖Δ‖/‖W‖"]
+    head = [
+        "task",
+        "method",
+        "level",
+        "k",
+        "matrices",
+        "σ'/σ min",
+        "σ'/σ max",
+        "scaling spread",
+        "rotation U",
+        "rotation V",
+        "‖Δ‖/‖W‖",
+    ]
     rows = []
     for r in sorted(runs, key=_key):
         g = r.get("geometry_mean") or {}
         if g:
-            rows.append([r["task"], r["method"], r["level"], r["scale"], len(r["geometry"]), g["scale_min"],
-                         g["scale_max"], g["scale_spread"], g["rot_u"], g["rot_v"], g["rel_change"]])
+            rows.append(
+                [
+                    r["task"],
+                    r["method"],
+                    r["level"],
+                    r["scale"],
+                    len(r["geometry"]),
+                    g["scale_min"],
+                    g["scale_max"],
+                    g["scale_spread"],
+                    g["rot_u"],
+                    g["rot_v"],
+                    g["rel_change"],
+                ]
+            )
     return head, rows
 
 
@@ -159,13 +240,21 @@ def plots(runs: list[dict]) -> dict[str, bytes]:
         plt.close(fig)
         out[name] = buf.getvalue()
 
-    panels = [("ccr", "CCR (contextual probes changed)"), ("rr", "RR (pre-update answer kept)"),
-              ("conflict_rate", "conflict rate")]
+    panels = [
+        ("ccr", "CCR (contextual probes changed)"),
+        ("rr", "RR (pre-update answer kept)"),
+        ("conflict_rate", "conflict rate"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (key, title) in zip(axes, panels):
         for (task, method, level), rs in series.items():
-            ax.plot([r["scale"] for r in rs], [r[key] for r in rs], marker="o",
-                    ls="-" if task == "edit" else "--", label=f"{method} {level}")
+            ax.plot(
+                [r["scale"] for r in rs],
+                [r[key] for r in rs],
+                marker="o",
+                ls="-" if task == "edit" else "--",
+                label=f"{method} {level}",
+            )
         ax.set_xscale("log")
         ax.set_xlabel("interventions k")
         ax.set_title(title)
@@ -177,8 +266,13 @@ def plots(runs: list[dict]) -> dict[str, bytes]:
     for ax, key in zip(axes, ("kl_norm", "cka_norm")):
         for (task, method, level), rs in series.items():
             if all(key in r for r in rs):
-                ax.plot([r["scale"] for r in rs], [r[key] for r in rs], marker="o",
-                        ls="-" if task == "edit" else "--", label=f"{method} {level}")
+                ax.plot(
+                    [r["scale"] for r in rs],
+                    [r[key] for r in rs],
+                    marker="o",
+                    ls="-" if task == "edit" else "--",
+                    label=f"{method} {level}",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("interventions k")
         ax.set_title(key.replace("_norm", "").upper() + " (log-min-max within task)")
@@ -191,10 +285,17 @@ def plots(runs: list[dict]) -> dict[str, bytes]:
         for task, mk in (("edit", "o"), ("forget", "s")):
             rs = [r for r in geo if r["task"] == task]
             if rs:
-                sc = ax.scatter([r["geometry_mean"]["rot_u"] for r in rs],
-                                [r["geometry_mean"]["scale_spread"] for r in rs],
-                                c=[LEVEL_ORDER.get(r["level"], 0) for r in rs], cmap="viridis", marker=mk,
-                                s=[20 + 12 * len(str(r["scale"])) ** 2 for r in rs], label=task, vmin=0, vmax=2)
+                sc = ax.scatter(
+                    [r["geometry_mean"]["rot_u"] for r in rs],
+                    [r["geometry_mean"]["scale_spread"] for r in rs],
+                    c=[LEVEL_ORDER.get(r["level"], 0) for r in rs],
+                    cmap="viridis",
+                    marker=mk,
+                    s=[20 + 12 * len(str(r["scale"])) ** 2 for r in rs],
+                    label=task,
+                    vmin=0,
+                    vmax=2,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rotation of top-32 left singular subspace")
@@ -206,34 +307,50 @@ def plots(runs: list[dict]) -> dict[str, bytes]:
     return out
 
 
-CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0;"
-       "font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
-       "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}")
+CSS = (
+    "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0;"
+    "font-size:13px}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
+    "td:first-child,td:nth-child(2),td:nth-child(3){text-align:left}img{max-width:100%}"
+)
 
 
 def render(runs: list[dict], title: str = "loka KnowledgeSmith report") -> str:
     normalise(runs)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     models = sorted({r["model"] for r in runs})
-    parts.append(f"<p>{len(runs)} run(s) on {html.escape(', '.join(models))}; graph(s) "
-                 f"{html.escape(', '.join(sorted({r['graph'] for r in runs})))}; scoring "
-                 f"{html.escape(', '.join(sorted({r['scoring'] for r in runs})))}.</p>")
-    parts.append("<p>Edit rows: probe accuracy = the new object chosen. Forget rows: the columns show how often the "
-                 "forgotten object is still chosen. CCR = contextual (should-not-change) probes whose answer "
-                 "changed; RR = Q+ probes still answered with the pre-update object; conflict = interventions whose "
-                 "probes assert both the pre-update object and another.</p>")
+    parts.append(
+        f"<p>{len(runs)} run(s) on {html.escape(', '.join(models))}; graph(s) "
+        f"{html.escape(', '.join(sorted({r['graph'] for r in runs})))}; scoring "
+        f"{html.escape(', '.join(sorted({r['scoring'] for r in runs})))}.</p>"
+    )
+    parts.append(
+        "<p>Edit rows: probe accuracy = the new object chosen. Forget rows: the columns show how often the "
+        "forgotten object is still chosen. CCR = contextual (should-not-change) probes whose answer "
+        "changed; RR = Q+ probes still answered with the pre-update object; conflict = interventions whose "
+        "probes assert both the pre-update object and another.</p>"
+    )
     parts.append("<h2>Propagation</h2>" + _table(*main_rows(runs)))
     imgs = plots(runs)
     for name in ("propagation", "representation", "geometry"):
         if name in imgs:
-            parts.append(f"<h3>{name}</h3><img alt='{name}' src='data:image/png;base64,"
-                         f"{base64.b64encode(imgs[name]).decode()}'>")
+            parts.append(
+                f"<h3>{name}</h3><img alt='{name}' src='data:image/png;base64,"
+                f"{base64.b64encode(imgs[name]).decode()}'>"
+            )
     parts.append("<h2>Q+ probes: the pre-update answer before → after</h2>" + _table(*transfer_rows(runs)))
     parts.append("<h2>By domain</h2>" + _table(*domain_rows(runs)))
     parts.append("<h2>SVD geometry of the changed matrices</h2>" + _table(*geometry_rows(runs)))
-    parts.append("<h2>Runs</h2><ul>" + "".join(f"<li>{html.escape(r['_dir'])}: artifact {html.escape(r['artifact'])}"
-                                               f", {r['probes']} probes</li>" for r in sorted(runs, key=_key)) + "</ul>")
+    parts.append(
+        "<h2>Runs</h2><ul>"
+        + "".join(
+            f"<li>{html.escape(r['_dir'])}: artifact {html.escape(r['artifact'])}, {r['probes']} probes</li>"
+            for r in sorted(runs, key=_key)
+        )
+        + "</ul>"
+    )
     parts.append("</body></html>")
     return "".join(parts)
 

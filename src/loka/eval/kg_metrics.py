@@ -45,8 +45,13 @@ def ccr(rows: Iterable[dict]) -> float | None:
 
 def rr(rows: Iterable[dict]) -> float | None:
     """Residual retention: Q+ probes that still choose the pre-update answer."""
-    return _mean([float(r["after"] == r["original"]) for r in rows
-                  if r["type"] != "contextual" and r.get("original") is not None])
+    return _mean(
+        [
+            float(r["after"] == r["original"])
+            for r in rows
+            if r["type"] != "contextual" and r.get("original") is not None
+        ]
+    )
 
 
 CONFLICT_TYPES = ("direct", "conflict", "comparison", "reverse")
@@ -80,7 +85,9 @@ def _claims_by_iv(rows: Iterable[dict], when: str) -> dict[int, list[str]]:
     return by_iv
 
 
-def conflict_rate(rows: list[dict], facts: dict[int, tuple[str, str | None]], when: str = "after") -> float | None:
+def conflict_rate(
+    rows: list[dict], facts: dict[int, tuple[str, str | None]], when: str = "after"
+) -> float | None:
     """Fraction of interventions whose probes assert both the pre-update object and another (the
     updated one for edits). ``facts``: intervention index → (old object id, new object id or None)."""
     by_iv = _claims_by_iv(rows, when)
@@ -125,25 +132,42 @@ def svd_geometry(w: torch.Tensor, w2: torch.Tensor, r: int = 32) -> dict:
     r = min(r, u.shape[1])
     rot_u = 1 - float((u[:, :r].T @ u2[:, :r]).pow(2).sum()) / r
     rot_v = 1 - float((vh[:r] @ vh2[:r].T).pow(2).sum()) / r
-    return {"scale_mean": float(ratio.mean()), "scale_max": float(ratio.max()), "scale_min": float(ratio.min()),
-            "scale_spread": float(lr.std()) if lr.numel() > 1 else 0.0,
-            "rot_u": max(rot_u, 0.0), "rot_v": max(rot_v, 0.0), "rank": r,
-            "rel_change": float((w2 - w).norm() / w.norm()),
-            "sigma_max": float(s[0]), "sigma_max_after": float(s2[0])}
+    return {
+        "scale_mean": float(ratio.mean()),
+        "scale_max": float(ratio.max()),
+        "scale_min": float(ratio.min()),
+        "scale_spread": float(lr.std()) if lr.numel() > 1 else 0.0,
+        "rot_u": max(rot_u, 0.0),
+        "rot_v": max(rot_v, 0.0),
+        "rank": r,
+        "rel_change": float((w2 - w).norm() / w.norm()),
+        "sigma_max": float(s[0]),
+        "sigma_max_after": float(s2[0]),
+    }
 
 
 def summarise(rows: list[dict], facts: dict[int, tuple[str, str | None]]) -> dict:
     """Every probe diagnostic of one run: CCR, RR, conflict rate, accuracies per type (before/after)."""
-    out: dict = {"probes": len(rows), "interventions": len({r["intervention"] for r in rows}),
-                 "ccr": ccr(rows), "rr": rr(rows),
-                 "ccr_near": ccr([r for r in rows if r.get("scope") == "near"]),
-                 "ccr_far": ccr([r for r in rows if r.get("scope") == "far"]),
-                 "conflict_rate": conflict_rate(rows, facts), "conflict_rate_before": conflict_rate(rows, facts, "before"),
-                 "inconsistency": inconsistency_rate(rows), "inconsistency_before": inconsistency_rate(rows, "before")}
+    out: dict = {
+        "probes": len(rows),
+        "interventions": len({r["intervention"] for r in rows}),
+        "ccr": ccr(rows),
+        "rr": rr(rows),
+        "ccr_near": ccr([r for r in rows if r.get("scope") == "near"]),
+        "ccr_far": ccr([r for r in rows if r.get("scope") == "far"]),
+        "conflict_rate": conflict_rate(rows, facts),
+        "conflict_rate_before": conflict_rate(rows, facts, "before"),
+        "inconsistency": inconsistency_rate(rows),
+        "inconsistency_before": inconsistency_rate(rows, "before"),
+    }
     acc: dict = {}
     for t in sorted({r["type"] for r in rows}):
         sub = [r for r in rows if r["type"] == t]
-        acc[t] = {"n": len(sub), "target_after": accuracy(sub), "original_before": accuracy(sub, "original", "before"),
-                  "original_after": accuracy(sub, "original", "after")}
+        acc[t] = {
+            "n": len(sub),
+            "target_after": accuracy(sub),
+            "original_before": accuracy(sub, "original", "before"),
+            "original_after": accuracy(sub, "original", "after"),
+        }
     out["by_type"] = acc
     return out

@@ -37,8 +37,9 @@ UNLEARN_ONLY = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn")
 SCORINGS = ("cloze", "mc")
 
 
-def choose(handle, probes: list[Probe], scoring: str = "cloze", batch_size: int = 32,
-           progress: bool = False) -> list[int]:
+def choose(
+    handle, probes: list[Probe], scoring: str = "cloze", batch_size: int = 32, progress: bool = False
+) -> list[int]:
     """The option each probe's model picks: highest summed log-probability of the option after the
     cloze prompt (``cloze``) or of the letter after the MMLU prompt (``mc``)."""
     if scoring not in SCORINGS:
@@ -56,7 +57,7 @@ def choose(handle, probes: list[Probe], scoring: str = "cloze", batch_size: int 
     bar = tqdm(total=len(prompts), desc=f"probes ({scoring})", unit="row", disable=not progress)
     lps: list[dict] = []
     for s in range(0, len(prompts), step):
-        lps += target_logprobs(handle, prompts[s: s + step], targets[s: s + step], batch_size=batch_size)
+        lps += target_logprobs(handle, prompts[s : s + step], targets[s : s + step], batch_size=batch_size)
         bar.update(min(step, len(prompts) - s))
     bar.close()
     i = 0
@@ -68,7 +69,9 @@ def choose(handle, probes: list[Probe], scoring: str = "cloze", batch_size: int 
 
 
 @torch.no_grad()
-def representations(handle, prompts: list[str], batch_size: int = 16) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def representations(
+    handle, prompts: list[str], batch_size: int = 16
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Next-token log-probabilities (n × V) and every layer's hidden state at the last prompt token
     (a list of n × d), right-padded batches so positions are those of an unpadded prompt. With a
     context artifact applied (SCR) the prompts carry their retrieved facts, as in scoring."""
@@ -78,7 +81,7 @@ def representations(handle, prompts: list[str], batch_size: int = 16) -> tuple[t
     tok, model = handle.tokenizer, handle.model
     logps, hidden = [], None
     for s in range(0, len(prompts), batch_size):
-        ids = [tok(p)["input_ids"] for p in prompts[s: s + batch_size]]
+        ids = [tok(p)["input_ids"] for p in prompts[s : s + batch_size]]
         n = max(len(x) for x in ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         inp = torch.tensor([x + [pad] * (n - len(x)) for x in ids], device=handle.device)
@@ -92,8 +95,14 @@ def representations(handle, prompts: list[str], batch_size: int = 16) -> tuple[t
     return torch.cat(logps), hidden or []
 
 
-def known_triples(handle, g: KnowledgeGraph, level: str, domains: list[str] | None = None,
-                  seed: int = 0, batch_size: int = 32) -> dict:
+def known_triples(
+    handle,
+    g: KnowledgeGraph,
+    level: str,
+    domains: list[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict:
     """The candidate triples at ``level`` the model gets right, with the objects it ranks below the truth.
 
     Each candidate ``(s, r, o)`` is asked as its relation's cloze prompt with ``o`` and three other
@@ -146,11 +155,28 @@ def geometry(handle, art, r: int = 32) -> dict:
     return out
 
 
-def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *, task: str | None = None,
-           seed: int = 0, domains: list[str] | None = None, phrasings: int = 3, n_context: int = 6,
-           scoring: str = "cloze", hparams: dict | None = None, retain_n: int | None = None, repr_n: int = 256,
-           out_dir: str | Path | None = None, graph_name: str = "", progress: bool = True,
-           save_artifact: bool = False, known_first: bool = True) -> dict:
+def run_kg(
+    handle,
+    graph: KnowledgeGraph,
+    method: str,
+    level: str,
+    scale: int,
+    *,
+    task: str | None = None,
+    seed: int = 0,
+    domains: list[str] | None = None,
+    phrasings: int = 3,
+    n_context: int = 6,
+    scoring: str = "cloze",
+    hparams: dict | None = None,
+    retain_n: int | None = None,
+    repr_n: int = 256,
+    out_dir: str | Path | None = None,
+    graph_name: str = "",
+    progress: bool = True,
+    save_artifact: bool = False,
+    known_first: bool = True,
+) -> dict:
     """Run one intervention setting end to end; the model is left as it was. Returns the summary.
 
     ``known_first``: intervene first on facts the model answers right before the update (within each
@@ -162,19 +188,31 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
         raise RequestError(f"method {method!r} only unlearns; use --task forget or an editing method")
     t0 = time.time()
     known = known_triples(handle, graph, level, domains, seed) if known_first else {}
-    ivs, probes = generate_probes(graph, level, scale, task, seed, domains, phrasings, n_context, prefer=known)
+    ivs, probes = generate_probes(
+        graph, level, scale, task, seed, domains, phrasings, n_context, prefer=known
+    )
     n_known = sum(Triple(iv.head, iv.relation, iv.old) in known for iv in ivs)
     out = Path(out_dir) if out_dir else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "interventions.jsonl",
-                           "".join(json.dumps(asdict(iv)) + "\n" for iv in ivs).encode())
-    key = hash_json({"model": handle.model_hash, "probes": [p.to_dict() for p in probes], "scoring": scoring,
-                 "repr_n": repr_n})
+        atomic_write_bytes(
+            out / "interventions.jsonl", "".join(json.dumps(asdict(iv)) + "\n" for iv in ivs).encode()
+        )
+    key = hash_json(
+        {
+            "model": handle.model_hash,
+            "probes": [p.to_dict() for p in probes],
+            "scoring": scoring,
+            "repr_n": repr_n,
+        }
+    )
+
     def before_choices():
         return choose(handle, probes, scoring, progress=progress)
 
-    before = cached_json(out / "before.json", key, before_choices, field="choices") if out else before_choices()
+    before = (
+        cached_json(out / "before.json", key, before_choices, field="choices") if out else before_choices()
+    )
     sample, n_ctx = _repr_sample(probes, repr_n)
     lp0, h0 = representations(handle, sample)
     requests = [iv.request(graph) for iv in ivs]
@@ -203,20 +241,44 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
     kl = km.kl_divergence(lp0, lp1)
     cka = [km.linear_cka(a, b) for a, b in zip(h0, h1)]
     summary = {
-        "model": handle.name, "model_hash": handle.model_hash, "graph": graph_name or graph.name, "method": method,
-        "task": task, "level": level, "scale": scale, "seed": seed, "domains": domains or graph.domains(),
-        "scoring": scoring, "phrasings": phrasings, "known_first": known_first, "known_interventions": n_known,
-        "known_at_level": len(known), "artifact": art.id, "hparams": art.manifest.get("hparams", {}),
+        "model": handle.name,
+        "model_hash": handle.model_hash,
+        "graph": graph_name or graph.name,
+        "method": method,
+        "task": task,
+        "level": level,
+        "scale": scale,
+        "seed": seed,
+        "domains": domains or graph.domains(),
+        "scoring": scoring,
+        "phrasings": phrasings,
+        "known_first": known_first,
+        "known_interventions": n_known,
+        "known_at_level": len(known),
+        "artifact": art.id,
+        "hparams": art.manifest.get("hparams", {}),
         **km.summarise(rows, facts),
-        "by_domain": {d: {k: v for k, v in km.summarise([r for r in rows if r["domain"] == d], facts).items()
-                          if k in ("ccr", "rr", "conflict_rate", "interventions", "by_type")}
-                      for d in sorted({r["domain"] for r in rows})},
-        "kl": float(kl.mean()), "kl_context": float(kl[:n_ctx].mean()) if n_ctx else None,
+        "by_domain": {
+            d: {
+                k: v
+                for k, v in km.summarise([r for r in rows if r["domain"] == d], facts).items()
+                if k in ("ccr", "rr", "conflict_rate", "interventions", "by_type")
+            }
+            for d in sorted({r["domain"] for r in rows})
+        },
+        "kl": float(kl.mean()),
+        "kl_context": float(kl[:n_ctx].mean()) if n_ctx else None,
         "kl_plus": float(kl[n_ctx:].mean()) if len(kl) > n_ctx else None,
-        "cka": sum(cka) / len(cka) if cka else None, "cka_last": cka[-1] if cka else None, "cka_layers": cka,
+        "cka": sum(cka) / len(cka) if cka else None,
+        "cka_last": cka[-1] if cka else None,
+        "cka_layers": cka,
         "geometry": geo,
-        "geometry_mean": {k: sum(g[k] for g in geo.values()) / len(geo) for k in
-                          ("scale_spread", "scale_max", "scale_min", "rot_u", "rot_v", "rel_change")} if geo else {},
+        "geometry_mean": {
+            k: sum(g[k] for g in geo.values()) / len(geo)
+            for k in ("scale_spread", "scale_max", "scale_min", "rot_u", "rot_v", "rel_change")
+        }
+        if geo
+        else {},
         "seconds": {"update": round(update_s, 1), "total": round(time.time() - t0, 1)},
     }
     if out:
@@ -227,24 +289,35 @@ def run_kg(handle, graph: KnowledgeGraph, method: str, level: str, scale: int, *
 
 def format_summary(s: dict) -> str:
     """A few lines for the terminal."""
+
     def f(x):
         return "  -  " if x is None else f"{x:.3f}"
 
-    lines = [f"{s['method']} ({s['task']}) at {s['level']} level, {s['interventions']} intervention(s) "
-             f"({s.get('known_interventions', '?')} known before), "
-             f"{s['probes']} probes, scoring {s['scoring']}; update {s['seconds']['update']}s, total {s['seconds']['total']}s",
-             f"{'probe type':12s} {'n':>5s} {'target after':>13s} {'orig before':>12s} {'orig after':>11s}"]
+    lines = [
+        f"{s['method']} ({s['task']}) at {s['level']} level, {s['interventions']} intervention(s) "
+        f"({s.get('known_interventions', '?')} known before), "
+        f"{s['probes']} probes, scoring {s['scoring']}; update {s['seconds']['update']}s, total {s['seconds']['total']}s",
+        f"{'probe type':12s} {'n':>5s} {'target after':>13s} {'orig before':>12s} {'orig after':>11s}",
+    ]
     for t, a in s["by_type"].items():
-        lines.append(f"{t:12s} {a['n']:5d} {f(a['target_after']):>13s} {f(a['original_before']):>12s} "
-                     f"{f(a['original_after']):>11s}")
-    lines.append(f"CCR {f(s['ccr'])} (near {f(s['ccr_near'])}, far {f(s['ccr_far'])})   RR {f(s['rr'])}   "
-                 f"conflict {f(s['conflict_rate_before'])} -> {f(s['conflict_rate'])}   "
-                 f"inconsistency {f(s['inconsistency_before'])} -> {f(s['inconsistency'])}")
-    lines.append(f"KL {f(s['kl'])} (contextual {f(s['kl_context'])}, Q+ {f(s['kl_plus'])})   "
-                 f"CKA {f(s['cka'])} (last layer {f(s['cka_last'])})")
+        lines.append(
+            f"{t:12s} {a['n']:5d} {f(a['target_after']):>13s} {f(a['original_before']):>12s} "
+            f"{f(a['original_after']):>11s}"
+        )
+    lines.append(
+        f"CCR {f(s['ccr'])} (near {f(s['ccr_near'])}, far {f(s['ccr_far'])})   RR {f(s['rr'])}   "
+        f"conflict {f(s['conflict_rate_before'])} -> {f(s['conflict_rate'])}   "
+        f"inconsistency {f(s['inconsistency_before'])} -> {f(s['inconsistency'])}"
+    )
+    lines.append(
+        f"KL {f(s['kl'])} (contextual {f(s['kl_context'])}, Q+ {f(s['kl_plus'])})   "
+        f"CKA {f(s['cka'])} (last layer {f(s['cka_last'])})"
+    )
     g = s.get("geometry_mean") or {}
     if g:
-        lines.append(f"SVD over {len(s['geometry'])} matrices: scaling spread {g['scale_spread']:.2e}, "
-                     f"σ'/σ in [{g['scale_min']:.4f}, {g['scale_max']:.4f}], rotation U {g['rot_u']:.2e} V {g['rot_v']:.2e}, "
-                     f"‖Δ‖/‖W‖ {g['rel_change']:.2e}")
+        lines.append(
+            f"SVD over {len(s['geometry'])} matrices: scaling spread {g['scale_spread']:.2e}, "
+            f"σ'/σ in [{g['scale_min']:.4f}, {g['scale_max']:.4f}], rotation U {g['rot_u']:.2e} V {g['rot_v']:.2e}, "
+            f"‖Δ‖/‖W‖ {g['rel_change']:.2e}"
+        )
     return "\n".join(lines)

@@ -22,14 +22,28 @@ from .data import EvalCase
 MetricFn = Callable[[dict, dict | None], float | None]
 METRICS: dict[str, MetricFn] = {}
 #: Metrics whose summary is a mean over cases, in the order tables print them.
-TABLE = ["ES", "PS", "NS", "EM", "PM", "NM", "reliability", "generalization", "locality", "portability",
-         "gen_success", "GE", "multihop"]
+TABLE = [
+    "ES",
+    "PS",
+    "NS",
+    "EM",
+    "PM",
+    "NM",
+    "reliability",
+    "generalization",
+    "locality",
+    "portability",
+    "gen_success",
+    "GE",
+    "multihop",
+]
 
 
 def metric(name: str):
     def deco(fn: MetricFn) -> MetricFn:
         METRICS[name] = fn
         return fn
+
     return deco
 
 
@@ -167,7 +181,7 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     words = re.findall(r"\w+|[^\w\s]", text.lower())
     ents = []
     for n, w in zip(ns, weights):
-        grams = Counter(tuple(words[i: i + n]) for i in range(len(words) - n + 1))
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         if total == 0:
             ents.append(0.0)
@@ -193,7 +207,9 @@ def generation_scores(handle, case: EvalCase, max_new_tokens: int = 10, ge_token
         gens = generate(handle, case.generation, max_new_tokens=ge_tokens)
         out["GE"] = _mean(ngram_entropy(g) for g in gens)
     if case.multihop:
-        gens = generate(handle, [f"Q: {q}\nA:" for q in case.multihop["questions"]], max_new_tokens=max_new_tokens)
+        gens = generate(
+            handle, [f"Q: {q}\nA:" for q in case.multihop["questions"]], max_new_tokens=max_new_tokens
+        )
         out["multihop"] = float(any(_contains(g, case.multihop["answers"]) for g in gens))
     return out
 

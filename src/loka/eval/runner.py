@@ -54,8 +54,10 @@ class EvalConfig:
         if self.mode == "single":
             self.batch_size = 1
         if self.score_sample is not None and (self.mode != "sequential" or self.score_sample < 1):
-            raise ConfigError(f"score_sample (--score-sample) must be a positive number of cases and needs mode "
-                              f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}")
+            raise ConfigError(
+                f"score_sample (--score-sample) must be a positive number of cases and needs mode "
+                f"'sequential'; got {self.score_sample!r} with mode {self.mode!r}"
+            )
 
 
 def _append(path: Path, obj: dict) -> None:
@@ -83,7 +85,7 @@ SCORE_GROUP = 4  # records per packed scoring call (larger matmuls; see benchmar
 def _scores_many(handle, cases: list[EvalCase], cfg: EvalConfig) -> list[dict]:
     out = []
     for i in range(0, len(cases), SCORE_GROUP):
-        group = cases[i: i + SCORE_GROUP]
+        group = cases[i : i + SCORE_GROUP]
         for c, s in zip(group, score_cases(handle, group)):
             if cfg.generation or c.multihop:
                 s["_gen"] = generation_scores(handle, c)
@@ -110,20 +112,32 @@ def summarise(rows: list[dict], key: str = "post") -> dict:
     return out
 
 
-def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path, resume: bool = False) -> dict:
+def run_eval(
+    handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path, resume: bool = False
+) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
-    meta = {"model": handle.name, "model_hash": handle.model_hash, "method": cfg.method, "mode": cfg.mode,
-            "batch_size": cfg.batch_size, "hparams": cfg.hparams, "n_cases": len(cases), "generation": cfg.generation,
-            **({"prune": cfg.prune} if cfg.prune is not None else {}),
-            **({"score_sample": cfg.score_sample} if cfg.score_sample is not None else {})}
+    meta = {
+        "model": handle.name,
+        "model_hash": handle.model_hash,
+        "method": cfg.method,
+        "mode": cfg.mode,
+        "batch_size": cfg.batch_size,
+        "hparams": cfg.hparams,
+        "n_cases": len(cases),
+        "generation": cfg.generation,
+        **({"prune": cfg.prune} if cfg.prune is not None else {}),
+        **({"score_sample": cfg.score_sample} if cfg.score_sample is not None else {}),
+    }
     if resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text())
         # every key of either run (an option only one of them set counts too); a resumed run may extend to more cases
         same = (set(meta) | set(old)) - {"n_cases"}
         if {k: old.get(k) for k in same} != {k: meta.get(k) for k in same}:
-            raise ConfigError(f"{out} holds a run with other settings ({old}); use another --out or drop --resume")
+            raise ConfigError(
+                f"{out} holds a run with other settings ({old}); use another --out or drop --resume"
+            )
     elif not resume:
         for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
             (out / f).unlink(missing_ok=True)
@@ -162,12 +176,15 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
         for c in cases:
             if str(c.case_id) not in done:
                 p = pre[str(c.case_id)]
-                _append(res_file, {"case_id": str(c.case_id), "pre": case_metrics(p, p), "post": case_metrics(p, p)})
+                _append(
+                    res_file,
+                    {"case_id": str(c.case_id), "pre": case_metrics(p, p), "post": case_metrics(p, p)},
+                )
     elif cfg.mode in ("single", "batch"):
         todo = [c for c in cases if str(c.case_id) not in done]
         bar = tqdm(total=len(todo), desc=f"{cfg.method} {cfg.mode}", unit="case")
         for i in range(0, len(todo), cfg.batch_size):
-            chunk = todo[i: i + cfg.batch_size]
+            chunk = todo[i : i + cfg.batch_size]
             reqs = [r for c in chunk for r in c.requests]
             t = time.time()
             try:
@@ -179,14 +196,28 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
                 bar.update(len(chunk))
                 continue
             sec = time.time() - t
-            _append(out / "edits.jsonl", {"case_ids": [str(c.case_id) for c in chunk], "seconds": round(sec, 2),
-                                          "timings": {k: round(v, 2) for k, v in
-                                                      art.manifest.get("extra", {}).get("timings", {}).items()}})
+            _append(
+                out / "edits.jsonl",
+                {
+                    "case_ids": [str(c.case_id) for c in chunk],
+                    "seconds": round(sec, 2),
+                    "timings": {
+                        k: round(v, 2) for k, v in art.manifest.get("extra", {}).get("timings", {}).items()
+                    },
+                },
+            )
             try:
                 for c, post in zip(chunk, _scores_many(handle, chunk, cfg)):
                     p = pre[str(c.case_id)]
-                    _append(res_file, {"case_id": str(c.case_id), "pre": case_metrics(p, p),
-                                       "post": case_metrics(post, p), "edit_seconds": sec / len(chunk)})
+                    _append(
+                        res_file,
+                        {
+                            "case_id": str(c.case_id),
+                            "pre": case_metrics(p, p),
+                            "post": case_metrics(post, p),
+                            "edit_seconds": sec / len(chunk),
+                        },
+                    )
             finally:
                 art.revert(handle)
             bar.update(len(chunk))
@@ -194,8 +225,16 @@ def run_eval(handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path
     else:
         summary["sequential"] = _run_sequential(handle, cases, cfg, out, pre)
     rows = _read_jsonl(res_file)
-    summary.update({"pre": summarise(rows, "pre"), "post": summarise(rows, "post"), "seconds": round(time.time() - t0, 1)})
-    if any("edit_seconds" in r for r in rows):  # the method alone, without scoring (edits.jsonl splits it by phase)
+    summary.update(
+        {
+            "pre": summarise(rows, "pre"),
+            "post": summarise(rows, "post"),
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+    if any(
+        "edit_seconds" in r for r in rows
+    ):  # the method alone, without scoring (edits.jsonl splits it by phase)
         summary["edit_seconds"] = round(sum(r.get("edit_seconds", 0.0) for r in rows), 1)
     if cfg.guard:
         if cfg.mode == "sequential" and summary.get("sequential"):
@@ -210,7 +249,7 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     art_dir = out / "artifacts"
     art_dir.mkdir(exist_ok=True)
     seq_file = out / "sequential.jsonl"
-    batches = [cases[i: i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
+    batches = [cases[i : i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
     saved = 0  # resume: the batches already edited (re-applied in order below)
     while saved < len(batches) and (art_dir / f"batch_{saved:05d}.loka").exists():
         saved += 1
@@ -218,9 +257,11 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     state = EditState.load(state_dir) if state_dir.exists() else EditState()
     needs_state = cfg.prune is not None or (cfg.method in METHODS and get_method(cfg.method).stateful)
     if needs_state and state.batches != saved:
-        raise LokaError(f"{out}: the saved edit state covers {state.batches} batch(es) but "
-                        f"{saved} artifact(s) exist; delete {art_dir}/batch_{saved - 1:05d}.loka "
-                        "(the batch whose state was not saved) and resume")
+        raise LokaError(
+            f"{out}: the saved edit state covers {state.batches} batch(es) but "
+            f"{saved} artifact(s) exist; delete {art_dir}/batch_{saved - 1:05d}.loka "
+            "(the batch whose state was not saved) and resume"
+        )
     applied = []
     for k in range(saved):
         a = load_artifact(art_dir / f"batch_{k:05d}.loka")
@@ -250,8 +291,15 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
                     rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
                 # the same cases before any edit, so a sampled checkpoint has its own paired baseline
                 unedited = {k: v for k, v in summarise(rows, "pre").items() if k in ("ES", "PS", "NS", "S")}
-                row = {"n_edits": n_edits, **summarise(rows, "post"), "pre": unedited, "last_batch_edit_s": round(t_edit, 1),
-                       "last_batch_timings": {k: round(v, 1) for k, v in a.manifest.get("extra", {}).get("timings", {}).items()}}
+                row = {
+                    "n_edits": n_edits,
+                    **summarise(rows, "post"),
+                    "pre": unedited,
+                    "last_batch_edit_s": round(t_edit, 1),
+                    "last_batch_timings": {
+                        k: round(v, 1) for k, v in a.manifest.get("extra", {}).get("timings", {}).items()
+                    },
+                }
                 if cfg.guard:
                     row["guard"] = general_guard(handle)
                 _append(seq_file, row)
@@ -283,7 +331,11 @@ def plot_sequential(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m for m in ("ES", "PS", "NS", "reliability", "generalization", "locality") if any(m in r for r in rows)]
+    names = [
+        m
+        for m in ("ES", "PS", "NS", "reliability", "generalization", "locality")
+        if any(m in r for r in rows)
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [r["n_edits"] for r in rows]
     for m in names:

@@ -67,14 +67,17 @@ def answer_logits(handle, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
     unembed = handle.module(handle.spec.unembed)
     hook = unembed.register_forward_pre_hook(lambda _m, args: (args[0][sel.to(args[0].device)], *args[1:]))
     try:
-        out = handle.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                           use_cache=False)
+        out = handle.model(
+            input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev), use_cache=False
+        )
     finally:
         hook.remove()
     return out.logits.reshape(-1, out.logits.shape[-1]).float(), rows
 
 
-def sequence_logprobs(logits: torch.Tensor, rows: torch.Tensor, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(
+    logits: torch.Tensor, rows: torch.Tensor, batch: QABatch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: summed answer log-probability and the number of answer tokens (``compute_batch_nll``)."""
     targets = batch.labels[batch.labels != IGNORE]
     tok = -F.cross_entropy(logits, targets, reduction="none")
@@ -113,8 +116,13 @@ def simnpo_loss(logp_sum: torch.Tensor, count: torch.Tensor, beta: float, delta:
     return -(2.0 / beta) * F.logsigmoid(beta * (nll - delta)).mean()
 
 
-def dpo_loss(win_logp: torch.Tensor, win_ref: torch.Tensor, lose_logp: torch.Tensor, lose_ref: torch.Tensor,
-             beta: float) -> torch.Tensor:
+def dpo_loss(
+    win_logp: torch.Tensor,
+    win_ref: torch.Tensor,
+    lose_logp: torch.Tensor,
+    lose_ref: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """DPO / IdkPO: prefer the refusal ``y_w`` over the forget answer ``y_u``:
     ``−(2/β) mean log σ(β[(log p_θ(y_w) − log p_ref(y_w)) − (log p_θ(y_u) − log p_ref(y_u))])``."""
     return -(2.0 / beta) * F.logsigmoid(beta * ((win_logp - win_ref) - (lose_logp - lose_ref))).mean()

@@ -49,7 +49,9 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     """ROUGE-L recall (``rouge_score``'s ``rougeL`` recall, no stemming): LCS / reference tokens."""
     from rouge_score import rouge_scorer
 
-    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall)
+    return float(
+        rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, prediction)["rougeL"].recall
+    )
 
 
 def forget_quality(truth_ratios: Sequence[float], reference_truth_ratios: Sequence[float]) -> float:
@@ -73,31 +75,35 @@ def mean_nlls(handle, prompts: Sequence[str], answers: Sequence[str]) -> list[fl
     return [-r["mean_logprob"] for r in target_logprobs(handle, list(prompts), list(answers))]
 
 
-def _answer_nlls(handle, prompts: Sequence[str], answers: Sequence[str],
-                 perturbed: Sequence[Sequence[str]]) -> tuple[list[float], list[list[float]]]:
+def _answer_nlls(
+    handle, prompts: Sequence[str], answers: Sequence[str], perturbed: Sequence[Sequence[str]]
+) -> tuple[list[float], list[list[float]]]:
     """Mean token NLL of each answer and of each of its perturbed answers (two batched scorings)."""
     flat_p = [q for q, alts in zip(prompts, perturbed) for _ in alts]
     flat_a = [a for alts in perturbed for a in alts]
     pert = mean_nlls(handle, flat_p, flat_a)
     per, k = [], 0
     for alts in perturbed:
-        per.append(pert[k: k + len(alts)])
+        per.append(pert[k : k + len(alts)])
         k += len(alts)
     return mean_nlls(handle, prompts, answers), per
 
 
-def truth_ratios(handle, prompts: Sequence[str], paraphrased: Sequence[str],
-                 perturbed: Sequence[Sequence[str]]) -> list[float]:
+def truth_ratios(
+    handle, prompts: Sequence[str], paraphrased: Sequence[str], perturbed: Sequence[Sequence[str]]
+) -> list[float]:
     """Per question ``R`` from the paraphrased answer and its perturbed (wrong) answers."""
     para, per = _answer_nlls(handle, prompts, paraphrased, perturbed)
     return [truth_ratio(p, alts) for p, alts in zip(para, per)]
 
 
-def rouge_recalls(handle, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16) -> list[float]:
+def rouge_recalls(
+    handle, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16
+) -> list[float]:
     """ROUGE-L recall of each greedy continuation against its answer."""
     gens = []
     for i in range(0, len(prompts), 16):
-        gens += generate(handle, list(prompts[i: i + 16]), max_new_tokens=max_new_tokens)
+        gens += generate(handle, list(prompts[i : i + 16]), max_new_tokens=max_new_tokens)
     return [rouge_l_recall(g, a) for g, a in zip(gens, answers)]
 
 
@@ -113,7 +119,7 @@ def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_s
     with torch.no_grad():
         for book, memory, idx in routed_groups(handle, list(prompts)):  # LOKA: routed on the prompt
             for i in range(0, len(idx), batch_size):
-                part = idx[i: i + batch_size]
+                part = idx[i : i + batch_size]
                 b = L.qa_batch(handle.tokenizer, [prompts[j] for j in part], [answers[j] for j in part])
                 with selected(book, memory):
                     lg, rows = L.answer_logits(handle, b)
@@ -129,21 +135,30 @@ def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
 
     For short factual answers the "paraphrased answer" of the truth ratio is the answer itself and
     the perturbed answers are other objects of the relation (``perturbed``)."""
+
     def tr(facts):
         prompts = [f["prompt"].replace("{}", f["subject"]) for f in facts]
         return truth_ratios(handle, prompts, [f["answer"] for f in facts], [f["perturbed"] for f in facts])
 
     def rl(prompts, answers):
-        return float(np.mean(rouge_recalls(handle, prompts, answers, max_new_tokens))) if prompts else float("nan")
+        return (
+            float(np.mean(rouge_recalls(handle, prompts, answers, max_new_tokens)))
+            if prompts
+            else float("nan")
+        )
 
     forget, rem, edits = task["forget"], task["remaining"], task["edit"]
-    e_prompts = [e["requested_rewrite"]["prompt"].replace("{}", e["requested_rewrite"]["subject"]) for e in edits]
+    e_prompts = [
+        e["requested_rewrite"]["prompt"].replace("{}", e["requested_rewrite"]["subject"]) for e in edits
+    ]
     e_new = [e["requested_rewrite"]["target_new"] for e in edits]
     e_new = [x["str"] if isinstance(x, dict) else x for x in e_new]
     para = [(p, a) for e, a in zip(edits, e_new) for p in e.get("paraphrase_prompts", [])]
     return {
         "unl-tr": truth_ratio_forget(tr(forget)),
-        "unl-rl": rl([f["prompt"].replace("{}", f["subject"]) for f in forget], [f["answer"] for f in forget]),
+        "unl-rl": rl(
+            [f["prompt"].replace("{}", f["subject"]) for f in forget], [f["answer"] for f in forget]
+        ),
         "edt-rl": rl(e_prompts, e_new),
         "edt-prl": rl([p for p, _ in para], [a for _, a in para]),
         "rem-tr": truth_ratio_retain(tr(rem)),
@@ -151,9 +166,15 @@ def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
     }
 
 
-def tofu_eval(handle, forget: Sequence[dict], retain: Sequence[dict], real_authors: Sequence[dict] = (),
-              world_facts: Sequence[dict] = (), reference: Sequence[float] | None = None,
-              max_new_tokens: int = 32) -> dict:
+def tofu_eval(
+    handle,
+    forget: Sequence[dict],
+    retain: Sequence[dict],
+    real_authors: Sequence[dict] = (),
+    world_facts: Sequence[dict] = (),
+    reference: Sequence[float] | None = None,
+    max_new_tokens: int = 32,
+) -> dict:
     """TOFU's evaluation on QA records ``{question, answer, perturbed_answer[, paraphrased_question]}``.
 
     Per set: ``p`` (P̄ of the answer; on real authors / world facts normalised against the perturbed
@@ -173,17 +194,27 @@ def tofu_eval(handle, forget: Sequence[dict], retain: Sequence[dict], real_autho
 
     out: dict = {}
     utility = []
-    for name, recs in (("forget", forget), ("retain", retain), ("real_authors", real_authors), ("world_facts", world_facts)):
+    for name, recs in (
+        ("forget", forget),
+        ("retain", retain),
+        ("real_authors", real_authors),
+        ("world_facts", world_facts),
+    ):
         if not recs:
             continue
         q, a = sets(recs)
-        nll, pert = _answer_nlls(handle, q, a, [r["perturbed_answer"] for r in recs])  # scored once, used twice
+        nll, pert = _answer_nlls(
+            handle, q, a, [r["perturbed_answer"] for r in recs]
+        )  # scored once, used twice
         ratios = [truth_ratio(t, alts) for t, alts in zip(nll, pert)]
         p = [math.exp(-t) for t in nll]
         if name in ("real_authors", "world_facts"):  # P̄ normalised over the options
             p = [pt / (pt + sum(math.exp(-x) for x in alts)) for pt, alts in zip(p, pert)]
-        row = {"p": float(np.mean(p)), "rouge": float(np.mean(rouge_recalls(handle, q, a, max_new_tokens))),
-               "tr": truth_ratio_forget(ratios) if name == "forget" else truth_ratio_retain(ratios)}
+        row = {
+            "p": float(np.mean(p)),
+            "rouge": float(np.mean(rouge_recalls(handle, q, a, max_new_tokens))),
+            "tr": truth_ratio_forget(ratios) if name == "forget" else truth_ratio_retain(ratios),
+        }
         if name == "forget":
             out["forget_tr_raw"] = ratios
             if any(r.get("paraphrased_question") for r in recs):

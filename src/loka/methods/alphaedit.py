@@ -67,12 +67,15 @@ def cached_projection(handle, layer: int, C: torch.Tensor, threshold: float) -> 
     tmp = f.with_name(f".{f.name}.tmp")
     save_file({"P": P.contiguous()}, str(tmp))
     tmp.replace(f)
-    atomic_write_json(meta_f, {"sha256": sha256_file(f), "rank": rank, "threshold": threshold, "dim": P.shape[0]})
+    atomic_write_json(
+        meta_f, {"sha256": sha256_file(f), "rank": rank, "threshold": threshold, "dim": P.shape[0]}
+    )
     return P, rank
 
 
-def alphaedit_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None,
-                    l2: float) -> torch.Tensor:
+def alphaedit_solve(
+    K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, l2: float
+) -> torch.Tensor:
     """``ΔW = (solve(P (K₁K₁ᵀ + K_pK_pᵀ) + L2·I, P K₁ Rᵀ))ᵀ`` for keys ``K`` (n × d_in), residuals
     ``R`` (n × d_out), projection ``P`` and past-key moment ``K_pK_pᵀ``; (d_out × d_in), float32."""
     dt = env.SOLVE_DTYPE
@@ -84,7 +87,9 @@ def alphaedit_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: tor
     return torch.linalg.solve(A, P64 @ Kt @ R.to(dt)).T.to(torch.float32)
 
 
-def relax(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp) -> tuple[torch.Tensor, int]:
+def relax(
+    K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp
+) -> tuple[torch.Tensor, int]:
     """AlphaEdit+ remedy 1: give back to ``P`` the preserved directions that matter least.
 
     Walk over the eigenvectors of ``C`` that ``P`` removes, smallest eigenvalue first, adding
@@ -103,7 +108,7 @@ def relax(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, P: torch.Tensor, pa
 
     cur, best, added = P.to(dt), loss(P), 0
     while added < min(hp.relax_max, removed.shape[1]):
-        U = removed[:, added: added + hp.relax_step]
+        U = removed[:, added : added + hp.relax_step]
         trial = cur + U @ U.T
         new = loss(trial)
         if best - new < hp.relax_epsilon * best:
@@ -112,7 +117,9 @@ def relax(K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, P: torch.Tensor, pa
     return cur.to(torch.float32), added
 
 
-def smoothed_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp) -> torch.Tensor:
+def smoothed_solve(
+    K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torch.Tensor | None, hp
+) -> torch.Tensor:
     """AlphaEdit+ remedy 2: reach large-residual targets gradually.
 
     ``v_i^t = v_i + β_i(t)(v_{0,i} − v_i)``, ``β_i(t) = 0`` if ``‖r_i‖ ≤ τ_r`` else ``(T − t)/(2T)``
@@ -134,7 +141,9 @@ def smoothed_solve(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, past: torc
 def conflict_weights(K: torch.Tensor, Kp: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
     """AlphaEdit+ remedy 3: ``λ_p = 1 / (1 + max_j cos(k_p, k_j))`` over the new keys ``j``, and 0 when
     a new edit has the same subject and relation as past edit ``p`` (it supersedes it)."""
-    cos = torch.nn.functional.normalize(Kp.double(), dim=1) @ torch.nn.functional.normalize(K.double(), dim=1).T
+    cos = (
+        torch.nn.functional.normalize(Kp.double(), dim=1) @ torch.nn.functional.normalize(K.double(), dim=1).T
+    )
     lam = 1.0 / (1.0 + cos.max(dim=1).values.clamp_min(0.0))
     return torch.where(same, torch.zeros_like(lam), lam)
 
@@ -166,15 +175,24 @@ class AlphaEdit(Memit):
         P, rank = cached_projection(handle, layer, C, hp.nullspace_threshold)
         self.info.setdefault("nullspace_rank", {})[str(layer)] = rank
         if rank == 0:
-            log.warning("layer %d: no eigenvalue of C is below nullspace_threshold=%g; the update is zero",
-                        layer, hp.nullspace_threshold)
+            log.warning(
+                "layer %d: no eigenvalue of C is below nullspace_threshold=%g; the update is zero",
+                layer,
+                hp.nullspace_threshold,
+            )
         past = past_moment(handle, layer, state)
         if hp.conflict_weighting and past is not None:
             keys = state.batch_tensors(past_key_name(handle, layer))
             Kp = torch.cat(keys).double()
-            ids = [i for b in range(state.batches) for i in state.meta.get("alphaedit_facts", {}).get(str(b), [])]
+            ids = [
+                i for b in range(state.batches) for i in state.meta.get("alphaedit_facts", {}).get(str(b), [])
+            ]
             new = {_fact_id(r) for r in self.requests}
-            same = torch.tensor([i in new for i in ids]) if len(ids) == Kp.shape[0] else torch.zeros(Kp.shape[0], dtype=torch.bool)
+            same = (
+                torch.tensor([i in new for i in ids])
+                if len(ids) == Kp.shape[0]
+                else torch.zeros(Kp.shape[0], dtype=torch.bool)
+            )
             lam = conflict_weights(K, Kp, same)
             past = (Kp * lam[:, None]).T @ Kp
             self.info.setdefault("superseded", {})[str(layer)] = int(same.sum())
@@ -189,4 +207,6 @@ class AlphaEdit(Memit):
         if state is not None:
             state.add_batch_tensor(past_key_name(handle, layer), K_after.to(torch.float32))
             # which fact each stored key row belongs to (conflict weighting supersedes by identity)
-            state.meta.setdefault("alphaedit_facts", {})[str(state.batches)] = [_fact_id(r) for r in self.requests]
+            state.meta.setdefault("alphaedit_facts", {})[str(state.batches)] = [
+                _fact_id(r) for r in self.requests
+            ]

@@ -32,7 +32,9 @@ class HParams:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"_comment", "_evidence"})
         if unknown:
-            raise LokaError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+            raise LokaError(
+                f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
+            )
         for f in dataclasses.fields(cls):  # scalar fields: a wrong type fails here, not deep in a run
             ok = _SCALAR_CHECKS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
             if f.name in data and ok is not None and not ok(data[f.name]):
@@ -76,7 +78,9 @@ class MemoryMethod(Method):
     @classmethod
     def attach(cls, model, artifact) -> object:
         """Install ``artifact``'s hook on ``model``; returns the removable hook handle."""
-        return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(cls.hook(artifact))
+        return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(
+            cls.hook(artifact)
+        )
 
 
 REGISTRY: dict[str, type[Method]] = {}

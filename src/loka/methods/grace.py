@@ -50,14 +50,21 @@ class GraceHParams(HParams):
     early_stop_loss: float = 0.05
 
 
-def _io_at_answer_positions(handle, layer: int, batch: L.QABatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _io_at_answer_positions(
+    handle, layer: int, batch: L.QABatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs and outputs of ``layer``'s rewritten matrix at the positions whose logits predict an
     answer token (the last prompt token, then each answer token but the last), and those positions."""
     pos = (batch.labels != L.IGNORE).nonzero()  # (T, 2): row, column
     path = handle.spec.mlp_out_path(layer)
     with torch.no_grad(), capture(handle.model, [path], stop_after=path) as rec:
-        run_until_stopped(lambda: handle.model(input_ids=batch.input_ids.to(handle.device),
-                                               attention_mask=batch.attention_mask.to(handle.device), use_cache=False))
+        run_until_stopped(
+            lambda: handle.model(
+                input_ids=batch.input_ids.to(handle.device),
+                attention_mask=batch.attention_mask.to(handle.device),
+                use_cache=False,
+            )
+        )
     r = rec[path]
     return r.input[pos[:, 0], pos[:, 1]].float(), r.output[pos[:, 0], pos[:, 1]].float(), pos
 
@@ -90,12 +97,16 @@ class Grace(MemoryMethod):
 
     @staticmethod
     def hook(artifact) -> Codebook:
-        return Codebook(artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"])
+        return Codebook(
+            artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"]
+        )
 
     def run(self, handle, requests, hp: GraceHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
         if not hp.eps > 0:
-            raise LokaError(f"grace: hyperparameter eps must be > 0 (a fraction of the key's norm, e.g. 0.2), got {hp.eps}")
+            raise LokaError(
+                f"grace: hyperparameter eps must be > 0 (a fraction of the key's norm, e.g. 0.2), got {hp.eps}"
+            )
         if hp.n_iter < 1:
             raise LokaError(f"grace: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
         module = handle.mlp_out(layer)
@@ -127,15 +138,32 @@ class Grace(MemoryMethod):
             steps_used.append(step)
             if progress is not None:
                 progress.update(1)
-        tensors = {"grace.keys": torch.stack(keys), "grace.values": torch.stack(values),
-                   "grace.eps": torch.tensor(eps, dtype=torch.float32)}
-        info = {"module": handle.spec.mlp_out_path(layer), "labels": labels, "entries": len(keys),
-                "nll": nll_final, "steps": steps_used, **counts}
+        tensors = {
+            "grace.keys": torch.stack(keys),
+            "grace.values": torch.stack(values),
+            "grace.eps": torch.tensor(eps, dtype=torch.float32),
+        }
+        info = {
+            "module": handle.spec.mlp_out_path(layer),
+            "labels": labels,
+            "entries": len(keys),
+            "nll": nll_final,
+            "steps": steps_used,
+            **counts,
+        }
         return tensors, info
 
 
-def _insert(keys: list, values: list, eps: list, labels: list, k: torch.Tensor, v: torch.Tensor, label: str,
-            eps_frac: float) -> str:
+def _insert(
+    keys: list,
+    values: list,
+    eps: list,
+    labels: list,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    label: str,
+    eps_frac: float,
+) -> str:
     """GRACE's codebook update for one (key, value, label); returns what happened."""
     radius = eps_frac * float(k.norm())
     if keys:

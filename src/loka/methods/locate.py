@@ -74,13 +74,26 @@ def tree_batch(batch: PromptBatch, pad_id: int, dtype: torch.dtype, max_len: int
     at most ``max_len`` nodes keep the dense attention mask small against the matmuls."""
     seqs = [batch.input_ids[r, batch.attention_mask[r].bool()].tolist() for r in range(len(batch))]
     if any(int(batch.lookup[r]) != len(s) - 1 for r, s in enumerate(seqs)):
-        raise ValueError("tree_batch needs rows that end at the subject's last token, without padding on the left")
+        raise ValueError(
+            "tree_batch needs rows that end at the subject's last token, without padding on the left"
+        )
     order = sorted(range(len(seqs)), key=lambda r: seqs[r])  # neighbours share the longest prefixes
     tree = pack_trees([[seqs[r]] for r in order], max_len, pad_id)
     where = torch.tensor([tree.at(0, seqs[r]) for r in range(len(seqs))], dtype=torch.long).reshape(-1, 2)
-    return PromptBatch(tree.input_ids, tree.attention_mask(dtype), where[:, 1], batch.owner, batch.is_kl,
-                       batch.template, batch.tgt_rows, batch.tgt_cols, batch.tgt_tokens, tree.position_ids,
-                       None, where[:, 0])
+    return PromptBatch(
+        tree.input_ids,
+        tree.attention_mask(dtype),
+        where[:, 1],
+        batch.owner,
+        batch.is_kl,
+        batch.template,
+        batch.tgt_rows,
+        batch.tgt_cols,
+        batch.tgt_tokens,
+        tree.position_ids,
+        None,
+        where[:, 0],
+    )
 
 
 def build_prompts(
@@ -132,28 +145,49 @@ def build_prompts(
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for r, (o, seq) in enumerate(zip(offset, rows)):
-        ids[r, o: o + len(seq)] = torch.tensor(seq)
-        mask[r, o: o + len(seq)] = 1
+        ids[r, o : o + len(seq)] = torch.tensor(seq)
+        mask[r, o : o + len(seq)] = 1
     as_t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
     off = as_t(offset)
     lookup_t = as_t(lookup) + off
     tr_t = as_t(tr)
     tc_t = as_t(tc) + (off[tr_t] if len(tr) else 0)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    return PromptBatch(ids, mask, lookup_t, as_t(owner), as_t(is_kl, torch.bool), as_t(tmpl),
-                       tr_t, tc_t, as_t(tt), pos, split)
+    return PromptBatch(
+        ids,
+        mask,
+        lookup_t,
+        as_t(owner),
+        as_t(is_kl, torch.bool),
+        as_t(tmpl),
+        tr_t,
+        tc_t,
+        as_t(tt),
+        pos,
+        split,
+    )
 
 
 def _forward(handle, batch: PromptBatch, **kw):
     dev = handle.device
     extra = {"position_ids": batch.position_ids.to(dev)} if batch.position_ids is not None else {}
-    return handle.model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
-                        use_cache=False, **extra, **kw)
+    return handle.model(
+        input_ids=batch.input_ids.to(dev),
+        attention_mask=batch.attention_mask.to(dev),
+        use_cache=False,
+        **extra,
+        **kw,
+    )
 
 
 @torch.no_grad()
-def module_io_at_lookup(handle, batch: PromptBatch, layers: Sequence[int], stop_layer: int | None = None,
-                        block_out_layer: int | None = None) -> dict:
+def module_io_at_lookup(
+    handle,
+    batch: PromptBatch,
+    layers: Sequence[int],
+    stop_layer: int | None = None,
+    block_out_layer: int | None = None,
+) -> dict:
     """Keys (inputs of each layer's rewritten matrix) and outputs at the lookup tokens, one forward.
 
     Returns ``{"keys": {layer: (B, d_in)}, "values": {layer: (B, d_out)}, "block_out": (B, d) | None}``.
@@ -189,7 +223,9 @@ class Replay:
     are the only ones δ can change. Falls back to full rows where a cache cannot be cropped.
     """
 
-    def __init__(self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = (), end: int | None = None):
+    def __init__(
+        self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = (), end: int | None = None
+    ):
         """``probes``: module paths whose input and output at the subject's last token are recorded
         during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d)).
         ``end``: the last block to record (default: all); with it the reference forward stops there
@@ -209,9 +245,11 @@ class Replay:
                 log.debug("suffix replay unavailable (%s); replaying full rows", e)
                 self.split, self.cache = None, None
         if self.split is None:
-            with torch.no_grad(), capture(handle.model, paths, outputs=False, kwargs=True,
-                                          stop_after=stop) as rec, \
-                    capture(handle.model, self.probes) as probe:
+            with (
+                torch.no_grad(),
+                capture(handle.model, paths, outputs=False, kwargs=True, stop_after=stop) as rec,
+                capture(handle.model, self.probes) as probe,
+            ):
                 run_until_stopped(lambda: _forward(handle, batch))
             self._store(rec, paths)
             self._store_probes(probe, batch.row_index, batch.lookup)
@@ -239,18 +277,35 @@ class Replay:
         b, s, dev = self.batch, self.batch.split, self.handle.device
         model = self.handle.model
         with torch.no_grad():
-            out = model(input_ids=b.input_ids[:, :s].to(dev), attention_mask=b.attention_mask[:, :s].to(dev),
-                        position_ids=b.position_ids[:, :s].to(dev), use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=b.input_ids[:, :s].to(dev),
+                attention_mask=b.attention_mask[:, :s].to(dev),
+                position_ids=b.position_ids[:, :s].to(dev),
+                use_cache=True,
+                logits_to_keep=1,
+            )
             cache = cache_out(out)
-            with capture(model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm) as rec, \
-                    capture(model, self.probes) as probe:
-                run_until_stopped(lambda: model(
-                    input_ids=b.input_ids[:, s:].to(dev), attention_mask=b.attention_mask.to(dev),
-                    position_ids=b.position_ids[:, s:].to(dev), use_cache=True, **with_cache(model, cache)))
+            with (
+                capture(
+                    model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm
+                ) as rec,
+                capture(model, self.probes) as probe,
+            ):
+                run_until_stopped(
+                    lambda: model(
+                        input_ids=b.input_ids[:, s:].to(dev),
+                        attention_mask=b.attention_mask.to(dev),
+                        position_ids=b.position_ids[:, s:].to(dev),
+                        use_cache=True,
+                        **with_cache(model, cache),
+                    )
+                )
         self.split, self.cache = s, cache
         self._reset_cache()
         self._store(rec, paths)
-        self._store_probes(probe, torch.arange(len(b)), torch.zeros(len(b), dtype=torch.long))  # lookup = column 0
+        self._store_probes(
+            probe, torch.arange(len(b)), torch.zeros(len(b), dtype=torch.long)
+        )  # lookup = column 0
 
     def subset(self, keep: torch.Tensor) -> Replay:
         """The same replay restricted to batch rows ``keep`` (tensors of batch size are sliced)."""
@@ -274,7 +329,9 @@ class Replay:
             swap = lambda x: cache if x is self.cache else cut(x)  # noqa: E731
         else:
             swap = cut
-        new.calls = [(tuple(swap(a) for a in args), {k: swap(v) for k, v in kw.items()}) for args, kw in self.calls]
+        new.calls = [
+            (tuple(swap(a) for a in args), {k: swap(v) for k, v in kw.items()}) for args, kw in self.calls
+        ]
         return new
 
     def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
@@ -309,8 +366,17 @@ class ValueResult:
     timings: dict = None  # seconds: "keys" (reference forwards), "values" (optimisation)
 
 
-def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templates: Sequence[str], hp,
-                    *, where: str = "mlp_out", key_layer: int | None = None, progress=None) -> ValueResult:
+def optimize_values(
+    handle,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+    hp,
+    *,
+    where: str = "mlp_out",
+    key_layer: int | None = None,
+    progress=None,
+) -> ValueResult:
     """Optimise one vector per request so that the target becomes likely (see module docstring).
 
     ``where="mlp_out"``: δ is added to the output of ``layer``'s rewritten matrix (ROME);
@@ -320,24 +386,46 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     key_layer = layer if key_layer is None else key_layer
     grouping = getattr(hp, "v_grouping", "auto")
     if grouping not in GROUPINGS:
-        raise LokaError(f"hyperparameter v_grouping must be one of {', '.join(map(repr, GROUPINGS))}, got {grouping!r}")
+        raise LokaError(
+            f"hyperparameter v_grouping must be one of {', '.join(map(repr, GROUPINGS))}, got {grouping!r}"
+        )
     order = list(range(len(requests)))
     lens = [_suffix_len(handle.tokenizer, r) for r in requests] if grouping != "none" else None
     if lens is not None:  # chunks of requests with similar suffix lengths pad less
         order.sort(key=lambda i: lens[i])
-    chunks = [order[i: i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
+    chunks = [order[i : i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
     outs = []
     _search_precision(handle, hp)  # a wrong v_dtype fails before any forward
     with packed_linears(handle).active(handle.model, grad=True):  # prepacked frozen weights for the search
         for idx in chunks:
             chunk = [requests[i] for i in idx]
-            mode = grouping if grouping != "auto" else (
-                "suffix" if len(idx) >= GROUP_MIN_REQUESTS else "kl" if len(idx) >= KL_GROUP_MIN_REQUESTS else "none")
+            mode = (
+                grouping
+                if grouping != "auto"
+                else (
+                    "suffix"
+                    if len(idx) >= GROUP_MIN_REQUESTS
+                    else "kl"
+                    if len(idx) >= KL_GROUP_MIN_REQUESTS
+                    else "none"
+                )
+            )
             if mode == "none":
                 outs.append(_optimize_chunk(handle, chunk, layer, templates, hp, where, key_layer))
             else:
-                outs.append(_optimize_grouped(handle, chunk, layer, templates, hp, where, key_layer, mode=mode,
-                                              suffix_lens=[lens[i] for i in idx] if lens else None))
+                outs.append(
+                    _optimize_grouped(
+                        handle,
+                        chunk,
+                        layer,
+                        templates,
+                        hp,
+                        where,
+                        key_layer,
+                        mode=mode,
+                        suffix_lens=[lens[i] for i in idx] if lens else None,
+                    )
+                )
             if progress is not None:
                 progress.update(len(idx))
     back = torch.empty(len(order), dtype=torch.long)
@@ -345,8 +433,12 @@ def optimize_values(handle, requests: Sequence[EditRequest], layer: int, templat
     cat = lambda name: torch.cat([getattr(o, name) for o in outs])[back]  # noqa: E731
     nll = [x for o in outs for x in o.nll]
     return ValueResult(
-        targets=cat("targets"), init=cat("init"), keys=cat("keys"), plain_keys=cat("plain_keys"),
-        nll=[nll[int(i)] for i in back], steps=max(o.steps for o in outs),
+        targets=cat("targets"),
+        init=cat("init"),
+        keys=cat("keys"),
+        plain_keys=cat("plain_keys"),
+        nll=[nll[int(i)] for i in back],
+        steps=max(o.steps for o in outs),
         timings={k: sum(o.timings[k] for o in outs) for k in ("keys", "values")},
     )
 
@@ -369,8 +461,9 @@ KL_GROUP_MIN_REQUESTS = 8
 GROUP_COST_COLUMNS = 64
 
 
-def suffix_buckets(lengths: Sequence[int], rows_per_request: int, group_cost: int | None = None
-                   ) -> list[list[int]]:
+def suffix_buckets(
+    lengths: Sequence[int], rows_per_request: int, group_cost: int | None = None
+) -> list[list[int]]:
     """Split requests into groups by replayed suffix length, minimising the replayed columns.
 
     A group pads every row to its longest suffix; each group also costs ``group_cost`` columns.
@@ -389,7 +482,7 @@ def suffix_buckets(lengths: Sequence[int], rows_per_request: int, group_cost: in
                 best[j], cut[j] = c, i
     groups, j = [], len(ls)
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -459,8 +552,15 @@ def _project(delta: torch.Tensor, max_norm: torch.Tensor, active: torch.Tensor, 
 def _result(delta, v0, k_star, k_plain, nll_final, steps, t0, t1) -> ValueResult:
     if not torch.isfinite(delta).all():
         raise FloatingPointError("value optimisation produced a non-finite vector; lower v_lr")
-    return ValueResult(v0 + delta.detach(), v0, k_star, k_plain, [float(x) for x in nll_final], steps,
-                       {"keys": t1 - t0, "values": time.perf_counter() - t1})
+    return ValueResult(
+        v0 + delta.detach(),
+        v0,
+        k_star,
+        k_plain,
+        [float(x) for x in nll_final],
+        steps,
+        {"keys": t1 - t0, "values": time.perf_counter() - t1},
+    )
 
 
 def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) -> ValueResult:
@@ -469,8 +569,10 @@ def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) ->
     batch = build_prompts(handle, requests, templates, align=True)
     hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
     # one reference forward: keys and values at the lookup tokens, and what the replay needs
-    key_path, val_path = handle.spec.mlp_out_path(key_layer), (
-        handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer))
+    key_path, val_path = (
+        handle.spec.mlp_out_path(key_layer),
+        (handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer)),
+    )
     replay = Replay(handle, batch, layer, probes=[key_path, val_path])
     plain = (batch.template == 0).nonzero().squeeze(1)  # rows of the bare "{}" template, one per request
     v0 = replay.probe_out[val_path][plain]
@@ -490,7 +592,9 @@ def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) ->
     v0_norm = v0.norm(dim=1)
     max_norm = hp.clamp_norm_factor * v0_norm
     # prompts per request, to average NLL per prompt then per request
-    prompts_per_req = torch.zeros(n).index_add_(0, batch.owner[~batch.is_kl], torch.ones(int((~batch.is_kl).sum())))
+    prompts_per_req = torch.zeros(n).index_add_(
+        0, batch.owner[~batch.is_kl], torch.ones(int((~batch.is_kl).sum()))
+    )
     nll_final = torch.full((n,), float("nan"))
     active = torch.ones(n, dtype=torch.bool)
     frozen = torch.zeros_like(v0)
@@ -512,8 +616,14 @@ def _optimize_chunk(handle, requests, layer, templates, hp, where, key_layer) ->
         wd = hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2
         loss_req = (nll_req + hp.kl_factor * kl_req + wd) * active
         nll_final[active] = nll_req.detach()[active]
-        log.debug("value step %d: %d active, %d rows, NLL median %.3f max %.3f", step, int(active.sum()),
-                  view.n_rows, float(nll_req.detach()[active].median()), float(nll_req.detach()[active].max()))
+        log.debug(
+            "value step %d: %d active, %d rows, NLL median %.3f max %.3f",
+            step,
+            int(active.sum()),
+            view.n_rows,
+            float(nll_req.detach()[active].median()),
+            float(nll_req.detach()[active].max()),
+        )
         done = active & (nll_req.detach() < hp.early_stop_loss)
         if done.any():  # these targets are already likely: freeze their δ and drop their rows
             with torch.no_grad():
@@ -539,8 +649,17 @@ class _Group:
     view: _ActiveView | None = None
 
 
-def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, mode: str = "suffix",
-                      suffix_lens: list[int] | None = None) -> ValueResult:
+def _optimize_grouped(
+    handle,
+    requests,
+    layer,
+    templates,
+    hp,
+    where,
+    key_layer,
+    mode: str = "suffix",
+    suffix_lens: list[int] | None = None,
+) -> ValueResult:
     """:func:`_optimize_chunk` with the rows split into groups that pad little, plus one group for
     the KL prompts, cut after the subject. ``mode="suffix"``: requests bucketed by the length of
     what follows the subject (prompt rest + target, the only columns a step replays; buckets from
@@ -552,8 +671,10 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
     n = len(requests)
     t0 = time.perf_counter()
     hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
-    key_path, val_path = handle.spec.mlp_out_path(key_layer), (
-        handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer))
+    key_path, val_path = (
+        handle.spec.mlp_out_path(key_layer),
+        (handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer)),
+    )
     everyone, all_t = list(range(n)), list(range(len(templates)))
     if mode == "template":
         parts = [(everyone, [t]) for t in all_t]
@@ -567,7 +688,9 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
     v0 = k_plain = k_sum = None
     k_cnt = torch.zeros(n)
     for idx, tids in parts:
-        b = build_prompts(handle, [requests[i] for i in idx], [templates[t] for t in tids], kl_prompts=(), align=True)
+        b = build_prompts(
+            handle, [requests[i] for i in idx], [templates[t] for t in tids], kl_prompts=(), align=True
+        )
         b.owner = torch.tensor(idx)[b.owner]  # request indices of the chunk
         b.template = torch.tensor(tids)[b.template]
         g = _Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), no_kl)
@@ -621,14 +744,21 @@ def _optimize_grouped(handle, requests, layer, templates, hp, where, key_layer, 
                 loss = loss + (part * weight).sum()
             if len(v.kl_rows):
                 kl_new = F.log_softmax(logits[nt:].float(), dim=-1)
-                kl = (kl_new.exp() * (kl_new - kl_ref[v.kl_index])).sum(-1)  # KL(p_δ ‖ p_0) at the subject token
+                kl = (kl_new.exp() * (kl_new - kl_ref[v.kl_index])).sum(
+                    -1
+                )  # KL(p_δ ‖ p_0) at the subject token
                 kl_req = torch.zeros(n).index_add(0, v.owner[v.kl_rows], kl)
                 loss = loss + hp.kl_factor * (kl_req * weight).sum()
             loss.backward()
         ((hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2) * weight).sum().backward()
         nll_final[active] = nll_req[active]
-        log.debug("value step %d: %d active, NLL median %.3f max %.3f", step, int(active.sum()),
-                  float(nll_req[active].median()), float(nll_req[active].max()))
+        log.debug(
+            "value step %d: %d active, NLL median %.3f max %.3f",
+            step,
+            int(active.sum()),
+            float(nll_req[active].median()),
+            float(nll_req[active].max()),
+        )
         done = active & (nll_req < hp.early_stop_loss)
         if done.any():  # these targets are already likely: freeze their δ and drop their rows
             with torch.no_grad():

@@ -62,9 +62,13 @@ CONFLICTS = ("auto", "shared", "separate")
 
 @dataclass
 class LokaHParams(HParams):
-    layer: int = 24  # the MLP output matrix the memories copy (configs/loka: SmolLM2 27, else 0.8 of the depth)
+    layer: int = (
+        24  # the MLP output matrix the memories copy (configs/loka: SmolLM2 27, else 0.8 of the depth)
+    )
     mapping: str = "kmeans"  # or "lsh" (sequential updates)
-    key_source: str = "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
+    key_source: str = (
+        "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
+    )
     k: int = 20  # K-means clusters (capped at the number of queries)
     lsh_bits: int = 4  # 2^bits buckets
     storage: str = "clustered"  # "dense": one memory; "sparse": one memory per fact
@@ -78,12 +82,18 @@ class LokaHParams(HParams):
     lr: float = 2e-3
     n_iter: int = 40
     min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
-    edit_stop_nll: float = 0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
+    edit_stop_nll: float = (
+        0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
+    )
     # forget rows must also reach this mean per-token answer NLL before a memory stops (0: argmax only).
     # A long answer stops being an exact match once one token flips; 2.0 (per-token p ~0.14) carries it further
     forget_stop_nll: float = 0.0
-    gate_tasks: bool = True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
-    edit_contexts: int = 0  # also train each edit under this many of the model's context templates ("<text>. {}")
+    gate_tasks: bool = (
+        True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
+    )
+    edit_contexts: int = (
+        0  # also train each edit under this many of the model's context templates ("<text>. {}")
+    )
     batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
     router_threshold: float = 0.5
@@ -109,14 +119,19 @@ class _Item:
 def _split(requests):
     forget = [r for r in requests if isinstance(r, ForgetRequest)]
     retain = [r for r in requests if isinstance(r, RetainRequest)]
-    edits = [r for r in requests if isinstance(r, EditRequest) and not isinstance(r, ForgetRequest | RetainRequest)]
+    edits = [
+        r for r in requests if isinstance(r, EditRequest) and not isinstance(r, ForgetRequest | RetainRequest)
+    ]
     return edits, forget, retain
 
 
 def _check(hp: LokaHParams) -> None:
-    for name, value, allowed in (("mapping", hp.mapping, MAPPINGS), ("storage", hp.storage, STORAGES),
-                                 ("key_source", hp.key_source, ("llm", "encoder")),
-                                 ("conflict", hp.conflict, CONFLICTS)):
+    for name, value, allowed in (
+        ("mapping", hp.mapping, MAPPINGS),
+        ("storage", hp.storage, STORAGES),
+        ("key_source", hp.key_source, ("llm", "encoder")),
+        ("conflict", hp.conflict, CONFLICTS),
+    ):
         if value not in allowed:
             raise LokaError(f"loka: hyperparameter {name} must be one of {list(allowed)}, got {value!r}")
     if hp.k < 1:
@@ -126,11 +141,15 @@ def _check(hp: LokaHParams) -> None:
     if hp.n_iter < 1:
         raise LokaError(f"loka: hyperparameter n_iter must be >= 1, got {hp.n_iter}")
     if hp.forget_stop_nll < 0:
-        raise LokaError(f"loka: hyperparameter forget_stop_nll must be >= 0 (0: stop at the first flipped token), got {hp.forget_stop_nll}")
+        raise LokaError(
+            f"loka: hyperparameter forget_stop_nll must be >= 0 (0: stop at the first flipped token), got {hp.forget_stop_nll}"
+        )
     if hp.edit_contexts < 0:
         raise LokaError(f"loka: hyperparameter edit_contexts must be >= 0, got {hp.edit_contexts}")
     if hp.match_threshold is not None and not 0.0 <= hp.match_threshold <= 1.0:
-        raise LokaError(f"loka: hyperparameter match_threshold must be in [0, 1] (a cosine; 0 turns the gate off), got {hp.match_threshold}")
+        raise LokaError(
+            f"loka: hyperparameter match_threshold must be in [0, 1] (a cosine; 0 turns the gate off), got {hp.match_threshold}"
+        )
     if not 0.0 <= hp.router_threshold <= 1.0:
         raise LokaError(f"loka: hyperparameter router_threshold must be in [0, 1], got {hp.router_threshold}")
 
@@ -149,7 +168,10 @@ class _Trainer:
 
     def __enter__(self):
         self._h = self.module.register_forward_hook(
-            lambda _m, args, out: out if self.delta is None else out + (args[0].float() @ self.delta.T).to(out.dtype))
+            lambda _m, args, out: (
+                out if self.delta is None else out + (args[0].float() @ self.delta.T).to(out.dtype)
+            )
+        )
         return self
 
     def __exit__(self, *exc):
@@ -173,7 +195,11 @@ class _Trainer:
     @torch.no_grad()
     def reference(self, batch):
         """Summed answer log-probs and per-position log-softmax of the base model (no memory)."""
-        key = (tuple(batch.input_ids.shape), batch.input_ids.numpy().tobytes(), batch.labels.numpy().tobytes())
+        key = (
+            tuple(batch.input_ids.shape),
+            batch.input_ids.numpy().tobytes(),
+            batch.labels.numpy().tobytes(),
+        )
         if key in self._refs:
             return self._refs[key]
         saved, self.delta = self.delta, None
@@ -207,19 +233,30 @@ class Loka(MemoryMethod):
     def hook(artifact) -> Codebook:
         t, x = artifact.deltas, artifact.manifest["extra"]
         planes = t.get("loka.planes")
-        return Codebook(t["loka.deltas"], t["loka.keys"], x["layer"], x["block"], x["module"],
-                        planes=planes, buckets=t.get("loka.buckets") if planes is not None else None,
-                        router=Router.from_tensors(t), router_threshold=float(x.get("router_threshold", 0.5)),
-                        key_source=x.get("key_source", "llm"), items=t.get("loka.item_emb"),
-                        match_threshold=float(x.get("match_threshold", 0.0)))
+        return Codebook(
+            t["loka.deltas"],
+            t["loka.keys"],
+            x["layer"],
+            x["block"],
+            x["module"],
+            planes=planes,
+            buckets=t.get("loka.buckets") if planes is not None else None,
+            router=Router.from_tensors(t),
+            router_threshold=float(x.get("router_threshold", 0.5)),
+            key_source=x.get("key_source", "llm"),
+            items=t.get("loka.item_emb"),
+            match_threshold=float(x.get("match_threshold", 0.0)),
+        )
 
     @classmethod
     def attach(cls, model, artifact) -> Codebook:
         from ..codebook import applied_codebooks
 
         if applied_codebooks(model):
-            raise LokaError("a LOKA codebook is already applied to this model; revert it first (a sequential "
-                            "update with --state makes one codebook holding every batch)")
+            raise LokaError(
+                "a LOKA codebook is already applied to this model; revert it first (a sequential "
+                "update with --state makes one codebook holding every batch)"
+            )
         book = getattr(artifact, "runtime", None)  # re-applying reuses the built codebook (router, packs)
         if not isinstance(book, Codebook):
             book = cls.hook(artifact)
@@ -236,8 +273,10 @@ class Loka(MemoryMethod):
         if not edits and not forget and not prev["items"]:
             raise LokaError("loka: nothing to edit or forget (only retain requests were given)")
         if prev["items"] and (prev["layer"] != layer or prev["key_source"] != hp.key_source):
-            raise LokaError(f"loka: the state's codebook is on layer {prev['layer']} with key_source "
-                            f"{prev['key_source']!r}; a sequential update must keep both (got {layer}, {hp.key_source!r})")
+            raise LokaError(
+                f"loka: the state's codebook is on layer {prev['layer']} with key_source "
+                f"{prev['key_source']!r}; a sequential update must keep both (got {layer}, {hp.key_source!r})"
+            )
         tok = handle.tokenizer
         rng = random.Random(hp.seed)
         torch.manual_seed(hp.seed)
@@ -245,8 +284,14 @@ class Loka(MemoryMethod):
         new_emb = embeddings(handle, layer, new_texts, hp.key_source) if new_texts else None
         new_items = []
         if new_emb is not None:
-            new_items = [_Item("edit", r.text, r.target_new, r.to_dict(), e) for r, e in zip(edits, new_emb[: len(edits)])]
-            new_items += [_Item("forget", r.text, r.target_true, r.to_dict(), e) for r, e in zip(forget, new_emb[len(edits):])]
+            new_items = [
+                _Item("edit", r.text, r.target_new, r.to_dict(), e)
+                for r, e in zip(edits, new_emb[: len(edits)])
+            ]
+            new_items += [
+                _Item("forget", r.text, r.target_true, r.to_dict(), e)
+                for r, e in zip(forget, new_emb[len(edits) :])
+            ]
         items = prev["items"] + new_items
         retain_items = prev["retain"] + [(r.text, r.target_new, r.to_dict()) for r in retain]
         emb = torch.stack([i.emb for i in items])
@@ -260,7 +305,11 @@ class Loka(MemoryMethod):
         elif hp.mapping == "kmeans":
             groups, _ = kmeans(emb, hp.k, hp.seed)
         else:
-            planes = prev["planes"] if prev["planes"] is not None else lsh_planes(hp.lsh_bits, emb.shape[1], hp.seed)
+            planes = (
+                prev["planes"]
+                if prev["planes"] is not None
+                else lsh_planes(hp.lsh_bits, emb.shape[1], hp.seed)
+            )
             groups = lsh_hash(emb, planes)
         n_old = len(prev["items"])
         incremental = hp.mapping == "lsh" and hp.storage == "clustered" and n_old > 0
@@ -268,7 +317,11 @@ class Loka(MemoryMethod):
 
         trainer = _Trainer(handle, layer, hp.beta)
         contexts = [t for t in context_templates(handle, seed=hp.seed) if t != "{}"][: hp.edit_contexts]
-        r_emb = embeddings(handle, layer, [t for t, _, _ in retain_items], hp.key_source) if retain_items else None
+        r_emb = (
+            embeddings(handle, layer, [t for t, _, _ in retain_items], hp.key_source)
+            if retain_items
+            else None
+        )
         memories: list[dict] = []  # task, group, items, delta, key, stats
         plan = []
         for g in sorted(set(groups.tolist())):
@@ -277,23 +330,44 @@ class Loka(MemoryMethod):
                 memories += [m for m in prev["memories"] if m["group"] == g]
                 continue
             plan.append((g, idx))
-        bar = tqdm(total=len(plan), desc="loka memories", unit="cluster",
-                   disable=progress is None or getattr(progress, "disable", False))
+        bar = tqdm(
+            total=len(plan),
+            desc="loka memories",
+            unit="cluster",
+            disable=progress is None or getattr(progress, "disable", False),
+        )
         info_conf = []
         with trainer:
             for g, idx in plan:
                 e_idx = [i for i in idx if items[i].kind == "edit"]
                 f_idx = [i for i in idx if items[i].kind == "forget"]
-                start = {m["task"]: m["delta"] for m in prev["memories"] if m["group"] == g} if incremental else {}
+                start = (
+                    {m["task"]: m["delta"] for m in prev["memories"] if m["group"] == g}
+                    if incremental
+                    else {}
+                )
                 if e_idx and f_idx:
                     score = None
                     if hp.conflict == "auto":
                         d0 = start.get("shared", start.get("edit"))
                         score = self._conflict(trainer, tok, items, e_idx, f_idx, hp, rng, d0)
-                    separate = hp.conflict == "separate" or (score is not None and score > hp.conflict_threshold)
-                    info_conf.append({"group": int(g), "edit": len(e_idx), "forget": len(f_idx), "score": score,
-                                      "memories": "separate" if separate else "shared"})
-                    tasks = [("edit", e_idx, []), ("forget", [], f_idx)] if separate else [("shared", e_idx, f_idx)]
+                    separate = hp.conflict == "separate" or (
+                        score is not None and score > hp.conflict_threshold
+                    )
+                    info_conf.append(
+                        {
+                            "group": int(g),
+                            "edit": len(e_idx),
+                            "forget": len(f_idx),
+                            "score": score,
+                            "memories": "separate" if separate else "shared",
+                        }
+                    )
+                    tasks = (
+                        [("edit", e_idx, []), ("forget", [], f_idx)]
+                        if separate
+                        else [("shared", e_idx, f_idx)]
+                    )
                 else:
                     tasks = [("edit", e_idx, [])] if e_idx else [("forget", [], f_idx)]
                 for task, ei, fi in tasks:
@@ -301,10 +375,19 @@ class Loka(MemoryMethod):
                     init = start.get(task)
                     if init is None and start and task == "shared":
                         init = start.get("edit")
-                    delta, stats = self._train(trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init,
-                                               contexts)
-                    memories.append({"task": task, "group": int(g), "items": ei + fi, "delta": delta, "key": key,
-                                     "stats": stats})
+                    delta, stats = self._train(
+                        trainer, tok, items, ei, fi, retain_items, r_emb, key, hp, rng, init, contexts
+                    )
+                    memories.append(
+                        {
+                            "task": task,
+                            "group": int(g),
+                            "items": ei + fi,
+                            "delta": delta,
+                            "key": key,
+                            "stats": stats,
+                        }
+                    )
                 trainer._refs.clear()  # references are reused within a cluster only
                 bar.update(1)
                 bar.set_postfix(memories=len(memories))
@@ -313,34 +396,61 @@ class Loka(MemoryMethod):
             progress.update(len(requests))
         memories.sort(key=lambda m: (m["group"], m["task"]))
 
-        tensors = {"loka.deltas": torch.stack([m["delta"] for m in memories]).contiguous(),
-                   "loka.keys": torch.stack([m["key"] for m in memories]).contiguous(),
-                   "loka.groups": torch.tensor([m["group"] for m in memories], dtype=torch.long)}
+        tensors = {
+            "loka.deltas": torch.stack([m["delta"] for m in memories]).contiguous(),
+            "loka.keys": torch.stack([m["key"] for m in memories]).contiguous(),
+            "loka.groups": torch.tensor([m["group"] for m in memories], dtype=torch.long),
+        }
         if planes is not None:
             tensors["loka.planes"] = planes.contiguous()
             tensors["loka.buckets"] = tensors["loka.groups"].clone()
         router_info = None
         if hp.router:
             pos = [i.text for i in items]
-            neg = self._negatives(items, retain_items, hp, random.Random(hp.seed))  # independent of training draws
-            router, router_info = train_router(pos, neg, layers=hp.router_layers, epochs=hp.router_epochs,
-                                               lr=hp.router_lr, seed=hp.seed)
+            neg = self._negatives(
+                items, retain_items, hp, random.Random(hp.seed)
+            )  # independent of training draws
+            router, router_info = train_router(
+                pos, neg, layers=hp.router_layers, epochs=hp.router_epochs, lr=hp.router_lr, seed=hp.seed
+            )
             tensors.update(router.tensors())
         info = {
-            "module": handle.spec.mlp_out_path(layer), "block": handle.spec.block_path(layer), "layer": layer,
+            "module": handle.spec.mlp_out_path(layer),
+            "block": handle.spec.block_path(layer),
+            "layer": layer,
             "key_source": hp.key_source,
             "router_threshold": hp.router_threshold if hp.router else 0.0,
             "match_threshold": match_threshold(hp),
-            "memories": [{"task": m["task"], "group": m["group"], "edit": sum(items[i].kind == "edit" for i in m["items"]),
-                          "forget": sum(items[i].kind == "forget" for i in m["items"]), **m["stats"]} for m in memories],
-            "conflict": info_conf, "router": router_info,
-            "retrained_groups": sorted(int(g) for g, _ in plan), "carried_over": len(memories) - sum(
-                len([1 for m in memories if m["group"] == g]) for g, _ in plan),
+            "memories": [
+                {
+                    "task": m["task"],
+                    "group": m["group"],
+                    "edit": sum(items[i].kind == "edit" for i in m["items"]),
+                    "forget": sum(items[i].kind == "forget" for i in m["items"]),
+                    **m["stats"],
+                }
+                for m in memories
+            ],
+            "conflict": info_conf,
+            "router": router_info,
+            "retrained_groups": sorted(int(g) for g, _ in plan),
+            "carried_over": len(memories)
+            - sum(len([1 for m in memories if m["group"] == g]) for g, _ in plan),
             # what a later sequential update needs to retrain a bucket (the cumulative data)
-            "data": {"items": [{"kind": i.kind, "text": i.text, "answer": i.answer, "request": i.request,
-                                "group": int(g), "memory": _memory_of(memories, n)}
-                               for n, (i, g) in enumerate(zip(items, groups.tolist()))],
-                     "retain": [{"text": t, "answer": a, "request": r} for t, a, r in retain_items]},
+            "data": {
+                "items": [
+                    {
+                        "kind": i.kind,
+                        "text": i.text,
+                        "answer": i.answer,
+                        "request": i.request,
+                        "group": int(g),
+                        "memory": _memory_of(memories, n),
+                    }
+                    for n, (i, g) in enumerate(zip(items, groups.tolist()))
+                ],
+                "retain": [{"text": t, "answer": a, "request": r} for t, a, r in retain_items],
+            },
             "batch": state.batches if state is not None else 0,
         }
         tensors["loka.item_emb"] = emb.contiguous()
@@ -356,7 +466,11 @@ class Loka(MemoryMethod):
         ref, _ = trainer.reference(fb)
         D = (d0.clone() if d0 is not None else torch.zeros(trainer.shape)).requires_grad_(True)
         trainer.delta = D
-        cos, ge_of, gu_of = [], {}, {}  # a minibatch drawn again (small clusters: always all rows) is not recomputed
+        cos, ge_of, gu_of = (
+            [],
+            {},
+            {},
+        )  # a minibatch drawn again (small clusters: always all rows) is not recomputed
         try:
             for _ in range(hp.conflict_pairs):
                 ei = tuple(sorted(rng.sample(range(len(eb)), min(hp.conflict_batch, len(eb)))))
@@ -374,8 +488,15 @@ class Loka(MemoryMethod):
         # each edit fact trains on its prompt and, with edit_contexts, on the prompt after each context
         # template (ROME/MEMIT's augmentation); a step samples facts and takes all rows of each
         views = ["{}", *contexts]
-        eb = L.qa_batch(tok, [v.replace("{}", items[i].text) for i in e_idx for v in views],
-                        [items[i].answer for i in e_idx for _ in views]) if e_idx else None
+        eb = (
+            L.qa_batch(
+                tok,
+                [v.replace("{}", items[i].text) for i in e_idx for v in views],
+                [items[i].answer for i in e_idx for _ in views],
+            )
+            if e_idx
+            else None
+        )
         fb = _rows(tok, [items[i] for i in f_idx]) if f_idx else None
         f_ref = trainer.reference(fb)[0] if fb is not None else None
         rb = r_ref = None
@@ -393,10 +514,15 @@ class Loka(MemoryMethod):
                 e_ok = f_ok = True
                 if eb is not None:
                     facts = sorted(rng.sample(range(len(e_idx)), min(hp.batch_size, len(e_idx))))
-                    le, em = trainer.edit(_sub(eb, [f * len(views) + v for f in facts for v in range(len(views))]))
+                    le, em = trainer.edit(
+                        _sub(eb, [f * len(views) + v for f in facts for v in range(len(views))])
+                    )
                     edit_nll = float(le.detach())
-                    e_ok = bool((em == 1).all()) and len(facts) == len(e_idx) and (
-                        hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
+                    e_ok = (
+                        bool((em == 1).all())
+                        and len(facts) == len(e_idx)
+                        and (hp.edit_stop_nll <= 0 or edit_nll <= hp.edit_stop_nll)
+                    )
                 if fb is not None:
                     fi = sorted(rng.sample(range(len(fb)), min(hp.batch_size, len(fb))))
                     lu, em, forget_nll = trainer.forget(_sub(fb, fi), f_ref[fi])
@@ -480,8 +606,16 @@ def _previous(state: EditState | None) -> dict:
     tasks = state.meta.get("loka_tasks", [])
     for j in range(deltas.shape[0]):
         members = [n for n, d in enumerate(data.get("items", [])) if d.get("memory") == j]
-        out["memories"].append({"task": tasks[j], "group": int(groups[j]), "items": members, "delta": deltas[j],
-                                "key": keys[j], "stats": {"steps": 0, "carried_over": True}})
+        out["memories"].append(
+            {
+                "task": tasks[j],
+                "group": int(groups[j]),
+                "items": members,
+                "delta": deltas[j],
+                "key": keys[j],
+                "stats": {"steps": 0, "carried_over": True},
+            }
+        )
     out["planes"] = state.get("loka.planes")
     return out
 
@@ -493,9 +627,16 @@ def state_from_artifact(artifact) -> EditState:
         raise LokaError(f"artifact {artifact.id} is a {artifact.method} artifact, not a LOKA codebook")
     x = artifact.manifest["extra"]
     keep = ("loka.deltas", "loka.keys", "loka.groups", "loka.planes", "loka.item_emb", "loka.retain_emb")
-    st = EditState({k: v.clone() for k, v in artifact.deltas.items() if k in keep},
-                   {"loka_data": x["data"], "loka_layer": x["layer"], "loka_key_source": x.get("key_source", "llm"), "loka_tasks": [m["task"] for m in x["memories"]],
-                    "batches": int(x.get("batch", 0)) + 1})
+    st = EditState(
+        {k: v.clone() for k, v in artifact.deltas.items() if k in keep},
+        {
+            "loka_data": x["data"],
+            "loka_layer": x["layer"],
+            "loka_key_source": x.get("key_source", "llm"),
+            "loka_tasks": [m["task"] for m in x["memories"]],
+            "batches": int(x.get("batch", 0)) + 1,
+        },
+    )
     return st
 
 

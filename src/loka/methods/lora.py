@@ -59,7 +59,9 @@ class LoraMethod(TrainMethod):
 
     def run(self, handle, requests, hp: LoraHParams, progress=None, state=None):
         if hp.forget_loss not in FORGET_LOSSES:
-            raise LokaError(f"hyperparameter forget_loss must be one of {FORGET_LOSSES}, got {hp.forget_loss!r}")
+            raise LokaError(
+                f"hyperparameter forget_loss must be one of {FORGET_LOSSES}, got {hp.forget_loss!r}"
+            )
         if hp.rank < 1:
             raise LokaError(f"hyperparameter rank must be >= 1, got {hp.rank}")
         self.forget = hp.forget_loss
@@ -76,8 +78,14 @@ class LoraMethod(TrainMethod):
         grads = {n: p.requires_grad for n, p in model.named_parameters()}
         originals = {p: model.get_submodule(p) for p in paths}
         had_config = "peft_config" in model.__dict__
-        cfg = LoraConfig(r=hp.rank, lora_alpha=hp.lora_alpha, target_modules=paths, lora_dropout=0.0,
-                         bias="none", fan_in_fan_out=handle.spec.transposed)
+        cfg = LoraConfig(
+            r=hp.rank,
+            lora_alpha=hp.lora_alpha,
+            target_modules=paths,
+            lora_dropout=0.0,
+            bias="none",
+            fan_in_fan_out=handle.spec.transposed,
+        )
         try:
             inject_adapter_in_model(cfg, model)
             tr = _LoraFactors(model, paths, names, handle.spec.transposed, hp.lora_alpha / hp.rank)

@@ -35,8 +35,17 @@ class LyapLockHParams(MemitHParams):
     b: float = 0.0  # queue drift
 
 
-def lyaplock_solve(K: torch.Tensor, R: torch.Tensor, W: torch.Tensor, W0: torch.Tensor, lamC: torch.Tensor,
-                   Kp: torch.Tensor | None, Vp: torch.Tensor | None, aZ: float, V: float) -> torch.Tensor:
+def lyaplock_solve(
+    K: torch.Tensor,
+    R: torch.Tensor,
+    W: torch.Tensor,
+    W0: torch.Tensor,
+    lamC: torch.Tensor,
+    Kp: torch.Tensor | None,
+    Vp: torch.Tensor | None,
+    aZ: float,
+    V: float,
+) -> torch.Tensor:
     """Eq. 13 for keys ``K`` (n × d_in), residuals ``R`` (n × d_out), current/original ``W``/``W0``
     (d_out × d_in), ``λC`` (d_in × d_in) and past ``(Kp, Vp)``; returns Δ (d_out × d_in), float32."""
     dt = env.SOLVE_DTYPE

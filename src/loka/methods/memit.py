@@ -82,7 +82,9 @@ def through_post_norm(norm: torch.nn.Module, m: torch.Tensor, r: torch.Tensor) -
 
     f = lambda v: norm(v.float()).double()  # noqa: E731 (the norm module runs in its own dtype)
     J = vmap(jacrev(f))(m.detach().double())  # (n, d, d)
-    sol = torch.linalg.lstsq(J, r.double().unsqueeze(-1), rcond=1e-6, driver="gelsd").solution  # drop the radial null
+    sol = torch.linalg.lstsq(
+        J, r.double().unsqueeze(-1), rcond=1e-6, driver="gelsd"
+    ).solution  # drop the radial null
     return sol.squeeze(-1).float()
 
 
@@ -98,7 +100,9 @@ class _KeyPasses:
 
     def __init__(self, handle, batch, layers: list[int]):
         self.handle, self.batch, self.layers, self.top = handle, batch, layers, layers[-1]
-        self.replay = Replay(handle, batch, layers[0], end=self.top)  # no edit yet: block inputs are the originals
+        self.replay = Replay(
+            handle, batch, layers[0], end=self.top
+        )  # no edit yet: block inputs are the originals
         self.inputs = {layers[0]: self.replay.h0}  # block index -> its input in the latest pass
         self.rows = batch.row_index
 
@@ -114,8 +118,11 @@ class _KeyPasses:
             self.inputs[layer] = h  # unchanged in the next pass: it edits this layer and above
             h = self.replay.run_blocks(h, layer, self.top)
         lk = self.batch.lookup
-        return {"keys": {layer: rec[path].input[self.rows, lk]}, "values": {layer: rec[path].output[self.rows, lk]},
-                "block_out": h[self.rows, lk]}
+        return {
+            "keys": {layer: rec[path].input[self.rows, lk]},
+            "values": {layer: rec[path].output[self.rows, lk]},
+            "block_out": h[self.rows, lk],
+        }
 
 
 @register
@@ -123,7 +130,9 @@ class Memit(Method):
     name = "memit"
     hparams_cls = MemitHParams
 
-    def solve(self, handle, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hp, state) -> torch.Tensor:
+    def solve(
+        self, handle, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hp, state
+    ) -> torch.Tensor:
         """The (out × in) update of ``layer`` from keys ``K`` (n × d_in) and residuals ``R`` (n × d_out)."""
         return memit_solve(K, R, C, hp.mom2_update_weight)
 
@@ -151,7 +160,9 @@ class Memit(Method):
         key_batch = build_prompts(handle, requests, templates, with_targets=False, kl_prompts=())
         deepest = int(key_batch.attention_mask.sum(1).max()) + 1
         if hp.key_tree and within_window(handle.config, deepest):  # shared prefixes run once (same keys)
-            key_batch = tree_batch(key_batch, handle.tokenizer.pad_token_id or 0, next(handle.model.parameters()).dtype)
+            key_batch = tree_batch(
+                key_batch, handle.tokenizer.pad_token_id or 0, next(handle.model.parameters()).dtype
+            )
         plain = (key_batch.template == 0).nonzero().squeeze(1)
         fast = packed_linears(handle)  # no-grad key forwards; an edited matrix is re-packed on its next use
         with preserved_weights(handle.model, names), fast.active(handle.model):
@@ -171,6 +182,8 @@ class Memit(Method):
             if type(self).after_update is not Memit.after_update:
                 io = module_io_at_lookup(handle, key_batch, layers)
                 for layer in layers:
-                    self.after_update(handle, layer, mean_over_templates(io["keys"][layer], key_batch, n), hp, state)
+                    self.after_update(
+                        handle, layer, mean_over_templates(io["keys"][layer], key_batch, n), hp, state
+                    )
         timings["update"] = time.perf_counter() - t
         return deltas, {"nll": vr.nll, "steps": vr.steps, "timings": timings, **self.info}

@@ -27,7 +27,9 @@ from ..state import EditState
 def check_alpha(alpha: float) -> None:
     """PRUNE's log base must exceed 1 (``loka.edit`` checks it before the method runs)."""
     if not alpha > 1:
-        raise ConfigError(f"prune (--prune ALPHA) is PRUNE's log base and must be > 1 (e.g. 2.718), got {alpha}")
+        raise ConfigError(
+            f"prune (--prune ALPHA) is PRUNE's log base and must be > 1 (e.g. 2.718), got {alpha}"
+        )
 
 
 def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> torch.Tensor:
@@ -39,7 +41,9 @@ def restrain(sigma: torch.Tensor, sigma_max: float, alpha: float = math.e) -> to
     return torch.where(above, capped, sigma)
 
 
-def restrain_matrix(delta: torch.Tensor, sigma_max: float, alpha: float = math.e) -> tuple[torch.Tensor, float, float]:
+def restrain_matrix(
+    delta: torch.Tensor, sigma_max: float, alpha: float = math.e
+) -> tuple[torch.Tensor, float, float]:
     """``U diag(F(σ)) Vᵀ`` of ``delta`` (one float64 SVD; rank and singular vectors kept), with the
     largest singular value before and after."""
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -47,7 +51,9 @@ def restrain_matrix(delta: torch.Tensor, sigma_max: float, alpha: float = math.e
     return ((U * F) @ Vh).to(delta.dtype), float(S[0]), float(F[0])
 
 
-def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e) -> tuple[dict, dict]:
+def prune_deltas(
+    handle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e
+) -> tuple[dict, dict]:
     """Restrain ``deltas`` (about to be applied on top of earlier ones) against the original weights.
 
     Returns the new deltas and, per matrix, ``sigma_max`` of the original and the largest singular
@@ -63,7 +69,7 @@ def prune_deltas(handle, deltas: dict[str, torch.Tensor], state: EditState, alph
             base = W
             bounds[name] = float(torch.linalg.svdvals(W.double())[0])
         smax = bounds[name]
-        acc = (W.double() - base.double())
+        acc = W.double() - base.double()
         total = acc + d.double()
         restrained, before, after = restrain_matrix(total, smax, alpha)
         out[name] = (restrained - acc).to(d.dtype).contiguous()

@@ -55,7 +55,10 @@ class Scr(Method):
         keys = load_encoder().encode([r.text for r in requests])
         if progress is not None:
             progress.update(len(requests))
-        return {"memory.keys": keys}, {"facts": [fact_text(r) for r in requests], "queries": [r.text for r in requests]}
+        return {"memory.keys": keys}, {
+            "facts": [fact_text(r) for r in requests],
+            "queries": [r.text for r in requests],
+        }
 
 
 def _pool(stores) -> tuple[list[str], list[str], torch.Tensor, ScrHParams]:
@@ -94,8 +97,11 @@ def contextualise(handle, prompts: list[str]) -> list[str]:
             qs = [RELEVANCE.format(fact=facts[j], query=p) for p, j in pairs]
             # one call: both answers of a question share its prompt's forward (packed scoring)
             both = target_logprobs(handle, qs + qs, ["Yes"] * len(qs) + ["No"] * len(qs), context=False)
-            yes, no = both[: len(qs)], both[len(qs):]
+            yes, no = both[: len(qs)], both[len(qs) :]
             ok = {pair for pair, y, n in zip(pairs, yes, no) if y["logprob"] > n["logprob"]}
             cands = {p: [j for j in js if (p, j) in ok] for p, js in cands.items()}
-    out = {p: (hp.separator.join(facts[j] for j in js) + hp.separator + p if js else p) for p, js in cands.items()}
+    out = {
+        p: (hp.separator.join(facts[j] for j in js) + hp.separator + p if js else p)
+        for p, js in cands.items()
+    }
     return [out[p] for p in prompts]

@@ -29,8 +29,15 @@ def context_templates(handle, n_per_prefix: int = 1, length: int = 10, seed: int
     out = ["{}"]
     for prefix in PREFIXES:
         enc = tok([prefix] * n_per_prefix, return_tensors="pt")
-        seqs = hf_generate(handle.model, enc["input_ids"], enc["attention_mask"], do_sample=True, top_k=5,
-                           max_new_tokens=length, pad_token_id=tok.pad_token_id)
+        seqs = hf_generate(
+            handle.model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            do_sample=True,
+            top_k=5,
+            max_new_tokens=length,
+            pad_token_id=tok.pad_token_id,
+        )
         for row in seqs:
             text = tok.decode(row, skip_special_tokens=True).replace("{", " ").replace("}", " ").strip()
             text = " ".join(text.split())

@@ -109,19 +109,30 @@ class TrainMethod(Method):
         if forget and self.forget in ("idk", "dpo"):
             pool = refusals()
             wb = L.qa_batch(tok, [r.text for r in forget], [r.target_new or rng.choice(pool) for r in forget])
-        elif forget and self.forget == "relearn":  # rewrites on the prompt and every paraphrase (augmentation)
+        elif (
+            forget and self.forget == "relearn"
+        ):  # rewrites on the prompt and every paraphrase (augmentation)
             qs = [(q, relearn_answer(r)) for r in forget for q in [r.text, *r.paraphrases]]
             wb = L.qa_batch(tok, [q for q, _ in qs], [a for _, a in qs])
         ref = self._reference(handle, fb, wb, rb, hp)
-        info: dict = {"forget": len(forget), "edit": len(edits), "retain": len(retain), "trained": names,
-                      "forget_loss": self.forget}
+        info: dict = {
+            "forget": len(forget),
+            "edit": len(edits),
+            "retain": len(retain),
+            "trained": names,
+            "forget_loss": self.forget,
+        }
         if wb is not None and self.forget == "relearn":
             info["relearn_rows"] = len(wb)
         with self._trainable(handle, names, hp) as tr:
             params = tr.params
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-            bar = tqdm(total=hp.max_steps, desc=f"{self.name} training", unit="step",
-                       disable=progress is None or getattr(progress, "disable", False))
+            bar = tqdm(
+                total=hp.max_steps,
+                desc=f"{self.name} training",
+                unit="step",
+                disable=progress is None or getattr(progress, "disable", False),
+            )
             history = []
             try:
                 step = 0
@@ -135,7 +146,11 @@ class TrainMethod(Method):
                     loss.backward()
                     opt.step()
                     tr.after_step()
-                    rec = {"step": step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+                    rec = {
+                        "step": step,
+                        "loss": float(loss.detach()),
+                        **{k: float(v.detach()) for k, v in parts.items()},
+                    }
                     history.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
                     bar.update(1)
@@ -214,7 +229,9 @@ class TrainMethod(Method):
                 if f == "idk":
                     parts["forget"] = hp.gamma * L.nll_loss(wlp, wn)
                 else:
-                    parts["forget"] = hp.gamma * L.dpo_loss(wlp, ref["win"][fi], lp, ref["forget"][fi], hp.beta)
+                    parts["forget"] = hp.gamma * L.dpo_loss(
+                        wlp, ref["win"][fi], lp, ref["forget"][fi], hp.beta
+                    )
             else:  # pragma: no cover - registry guarantees the names
                 raise LokaError(f"unknown forget loss {f!r}")
         if eb is not None and len(ei):
@@ -317,6 +334,10 @@ _make("npo", "npo", "Negative preference optimisation (Zhang et al. 2024) + α·
 _make("simnpo", "simnpo", "SimNPO: reference-free, length-normalised NPO + α·retain loss.")
 _make("idk", "idk", "Fine-tune forget prompts to 'I don't know'-style refusals + α·retain loss.")
 _make("dpo", "dpo", "IdkPO: DPO preferring a refusal over the forget answer + α·retain loss.")
-_make("relearn", "relearn", "ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity "
-      "(on the prompt and its paraphrases) + α·retain loss.")
+_make(
+    "relearn",
+    "relearn",
+    "ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity "
+    "(on the prompt and its paraphrases) + α·retain loss.",
+)
 _make("ft", "ga", "FT-L: fine-tune one MLP output matrix on the new answers under an L∞ constraint.")

@@ -104,7 +104,9 @@ def _inputs(handle, path: str, texts: list[str]) -> torch.Tensor:
     """The inputs of module ``path`` at every real token of ``texts`` (rows, no padding)."""
     enc = handle.tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad(), capture(handle.model, [path], stop_after=path) as rec:
-        run_until_stopped(lambda: handle.model(**{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False))
+        run_until_stopped(
+            lambda: handle.model(**{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False)
+        )
     return rec[path].input[enc["attention_mask"].bool().to(handle.device)].float()
 
 
@@ -141,7 +143,9 @@ class Wise(MemoryMethod):
 
         D = torch.zeros_like(w, requires_grad=True)
         opt = torch.optim.Adam([D], lr=hp.lr)
-        hook = module.register_forward_hook(lambda _m, args, out: out + (args[0].float() @ (D * mask).T).to(out.dtype))
+        hook = module.register_forward_hook(
+            lambda _m, args, out: out + (args[0].float() @ (D * mask).T).to(out.dtype)
+        )
         rng = torch.Generator().manual_seed(hp.seed)
         history, step = [], 0
         try:
@@ -153,11 +157,18 @@ class Wise(MemoryMethod):
                 Dm = D * mask
                 g_in = (a_in @ Dm.T).norm(dim=-1)
                 g_out = (a_out @ Dm.T).norm(dim=-1)
-                margin = (torch.relu(g_out.mean() - g_in.mean() + gamma) + torch.relu(g_out - alpha).mean()
-                          + torch.relu(beta - g_in).mean())
+                margin = (
+                    torch.relu(g_out.mean() - g_in.mean() + gamma)
+                    + torch.relu(g_out - alpha).mean()
+                    + torch.relu(beta - g_in).mean()
+                )
                 loss = nll + hp.margin_weight * margin / scale
-                history.append({"step": step, "nll": float(nll.detach()), "margin": float(margin.detach()) / scale})
-                if float(nll.detach()) < hp.early_stop_loss and (step >= hp.min_steps or float(margin.detach()) == 0.0):
+                history.append(
+                    {"step": step, "nll": float(nll.detach()), "margin": float(margin.detach()) / scale}
+                )
+                if float(nll.detach()) < hp.early_stop_loss and (
+                    step >= hp.min_steps or float(margin.detach()) == 0.0
+                ):
                     break
                 opt.zero_grad()
                 loss.backward()
@@ -173,8 +184,15 @@ class Wise(MemoryMethod):
             tau = hp.act_ratio * float(g_in.min())
         if progress is not None:
             progress.update(len(requests))
-        info = {"module": path, "tau": tau, "scale": scale, "steps": step, "history": history,
-                "gap_in_min": float(g_in.min()), "gap_in_median": float(g_in.median()),
-                "gap_out_max": float(g_out.max()), "out_of_scope_fired": float((g_out >= tau).float().mean())}
+        info = {
+            "module": path,
+            "tau": tau,
+            "scale": scale,
+            "steps": step,
+            "history": history,
+            "gap_in_min": float(g_in.min()),
+            "gap_in_median": float(g_in.median()),
+            "gap_out_max": float(g_out.max()),
+            "out_of_scope_fired": float((g_out >= tau).float().mean()),
+        }
         return {"wise.delta": Dm, "wise.tau": torch.tensor([tau])}, info
-

@@ -7,9 +7,15 @@ import importlib
 from typing import TYPE_CHECKING
 
 _WHERE = {
-    "SPECS": ".arch", "ArchSpec": ".arch", "spec_for": ".arch",
-    "KNOWN_MODELS": ".catalog", "list_models": ".catalog", "DEFAULT_MODEL": ".catalog", "TINY_NAMES": ".catalog",
-    "ModelHandle": ".loader", "load_model": ".loader",
+    "SPECS": ".arch",
+    "ArchSpec": ".arch",
+    "spec_for": ".arch",
+    "KNOWN_MODELS": ".catalog",
+    "list_models": ".catalog",
+    "DEFAULT_MODEL": ".catalog",
+    "TINY_NAMES": ".catalog",
+    "ModelHandle": ".loader",
+    "load_model": ".loader",
 }
 
 __all__ = list(_WHERE)

