@@ -79,7 +79,9 @@ def test_artifact_for_another_model_is_refused(tiny, tmp_path):
 def test_save_is_atomic_and_leaves_no_temp_files(tiny, tmp_path):
     art = _edit(tiny)
     art.save(tmp_path / "a.loka")
-    art.save(tmp_path / "a.loka")  # overwrite
+    with pytest.raises(loka.LokaError, match="pass --force"):
+        art.save(tmp_path / "a.loka")  # an existing artifact is replaced only when asked
+    art.save(tmp_path / "a.loka", force=True)  # overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.loka"]
     assert json.loads((tmp_path / "a.loka" / "manifest.json").read_text())["tensors_sha256"]
 

@@ -287,7 +287,15 @@ def test_sequential_session_appends_resumes_and_rolls_back(capsys, tmp_path, tex
     w = h.weight_name(1)
     d0 = loka.load_artifact(sess / "batches" / "batch_00000.loka").deltas[w]
     code, out, _ = run(
-        capsys, "session", str(sess), "--rollback", "1", "--json", "--export", str(tmp_path / "m")
+        capsys,
+        "session",
+        str(sess),
+        "--rollback-last",
+        "1",
+        "--yes",
+        "--json",
+        "--export",
+        str(tmp_path / "m"),
     )
     info = json.loads(out)
     assert code == 0 and info["batches"] == 1 and info["edits"] == 1

@@ -427,10 +427,15 @@ def test_cli_update_loka_with_state(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "batch 2" in text and "codebook of" in text
-    assert main(["update", "--method", "loka", "--state", str(tmp_path / "book"), "--rollback", "1"]) == 0
+    assert (
+        main(["update", "--method", "loka", "--state", str(tmp_path / "book"), "--keep-first", "1", "--yes"])
+        == 0
+    )
     assert "1 batch(es) deleted" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--method loka"):
-        main(["update", "--method", "npo", "--state", str(tmp_path / "book"), "--forget", str(forget)])
+    assert (
+        main(["update", "--method", "npo", "--state", str(tmp_path / "book"), "--forget", str(forget)]) == 2
+    )
+    assert "--method loka" in capsys.readouterr().err
 
 
 def test_two_step_update_with_a_memory_editor_is_a_bundle(tmp_path):

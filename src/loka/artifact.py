@@ -2,32 +2,56 @@
 
 An artifact folder ``NAME.loka/`` holds ``deltas.safetensors`` and ``manifest.json`` (method,
 hyperparameters, requests, model identity hash, library version, creation time, sha256 of the
-tensors). Applying keeps a copy of the touched parameters, so a revert restores them bit for bit,
-in any order. Saving is atomic; loading checks the sha256 and refuses a corrupt or foreign file.
+tensors). Its ``id`` is derived from its content — the tensors and every manifest field that changes
+what applying it does — so two artifacts with the same id are the same update.
+
+Guarantees (each backed by a test in ``tests/test_faults.py``):
+
+* saving is atomic: the folder is built under a unique temporary name and swapped in one step, so
+  the path always holds the old artifact or the new one, complete; an existing folder is replaced
+  only if it is a loka artifact and ``force`` is given, never a folder loka did not write;
+* loading verifies everything before returning: both files are regular files (no links, FIFOs or
+  devices) of bounded size, the manifest has every required field, the tensors match its sha256, its
+  parameter list, shapes and dtypes, and the id matches the content;
+* applying keeps a copy of the touched parameters, so a revert restores them bit for bit, in any
+  order; an artifact, or any artifact it was stacked from, cannot be applied twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
+import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 from torch import nn
 
-from .errors import ArtifactError
-from .utils.io import atomic_dir, atomic_write_json, hash_json, hash_tensors, sha256_file
+from .errors import ArtifactError, InputError, LokaError
+from .utils.io import (
+    atomic_dir,
+    atomic_write_json,
+    check_output_dir,
+    hash_json,
+    hash_tensors,
+    read_json,
+    read_regular,
+    recover_dir,
+    sha256_bytes,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "loka-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the id hashes the tensors and every field in ID_FIELDS
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
 CONTEXT_ATTR = "_loka_context"  # list of applied context artifacts (editing-free methods, e.g. SCR)
 MEMORY_ATTR = "_loka_memory"  # list of (artifact, hook handle) of applied memory artifacts (GRACE, …)
@@ -61,6 +85,93 @@ def preserved_weights(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
         with torch.no_grad():
             for n, t in backup.items():
                 model.get_parameter(n).copy_(t)
+
+
+#: manifest fields that change what applying the artifact does: the id is a hash of them and the tensors
+ID_FIELDS = ("kind", "method", "hparams", "requests", "params", "extra", "parents")
+#: fields a manifest must have to be loaded
+#: ``extra`` keys that describe the run, not the update (left out of the id)
+VOLATILE_EXTRA = ("seconds",)
+REQUIRED_FIELDS = (
+    "format",
+    "format_version",
+    "id",
+    "kind",
+    "method",
+    "hparams",
+    "requests",
+    "model",
+    "params",
+    "tensors_sha256",
+)
+FILES = ("manifest.json", "deltas.safetensors")
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+_DTYPE_BYTES = {
+    "float32": 4,
+    "float64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+def content_id(manifest: dict, deltas: dict[str, torch.Tensor]) -> str:
+    """The artifact's id: a hash over its tensors, the model it was made for and :data:`ID_FIELDS`."""
+    fields = {k: manifest.get(k) for k in ID_FIELDS}
+    if isinstance(fields["extra"], dict):  # how long the method ran is not part of what the update is
+        fields["extra"] = {k: v for k, v in fields["extra"].items() if k not in VOLATILE_EXTRA}
+    fields["model_hash"] = (manifest.get("model") or {}).get("hash")
+    return hash_json([hash_tensors(deltas), fields])[:16]
+
+
+def lineage(artifact: Artifact) -> set[str]:
+    """Its id and the ids of every artifact it was stacked or bundled from."""
+    ids = {artifact.id}
+    for p in artifact.manifest.get("parents") or []:
+        ids.add(p)
+    for part in (artifact.manifest.get("extra") or {}).get("parts", []) if artifact.kind == "bundle" else []:
+        ids.add(part.get("id"))
+        ids.update(part.get("parents") or [])
+    ids.discard(None)
+    return ids
+
+
+def applied_lineage(model: nn.Module) -> dict[str, str]:
+    """``{id: applied artifact id}`` over every artifact applied to ``model`` and what it was made from."""
+    out: dict[str, str] = {}
+    applied = [a for a, _ in model.__dict__.get(_STACK_ATTR, [])]
+    applied += [a for a, _ in model.__dict__.get(MEMORY_ATTR, [])]
+    applied += list(model.__dict__.get(CONTEXT_ATTR, []))
+    for a in applied:
+        for i in lineage(a):
+            out[i] = a.id
+    return out
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """Whether ``path`` is a folder loka wrote as an artifact: only ``manifest.json`` and
+    ``deltas.safetensors``, and a manifest of loka's format."""
+    try:
+        names = set(os.listdir(path))
+        if not names or not names <= set(FILES):
+            return False
+        return read_json(path / "manifest.json", MAX_MANIFEST_BYTES).get("format") == FORMAT
+    except (OSError, LokaError, AttributeError):
+        return False
+
+
+def check_artifact_output(path: str | Path, force: bool = False) -> Path:
+    """Before any work: may an artifact be saved at ``path``? (:func:`loka.utils.io.check_output_dir`)"""
+    return check_output_dir(path, is_ours=is_artifact_dir, what="a loka artifact", force=force)
+
+
+class _Replaced(Exception):
+    """The folder was replaced while being read: read it again."""
 
 
 @dataclass
@@ -110,7 +221,7 @@ class Artifact:
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "extra": extra or {},
         }
-        manifest["id"] = hash_json([hash_tensors(deltas), method, hparams, requests, handle.model_hash])[:16]
+        manifest["id"] = content_id(manifest, deltas)
         return cls(deltas, manifest)
 
     # -- identity ---------------------------------------------------------------------------
@@ -203,6 +314,13 @@ class Artifact:
     def apply(self, target, *, force: bool = False) -> Artifact:
         """Add the deltas to the model (a handle or a module), remembering the originals."""
         model = self.check_compatible(target, force=force)
+        clash = {i: by for i, by in applied_lineage(model).items() if i in lineage(self)}
+        if clash:
+            i, by = next(iter(clash.items()))
+            what = "is already applied" if i == self.id == by else f"shares {i} with applied artifact {by}"
+            raise ArtifactError(
+                f"artifact {self.id} {what} to this model; revert it first (an update applied twice counts twice)"
+            )
         if self.kind == "bundle":  # the parts, in order; a failing part undoes the ones before it
             done = []
             try:
@@ -275,9 +393,10 @@ class Artifact:
         return self
 
     # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``path`` (a folder, conventionally ``*.loka``) atomically."""
-        path = Path(path)
+    def save(self, path: str | Path, *, force: bool = False) -> Path:
+        """Write ``path`` (a folder, conventionally ``*.loka``) atomically. An existing folder is replaced
+        only if it is a loka artifact and ``force`` is true; anything else at ``path`` is refused."""
+        path = check_artifact_output(path, force=force)
         with atomic_dir(path) as tmp:
             save_file(self.deltas, str(tmp / "deltas.safetensors"), metadata={"loka_artifact": self.id})
             manifest = dict(self.manifest, tensors_sha256=sha256_file(tmp / "deltas.safetensors"))
@@ -287,30 +406,131 @@ class Artifact:
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
+        """Read and verify an artifact folder (see the module docstring for what is checked). The two
+        files are read through one open handle of the folder, so a concurrent replacement is seen
+        whole or not at all."""
         path = Path(path)
-        mf, tf = path / "manifest.json", path / "deltas.safetensors"
-        if not path.is_dir():
+        recover_dir(path)
+        for attempt in range(5):
+            try:
+                return cls._load_once(path)
+            except _Replaced:
+                if attempt == 4:
+                    raise ArtifactError(f"{path} kept changing while being read; try again") from None
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, path: Path) -> Artifact:
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ArtifactError(f"{path} is not an artifact folder: it does not exist") from None
+        except NotADirectoryError:
             raise ArtifactError(
                 f"{path} is not an artifact folder (expected manifest.json + deltas.safetensors)"
-            )
-        if not mf.exists() or not tf.exists():
-            raise ArtifactError(f"{path} is incomplete: needs manifest.json and deltas.safetensors")
+            ) from None
+        except OSError as e:
+            raise ArtifactError(f"{path} cannot be opened ({e.strerror})") from None
         try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{mf} is not valid JSON ({e.msg}); the artifact is corrupt") from None
+            names = set(os.listdir(dfd))
+            if not names:
+                raise _Replaced  # a folder being swapped out, or an empty one (refused below on retry)
+            missing = [f for f in FILES if f not in names]
+            if missing:
+                raise ArtifactError(
+                    f"{path} is incomplete: needs manifest.json and deltas.safetensors "
+                    f"(missing {', '.join(missing)})"
+                )
+            try:
+                manifest = read_json("manifest.json", MAX_MANIFEST_BYTES, dir_fd=dfd, what=str(path))
+            except InputError as e:
+                if "does not exist" in str(e):
+                    raise _Replaced from None
+                raise ArtifactError(f"{e}; the artifact is corrupt") from None
+            cls._check_manifest(path, manifest)
+            bound = (
+                8
+                + 65536
+                + 512 * len(manifest["params"])
+                + sum(
+                    _DTYPE_BYTES.get(str(m.get("dtype")), 8) * math.prod(int(x) for x in m.get("shape", []))
+                    for m in manifest["params"].values()
+                )
+            )
+            try:
+                data = read_regular("deltas.safetensors", bound, dir_fd=dfd, what=str(path))
+            except InputError as e:
+                if "does not exist" in str(e):
+                    raise _Replaced from None
+                raise ArtifactError(f"{e}; the artifact is corrupt") from None
+        finally:
+            os.close(dfd)
+        if sha256_bytes(data) != manifest["tensors_sha256"]:
+            raise ArtifactError(
+                f"{path}/deltas.safetensors does not match the sha256 in its manifest: the artifact is corrupt "
+                "or was modified"
+            )
+        try:
+            deltas = safetensors_load(data)
+        except Exception as e:  # safetensors' own error types differ between versions
+            raise ArtifactError(f"{path}/deltas.safetensors is not a valid safetensors file ({e})") from None
+        params = manifest["params"]
+        if set(deltas) != set(params):
+            raise ArtifactError(f"{path}: tensors do not match the manifest's parameter list")
+        for k, t in deltas.items():
+            want = params[k]
+            if list(t.shape) != list(want.get("shape", [])) or str(t.dtype).removeprefix(
+                "torch."
+            ) != want.get("dtype"):
+                raise ArtifactError(
+                    f"{path}: tensor {k} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the manifest says "
+                    f"{want.get('dtype')} {want.get('shape')}: the artifact is corrupt"
+                )
+        if manifest["format_version"] == 1:  # ids of the first format hashed fewer fields
+            manifest = dict(manifest, id_v1=manifest["id"], id=content_id(manifest, deltas))
+        elif content_id(manifest, deltas) != manifest["id"]:
+            raise ArtifactError(
+                f"{path}: its id {manifest['id']} is not derived from its content (tensors and manifest): the "
+                "artifact was modified or its id copied from another"
+            )
+        return cls(deltas, manifest)
+
+    @staticmethod
+    def _check_manifest(path: Path, manifest: Any) -> None:
+        mf = f"{path}/manifest.json"
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{mf} is not a JSON object; the artifact is corrupt")
         if manifest.get("format") != FORMAT:
             raise ArtifactError(f"{mf} is not a loka artifact manifest (format={manifest.get('format')!r})")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise ArtifactError(f"{path} needs a newer loka (format_version {manifest['format_version']})")
-        if sha256_file(tf) != manifest.get("tensors_sha256"):
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ArtifactError(f"{mf}: format_version must be a positive integer, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ArtifactError(
-                f"{tf} does not match the sha256 in its manifest: the artifact is corrupt or was modified"
+                f"{path} needs a newer loka (format_version {version}; this loka reads "
+                f"up to {FORMAT_VERSION})"
             )
-        deltas = load_file(str(tf))
-        if set(deltas) != set(manifest.get("params", {})):
-            raise ArtifactError(f"{path}: tensors do not match the manifest's parameter list")
-        return cls(deltas, manifest)
+        missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+        if missing:
+            raise ArtifactError(
+                f"{mf} lacks required field(s) {', '.join(missing)}; the artifact is incomplete "
+                "or was edited by hand"
+            )
+        model = manifest["model"]
+        if not isinstance(model, dict) or not isinstance(model.get("hash"), str) or not model["hash"]:
+            raise ArtifactError(
+                f"{mf}: field model must record the model's hash; the artifact was edited by hand"
+            )
+        params = manifest["params"]
+        if not isinstance(params, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) for v in params.values()
+        ):
+            raise ArtifactError(f"{mf}: field params must map each tensor to its shape and dtype")
+        for k in ("id", "tensors_sha256", "kind", "method"):
+            if not isinstance(manifest[k], str):
+                raise ArtifactError(f"{mf}: field {k} must be a string")
+        if not isinstance(manifest["requests"], list) or not isinstance(manifest["hparams"], dict):
+            raise ArtifactError(f"{mf}: fields requests (a list) and hparams (an object) are malformed")
 
     def summary(self) -> dict[str, Any]:
         """The manifest plus the norm of each delta (what ``loka inspect`` prints)."""
@@ -355,7 +575,7 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
         params={k: {"shape": list(v.shape), "dtype": "float32"} for k, v in deltas.items()},
     )
     manifest.pop("tensors_sha256", None)
-    manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
+    manifest["id"] = content_id(manifest, deltas)
     return Artifact(deltas, manifest)
 
 
@@ -383,5 +603,5 @@ def bundle_artifacts(artifacts: list[Artifact]) -> Artifact:
         extra={"parts": manifests},
     )
     manifest.pop("tensors_sha256", None)
-    manifest["id"] = hash_json([hash_tensors(deltas), manifest["parents"]])[:16]
+    manifest["id"] = content_id(manifest, deltas)
     return Artifact(deltas, manifest)

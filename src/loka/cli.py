@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from . import env
+from .errors import ConfigError
 
 log = logging.getLogger("loka")
 
@@ -21,7 +22,7 @@ def _hparam_overrides(args) -> dict:
         out.update(json.loads(Path(args.hparams).read_text()))
     for kv in getattr(args, "set", None) or []:
         if "=" not in kv:
-            raise SystemExit(f"error: --set expects key=value, got {kv!r}")
+            raise ConfigError(f"--set expects key=value, got {kv!r}")
         k, v = kv.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -80,7 +81,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_save(args) -> None:
+    """Refuse an unusable ``--save`` path before any work (the method may run for minutes)."""
+    if getattr(args, "save", None):
+        from .artifact import check_artifact_output
+
+        check_artifact_output(args.save, force=args.force)
+
+
 def cmd_edit(args) -> int:
+    _check_save(args)
     from .api import edit
     from .models import load_model
     from .report import format_table, probe_rows
@@ -91,8 +101,8 @@ def cmd_edit(args) -> int:
     else:
         missing = [f for f in ("prompt", "subject", "target") if not getattr(args, f)]
         if missing:
-            raise SystemExit(
-                f"error: give --requests FILE or all of --prompt/--subject/--target (missing: {', '.join('--' + m for m in missing)})"
+            raise ConfigError(
+                f"give --requests FILE or all of --prompt/--subject/--target (missing: {', '.join('--' + m for m in missing)})"
             )
         reqs = [
             EditRequest(
@@ -132,7 +142,7 @@ def cmd_edit(args) -> int:
         )
     seconds = time.time() - t0
     after = [probe_rows(handle, r) for r in reqs]
-    saved = str(art.save(args.save)) if args.save else None
+    saved = str(art.save(args.save, force=args.force)) if args.save else None
     if args.json:
         print(
             json.dumps(
@@ -237,6 +247,51 @@ def _report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> No
     )
 
 
+def _rollback_options(s, prefix: str) -> None:
+    """One meaning of rollback for every sequential folder: remove the last N, or keep the first N."""
+    g = s.add_mutually_exclusive_group()
+    g.add_argument(
+        "--rollback-last", type=int, metavar="N", help=f"{prefix}revert and remove the last N batches"
+    )
+    g.add_argument(
+        "--keep-first", type=int, metavar="N", help=f"{prefix}keep the first N batches, remove the rest"
+    )
+    g.add_argument("--rollback", type=int, metavar="N", help=argparse.SUPPRESS)
+    s.add_argument(
+        "--yes", action="store_true", help="confirm a rollback without asking (needed when not interactive)"
+    )
+
+
+def _rollback_request(args, total: int, where: str) -> int | None:
+    """How many batches to keep (``None``: no rollback asked), after the user confirmed the removal."""
+    from .errors import ConfigError
+
+    if args.rollback is not None:
+        raise ConfigError(
+            "--rollback is not accepted (it is ambiguous): give --rollback-last N (remove the last N batches) "
+            "or --keep-first N (keep the first N)"
+        )
+    if args.rollback_last is None and args.keep_first is None:
+        return None
+    if args.rollback_last is not None:
+        n, flag = args.rollback_last, "--rollback-last"
+        if not 0 < n <= total:
+            raise ConfigError(f"{flag} {n}: {where} has {total} batch(es); give 1..{total}")
+        keep = total - n
+    else:
+        keep, flag = args.keep_first, "--keep-first"
+        if not 0 <= keep <= total:
+            raise ConfigError(f"{flag} {keep}: {where} has {total} batch(es); give 0..{total}")
+    gone = total - keep
+    if gone and not args.yes:
+        what = f"remove batch(es) {keep}..{total - 1} of {where} ({gone} of {total})"
+        if not sys.stdin.isatty():
+            raise ConfigError(f"{flag} would {what}; pass --yes to confirm")
+        if input(f"{what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise ConfigError("rollback cancelled; nothing was removed")
+    return keep
+
+
 def _update_options(s) -> None:
     """Options shared by ``loka unlearn`` and ``loka update``."""
     from .models.catalog import DEFAULT_MODEL
@@ -256,6 +311,11 @@ def _update_options(s) -> None:
     )
     s.add_argument("--save", help="save the artifact (stacked, for a two-step update) to this folder")
     s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing loka artifact at --save (a folder loka did not write is never replaced)",
+    )
+    s.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object: per-set P̄/EM before and after, artifact, seconds",
@@ -263,6 +323,7 @@ def _update_options(s) -> None:
 
 
 def cmd_unlearn(args) -> int:
+    _check_save(args)
     from .api import unlearn
     from .requests import ForgetRequest, RetainRequest, read_requests
 
@@ -280,26 +341,32 @@ def cmd_unlearn(args) -> int:
         "forget": _answer_rows(handle, forget, "target_true"),
         **({"retain": _answer_rows(handle, retain, "target_new")} if retain else {}),
     }
-    saved = str(art.save(args.save)) if args.save else None
+    saved = str(art.save(args.save, force=args.force)) if args.save else None
     _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved)
     return 0
 
 
 def cmd_update(args) -> int:
+    _check_save(args)
     from .api import update
     from .requests import ForgetRequest, RetainRequest, read_requests
 
     folder = state = None
-    if args.state or args.rollback is not None:
+    wants_rollback = (
+        args.rollback is not None or args.rollback_last is not None or args.keep_first is not None
+    )
+    if args.state or wants_rollback:
+        from .errors import ConfigError
         from .methods.loka import CodebookFolder
 
         if args.method != "loka" or not args.state:
-            raise SystemExit(
-                "error: --state DIR (and --rollback N) are for --method loka: a sequential codebook folder"
+            raise ConfigError(
+                "--state DIR (and --rollback-last/--keep-first) are for --method loka: a sequential codebook folder"
             )
         folder = CodebookFolder(args.state)
-        if args.rollback is not None:
-            gone = folder.rollback(args.rollback)
+        keep = _rollback_request(args, len(folder.batches()), args.state)
+        if keep is not None:
+            gone = folder.keep_first(keep)
             print(f"{args.state}: {gone} batch(es) deleted, {len(folder.batches())} kept")
             return 0
         state = folder.state()
@@ -307,7 +374,7 @@ def cmd_update(args) -> int:
     forget = read_requests(args.forget, ForgetRequest) if args.forget else []
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
     if not edits and not forget:
-        raise SystemExit("error: give --edit FILE and/or --forget FILE")
+        raise ConfigError("give --edit FILE and/or --forget FILE")
     handle = _load_with_artifacts(args.model, args.artifact)
     sets = {
         "edit": (edits, "target_new"),
@@ -337,7 +404,7 @@ def cmd_update(args) -> int:
             f"codebook {path}: batch {len(folder.batches())}, {len(x['memories'])} memories, "
             f"{len(x['retrained_groups'])} bucket(s) trained, {x['carried_over']} memories carried over",
         ]
-    saved = str(art.save(args.save)) if args.save else None
+    saved = str(art.save(args.save, force=args.force)) if args.save else None
     _report_sets({k: _set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved, steps)
     return 0
 
@@ -354,10 +421,10 @@ def _artifact_sequence(args) -> list:
                 break
         found = sorted(folder.glob("*.loka"))
         if not found:
-            raise SystemExit(f"error: no *.loka artifacts in {folder}")
+            raise ConfigError(f"no *.loka artifacts in {folder}")
         paths += found
     if not paths:
-        raise SystemExit("error: give --artifact A (repeatable) or --sequence DIR")
+        raise ConfigError("give --artifact A (repeatable) or --sequence DIR")
     return [load_artifact(p) for p in paths]
 
 
@@ -388,24 +455,28 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_session(args) -> int:
+    from .errors import ArtifactError
     from .models import load_model
-    from .session import Session
+    from .session import Session, read_session_meta
 
-    meta = (
-        json.loads((Path(args.folder) / "session.json").read_text())
-        if (Path(args.folder) / "session.json").exists()
-        else None
-    )
+    meta = read_session_meta(args.folder)
     if meta is None:
-        raise SystemExit(
-            f"error: {args.folder} is not a session (no session.json); start one with loka edit --sequential"
+        raise ArtifactError(
+            f"{args.folder} is not a session (no session.json); start one with loka edit --sequential"
         )
     handle = load_model(args.model or meta["model"])
-    s = Session(args.folder, handle)
-    if args.rollback:
-        s.rollback(args.rollback)
     if args.export:
-        handle.save_pretrained(args.export)
+        from .models.loader import check_export_output
+
+        check_export_output(args.export, force=args.force)
+    s = Session(args.folder, handle)
+    keep = _rollback_request(args, s.n_batches, args.folder)
+    if keep is not None:
+        s.keep_first(keep)
+    if args.export:
+        handle.save_pretrained(
+            args.export, force=args.force, info={"session": str(args.folder), "batches": s.batches.ids()}
+        )
     info = s.summary()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -423,8 +494,17 @@ def cmd_session(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    handle = _load_with_artifacts(args.model, args.artifact, args.force)
-    out = handle.save_pretrained(args.out)
+    from .artifact import load_artifact
+    from .models import load_model
+    from .models.loader import check_export_output
+
+    check_export_output(args.out, force=args.force)
+    arts = [load_artifact(a) for a in args.artifact]
+    handle = load_model(args.model)
+    for a in arts:
+        a.apply(handle, force=args.force)
+    applied = [{"id": a.id, "method": a.method, "kind": a.kind} for a in arts]
+    out = handle.save_pretrained(args.out, force=args.force, info={"artifacts": applied})
     print(f"wrote {handle.name} with {len(args.artifact)} artifact(s) applied to {out}")
     return 0
 
@@ -490,9 +570,7 @@ def cmd_data_counterfact(args) -> int:
     from .utils.io import atomic_write_json
 
     if args.source not in ("known", "known+mquake"):
-        raise SystemExit(
-            f"error: --from {args.source!r} is not supported; use --from known or --from known+mquake"
-        )
+        raise ConfigError(f"--from {args.source!r} is not supported; use --from known or --from known+mquake")
     facts = load_known(args.known_file)
     if args.source == "known+mquake":
         facts = facts + mquake_facts(exclude=facts)
@@ -526,8 +604,8 @@ def cmd_data_tasks(args) -> int:
 
     src = Path(args.source)
     if not src.exists():
-        raise SystemExit(
-            f"error: --from {src} does not exist (build it with loka data counterfact --known-by MODEL)"
+        raise ConfigError(
+            f"--from {src} does not exist (build it with loka data counterfact --known-by MODEL)"
         )
     task = build_tasks(
         json.loads(src.read_text()), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed
@@ -594,6 +672,7 @@ def cmd_finetune(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.json,
+        force=args.force,
     )
     print(
         json.dumps({**rec, "out": args.out})
@@ -622,7 +701,7 @@ def cmd_eval(args) -> int:
         score_sample=args.score_sample,
     )
     out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
-    summary = run_eval(handle, cases, cfg, out, resume=args.resume)
+    summary = run_eval(handle, cases, cfg, out, resume=args.resume, force=args.force)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -674,7 +753,7 @@ def cmd_kg_build(args) -> int:
     from .bench import kg
 
     if not (args.curated or args.derived):
-        raise SystemExit("error: say what to build: --curated, --derived or both (merged into one graph)")
+        raise ConfigError("say what to build: --curated, --derived or both (merged into one graph)")
     graphs = []
     if args.curated:
         graphs.append(kg.build_curated(args.src))
@@ -888,6 +967,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
     s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing loka artifact at --save (a folder loka did not write is never replaced)",
+    )
+    s.add_argument(
         "--sequential",
         metavar="DIR",
         help="append this batch to the sequential-editing session in DIR (created on first use): earlier "
@@ -951,9 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="LOKA only: add this batch to the sequential codebook in DIR (created on "
         "first use; use --set mapping=lsh so old knowledge keeps its buckets)",
     )
-    s.add_argument(
-        "--rollback", type=int, metavar="N", help="with --state: keep the first N batches, delete the rest"
-    )
+    _rollback_options(s, "with --state: ")
     _update_options(s)
     s.set_defaults(fn=cmd_update)
 
@@ -985,7 +1067,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("folder", help="the session folder")
     s.add_argument("--model", help="model (default: the one the session was made with)")
-    s.add_argument("--rollback", type=int, metavar="N", help="revert and delete the last N batches")
+    _rollback_options(s, "")
+    s.add_argument(
+        "--force", action="store_true", help="replace a model folder loka exported before at --export"
+    )
     s.add_argument(
         "--export",
         metavar="DIR",
@@ -999,8 +1084,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--artifact", action="append", required=True, help="artifact folder (repeatable, applied in order)"
     )
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--force", action="store_true", help="apply even if made for other weights")
+    s.add_argument(
+        "--out", required=True, help="output folder (new, or one loka exported before, with --force)"
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="apply even if made for other weights, and replace a folder loka exported at --out "
+        "(a folder loka did not write is never replaced)",
+    )
     s.set_defaults(fn=cmd_apply)
 
     s = sub.add_parser("inspect", help="show an artifact's manifest")
@@ -1114,6 +1206,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
+        "--force", action="store_true", help="replace a model folder loka exported before at --out"
+    )
+    s.add_argument(
         "--json", action="store_true", help="print one JSON object: steps, seconds, loss per epoch"
     )
     s.set_defaults(fn=cmd_finetune)
@@ -1133,6 +1228,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=1, help="cases per edit (batch and sequential modes)")
     s.add_argument("--out", help="output folder (default out/eval/MODEL-METHOD-MODE)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier run in --out (a folder loka did not write is never replaced)",
+    )
     s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
     s.add_argument(

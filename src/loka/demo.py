@@ -103,8 +103,8 @@ def run_demo(model: str = "smollm2-135m", out: str = "out/demo") -> int:
     edited_logits = _logits(handle, FACTS)
 
     print("\n== 4. save, reload, revert")
-    path = memit_art.save(out_dir / "memit.loka")
-    rome_path = rome_art.save(out_dir / "rome.loka")
+    path = memit_art.save(out_dir / "memit.loka", force=True)  # the demo's own output, replaced each run
+    rome_path = rome_art.save(out_dir / "rome.loka", force=True)
     print(f"   saved {path} and {rome_path}")
     memit_art.revert(handle)
     same = all(torch.equal(original[k], v) for k, v in handle.model.state_dict().items())

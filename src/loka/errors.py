@@ -23,3 +23,17 @@ class ConfigError(LokaError, ValueError):
 
 class CacheError(LokaError):
     """A cache entry failed its content-hash check."""
+
+
+class InputError(LokaError, ValueError):
+    """A file or folder given as input cannot be read as asked (missing, not a regular file, too large,
+    not UTF-8, not valid JSON)."""
+
+
+class OutputError(LokaError):
+    """An output path that loka must not or cannot write (a folder it did not write, a file in the way,
+    a read-only or full disk)."""
+
+
+class DivergenceError(LokaError):
+    """A method's loss or result became non-finite or exploded: the update is refused, weights untouched."""

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .artifact import preserved_weights
 from .errors import LokaError
 from .forgetting import losses as L
-from .utils.io import atomic_write_json
+from .models.loader import check_export_output
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,11 @@ def finetune(
     weight_decay: float = 0.01,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Fine-tune on (prompt, answer) pairs and save the model to ``out``; returns the run's record
-    (steps, seconds, loss per epoch), also written to ``out/loka_finetune.json``."""
+    (steps, seconds, loss per epoch), also written to ``out/loka_finetune.json``. ``out`` is checked
+    before training: an existing folder is replaced only if loka exported it and ``force`` is true."""
     if len(prompts) != len(answers) or not prompts:
         raise LokaError(
             f"finetune: need as many answers as prompts, and at least one (got {len(prompts)}/{len(answers)})"
@@ -48,6 +50,7 @@ def finetune(
         raise LokaError(
             f"finetune: epochs and batch_size must be >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})"
         )
+    check_export_output(out, force=force)
     model = handle.model
     names = [n for n, _ in model.named_parameters()]
     rng = random.Random(seed)
@@ -91,17 +94,19 @@ def finetune(
             for p in params:
                 p.requires_grad_(False)
         seconds = time.time() - t0
-        handle.save_pretrained(out)  # the fine-tuned weights, before they are restored
-    record = {
-        "base_model": handle.name,
-        "base_hash": handle.model_hash,
-        "n": len(prompts),
-        "epochs": epochs,
-        "lr": lr,
-        "batch_size": batch_size,
-        "steps": epochs * steps_per_epoch,
-        "seconds": round(seconds, 1),
-        "epoch_loss": [round(x, 4) for x in losses],
-    }
-    atomic_write_json(Path(out) / "loka_finetune.json", record)
+        record = {
+            "base_model": handle.name,
+            "base_hash": handle.model_hash,
+            "n": len(prompts),
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "steps": epochs * steps_per_epoch,
+            "seconds": round(seconds, 1),
+            "epoch_loss": [round(x, 4) for x in losses],
+        }
+        # the fine-tuned weights, before they are restored
+        handle.save_pretrained(
+            out, force=force, info={"finetune": True}, files={"loka_finetune.json": record}
+        )
     return record

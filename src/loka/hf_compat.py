@@ -178,14 +178,24 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def quiet_progress() -> Iterator[None]:
-    """No transformers progress bars (weight loading, shard writing) inside the block."""
+    """No transformers progress bars inside the block: weight loading and shard writing (its own
+    switch) and the GGUF de-quantisation (a plain ``tqdm`` in ``modeling_gguf_pytorch_utils``)."""
+    from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
+    gguf_utils = None
+    with contextlib.suppress(ImportError):
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    saved = getattr(gguf_utils, "tqdm", None)
+    if saved is not None:
+        gguf_utils.tqdm = functools.partial(tqdm, disable=True)
     try:
         yield
     finally:
+        if saved is not None:
+            gguf_utils.tqdm = saved
         if was:
             hf_logging.enable_progress_bar()
 

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from .errors import ArtifactError, ConfigError
-from .utils.io import atomic_dir, hash_tensors
+from .utils.io import atomic_dir, hash_json, hash_tensors, read_json, read_regular
 
 
 @dataclass
@@ -67,23 +68,33 @@ class EditState:
     def copy(self) -> EditState:
         return EditState({k: v.clone() for k, v in self.tensors.items()}, json.loads(json.dumps(self.meta)))
 
+    def content_hash(self) -> str:
+        """A hash of the tensors and the counters: what a batch index records for the state it built."""
+        return hash_json([hash_tensors(self.tensors), self.meta])
+
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
             save_file(self.tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(
-                json.dumps({"meta": self.meta, "sha": hash_tensors(self.tensors)}, indent=2)
-            )
+            info = {"meta": self.meta, "sha": hash_tensors(self.tensors), "content": self.content_hash()}
+            (tmp / "state.json").write_text(json.dumps(info, indent=2))
         return folder
 
     @classmethod
     def load(cls, folder: str | Path) -> EditState:
         folder = Path(folder)
         try:
-            info = json.loads((folder / "state.json").read_text())
-            tensors = load_file(str(folder / "state.safetensors"))
+            info = read_json(folder / "state.json", 16 * 1024 * 1024)
+            tensors = safetensors_load(read_regular(folder / "state.safetensors", 1 << 34))
         except Exception as e:  # missing, unreadable, or not safetensors/JSON at all
-            raise ArtifactError(f"{folder}: not a readable edit state ({e})") from e
+            raise ArtifactError(f"{folder}: not a readable edit state ({e})") from None
+        if not isinstance(info, dict) or not isinstance(info.get("meta", {}), dict):
+            raise ArtifactError(f"{folder}/state.json is malformed; it was edited by hand")
         if hash_tensors(tensors) != info.get("sha"):
             raise ArtifactError(f"{folder}: edit state does not match its recorded hash (corrupt); delete it")
-        return cls(tensors, info.get("meta", {}))
+        state = cls(tensors, info.get("meta", {}))
+        if "content" in info and state.content_hash() != info["content"]:
+            raise ArtifactError(
+                f"{folder}/state.json: its counters do not match its recorded hash; it was edited by hand"
+            )
+        return state

@@ -229,7 +229,7 @@ def run_kg(
         lp1, h1 = representations(handle, sample)
         geo = geometry(handle, art)
         if out and save_artifact:
-            art.save(out / "artifact")
+            art.save(out / "artifact", force=True)  # the run folder is loka's own
     finally:
         art.revert(handle)
     facts = {iv.index: (iv.old, iv.new) for iv in ivs}

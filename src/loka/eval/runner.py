@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 
 from .. import env
 from ..api import edit
-from ..artifact import load_artifact
-from ..errors import ConfigError, LokaError, RequestError
+from ..errors import ConfigError, LokaError, OutputError, RequestError
 from ..methods import REGISTRY as METHODS
 from ..methods import get_method
+from ..sequential import BatchFolder
 from ..state import EditState
-from ..utils.io import atomic_write_json, hash_json
+from ..utils.io import atomic_write_json, check_writable, hash_json, read_json
 from .data import EvalCase
 from .guard import general_guard
 from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases
@@ -112,10 +112,45 @@ def summarise(rows: list[dict], key: str = "post") -> dict:
     return out
 
 
+def is_eval_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an evaluation run loka wrote (its ``config.json``)."""
+    try:
+        cfg = read_json(Path(folder) / "config.json", 1 << 22)
+    except LokaError:
+        return False
+    return isinstance(cfg, dict) and {"method", "mode"} <= set(cfg)
+
+
+def check_run_folder(out: str | Path, resume: bool = False, force: bool = False) -> Path:
+    """Before any work: may a run be written to ``out``? A new or empty folder may; an earlier run only
+    with ``resume`` (continue it) or ``force`` (replace it); a folder loka did not write never."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} is a file; an evaluation run is a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_eval_run(out):
+            raise OutputError(
+                f"{out} is a folder loka did not write as an evaluation run; loka never writes into it: choose "
+                "another --out"
+            )
+        if not (resume or force):
+            raise OutputError(
+                f"{out} holds an earlier run: pass --resume to continue it or --force to replace it"
+            )
+    check_writable(out.parent if str(out.parent) else Path("."))
+    return out
+
+
 def run_eval(
-    handle, cases: list[EvalCase], cfg: EvalConfig, out_dir: str | Path, resume: bool = False
+    handle,
+    cases: list[EvalCase],
+    cfg: EvalConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    force: bool = False,
 ) -> dict:
-    out = Path(out_dir)
+    """Run (or with ``resume`` continue) an evaluation into ``out_dir`` (:func:`check_run_folder`)."""
+    out = check_run_folder(out_dir, resume, force)
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
     meta = {
@@ -246,25 +281,31 @@ def run_eval(
 
 
 def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
-    art_dir = out / "artifacts"
-    art_dir.mkdir(exist_ok=True)
+    art_dir = BatchFolder(
+        out / "artifacts", index=out / "batches.json"
+    )  # resume: the batches already edited, re-applied below
     seq_file = out / "sequential.jsonl"
     batches = [cases[i : i + cfg.batch_size] for i in range(0, len(cases), cfg.batch_size)]
-    saved = 0  # resume: the batches already edited (re-applied in order below)
-    while saved < len(batches) and (art_dir / f"batch_{saved:05d}.loka").exists():
-        saved += 1
+    saved = len(art_dir)
+    if saved > len(batches):
+        raise LokaError(
+            f"{art_dir.folder} holds {saved} batches but this run has {len(batches)}; use another --out"
+        )
     state_dir = out / "state"
     state = EditState.load(state_dir) if state_dir.exists() else EditState()
     needs_state = cfg.prune is not None or (cfg.method in METHODS and get_method(cfg.method).stateful)
+    if needs_state and state.batches == saved + 1:  # the state of a batch whose artifact was never recorded
+        state.truncate(saved)
     if needs_state and state.batches != saved:
         raise LokaError(
-            f"{out}: the saved edit state covers {state.batches} batch(es) but "
-            f"{saved} artifact(s) exist; delete {art_dir}/batch_{saved - 1:05d}.loka "
-            "(the batch whose state was not saved) and resume"
+            f"{out}: the saved edit state covers {state.batches} batch(es) but {saved} batch(es) are recorded "
+            f"(the state was replaced or edited by hand); to resume from batch {state.batches}, delete "
+            f"{art_dir.path(state.batches)} and every later batch (BatchFolder.keep_first({state.batches}) does it), "
+            "or start again in a new --out"
         )
     applied = []
     for k in range(saved):
-        a = load_artifact(art_dir / f"batch_{k:05d}.loka")
+        a = art_dir.load(k)
         a.apply(handle)
         applied.append(a)
     checkpoints = sorted({c for c in cfg.checkpoints if c < len(cases)} | {len(cases)})
@@ -277,9 +318,8 @@ def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
             t_edit = time.time()
             a = edit(handle, reqs, cfg.method, cfg.hparams, progress=False, state=state, prune=cfg.prune)
             t_edit = time.time() - t_edit
-            a.save(art_dir / f"batch_{k:05d}.loka")
+            art_dir.append(a, before_index=lambda: state.save(state_dir))
             applied.append(a)
-            state.save(state_dir)
             n_edits += len(batches[k])
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]

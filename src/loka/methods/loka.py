@@ -641,23 +641,36 @@ def state_from_artifact(artifact) -> EditState:
 
 
 class CodebookFolder:
-    """A sequential LOKA codebook on disk: ``DIR/batch_00000.loka``, ``batch_00001.loka``, … Each batch
-    artifact holds the whole codebook after that batch (old memories carried over, touched ones
-    retrained), so the latest one is the model's update and rolling back is deleting the later ones."""
+    """A sequential LOKA codebook on disk: a :class:`~loka.sequential.BatchFolder` of ``batch_00000.loka``,
+    ``batch_00001.loka``, … Each batch artifact holds the whole codebook after that batch (old memories
+    carried over, touched ones retrained), so the latest one is the model's update and rolling back is
+    removing the later ones."""
 
     def __init__(self, folder):
         from pathlib import Path
 
         self.folder = Path(folder)
+        self._bf = None
+
+    @property
+    def index(self):
+        """The verified batch folder (opened, and created, on first use)."""
+        from ..sequential import BatchFolder
+
+        if self._bf is None:
+            self._bf = BatchFolder(self.folder)
+        return self._bf
 
     def batches(self) -> list:
-        return sorted(self.folder.glob("batch_*.loka")) if self.folder.is_dir() else []
+        """The batch artifact folders, in order."""
+        if self._bf is None and not self.folder.exists():
+            return []
+        return [self.index.path(n) for n in range(len(self.index))]
 
     def latest(self):
-        from ..artifact import load_artifact
-
-        b = self.batches()
-        return load_artifact(b[-1]) if b else None
+        if self._bf is None and not self.folder.exists():
+            return None
+        return self.index.latest()
 
     def state(self) -> EditState | None:
         """The state to continue from (``None`` for an empty folder)."""
@@ -665,16 +678,16 @@ class CodebookFolder:
         return state_from_artifact(art) if art is not None else None
 
     def append(self, artifact):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        return artifact.save(self.folder / f"batch_{len(self.batches()):05d}.loka")
+        return self.index.append(artifact)
+
+    def rollback_last(self, n: int) -> int:
+        """Remove the last ``n`` batches; returns how many were removed."""
+        return len(self.index.drop_last(n))
+
+    def keep_first(self, n: int) -> int:
+        """Keep the first ``n`` batches; returns how many were removed."""
+        return len(self.index.keep_first(n))
 
     def rollback(self, n: int) -> int:
-        """Keep the first ``n`` batches; returns how many were deleted."""
-        import shutil
-
-        b = self.batches()
-        if not 0 <= n <= len(b):
-            raise LokaError(f"cannot roll back to {n} batch(es): {self.folder} has {len(b)}")
-        for p in b[n:]:
-            shutil.rmtree(p)
-        return len(b) - n
+        """The same as :meth:`rollback_last`: remove the last ``n`` batches."""
+        return self.rollback_last(n)

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from .. import env
-from ..errors import ModelError
+from ..errors import LokaError, ModelError
 from ..utils.io import (
     atomic_dir,
     atomic_write_bytes,
     atomic_write_json,
+    check_output_dir,
     hash_tensors,
+    read_json,
     sha256_bytes,
     sha256_file,
 )
@@ -37,6 +39,23 @@ from .arch import ArchSpec, spec_for
 from .catalog import CONVERSION_VERSION, DEFAULT_MODEL, KNOWN_MODELS, TINY_NAMES, ModelEntry, cached_folder
 
 log = logging.getLogger(__name__)
+
+
+EXPORT_MARKER = "loka-export.json"
+EXPORT_FORMAT = "loka-export"
+
+
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` is a model folder loka exported (it holds loka's ``loka-export.json``)."""
+    try:
+        return read_json(Path(path) / EXPORT_MARKER, 1 << 20).get("format") == EXPORT_FORMAT
+    except (LokaError, AttributeError, OSError):
+        return False
+
+
+def check_export_output(folder: str | Path, force: bool = False) -> Path:
+    """Before any work: may a model folder be exported to ``folder``?"""
+    return check_output_dir(folder, is_ours=is_export_dir, what="a model folder loka exported", force=force)
 
 
 @dataclass
@@ -108,12 +127,29 @@ class ModelHandle:
         """Turn an (out, in) update into the parameter's stored orientation."""
         return delta_out_in.T.contiguous() if self.spec.transposed else delta_out_in.contiguous()
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the model (with whatever artifacts are applied) as a normal HF folder, atomically."""
-        folder = Path(folder)
-        with atomic_dir(folder) as tmp:
+    def save_pretrained(
+        self, folder: str | Path, *, force: bool = False, info: dict | None = None, files: dict | None = None
+    ) -> Path:
+        """Write the model (with whatever artifacts are applied) as a normal HF folder, atomically.
+
+        The folder also gets ``loka-export.json`` (base model, its hash, ``info``) and the JSON ``files``
+        given. An existing folder is replaced only if loka exported it (it holds that marker) and
+        ``force`` is true; any other folder or file at ``folder`` is refused."""
+        from ..hf_compat import quiet_progress
+
+        folder = check_export_output(folder, force=force)
+        with atomic_dir(folder) as tmp, quiet_progress():
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            marker = {
+                "format": EXPORT_FORMAT,
+                "base_model": self.name,
+                "base_hash": self.model_hash,
+                **(info or {}),
+            }
+            atomic_write_json(tmp / EXPORT_MARKER, marker)
+            for name, obj in (files or {}).items():
+                atomic_write_json(tmp / name, obj)
         return folder
 
 
@@ -276,15 +312,16 @@ def _load_folder(
 def _convert(entry: ModelEntry, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..hf_compat import drop_gguf_quantizer
+    from ..hf_compat import drop_gguf_quantizer, quiet_progress
 
     gguf = entry.locate(env.cache_dir("gguf"))
     log.info("converting %s from %s (once; later loads use the cache)", entry.name, gguf)
     t0 = time.time()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=env.MODEL_DTYPE)
+    with quiet_progress():  # loka logs the conversion; transformers' own bars are noise here
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=env.MODEL_DTYPE)
     drop_gguf_quantizer(model)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target) as tmp, quiet_progress():
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(
