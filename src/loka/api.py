@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .artifact import Artifact
 from .errors import LokaError, RequestError
 from .methods import default_hparams, get_method
-from .methods.base import HParams
+from .methods.base import HParams, check_update
 from .methods.prune import check_alpha, prune_deltas
 from .requests import EditRequest, subject_last_token
 from .state import EditState
@@ -27,6 +27,22 @@ def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
         if not isinstance(r, EditRequest):
             raise RequestError(f"expected EditRequest, got {type(r).__name__}")
         subject_last_token(handle.tokenizer, r.prompt, r.subject)
+
+
+def check_result(handle, art: Artifact) -> None:
+    """Refuse an artifact with non-finite or exploded tensors (:func:`loka.methods.base.check_update`):
+    every tensor is checked, and each weight update (deltas, merged adapters) against its weight."""
+    fix = f"lower lr (or the step size, or clamp_norm_factor) in the {art.method} hyperparameters"
+    check_update(art.method, art.deltas, fix=fix)
+    merged = art.weight_deltas()
+    if merged:
+        weights = {}
+        for n in merged:
+            try:
+                weights[n] = handle.model.get_parameter(n)
+            except AttributeError:
+                continue
+        check_update(art.method, merged, weights, fix=fix)
 
 
 def edit(
@@ -71,9 +87,6 @@ def edit(
             info["prune_alpha"] = prune
     finally:
         bar.close()
-    if state is not None:
-        work.meta["batches"] = work.batches + 1
-        state.tensors, state.meta = work.tensors, work.meta
     seconds = time.time() - t0
     art = Artifact.create(
         deltas,
@@ -84,6 +97,10 @@ def edit(
         extra={"seconds": round(seconds, 3), **info},
         kind=m.kind,
     )
+    check_result(handle, art)  # a diverged or exploded update is refused before it is applied or counted
+    if state is not None:
+        work.meta["batches"] = work.batches + 1
+        state.tensors, state.meta = work.tensors, work.meta
     log.info("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
     if apply:
         art.apply(handle)

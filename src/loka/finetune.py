@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .artifact import preserved_weights
 from .errors import LokaError
 from .forgetting import losses as L
+from .methods.base import check_loss
 from .models.loader import check_export_output
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def finetune(
                     b = L.qa_batch(handle.tokenizer, [prompts[j] for j in idx], [answers[j] for j in idx])
                     lg, rows = L.answer_logits(handle, b)
                     loss = L.nll_loss(*L.sequence_logprobs(lg, rows, b))
+                    check_loss(loss, "finetune", len(losses) * steps_per_epoch + i // batch_size + 1)
                     opt.zero_grad()
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)

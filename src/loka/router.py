@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoder import load_encoder
+from .errors import DivergenceError
 from .fastlinear import PackedLinears
 
 PREFIX = "router."
@@ -172,6 +173,10 @@ def train_router(
             idx = order[i : i + batch_size]
             logits = router._logits([texts[j] for j in idx])
             loss = F.binary_cross_entropy_with_logits(logits, labels[idx], pos_weight=pos_weight)
+            if not torch.isfinite(loss):
+                raise DivergenceError(
+                    f"router: the loss became {float(loss)} while training; lower router_lr"
+                )
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -3,14 +3,19 @@
 ROME/MEMIT/AlphaEdit weight their least-squares updates by ``C`` so that keys seen on ordinary
 text are disturbed least. Several layers are accumulated in *one* pass over a corpus (the forward
 stops after the highest requested layer). Results are cached on disk, keyed by
-model hash + module + corpus fingerprint + token count, and validated by sha256 before use;
-an interrupted computation resumes from its last checkpoint.
+model hash + module + corpus fingerprint + token count. A cache file is one safetensors file whose
+header records the hash of its tensors: it is written under a unique temporary name and renamed, so a
+reader sees a whole file or none, and verified before use. Two processes that need the same
+statistics do not both compute them: the second waits on a lock file and then reads the first's
+result. An interrupted computation resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,9 +25,19 @@ from tqdm.auto import tqdm
 
 from . import env
 from .corpus import Corpus
-from .errors import CacheError
+from .errors import CacheError, ConfigError, LokaError
 from .trace import capture, run_until_stopped
-from .utils.io import atomic_write_json, sha256_file
+from .utils.io import (
+    atomic_write_json,
+    clean_stale_tmp,
+    hash_tensors,
+    read_json,
+    read_regular,
+    safe_open_bytes,
+    sha256_bytes,
+    sha256_file,
+    tmp_sibling,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +49,57 @@ def _paths(handle, layer: int, corpus_fp: str, n_tokens: int) -> tuple[Path, Pat
 
 
 def _save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, its header holding the hash of its tensors; unique temporary name, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    clean_stale_tmp(path)
+    tmp = path.parent / tmp_sibling(path)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    try:
+        save_file(tensors, str(tmp), metadata={"content_sha256": hash_tensors(tensors)})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_verified(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a cache file if it is whole and matches the hash in its header (or, for a file
+    written before headers carried one, the file sha256 in the JSON beside it), else ``None``."""
+    try:
+        data = read_regular(path, 1 << 34)
+        with safe_open_bytes(data) as (tensors, meta):
+            if "content_sha256" in meta:
+                return tensors if meta["content_sha256"] == hash_tensors(tensors) else None
+            side = read_json(path.with_suffix(".json"), 1 << 20)
+            if isinstance(side, dict) and side.get("sha256") == sha256_bytes(data):
+                return tensors
+    except Exception as e:  # unreadable, truncated, not safetensors
+        log.debug("statistics cache %s unreadable: %s", path, e)
+    return None
+
+
+@contextlib.contextmanager
+def _computing(path: Path):
+    """An exclusive lock on ``path``'s statistics while they are computed and written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_cached(handle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tensor | None:
-    """The cached ``C`` for ``layer`` or ``None``; a file failing its sha256 check is discarded."""
-    f, meta_f, _ = _paths(handle, layer, corpus_fp, n_tokens)
-    if not (f.exists() and meta_f.exists()):
+    """The cached ``C`` for ``layer``, verified, or ``None`` (missing or failing its check: recomputed)."""
+    f, _, _ = _paths(handle, layer, corpus_fp, n_tokens)
+    if not f.exists():
         return None
-    meta = json.loads(meta_f.read_text())
-    if sha256_file(f) != meta.get("sha256"):
-        log.warning("statistics cache %s failed its sha256 check; recomputing", f)
-        f.unlink(missing_ok=True)
+    tensors = _read_verified(f)
+    if tensors is None or "mom2" not in tensors:
+        log.warning("statistics cache %s failed its check; recomputing", f)
         return None
-    return load_file(str(f))["mom2"]
+    return tensors["mom2"]
 
 
 def second_moments(
@@ -65,6 +114,8 @@ def second_moments(
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
     """``{layer: E[k kᵀ]}`` (float32, d_in × d_in) over ``n_tokens`` corpus tokens, from cache if possible."""
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+        raise ConfigError(f"statistics need a positive number of tokens (mom2_n_tokens), got {n_tokens!r}")
     for layer in layers:
         handle.check_layer(layer)
     fp = corpus.fingerprint()
@@ -77,9 +128,21 @@ def second_moments(
         else:
             out[layer] = c
     if missing:
-        out.update(
-            _compute(handle, missing, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress)
-        )
+        lock = _paths(handle, min(missing), fp, n_tokens)[0]
+        with _computing(lock):  # another process computing the same statistics finishes first
+            still = []
+            for layer in missing:
+                c = load_cached(handle, layer, fp, n_tokens)
+                if c is None:
+                    still.append(layer)
+                else:
+                    out[layer] = c
+            if still:
+                out.update(
+                    _compute(
+                        handle, still, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress
+                    )
+                )
     return {layer: out[layer] for layer in layers}
 
 
@@ -151,11 +214,19 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
                     },
                 )
     bar.close()
+    if count == 0:
+        raise LokaError(
+            "the statistics corpus gave no tokens: pass a corpus with text (mom2_corpus / --corpus)"
+        )
     if count < n_tokens:
         log.warning("corpus ran out after %d of %d tokens; statistics use what there was", count, n_tokens)
     result = {}
     for layer, p in zip(layers, partials):
-        mom2 = (sums[layer] / max(count, 1)).to(torch.float32)
+        mom2 = (sums[layer] / count).to(torch.float32)
+        if not bool(torch.isfinite(mom2).all()):
+            raise LokaError(
+                f"statistics for layer {layer} are not finite: the model's activations overflow; nothing was cached"
+            )
         f, meta_f, _ = _paths(handle, layer, fp, n_tokens)
         f.parent.mkdir(parents=True, exist_ok=True)
         _save_tensor_file(f, {"mom2": mom2})
@@ -167,7 +238,7 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
                 "corpus": fp,
                 "n_tokens": n_tokens,
                 "count": count,
-                "sha256": sha256_file(f),
+                "sha256": sha256_file(f),  # of the file (the header's content_sha256 is what loads check)
                 "seconds": round(time.time() - t0, 2),
             },
         )
@@ -178,7 +249,6 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
 
 
 def verify(path: Path) -> None:
-    """Raise :class:`CacheError` when a statistics file does not match its recorded sha256."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    if sha256_file(path) != meta["sha256"]:
-        raise CacheError(f"{path} does not match its recorded sha256; delete it to recompute")
+    """Raise :class:`CacheError` when a statistics file is not whole or does not match its hash."""
+    if _read_verified(Path(path)) is None:
+        raise CacheError(f"{path} does not match its recorded hash; delete it to recompute")

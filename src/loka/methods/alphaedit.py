@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import env
 from ..utils.io import atomic_write_json, hash_tensors, sha256_file
-from .base import register
+from .base import NonNegFloat, PosFloat, PosInt, UnitFloat, register
 from .memit import Memit, MemitHParams
 
 log = logging.getLogger(__name__)
@@ -31,15 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class AlphaEditHParams(MemitHParams):
-    nullspace_threshold: float = 2e-2
-    L2: float = 10.0
+    nullspace_threshold: PosFloat = 2e-2
+    L2: NonNegFloat = 10.0
     # AlphaEdit+ (seed 002), each off by default and independent
     relax_projection: bool = False
-    relax_epsilon: float = 0.01  # stop relaxing when the edit loss falls by less than this fraction
-    relax_step: int = 16  # eigenvectors added back per relaxation step
-    relax_max: int = 512  # at most this many directions added back
+    relax_epsilon: UnitFloat = 0.01  # stop relaxing when the edit loss falls by less than this fraction
+    relax_step: PosInt = 16  # eigenvectors added back per relaxation step
+    relax_max: PosInt = 512  # at most this many directions added back
     smooth_values: bool = False
-    smooth_T: int = 5  # iterations of the value schedule
+    smooth_T: PosInt = 5  # iterations of the value schedule
     conflict_weighting: bool = False
 
 

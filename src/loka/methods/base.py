@@ -8,44 +8,194 @@ it fails), so the caller decides whether to apply the result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
-from ..errors import LokaError, ModelError
+from ..errors import ConfigError, DivergenceError, LokaError, ModelError
 
-_SCALAR_CHECKS = {
-    "bool": lambda v: isinstance(v, bool),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "str": lambda v: isinstance(v, str),
-}
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a hyperparameter accepts beyond its type, declared on the field with
+    ``typing.Annotated`` (``v_lr: PosFloat``); :meth:`HParams.from_dict` checks every field against its
+    type and domain, so a bad value fails at once with the field named, never deep in a run."""
+
+    gt: float | None = None
+    ge: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    layers: bool = False  # a non-empty, strictly ascending list of layer indices
+
+    def describe(self) -> str:
+        if self.layers:
+            return "a non-empty list of layer indices in ascending order, each once"
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        return " and ".join(parts)
+
+    def admits(self, v: Any) -> bool:
+        if self.layers:
+            return bool(v) and all(b > a for a, b in zip(v, v[1:])) and v[0] >= 0
+        return not (
+            (self.gt is not None and not v > self.gt)
+            or (self.ge is not None and not v >= self.ge)
+            or (self.lt is not None and not v < self.lt)
+            or (self.le is not None and not v <= self.le)
+        )
+
+
+PosFloat = Annotated[float, Domain(gt=0)]
+NonNegFloat = Annotated[float, Domain(ge=0)]
+UnitFloat = Annotated[float, Domain(ge=0, le=1)]  # a fraction, a probability or a threshold on one
+Cosine = Annotated[float, Domain(ge=-1, le=1)]
+PosInt = Annotated[int, Domain(ge=1)]
+NonNegInt = Annotated[int, Domain(ge=0)]
+Layer = Annotated[int, Domain(ge=0)]
+Layers = Annotated[list[int], Domain(layers=True)]
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Annotated:
+        base, *meta = get_args(tp)
+        doms = [m for m in meta if isinstance(m, Domain)]
+        if any(d.layers for d in doms):
+            return next(d for d in doms if d.layers).describe()
+        cond = " and ".join(d.describe() for d in doms if d.describe())
+        return f"{_type_name(base)} {cond}" if cond else _type_name(base)
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _admits(tp: Any, v: Any) -> bool:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        base, *meta = get_args(tp)
+        return _admits(base, v) and all(m.admits(v) for m in meta if isinstance(m, Domain))
+    if origin is Literal:
+        return v in get_args(tp) and not isinstance(v, bool)
+    if origin in (Union, types.UnionType):
+        return any(_admits(a, v) for a in get_args(tp))
+    if origin is list:
+        return isinstance(v, list) and all(_admits(get_args(tp)[0], x) for x in v)
+    if tp is type(None):
+        return v is None
+    if tp is bool:
+        return isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if tp is str:
+        return isinstance(v, str)
+    return True  # a type without a check (e.g. dict)
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's declared type, domains included (resolved once per class)."""
+    return get_type_hints(cls, include_extras=True)
 
 
 @dataclass
 class HParams:
-    """Base of every method's hyperparameters: typed fields, loaded from JSON, unknown keys refused."""
+    """Base of every method's hyperparameters: typed fields with declared domains, loaded from JSON,
+    unknown keys refused."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, where: str = "hyperparameters"):
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{where}: hyperparameters must be a JSON object of name: value, got {type(data).__name__}"
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - {"_comment", "_evidence"})
         if unknown:
-            raise LokaError(
+            raise ConfigError(
                 f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
             )
-        for f in dataclasses.fields(cls):  # scalar fields: a wrong type fails here, not deep in a run
-            ok = _SCALAR_CHECKS.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
-            if f.name in data and ok is not None and not ok(data[f.name]):
-                raise LokaError(f"{where}: {cls.__name__}.{f.name} must be a {f.type}, got {data[f.name]!r}")
+        types_ = field_types(cls)
+        for name in sorted(names & set(data)):  # every field: a wrong value fails here, not deep in a run
+            tp = types_.get(name)
+            if tp is not None and not _admits(tp, data[name]):
+                raise ConfigError(
+                    f"{where}: {cls.__name__}.{name} must be {_type_name(tp)}, got {data[name]!r}"
+                )
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes):
-        return self.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+        """A copy with ``changes`` (the overrides of ``--set`` / ``--hparams``), checked like a config."""
+        return self.from_dict(
+            {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}},
+            where="hyperparameter overrides (--set / --hparams)",
+        )
+
+
+#: an update whose Frobenius norm exceeds this multiple of its weight's norm is refused as exploded (a sanity
+#: bound against blow-ups: ill-conditioned statistics on tiny random models give legitimate updates of ~200x)
+MAX_UPDATE_RATIO = 1e4
+#: no tensor of an update (delta, memory value, key) may exceed this magnitude
+MAX_ABS_VALUE = 1e6
+
+
+def check_loss(loss, method: str, step: int, fix: str = "lower lr") -> float:
+    """The loss as a float; a NaN or infinite loss stops the method (the update is refused, the weights
+    are restored by the method's ``preserved_weights``)."""
+    v = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+    if not math.isfinite(v):
+        raise DivergenceError(
+            f"{method}: the loss became {v} at step {step}: the optimisation diverged, nothing was applied; {fix}"
+        )
+    return v
+
+
+def check_update(method: str, tensors: dict, weights: dict | None = None, fix: str = "lower lr") -> None:
+    """Refuse a result with a non-finite or huge entry, or (``weights``: name -> the parameter it adds
+    to) a delta larger than :data:`MAX_UPDATE_RATIO` times its weight."""
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        if not bool(t.isfinite().all()):
+            raise DivergenceError(
+                f"{method}: the result {name} has NaN or infinite entries; nothing was applied; {fix}"
+            )
+        peak = float(t.abs().max()) if t.numel() else 0.0
+        if peak > MAX_ABS_VALUE:
+            raise DivergenceError(
+                f"{method}: the result {name} has entries of {peak:.3g} (over {MAX_ABS_VALUE:g}): the update exploded; "
+                f"nothing was applied; {fix}"
+            )
+    for name, w in (weights or {}).items():
+        d = tensors.get(name)
+        if d is None:
+            continue
+        ratio = float(d.double().norm() / (w.detach().double().norm() + 1e-12))
+        if ratio > MAX_UPDATE_RATIO:
+            raise DivergenceError(
+                f"{method}: the update of {name} is {ratio:.3g}x the weight's norm (over {MAX_UPDATE_RATIO:g}x): it "
+                f"exploded; nothing was applied; {fix}"
+            )
 
 
 class Method:

@@ -38,16 +38,16 @@ from torch import nn
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..trace import add_at_positions, capture, run_until_stopped
-from .base import HParams, MemoryMethod, register
+from .base import HParams, Layer, MemoryMethod, NonNegFloat, PosFloat, PosInt, check_loss, register
 
 
 @dataclass
 class GraceHParams(HParams):
-    layer: int = 24
-    eps: float = 0.2  # initial radius, as a fraction of the key's norm (configs/grace: the evidence)
-    lr: float = 0.5
-    n_iter: int = 50
-    early_stop_loss: float = 0.05
+    layer: Layer = 24
+    eps: PosFloat = 0.2  # initial radius, as a fraction of the key's norm (configs/grace: the evidence)
+    lr: PosFloat = 0.5
+    n_iter: PosInt = 50
+    early_stop_loss: NonNegFloat = 0.05
 
 
 def _io_at_answer_positions(
@@ -126,7 +126,7 @@ class Grace(MemoryMethod):
                 with add_at_positions(module, delta, pos):
                     lg, rows = L.answer_logits(handle, batch)
                 loss = L.nll_loss(*L.sequence_logprobs(lg, rows, batch))
-                nll = float(loss.detach())
+                nll = check_loss(loss, "grace", step)
                 if nll < hp.early_stop_loss:
                     break
                 opt.zero_grad()

@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -49,7 +50,20 @@ from ..forgetting import losses as L
 from ..requests import EditRequest, ForgetRequest, RetainRequest
 from ..router import Router, train_router
 from ..state import EditState
-from .base import HParams, MemoryMethod, register
+from .base import (
+    Cosine,
+    Domain,
+    HParams,
+    Layer,
+    MemoryMethod,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    UnitFloat,
+    check_update,
+    register,
+)
 from .templates import context_templates
 from .wise import OUT_OF_SCOPE
 
@@ -62,47 +76,51 @@ CONFLICTS = ("auto", "shared", "separate")
 
 @dataclass
 class LokaHParams(HParams):
-    layer: int = (
+    layer: Layer = (
         24  # the MLP output matrix the memories copy (configs/loka: SmolLM2 27, else 0.8 of the depth)
     )
-    mapping: str = "kmeans"  # or "lsh" (sequential updates)
-    key_source: str = (
+    mapping: Literal["kmeans", "lsh"] = "kmeans"  # or "lsh" (sequential updates)
+    key_source: Literal["encoder", "llm"] = (
         "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
     )
-    k: int = 20  # K-means clusters (capped at the number of queries)
-    lsh_bits: int = 4  # 2^bits buckets
-    storage: str = "clustered"  # "dense": one memory; "sparse": one memory per fact
-    conflict: str = "auto"  # "shared" (always MGDA) / "separate" (always task-specific)
-    conflict_threshold: float = 0.5  # separate memories when the conflict score exceeds this
-    conflict_pairs: int = 8  # S sampled (edit, forget) minibatch pairs
-    conflict_batch: int = 4
-    beta: float = 0.1  # NPO temperature
-    retain_weight: float = 1.0  # λ_r
-    retain_per_memory: int = 8
-    lr: float = 2e-3
-    n_iter: int = 40
-    min_steps: int = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
-    edit_stop_nll: float = (
+    k: PosInt = 20  # K-means clusters (capped at the number of queries)
+    lsh_bits: Annotated[int, Domain(ge=1, le=16)] = 4  # 2^bits buckets
+    storage: Literal["clustered", "dense", "sparse"] = (
+        "clustered"  # "dense": one memory; "sparse": one memory per fact
+    )
+    conflict: Literal["auto", "shared", "separate"] = (
+        "auto"  # "shared" (always MGDA) / "separate" (always task-specific)
+    )
+    conflict_threshold: UnitFloat = 0.5  # separate memories when the conflict score exceeds this
+    conflict_pairs: PosInt = 8  # S sampled (edit, forget) minibatch pairs
+    conflict_batch: PosInt = 4
+    beta: PosFloat = 0.1  # NPO temperature
+    retain_weight: NonNegFloat = 1.0  # λ_r
+    retain_per_memory: NonNegInt = 8
+    lr: PosFloat = 2e-3
+    n_iter: PosInt = 40
+    min_steps: NonNegInt = 1  # stop as soon as the target is met: NPO past that point over-forgets (unl-tr)
+    edit_stop_nll: NonNegFloat = (
         0.05  # edits must also reach this mean answer NLL before a memory stops (0: argmax only)
     )
     # forget rows must also reach this mean per-token answer NLL before a memory stops (0: argmax only).
     # A long answer stops being an exact match once one token flips; 2.0 (per-token p ~0.14) carries it further
-    forget_stop_nll: float = 0.0
+    forget_stop_nll: NonNegFloat = 0.0
     gate_tasks: bool = (
         True  # shared memory: a task whose own target is met sits out the step (no over-forgetting)
     )
-    edit_contexts: int = (
+    edit_contexts: NonNegInt = (
         0  # also train each edit under this many of the model's context templates ("<text>. {}")
     )
-    batch_size: int = 16  # edit / forget rows per step and task (all when fewer)
+    batch_size: PosInt = 16  # edit / forget rows per step and task (all when fewer)
     router: bool = True
-    router_threshold: float = 0.5
+    router_threshold: UnitFloat = 0.5
     # a routed query must also be this close (cosine of retrieval embeddings) to some updated query; None:
     # 0.65 with encoder keys (paraphrases of updated facts >= 0.78, held-out facts <= 0.57 here), off with llm keys
-    match_threshold: float | None = None
-    router_layers: int = 1
-    router_epochs: int = 8
-    router_lr: float = 1e-4
+    match_threshold: Cosine | None = None
+    router_layers: PosInt = 1
+    router_epochs: PosInt = 8
+    router_lr: PosFloat = 1e-4
     swap_negatives: bool = True
     seed: int = 0
 
@@ -548,6 +566,7 @@ class Loka(MemoryMethod):
                     if lr_ is not None:
                         loss = loss + hp.retain_weight * lr_
                     grad = trainer.grad(loss, D)
+                check_update("loka", {"gradient": grad}, fix="lower lr (loka hyperparameters)")
                 opt.zero_grad()
                 D.grad = grad
                 opt.step()

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..errors import LokaError
-from .base import register
+from .base import PosFloat, PosInt, register
 from .train import TrainHParams, TrainMethod, _Trainable
 
 FORGET_LOSSES = ("ga", "npo", "simnpo", "idk", "dpo", "relearn")
@@ -29,9 +30,9 @@ FORGET_LOSSES = ("ga", "npo", "simnpo", "idk", "dpo", "relearn")
 
 @dataclass
 class LoraHParams(TrainHParams):
-    rank: int = 8
-    lora_alpha: float = 16.0
-    forget_loss: str = "npo"
+    rank: PosInt = 8
+    lora_alpha: PosFloat = 16.0
+    forget_loss: Literal["ga", "npo", "simnpo", "idk", "dpo", "relearn"] = "npo"
 
 
 class _LoraFactors(_Trainable):

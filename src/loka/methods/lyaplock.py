@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import env
-from .base import register
+from .base import NonNegFloat, PosFloat, register
 from .memit import Memit, MemitHParams
 
 
 @dataclass
 class LyapLockHParams(MemitHParams):
-    alpha: float = 60.0  # D = alpha * D_base
-    V: float = 1.0  # weight of the edit and past-edit losses
+    alpha: PosFloat = 60.0  # D = alpha * D_base
+    V: NonNegFloat = 1.0  # weight of the edit and past-edit losses
     b: float = 0.0  # queue drift
 
 

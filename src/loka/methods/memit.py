@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -24,7 +25,7 @@ from ..fastlinear import packed_linears
 from ..packing import within_window
 from ..stats import second_moments
 from ..trace import capture
-from .base import HParams, Method, register
+from .base import HParams, Layers, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import (
     Replay,
     build_prompts,
@@ -38,22 +39,26 @@ from .templates import context_templates
 
 @dataclass
 class MemitHParams(HParams):
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 0.75
-    early_stop_loss: float = 0.05
-    v_batch_size: int = 128  # requests per value-search chunk: one chunk amortises the per-group weight reads
-    v_dtype: str = "float32"
-    v_grouping: str = "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
+    layers: Layers = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    v_lr: PosFloat = 0.5
+    v_steps: PosInt = 20
+    v_weight_decay: NonNegFloat = 0.5
+    kl_factor: NonNegFloat = 0.0625
+    clamp_norm_factor: PosFloat = 0.75
+    early_stop_loss: NonNegFloat = 0.05
+    v_batch_size: PosInt = (
+        128  # requests per value-search chunk: one chunk amortises the per-group weight reads
+    )
+    v_dtype: Literal["float32", "bfloat16"] = "float32"
+    v_grouping: Literal["auto", "suffix", "template", "kl", "none"] = (
+        "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
+    )
     key_tree: bool = True  # the update phase's key forwards as token trees (:func:`locate.tree_batch`)
-    mom2_update_weight: float = 15000.0
+    mom2_update_weight: PosFloat = 15000.0
     mom2_corpus: str = "self"
-    mom2_n_tokens: int = 20_000
-    context_per_prefix: int = 1
-    context_length: int = 10
+    mom2_n_tokens: PosInt = 20_000
+    context_per_prefix: NonNegInt = 1
+    context_length: PosInt = 10
     seed: int = 0
 
 

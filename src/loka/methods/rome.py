@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,28 +18,30 @@ from .. import env
 from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
 from ..stats import second_moments
-from .base import HParams, Method, register
+from .base import HParams, Layer, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import optimize_values
 from .templates import context_templates
 
 
 @dataclass
 class RomeHParams(HParams):
-    layer: int = 4
-    v_lr: float = 0.5
-    v_steps: int = 20
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
-    early_stop_loss: float = 0.05
-    v_batch_size: int = 16
-    v_dtype: str = "float32"
-    v_grouping: str = "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
+    layer: Layer = 4
+    v_lr: PosFloat = 0.5
+    v_steps: PosInt = 20
+    v_weight_decay: NonNegFloat = 0.5
+    kl_factor: NonNegFloat = 0.0625
+    clamp_norm_factor: PosFloat = 4.0
+    early_stop_loss: NonNegFloat = 0.05
+    v_batch_size: PosInt = 16
+    v_dtype: Literal["float32", "bfloat16"] = "float32"
+    v_grouping: Literal["auto", "suffix", "template", "kl", "none"] = (
+        "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
+    )
     mom2_adjustment: bool = True
     mom2_corpus: str = "self"
-    mom2_n_tokens: int = 20_000
-    context_per_prefix: int = 1
-    context_length: int = 10
+    mom2_n_tokens: PosInt = 20_000
+    context_per_prefix: NonNegInt = 1
+    context_length: PosInt = 10
     seed: int = 0
 
 

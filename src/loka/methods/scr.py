@@ -19,21 +19,22 @@ earlier one (only the newest is retrieved). Reverting removes the store; the wei
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..artifact import applied_context
 from ..errors import ConfigError
-from .base import HParams, Method, register
+from .base import Cosine, HParams, Method, PosInt, register
 
 RELEVANCE = "Fact: {fact}\nQuestion: {query}...\nIs the fact about the subject of the question? Answer:"
 
 
 @dataclass
 class ScrHParams(HParams):
-    k: int = 3
-    min_similarity: float = 0.5
-    filter: str = "model"  # model | none
+    k: PosInt = 3
+    min_similarity: Cosine = 0.5
+    filter: Literal["model", "none"] = "model"  # model | none
     separator: str = "\n"
 
 

@@ -23,6 +23,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Annotated, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from ..artifact import preserved_weights
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..requests import ForgetRequest, RetainRequest
-from .base import HParams, Method, register
+from .base import Domain, HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
 
 log = logging.getLogger(__name__)
 
@@ -63,21 +64,21 @@ def refusals() -> list[str]:
 
 @dataclass
 class TrainHParams(HParams):
-    layers: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7])
-    lr: float = 5e-4
-    max_steps: int = 40
-    batch_size: int = 64  # forget + edit rows per step (all when fewer)
-    retain_batch_size: int = 32
-    gamma: float = 1.0  # forget weight
-    alpha: float = 1.0  # retain weight
-    edit_weight: float = 1.0
-    beta: float = 0.1  # NPO / DPO temperature (SimNPO: 4.5)
-    delta: float = 0.0  # SimNPO margin
-    retain_loss: str = "nll"  # or "kl" (to the frozen model, on answer positions)
-    stop_forget_em: float = 0.0
-    stop_edit_em: float = 1.0
-    linf_constraint: float | None = None  # FT-L: clamp each weight's change to ±ε
-    weight_decay: float = 0.0
+    layers: Layers = field(default_factory=lambda: [3, 4, 5, 6, 7])
+    lr: PosFloat = 5e-4
+    max_steps: PosInt = 40
+    batch_size: PosInt = 64  # forget + edit rows per step (all when fewer)
+    retain_batch_size: PosInt = 32
+    gamma: NonNegFloat = 1.0  # forget weight
+    alpha: NonNegFloat = 1.0  # retain weight
+    edit_weight: NonNegFloat = 1.0
+    beta: PosFloat = 0.1  # NPO / DPO temperature (SimNPO: 4.5)
+    delta: NonNegFloat = 0.0  # SimNPO margin
+    retain_loss: Literal["nll", "kl"] = "nll"  # or "kl" (to the frozen model, on answer positions)
+    stop_forget_em: Annotated[float, Domain(ge=-1, le=1)] = 0.0
+    stop_edit_em: Annotated[float, Domain(ge=0, le=2)] = 1.0
+    linf_constraint: PosFloat | None = None  # FT-L: clamp each weight's change to ±ε
+    weight_decay: NonNegFloat = 0.0
     seed: int = 0
 
 
@@ -143,6 +144,7 @@ class TrainMethod(Method):
                     opt.zero_grad()
                     parts, seen = self._losses(handle, fb, eb, rb, wb, ref, fi, ei, ri, hp)
                     loss = sum(parts.values())
+                    check_loss(loss, self.name, step, fix="lower lr, gamma, alpha or edit_weight")
                     loss.backward()
                     opt.step()
                     tr.after_step()

@@ -30,6 +30,7 @@ installs the routed side memory as a forward hook, reverting removes it; weights
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -37,7 +38,18 @@ from torch import nn
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..trace import capture, run_until_stopped
-from .base import HParams, MemoryMethod, register
+from .base import (
+    Domain,
+    HParams,
+    Layer,
+    MemoryMethod,
+    NonNegFloat,
+    NonNegInt,
+    PosFloat,
+    PosInt,
+    check_loss,
+    register,
+)
 from .grace import _io_at_answer_positions
 from .train import _rows
 
@@ -68,19 +80,21 @@ NEUTRAL_SUBJECTS = ("it", "someone")
 
 @dataclass
 class WiseHParams(HParams):
-    layer: int = 24
-    lr: float = 0.01
-    n_iter: int = 70
-    mask_ratio: float = 0.2  # fraction of D's entries this run may change (the knowledge shard)
-    norm_constraint: float = 1.0  # |D_ij| ≤ this
-    act_ratio: float = 0.88  # τ = act_ratio · min in-scope gap
-    margin_out: float = 0.1  # α: out-of-scope gap ceiling (× median output norm)
-    margin_in: float = 1.0  # β: in-scope gap floor
-    margin_gap: float = 0.5  # γ: required Δ_in − Δ_out
-    margin_weight: float = 1.0
-    batch_size: int = 32  # edit rows per step (all when fewer)
-    early_stop_loss: float = 0.05  # stop once NLL is below this, after min_steps of margin training
-    min_steps: int = 30
+    layer: Layer = 24
+    lr: PosFloat = 0.01
+    n_iter: PosInt = 70
+    mask_ratio: Annotated[float, Domain(gt=0, le=1)] = (
+        0.2  # fraction of D's entries this run may change (the knowledge shard)
+    )
+    norm_constraint: PosFloat = 1.0  # |D_ij| ≤ this
+    act_ratio: Annotated[float, Domain(gt=0, le=1)] = 0.88  # τ = act_ratio · min in-scope gap
+    margin_out: NonNegFloat = 0.1  # α: out-of-scope gap ceiling (× median output norm)
+    margin_in: NonNegFloat = 1.0  # β: in-scope gap floor
+    margin_gap: NonNegFloat = 0.5  # γ: required Δ_in − Δ_out
+    margin_weight: NonNegFloat = 1.0
+    batch_size: PosInt = 32  # edit rows per step (all when fewer)
+    early_stop_loss: NonNegFloat = 0.05  # stop once NLL is below this, after min_steps of margin training
+    min_steps: NonNegInt = 30
     template_negatives: bool = True  # the edit prompts with neutral subjects are out of scope too
     seed: int = 0
 
@@ -163,6 +177,7 @@ class Wise(MemoryMethod):
                     + torch.relu(beta - g_in).mean()
                 )
                 loss = nll + hp.margin_weight * margin / scale
+                check_loss(loss, "wise", step)
                 history.append(
                     {"step": step, "nll": float(nll.detach()), "margin": float(margin.detach()) / scale}
                 )

@@ -38,7 +38,7 @@ def hash_tensors(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -275,6 +275,19 @@ def read_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def safe_open_bytes(data: bytes) -> Iterator[tuple[dict, dict]]:
+    """The tensors and header metadata of a safetensors file held in memory."""
+    import json as _json
+    import struct
+
+    from safetensors.torch import load
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = _json.loads(data[8 : 8 + n])
+    yield load(data), header.get("__metadata__") or {}
 
 
 def parse_json(data: bytes, where: str) -> Any:
