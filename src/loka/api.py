@@ -19,14 +19,43 @@ from .state import EditState
 log = logging.getLogger(__name__)
 
 
+#: positions kept free for the context prefixes ROME/MEMIT put before a prompt ("<text>. {}")
+CONTEXT_ROOM = 32
+
+
 def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
-    """Check every request against the model's tokenizer (subject is a token span, target non-empty)."""
+    """Check every request against the model's tokenizer: the subject is a token span, the target is
+    non-empty, and every prompt with its target fits the model's positions."""
     if not requests:
         raise RequestError("no requests given")
+    tok = handle.tokenizer
+    limit = handle.max_positions
     for r in requests:
         if not isinstance(r, EditRequest):
             raise RequestError(f"expected EditRequest, got {type(r).__name__}")
-        subject_last_token(handle.tokenizer, r.prompt, r.subject)
+        subject_last_token(tok, r.prompt, r.subject)
+        if limit is None:
+            continue
+        answer = max(
+            (
+                len(tok(" " + t.strip(), add_special_tokens=False)["input_ids"])
+                for t in (r.target_new, r.target_true)
+                if t
+            ),
+            default=0,
+        )
+        for what, text in (
+            ("prompt", r.text),
+            *(("paraphrase", p) for p in r.paraphrases),
+            *(("neighbourhood prompt", p) for p in r.neighborhood),
+        ):
+            n = len(tok(text)["input_ids"]) + answer
+            if n + CONTEXT_ROOM > limit:
+                where = f"request {r.case_id}" if r.case_id is not None else "request"
+                raise RequestError(
+                    f"{where}: the {what} with its answer is {n} tokens; {handle.name} has {limit} positions "
+                    f"({CONTEXT_ROOM} kept for context prefixes): shorten it"
+                )
 
 
 def check_result(handle, art: Artifact) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -19,7 +20,14 @@ log = logging.getLogger("loka")
 def _hparam_overrides(args) -> dict:
     out: dict = {}
     if getattr(args, "hparams", None):
-        out.update(json.loads(Path(args.hparams).read_text()))
+        from .utils.io import read_json
+
+        data = read_json(args.hparams, 16 * 1024 * 1024)
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"--hparams {args.hparams} must hold a JSON object of name: value, got {type(data).__name__}"
+            )
+        out.update(data)
     for kv in getattr(args, "set", None) or []:
         if "=" not in kv:
             raise ConfigError(f"--set expects key=value, got {kv!r}")
@@ -600,16 +608,14 @@ def cmd_data_counterfact(args) -> int:
 
 def cmd_data_tasks(args) -> int:
     from .bench.tasks import build_tasks
-    from .utils.io import atomic_write_json
+    from .utils.io import atomic_write_json, read_json
 
     src = Path(args.source)
     if not src.exists():
         raise ConfigError(
             f"--from {src} does not exist (build it with loka data counterfact --known-by MODEL)"
         )
-    task = build_tasks(
-        json.loads(src.read_text()), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed
-    )
+    task = build_tasks(read_json(src), args.setting, args.n_edit, args.n_forget, args.n_retain, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "task.json", task)
@@ -1369,6 +1375,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_ERRNO_FIX = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded: free space or write elsewhere",
+    errno.EROFS: "the filesystem is read-only: write elsewhere",
+    errno.EACCES: "permission denied: choose a path you may write",
+    errno.EPERM: "operation not permitted: choose another path",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EISDIR: "is a folder, not a file: give a file",
+    errno.ENOTDIR: "part of the path is a file, not a folder: check the path",
+}
+
+
+def _os_message(e: OSError) -> str:
+    where = " -> ".join(str(x) for x in (e.filename, e.filename2) if x)
+    fix = _ERRNO_FIX.get(e.errno or -1, e.strerror or str(e))
+    return f"{where}: {fix}" if where else fix
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import LokaError
 
@@ -1382,9 +1406,26 @@ def main(argv: list[str] | None = None) -> int:
     except LokaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (
+        OSError
+    ) as e:  # the machine said no: missing, unreadable or unwritable path, full or read-only disk
+        print(f"error: {_os_message(e)}", file=sys.stderr)
         return 2
+    except UnicodeDecodeError as e:
+        print(
+            f"error: a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
+            file=sys.stderr,
+        )
+        return 2
+    except json.JSONDecodeError as e:
+        print(f"error: a file is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: an input nests too deeply (JSON nested thousands of levels?)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; what was written is complete (writes are atomic)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

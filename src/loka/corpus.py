@@ -25,7 +25,7 @@ from . import env
 from .errors import LokaError
 from .hf_compat import generate as hf_generate
 from .resources import data_dir
-from .utils.io import atomic_write_bytes, hash_json, sha256_file
+from .utils.io import atomic_write_bytes, check_regular, hash_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ def corpus_from_spec(spec: str | None, handle, n_tokens: int = 20_000) -> Corpus
         raise LokaError(
             f"corpus {spec!r} not found: pass 'self', a .txt file, a .jsonl file or a datasets folder"
         )
+    check_regular(p)  # a FIFO or device would block or never end
     if p.suffix == ".jsonl":
         return JsonlCorpus(p)
     return TextFilesCorpus([p])

@@ -1,6 +1,7 @@
 """One request model for editing (and, later, unlearning): a prompt with ``{}`` for the subject.
 
-``EditRequest`` says "for ``prompt.format(subject)`` the model should now answer ``target_new``".
+``EditRequest`` says "for ``prompt`` with ``subject`` in place of its ``{}`` the model should now answer
+``target_new``" (:func:`fill_subject`: a plain substitution, so other braces in a prompt are text).
 Readers accept loka's own JSON/JSONL records and CounterFact ``requested_rewrite`` records.
 """
 
@@ -8,11 +9,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import RequestError
+from .utils.io import read_regular
+
+log = logging.getLogger(__name__)
+
+#: a requests file larger than this is not a requests file
+MAX_REQUEST_BYTES = 512 * 1024 * 1024
+
+
+def fill_subject(prompt: str, subject: str) -> str:
+    """``prompt`` with ``subject`` in place of its ``{}`` — the one substitution every method uses (never
+    ``str.format``, which would read ``{hello}`` or ``{0}`` in a prompt as fields)."""
+    return prompt.replace("{}", subject, 1)
 
 
 def _clean_target(value: Any, field_name: str, where: str) -> str:
@@ -55,14 +69,28 @@ class EditRequest:
             self.target_true = _clean_target(self.target_true, "target_true", where)
         for name in ("paraphrases", "neighborhood"):
             val = getattr(self, name)
-            if isinstance(val, str) or not all(isinstance(p, str) for p in val):
-                raise RequestError(f"{where}: field '{name}' must be a list of strings")
+            if val is None:
+                val = []
+            if not isinstance(val, list | tuple) or not all(isinstance(p, str) for p in val):
+                raise RequestError(
+                    f"{where}: field '{name}' must be a list of full prompts (strings), got {type(val).__name__} {val!r:.60}"
+                )
             setattr(self, name, list(val))
+        if (
+            type(self) is EditRequest
+            and self.target_true is not None
+            and self.target_new.strip().lower() == self.target_true.strip().lower()
+        ):
+            log.warning(
+                "%s: target_new %r equals target_true: the edit asks for the answer the model already has",
+                where,
+                self.target_new,
+            )
 
     @property
     def text(self) -> str:
         """The edit prompt with the subject filled in."""
-        return self.prompt.replace("{}", self.subject)
+        return fill_subject(self.prompt, self.subject)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +175,10 @@ def request_from_record(
         rw = rec["requested_rewrite"]
         if isinstance(rw, list):  # MQuAKE-style list of rewrites: take them one by one elsewhere
             raise RequestError(f"{where}: 'requested_rewrite' is a list; use read_requests to expand it")
+        if not isinstance(rw, dict):
+            raise RequestError(
+                f"{where}: 'requested_rewrite' must be an object with prompt, subject and target_new, got {rw!r:.60}"
+            )
         missing = [k for k in ("prompt", "subject", "target_new") if k not in rw]
         if missing:
             raise RequestError(f"{where}: requested_rewrite lacks field(s) {missing}")
@@ -190,7 +222,10 @@ def read_requests(path: str | Path, kind: type[EditRequest] = EditRequest) -> li
     path = Path(path)
     if not path.exists():
         raise RequestError(f"requests file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = read_regular(path, MAX_REQUEST_BYTES).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     records: list[tuple[str, Any]]
     stripped = text.lstrip()
     try:
@@ -200,6 +235,8 @@ def read_requests(path: str | Path, kind: type[EditRequest] = EditRequest) -> li
             if isinstance(obj, list)
             else [(path.name, obj)]
         )
+    except RecursionError:
+        raise RequestError(f"{path}: JSON nested too deeply to be requests") from None
     except json.JSONDecodeError:
         if stripped.startswith("["):
             raise RequestError(f"{path}: not valid JSON") from None
@@ -209,6 +246,8 @@ def read_requests(path: str | Path, kind: type[EditRequest] = EditRequest) -> li
                 continue
             try:
                 records.append((f"{path.name}:{n}", json.loads(line)))
+            except RecursionError:
+                raise RequestError(f"{path}:{n}: JSON nested too deeply to be a request") from None
             except json.JSONDecodeError as e:
                 raise RequestError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
     if not records:

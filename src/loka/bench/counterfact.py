@@ -8,7 +8,6 @@ subjects whose true object is the new one; generation prompts are open prompts a
 
 from __future__ import annotations
 
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LokaError
 from ..resources import data_dir
+from ..utils.io import read_json
 from .relations import RELATIONS
 
 DATA = data_dir()  # the package data (loka/data)
@@ -27,7 +27,7 @@ def load_known(path: str | Path | None = None) -> list[dict]:
     path = Path(path) if path else DATA / "known_1000.json"
     if not path.exists():
         raise LokaError(f"known-facts file {path} not found")
-    facts = json.loads(path.read_text())
+    facts = read_json(path)
     for i, f in enumerate(facts):
         missing = [k for k in ("subject", "attribute", "prompt", "relation_id") if k not in f]
         if missing:
@@ -60,7 +60,7 @@ def mquake_facts(path: str | Path | None = None, exclude: list[dict] | None = No
                 "source": "mquake",
             }
 
-    for i, case in enumerate(json.loads(path.read_text())):
+    for i, case in enumerate(read_json(path)):
         try:
             for (_, rel, _), (subj, _, obj) in zip(case["orig"]["triples"], case["orig"]["triples_labeled"]):
                 add(subj, rel, obj)

@@ -24,9 +24,11 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import RequestError
+from ..errors import InputError, RequestError
 from ..resources import data_dir
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_regular, parse_json, read_json, read_regular, read_text
+
+MAX_GRAPH_BYTES = 1024 * 1024 * 1024
 
 LEVELS = ("root", "intermediate", "leaf")
 ANY = "*"
@@ -241,6 +243,7 @@ def _csv_graph(path: Path) -> KnowledgeGraph:
     rels: dict[str, Relation] = {}
     nodes: dict[str, Node] = {}
     triples: list[Triple] = []
+    check_regular(path)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in need if c not in (reader.fieldnames or [])]
@@ -288,12 +291,12 @@ def load_graph(path: str | Path) -> KnowledgeGraph:
     p = Path(path)
     if not p.exists():
         raise KGError(f"graph file {p} does not exist; build one with `loka kg build --curated --out {p}`")
-    if p.suffix.lower() == ".csv":
-        return _csv_graph(p)
     try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise KGError(f"{p}: not valid JSON ({e})") from None
+        if p.suffix.lower() == ".csv":
+            return _csv_graph(p)
+        d = parse_json(read_regular(p, MAX_GRAPH_BYTES), str(p))
+    except InputError as e:  # one error type for every unreadable graph
+        raise KGError(str(e)) from None
     return KnowledgeGraph.from_dict(d, where=str(p))
 
 
@@ -407,7 +410,7 @@ def build_curated(src: str | Path | None = None) -> KnowledgeGraph:
     nodes: dict[str, Node] = {}
     triples: list[Triple] = []
     for f in files:
-        _, r, n, t = parse_source(f.read_text(encoding="utf-8"), where=str(f))
+        _, r, n, t = parse_source(read_text(f, MAX_GRAPH_BYTES), where=str(f))
         rels.update(r)
         nodes.update(n)
         triples.extend(t)
@@ -438,7 +441,7 @@ def build_derived(
     mq_p = Path(mquake) if mquake else DATA / "mquake" / "MQuAKE-hard.json"
     cloze = _mquake_cloze(mq_p.parent)
     raw: list[tuple[str, str, str, str, str]] = []  # head, rel, tail, noun, cloze
-    for i, rec in enumerate(json.loads(known_p.read_text(encoding="utf-8"))):
+    for i, rec in enumerate(read_json(known_p, MAX_GRAPH_BYTES)):
         try:
             rid, s, o, tmpl = (
                 rec["relation_id"],
@@ -450,7 +453,7 @@ def build_derived(
             raise KGError(f"{known_p}: record {i}: missing field {e}") from None
         noun = RELATIONS.get(rid, {}).get("name", rid)
         raw.append((s, rid, o, noun, tmpl))
-    for case in json.loads(mq_p.read_text(encoding="utf-8")):
+    for case in read_json(mq_p, MAX_GRAPH_BYTES):
         orig = case.get("orig", {})
         for (_hq, rid, _tq), (h, noun, t) in zip(orig.get("triples", []), orig.get("triples_labeled", [])):
             raw.append((h.strip(), rid, t.strip(), noun, cloze.get(rid, f"The {noun} of {{}} is")))

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import RequestError
 from ..requests import EditRequest, request_from_record
+from ..utils.io import read_text
 
 
 @dataclass
@@ -40,7 +41,7 @@ class EvalCase:
 def _load_records(path: Path) -> list[Any]:
     if not path.exists():
         raise RequestError(f"data file {path} does not exist")
-    text = path.read_text()
+    text = read_text(path)
     try:
         obj = json.loads(text)
         return obj if isinstance(obj, list) else [obj]

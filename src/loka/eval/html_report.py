@@ -10,15 +10,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from ..errors import RequestError
-from ..utils.io import atomic_write_bytes
+from ..utils.io import atomic_write_bytes, read_json
 from .kg_metrics import log_minmax
 
 LEVEL_ORDER = {"root": 0, "intermediate": 1, "leaf": 2}
+
+
+#: what every KG run summary has (an evaluation run's summary.json has none of it)
+KG_RUN_KEYS = ("task", "method", "level", "scale")
 
 
 def load_runs(dirs: list[str | Path]) -> list[dict]:
@@ -30,7 +33,13 @@ def load_runs(dirs: list[str | Path]) -> list[dict]:
         if not found:
             raise RequestError(f"{p}: no summary.json (pass folders written by `loka kg run --out DIR`)")
         for f in found:
-            s = json.loads(f.read_text())
+            s = read_json(f, 64 * 1024 * 1024)
+            missing = [k for k in KG_RUN_KEYS if not isinstance(s, dict) or k not in s]
+            if missing:
+                raise RequestError(
+                    f"{f} is not the summary of a `loka kg run` (it lacks {', '.join(missing)}); "
+                    "`loka report` reads the folders `loka kg run --out DIR` writes"
+                )
             s["_dir"] = str(f.parent)
             runs.append(s)
     return runs

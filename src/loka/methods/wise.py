@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import LokaError
 from ..forgetting import losses as L
+from ..requests import fill_subject
 from ..trace import capture, run_until_stopped
 from .base import (
     Domain,
@@ -150,7 +151,7 @@ class Wise(MemoryMethod):
         a_in = _io_at_answer_positions(handle, layer, batch)[0]
         negatives = list(OUT_OF_SCOPE)
         if hp.template_negatives:
-            negatives += sorted({r.prompt.format(s) for r in requests for s in NEUTRAL_SUBJECTS})
+            negatives += sorted({fill_subject(r.prompt, s) for r in requests for s in NEUTRAL_SUBJECTS})
         a_out = _inputs(handle, path, negatives)
         scale = float((a_out @ w.T).norm(dim=-1).median())
         alpha, beta, gamma = hp.margin_out * scale, hp.margin_in * scale, hp.margin_gap * scale

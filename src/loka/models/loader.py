@@ -83,6 +83,15 @@ class ModelHandle:
         return self.model.config
 
     @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's position embeddings cover (``None`` if the config says none)."""
+        for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(self.config, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    @property
     def n_layers(self) -> int:
         return int(getattr(self.config, self.spec.n_layers_attr))
 

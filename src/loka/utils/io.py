@@ -304,6 +304,42 @@ def parse_json(data: bytes, where: str) -> Any:
         raise InputError(f"{where} nests JSON too deeply to be a loka file") from None
 
 
+MAX_TEXT_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def read_text(path: str | Path, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A regular UTF-8 text file of bounded size (:func:`read_regular`), one clear error otherwise."""
+    from ..errors import InputError
+
+    data = read_regular(path, max_bytes)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def check_regular(path: str | Path) -> Path:
+    """``path`` if it is a regular file (not a folder, link target aside, FIFO or device), else one clear error."""
+    import stat
+
+    from ..errors import InputError
+
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise InputError(f"{p} does not exist") from None
+    except OSError as e:
+        raise InputError(f"{p} cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{p} is a folder, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(
+            f"{p} is not a regular file (a FIFO, device or socket); loka reads only regular files"
+        )
+    return p
+
+
 def read_json(
     path: str | Path, max_bytes: int = MAX_JSON_BYTES, *, dir_fd: int | None = None, what: str = "file"
 ) -> Any:
