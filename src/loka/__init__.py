@@ -22,7 +22,17 @@ _API = {
     ".bench.probes": ["generate_probes"],
     ".codebook": ["LokaModel"],
     ".env": ["set_threads"],
-    ".errors": ["ArtifactError", "CacheError", "ConfigError", "LokaError", "ModelError", "RequestError"],
+    ".errors": [
+        "ArtifactError",
+        "CacheError",
+        "ConfigError",
+        "DivergenceError",
+        "InputError",
+        "LokaError",
+        "ModelError",
+        "OutputError",
+        "RequestError",
+    ],
     ".eval.html_report": ["write_report"],
     ".eval.kg_runner": ["run_kg"],
     ".methods": ["default_hparams", "get_method"],
@@ -47,7 +57,17 @@ if TYPE_CHECKING:
     from .bench.probes import generate_probes
     from .codebook import LokaModel
     from .env import set_threads
-    from .errors import ArtifactError, CacheError, ConfigError, LokaError, ModelError, RequestError
+    from .errors import (
+        ArtifactError,
+        CacheError,
+        ConfigError,
+        DivergenceError,
+        InputError,
+        LokaError,
+        ModelError,
+        OutputError,
+        RequestError,
+    )
     from .eval.html_report import write_report
     from .eval.kg_runner import run_kg
     from .methods import REGISTRY as METHODS

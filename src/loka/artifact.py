@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ArtifactError, InputError, LokaError
@@ -44,6 +43,7 @@ from .utils.io import (
     read_json,
     read_regular,
     recover_dir,
+    save_safetensors,
     sha256_bytes,
     sha256_file,
 )
@@ -172,6 +172,15 @@ def check_artifact_output(path: str | Path, force: bool = False) -> Path:
 
 class _Replaced(Exception):
     """The folder was replaced while being read: read it again."""
+
+
+def _still_at(path: Path, st: os.stat_result) -> bool:
+    """Whether the folder opened as ``st`` is still the one at ``path``."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
 
 @dataclass
@@ -398,7 +407,7 @@ class Artifact:
         only if it is a loka artifact and ``force`` is true; anything else at ``path`` is refused."""
         path = check_artifact_output(path, force=force)
         with atomic_dir(path) as tmp:
-            save_file(self.deltas, str(tmp / "deltas.safetensors"), metadata={"loka_artifact": self.id})
+            save_safetensors(self.deltas, tmp / "deltas.safetensors", metadata={"loka_artifact": self.id})
             manifest = dict(self.manifest, tensors_sha256=sha256_file(tmp / "deltas.safetensors"))
             atomic_write_json(tmp / "manifest.json", manifest)
         self.manifest = manifest
@@ -431,38 +440,13 @@ class Artifact:
             ) from None
         except OSError as e:
             raise ArtifactError(f"{path} cannot be opened ({e.strerror})") from None
+        st0 = os.fstat(dfd)
         try:
-            names = set(os.listdir(dfd))
-            if not names:
-                raise _Replaced  # a folder being swapped out, or an empty one (refused below on retry)
-            missing = [f for f in FILES if f not in names]
-            if missing:
-                raise ArtifactError(
-                    f"{path} is incomplete: needs manifest.json and deltas.safetensors "
-                    f"(missing {', '.join(missing)})"
-                )
-            try:
-                manifest = read_json("manifest.json", MAX_MANIFEST_BYTES, dir_fd=dfd, what=str(path))
-            except InputError as e:
-                if "does not exist" in str(e):
-                    raise _Replaced from None
-                raise ArtifactError(f"{e}; the artifact is corrupt") from None
-            cls._check_manifest(path, manifest)
-            bound = (
-                8
-                + 65536
-                + 512 * len(manifest["params"])
-                + sum(
-                    _DTYPE_BYTES.get(str(m.get("dtype")), 8) * math.prod(int(x) for x in m.get("shape", []))
-                    for m in manifest["params"].values()
-                )
-            )
-            try:
-                data = read_regular("deltas.safetensors", bound, dir_fd=dfd, what=str(path))
-            except InputError as e:
-                if "does not exist" in str(e):
-                    raise _Replaced from None
-                raise ArtifactError(f"{e}; the artifact is corrupt") from None
+            manifest, data = cls._read_files(path, dfd)
+        except ArtifactError:
+            if not _still_at(path, st0):  # replaced while we read: read the new one
+                raise _Replaced from None
+            raise
         finally:
             os.close(dfd)
         if sha256_bytes(data) != manifest["tensors_sha256"]:
@@ -494,6 +478,36 @@ class Artifact:
                 "artifact was modified or its id copied from another"
             )
         return cls(deltas, manifest)
+
+    @classmethod
+    def _read_files(cls, path: Path, dfd: int) -> tuple[dict, bytes]:
+        names = set(os.listdir(dfd))
+        if not names:
+            raise ArtifactError(f"{path} is an empty folder, not an artifact")
+        missing = [f for f in FILES if f not in names]
+        if missing:
+            raise ArtifactError(
+                f"{path} is incomplete: needs manifest.json and deltas.safetensors (missing {', '.join(missing)})"
+            )
+        try:
+            manifest = read_json("manifest.json", MAX_MANIFEST_BYTES, dir_fd=dfd, what=str(path))
+        except InputError as e:
+            raise ArtifactError(f"{e}; the artifact is corrupt") from None
+        cls._check_manifest(path, manifest)
+        bound = (
+            8
+            + 65536
+            + 512 * len(manifest["params"])
+            + sum(
+                _DTYPE_BYTES.get(str(m.get("dtype")), 8) * math.prod(int(x) for x in m.get("shape", []))
+                for m in manifest["params"].values()
+            )
+        )
+        try:
+            data = read_regular("deltas.safetensors", bound, dir_fd=dfd, what=str(path))
+        except InputError as e:
+            raise ArtifactError(f"{e}; the artifact is corrupt") from None
+        return manifest, data
 
     @staticmethod
     def _check_manifest(path: Path, manifest: Any) -> None:

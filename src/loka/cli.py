@@ -272,7 +272,6 @@ def _rollback_options(s, prefix: str) -> None:
 
 def _rollback_request(args, total: int, where: str) -> int | None:
     """How many batches to keep (``None``: no rollback asked), after the user confirmed the removal."""
-    from .errors import ConfigError
 
     if args.rollback is not None:
         raise ConfigError(
@@ -364,7 +363,6 @@ def cmd_update(args) -> int:
         args.rollback is not None or args.rollback_last is not None or args.keep_first is not None
     )
     if args.state or wants_rollback:
-        from .errors import ConfigError
         from .methods.loka import CodebookFolder
 
         if args.method != "loka" or not args.state:

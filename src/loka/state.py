@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
 
 from .errors import ArtifactError, ConfigError
-from .utils.io import atomic_dir, hash_json, hash_tensors, read_json, read_regular
+from .utils.io import atomic_dir, hash_json, hash_tensors, read_json, read_regular, save_safetensors
 
 
 @dataclass
@@ -75,7 +74,7 @@ class EditState:
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
         with atomic_dir(folder) as tmp:
-            save_file(self.tensors, str(tmp / "state.safetensors"))
+            save_safetensors(self.tensors, tmp / "state.safetensors")
             info = {"meta": self.meta, "sha": hash_tensors(self.tensors), "content": self.content_hash()}
             (tmp / "state.json").write_text(json.dumps(info, indent=2))
         return folder

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import env
@@ -34,6 +34,7 @@ from .utils.io import (
     read_json,
     read_regular,
     safe_open_bytes,
+    save_safetensors,
     sha256_bytes,
     sha256_file,
     tmp_sibling,
@@ -55,7 +56,7 @@ def _save_tensor_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.parent / tmp_sibling(path)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     try:
-        save_file(tensors, str(tmp), metadata={"content_sha256": hash_tensors(tensors)})
+        save_safetensors(tensors, tmp, metadata={"content_sha256": hash_tensors(tensors)})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -277,6 +277,25 @@ def read_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
         os.close(fd)
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as ``OSError``."""
+    import errno as _errno
+    import re as _re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as e:  # safetensors wraps the OS error in its own type
+        m = _re.search(r"os error (\d+)", str(e))
+        if m:
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from None
+        if "No space left" in str(e):
+            raise OSError(_errno.ENOSPC, os.strerror(_errno.ENOSPC), str(path)) from None
+        raise
+
+
 @contextlib.contextmanager
 def safe_open_bytes(data: bytes) -> Iterator[tuple[dict, dict]]:
     """The tensors and header metadata of a safetensors file held in memory."""
