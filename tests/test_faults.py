@@ -757,3 +757,15 @@ def test_11_two_processes_computing_the_same_statistics(tmp_path, text_corpus):
         assert p.returncode == 0 and "done" in out, err
     files = [p for p in (tmp_path / "home" / "stats").rglob("*.safetensors")]
     assert len(files) == 2 and not [p for p in (tmp_path / "home").rglob("*loka-tmp*")]
+
+
+def test_3_a_foreign_folder_is_not_taken_as_a_codebook(capsys, tmp_path):
+    book = tmp_path / "mine"
+    book.mkdir()
+    (book / "notes.txt").write_text("precious")
+    e = tmp_path / "e.jsonl"
+    e.write_text(json.dumps({"prompt": "{} lives in", "subject": "A", "target_new": "Q"}) + "\n")
+    code, _, err = run(
+        capsys, "update", "--model", "tiny-llama", "--method", "loka", "--edit", e, "--state", book
+    )
+    assert code == 2 and "did not write" in err and sorted(os.listdir(book)) == ["notes.txt"]

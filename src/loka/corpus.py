@@ -25,7 +25,7 @@ from . import env
 from .errors import LokaError
 from .hf_compat import generate as hf_generate
 from .resources import data_dir
-from .utils.io import atomic_write_bytes, check_regular, hash_json, sha256_file
+from .utils.io import atomic_write_bytes, check_regular, hash_json, read_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class TextFilesCorpus:
 
     def texts(self) -> Iterator[str]:
         for p in self.paths:
-            for para in Path(p).read_text(errors="replace").split("\n\n"):
+            for para in read_text(p).split("\n\n"):
                 if para.strip():
                     yield para.strip()
 

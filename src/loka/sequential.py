@@ -99,6 +99,12 @@ class BatchFolder:
 
     def _adopt(self) -> None:
         found = self._on_disk()
+        others = sorted(p.name for p in self.folder.iterdir() if not _NAME.match(p.name))
+        if self.index_path.parent == self.folder and others:
+            raise ArtifactError(
+                f"{self.folder} holds files loka did not write as batches ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); loka does not write into it: choose a new folder"
+            )
         if not found:
             return
         numbers = sorted(found)

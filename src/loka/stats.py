@@ -103,6 +103,18 @@ def load_cached(handle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tens
     return tensors["mom2"]
 
 
+def _from_cache(handle, layers: list[int], fp: str, n_tokens: int, out: dict) -> list[int]:
+    """Put each cached layer's statistics into ``out``; return the layers still missing."""
+    missing = []
+    for layer in layers:
+        c = load_cached(handle, layer, fp, n_tokens)
+        if c is None:
+            missing.append(layer)
+        else:
+            out[layer] = c
+    return missing
+
+
 def second_moments(
     handle,
     layers: list[int],
@@ -121,23 +133,11 @@ def second_moments(
         handle.check_layer(layer)
     fp = corpus.fingerprint()
     out: dict[int, torch.Tensor] = {}
-    missing = []
-    for layer in sorted(set(layers)):
-        c = load_cached(handle, layer, fp, n_tokens)
-        if c is None:
-            missing.append(layer)
-        else:
-            out[layer] = c
+    missing = _from_cache(handle, sorted(set(layers)), fp, n_tokens, out)
     if missing:
         lock = _paths(handle, min(missing), fp, n_tokens)[0]
         with _computing(lock):  # another process computing the same statistics finishes first
-            still = []
-            for layer in missing:
-                c = load_cached(handle, layer, fp, n_tokens)
-                if c is None:
-                    still.append(layer)
-                else:
-                    out[layer] = c
+            still = _from_cache(handle, missing, fp, n_tokens, out)
             if still:
                 out.update(
                     _compute(
@@ -215,9 +215,10 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
                     },
                 )
     bar.close()
-    if count == 0:
+    if count < d_in:  # fewer keys than dimensions: E[k kᵀ] is singular, every solve with it meaningless
         raise LokaError(
-            "the statistics corpus gave no tokens: pass a corpus with text (mom2_corpus / --corpus)"
+            f"the statistics corpus gave {count} tokens, fewer than the {d_in} dimensions of the keys: pass a "
+            "corpus with more text (mom2_corpus / --corpus); nothing was cached"
         )
     if count < n_tokens:
         log.warning("corpus ran out after %d of %d tokens; statistics use what there was", count, n_tokens)

@@ -67,18 +67,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+PROBE = "probe"  # the name behind check_writable's temporary files
+
+
 def clean_stale_tmp(path: str | Path) -> int:
     """Delete the temporary files and folders that writers of ``path`` left behind when they were
-    killed (their pid no longer runs); a live writer's are kept. Returns how many were removed."""
+    killed (their pid no longer runs), and the writability probes (:func:`check_writable`) of its folder;
+    a live writer's are kept. Returns how many were removed."""
     path = Path(path)
-    prefix = _tmp_prefix(path)
+    prefixes = (_tmp_prefix(path), _tmp_prefix(path.parent / PROBE))
     removed = 0
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
         return 0
     for e in entries:
-        if not e.name.startswith(prefix):
+        prefix = next((p for p in prefixes if e.name.startswith(p)), None)
+        if prefix is None:
             continue
         try:
             pid = int(e.name[len(prefix) :].split("-", 1)[0])
@@ -376,7 +381,7 @@ def check_writable(folder: str | Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / tmp_sibling(folder / "probe")
+        probe = folder / tmp_sibling(folder / PROBE)
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.close(fd)
         os.unlink(probe)
