@@ -226,6 +226,11 @@ def corpus_from_spec(spec: str | None, handle, n_tokens: int = 20_000) -> Corpus
             f"corpus {spec!r} not found: pass 'self', a .txt file, a .jsonl file or a datasets folder"
         )
     check_regular(p)  # a FIFO or device would block or never end
+    if p.suffix.lower() == ".json":
+        raise LokaError(
+            f"corpus {p} is a .json file: give plain text (.txt), JSON lines with a 'text' field (.jsonl) "
+            "or a datasets folder"
+        )
     if p.suffix == ".jsonl":
         return JsonlCorpus(p)
     return TextFilesCorpus([p])

@@ -176,45 +176,47 @@ def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoi
         unit="tok",
         disable=not progress,
     )
-    t0 = time.time()
-    texts_iter = iter(corpus.texts())
-    for _ in range(texts_done):
-        next(texts_iter, None)
-    batches = 0
-    exhausted = False
-    while count < n_tokens and not exhausted:
-        batch = []
-        for t in texts_iter:
-            batch.append(t)
-            if len(batch) == batch_size:
+    try:
+        t0 = time.time()
+        texts_iter = iter(corpus.texts())
+        for _ in range(texts_done):
+            next(texts_iter, None)
+        batches = 0
+        exhausted = False
+        while count < n_tokens and not exhausted:
+            batch = []
+            for t in texts_iter:
+                batch.append(t)
+                if len(batch) == batch_size:
+                    break
+            else:
+                exhausted = True
+            if not batch:
                 break
-        else:
-            exhausted = True
-        if not batch:
-            break
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
-        mask = enc["attention_mask"].bool()
-        with capture(model, list(paths.values()), outputs=False, stop_after=stop) as rec:
-            run_until_stopped(lambda enc=enc: model(**enc.to(handle.device)))
-        take = min(int(mask.sum()), n_tokens - count)
-        for layer, p in paths.items():
-            k = rec[p].input[mask][:take].to(env.SOLVE_DTYPE)
-            sums[layer] += k.T @ k
-        count += take
-        texts_done += len(batch)
-        batches += 1
-        bar.update(take)
-        if batches % checkpoint_every == 0 and count < n_tokens:
-            for layer, p in zip(layers, partials):
-                _save_tensor_file(
-                    p,
-                    {
-                        "sum": sums[layer],
-                        "count": torch.tensor(count),
-                        "texts_done": torch.tensor(texts_done),
-                    },
-                )
-    bar.close()
+            enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
+            mask = enc["attention_mask"].bool()
+            with capture(model, list(paths.values()), outputs=False, stop_after=stop) as rec:
+                run_until_stopped(lambda enc=enc: model(**enc.to(handle.device)))
+            take = min(int(mask.sum()), n_tokens - count)
+            for layer, p in paths.items():
+                k = rec[p].input[mask][:take].to(env.SOLVE_DTYPE)
+                sums[layer] += k.T @ k
+            count += take
+            texts_done += len(batch)
+            batches += 1
+            bar.update(take)
+            if batches % checkpoint_every == 0 and count < n_tokens:
+                for layer, p in zip(layers, partials):
+                    _save_tensor_file(
+                        p,
+                        {
+                            "sum": sums[layer],
+                            "count": torch.tensor(count),
+                            "texts_done": torch.tensor(texts_done),
+                        },
+                    )
+    finally:  # closed before any error is printed
+        bar.close()
     if count < d_in:  # fewer keys than dimensions: E[k kᵀ] is singular, every solve with it meaningless
         raise LokaError(
             f"the statistics corpus gave {count} tokens, fewer than the {d_in} dimensions of the keys: pass a "
