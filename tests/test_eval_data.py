@@ -5,8 +5,8 @@ import pytest
 
 from loka import RequestError
 from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
-from loka.bench.relations import RELATIONS
 from loka.eval.data import load_cases, load_qa
+from loka.relations import RELATIONS
 
 from .conftest import DATA, PKG_DATA
 

@@ -11,8 +11,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from . import env  # sets HF_HUB_OFFLINE before transformers is imported
-
-__version__ = "0.1.0"
+from .version import __version__
 
 #: public name -> the module that defines it (relative to this package)
 _API = {

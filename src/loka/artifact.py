@@ -19,12 +19,11 @@ Guarantees (each backed by a test in ``tests/test_faults.py``):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,9 @@ import torch
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
+from . import runtime
 from .errors import ArtifactError, InputError, LokaError
+from .runtime import applied_context  # noqa: F401  (part of this module's public surface)
 from .utils.io import (
     atomic_dir,
     atomic_write_json,
@@ -47,44 +48,37 @@ from .utils.io import (
     sha256_bytes,
     sha256_file,
 )
+from .version import __version__
+from .weights import preserved_weights  # noqa: F401  (part of this module's public surface)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "loka-artifact"
 FORMAT_VERSION = 2  # 2: the id hashes the tensors and every field in ID_FIELDS
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
-CONTEXT_ATTR = "_loka_context"  # list of applied context artifacts (editing-free methods, e.g. SCR)
 MEMORY_ATTR = "_loka_memory"  # list of (artifact, hook handle) of applied memory artifacts (GRACE, …)
 
+#: method name -> ``attach(model, artifact) -> handle`` (``handle.remove()`` detaches): how a ``memory``
+#: artifact of that method installs its forward hooks. Methods fill it (``loka.methods.base.register``).
+MEMORY_KINDS: dict[str, Callable[[nn.Module, Artifact], Any]] = {}
 
-def applied_context(model: nn.Module) -> list:
-    """The context artifacts (fact stores) applied to ``model``, in order."""
-    return model.__dict__.get(CONTEXT_ATTR, [])
+
+def register_memory(method: str, attach: Callable[[nn.Module, Artifact], Any]) -> None:
+    """Say how a ``memory`` artifact of ``method`` is installed (its hooks) on a model."""
+    MEMORY_KINDS[method] = attach
 
 
-def _version() -> str:
-    from . import __version__
-
-    return __version__
+def merged_adapter(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
+    """A LoRA adapter's weight update ``scaling · B A`` in the weight's stored orientation (``(in, out)``
+    for Conv1D)."""
+    d = scaling * (b.double() @ a.double())
+    return (d.T if transposed else d).to(torch.float32).contiguous()
 
 
 def _model_of(target) -> tuple[nn.Module, str | None]:
     if isinstance(target, nn.Module):
         return target, None
     return target.model, target.model_hash
-
-
-@contextlib.contextmanager
-def preserved_weights(model: nn.Module, names: Iterable[str]) -> Iterator[None]:
-    """Restore the named parameters exactly when the block exits, normally or by an exception."""
-    names = list(dict.fromkeys(names))
-    backup = {n: model.get_parameter(n).detach().clone() for n in names}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, t in backup.items():
-                model.get_parameter(n).copy_(t)
 
 
 #: manifest fields that change what applying the artifact does: the id is a hash of them and the tensors
@@ -146,7 +140,7 @@ def applied_lineage(model: nn.Module) -> dict[str, str]:
     out: dict[str, str] = {}
     applied = [a for a, _ in model.__dict__.get(_STACK_ATTR, [])]
     applied += [a for a, _ in model.__dict__.get(MEMORY_ATTR, [])]
-    applied += list(model.__dict__.get(CONTEXT_ATTR, []))
+    applied += list(runtime.applied_context(model))
     for a in applied:
         for i in lineage(a):
             out[i] = a.id
@@ -226,7 +220,7 @@ class Artifact:
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                 for k, v in deltas.items()
             },
-            "loka_version": _version(),
+            "loka_version": __version__,
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "extra": extra or {},
         }
@@ -256,12 +250,11 @@ class Artifact:
             return self.deltas
         if self.kind != "adapter":
             return {}
-        from .methods.lora import merged_delta
 
         ad = self.manifest.get("extra", {}).get("adapter", {})
         try:
             return {
-                n: merged_delta(
+                n: merged_adapter(
                     self.deltas[f"{n}.lora_A"],
                     self.deltas[f"{n}.lora_B"],
                     float(ad["scaling"]),
@@ -340,19 +333,18 @@ class Artifact:
                     p.revert(target)
                 raise
             return self
-        if self.kind == "context":  # no weight changes: attach the fact store
-            ctx = model.__dict__.setdefault(CONTEXT_ATTR, [])
-            if any(a.id == self.id for a in ctx):
-                raise ArtifactError(f"artifact {self.id} is already applied to this model")
-            ctx.append(self)
+        if self.kind == "context":  # no weight changes: scoring consults the fact store (loka.runtime)
+            runtime.add_context(model, self)
             return self
-        if self.kind == "memory":  # no weight changes: the method installs its codebook as a hook
-            from .methods import get_method
-
+        if self.kind == "memory":  # no weight changes: the method's hooks are installed
+            attach = MEMORY_KINDS.get(self.method)
+            if attach is None:
+                raise ArtifactError(
+                    f"artifact {self.id} is a memory of method {self.method!r}, which this loka does not know; "
+                    "import loka.methods (loka.load_artifact does) or upgrade loka"
+                )
             mem = model.__dict__.setdefault(MEMORY_ATTR, [])
-            if any(a.id == self.id for a, _ in mem):
-                raise ArtifactError(f"artifact {self.id} is already applied to this model")
-            mem.append((self, get_method(self.method).attach(model, self)))
+            mem.append((self, attach(model, self)))
             return self
         stack = model.__dict__.setdefault(_STACK_ATTR, [])
         if any(a.id == self.id for a, _ in stack):
@@ -374,11 +366,8 @@ class Artifact:
                 p.revert(target)
             return self
         if self.kind == "context":
-            ctx = model.__dict__.get(CONTEXT_ATTR, [])
-            pos = next((i for i, a in enumerate(ctx) if a.id == self.id), None)
-            if pos is None:
+            if not runtime.remove_context(model, self.id):
                 raise ArtifactError(f"artifact {self.id} is not applied to this model")
-            del ctx[pos]
             return self
         if self.kind == "memory":
             mem = model.__dict__.get(MEMORY_ATTR, [])

@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import ArtifactError
 from .hf_compat import is_decode_step
+from .runtime import add_router, remove_router, routers, suspended
 from .trace import capture, run_until_stopped
 
 TOKENIZER_ATTR = "_loka_tokenizer"  # the handle's tokenizer, set on the model by the loader
@@ -100,7 +101,7 @@ def query_embeddings(handle, layer: int, texts: Sequence[str], batch_size: int =
         for i in range(0, len(texts), batch_size):
             enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
             with capture(handle.model, [path], outputs=False, stop_after=path) as rec:
-                with _suspended(handle.model):
+                with suspended(handle.model):  # neither routing nor plug for an embedding forward
                     run_until_stopped(
                         lambda enc=enc: handle.model(
                             **{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False
@@ -124,21 +125,6 @@ def encoder_embeddings(texts: Sequence[str]) -> torch.Tensor:
 def embeddings(handle, layer: int, texts: Sequence[str], source: str = "llm") -> torch.Tensor:
     """Retrieval embeddings of ``texts`` from ``source`` ("llm": :func:`query_embeddings`; "encoder")."""
     return encoder_embeddings(texts) if source == "encoder" else query_embeddings(handle, layer, texts)
-
-
-@contextlib.contextmanager
-def _suspended(model: nn.Module) -> Iterator[None]:
-    """Run with every applied codebook switched off: embedding forwards need neither its routing
-    (a router pass per call) nor its plug."""
-    books = [a.runtime for a in applied_codebooks(model)]
-    saved = [b.enabled for b in books]
-    for b in books:
-        b.enabled = False
-    try:
-        yield
-    finally:
-        for b, s in zip(books, saved):
-            b.enabled = s
 
 
 # -- the runtime ---------------------------------------------------------------------------------
@@ -228,9 +214,30 @@ class Codebook:
         finally:
             self.override = old
 
+    def groups(self, handle, prompts: Sequence[str]) -> list[tuple[int, list[int]]]:
+        """Prompt indices grouped by the memory each is routed to (router on the prompt text, then the
+        nearest memory to the prompt's embedding): ``[(memory id or -1, indices)]``, for
+        :func:`loka.runtime.route_groups`."""
+        uniq = list(dict.fromkeys(prompts))
+        if self.key_source == "encoder":
+            ids = self.route_encoder(uniq)
+        else:
+            active = self.router_probs(uniq) >= self.router_threshold
+            ids = torch.full((len(uniq),), -1, dtype=torch.long)
+            on = active.nonzero().flatten().tolist()  # retrieval only for the queries the router lets through
+            if on:
+                ids[on] = self.nearest(embeddings(handle, self.layer, [uniq[i] for i in on], self.key_source))
+        of = dict(zip(uniq, ids.tolist()))
+        out: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            out.setdefault(of[p], []).append(i)
+        return sorted(out.items())
+
     # hooks ------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> Codebook:
+        """Install the three hooks and register as the model's router (one codebook per model)."""
         self.remove()  # attached at most once
+        add_router(model, self)
         self._rows, self._pending, self.override = None, None, None
         self._handles = [
             model.register_forward_pre_hook(self._model_pre, with_kwargs=True),
@@ -244,6 +251,9 @@ class Codebook:
         for h in self._handles:
             h.remove()
         self._handles = []
+        model = getattr(self, "_model", None)
+        if model is not None:
+            remove_router(model, self)
 
     def _model_pre(self, module, args, kwargs):
         if not self.enabled or self.override is not None:
@@ -315,42 +325,18 @@ class Codebook:
         return out + extra.to(out.dtype)
 
 
-def applied_codebooks(model: nn.Module) -> list:
-    """The applied memory artifacts of ``model`` that carry a :class:`Codebook` (``artifact.runtime``)."""
-    from .artifact import MEMORY_ATTR
-
-    return [
-        a for a, _ in model.__dict__.get(MEMORY_ATTR, []) if isinstance(getattr(a, "runtime", None), Codebook)
-    ]
+def applied_codebooks(model: nn.Module) -> list[Codebook]:
+    """The codebooks applied to ``model`` (at most one)."""
+    return [r for r in routers(model) if isinstance(r, Codebook)]
 
 
 def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None, int | None, list[int]]]:
-    """Group prompt indices by the memory the applied codebook routes them to (router on the prompt
-    text, embedding of the prompt's last token): ``[(codebook, memory id, indices)]``. Without an
-    applied codebook: one group ``(None, None, all)``. Used by scoring and generation so that
-    teacher-forced ``prompt + answer`` rows are routed on the prompt alone."""
+    """``[(codebook, memory id, indices)]``: :meth:`Codebook.groups` of the applied codebook, or one
+    group ``(None, None, all)`` without one."""
     books = applied_codebooks(handle.model)
     if not books or not prompts:
         return [(None, None, list(range(len(prompts))))]
-    if len(books) > 1:
-        raise ArtifactError(
-            "more than one LOKA codebook is applied; revert one (a sequential update makes one codebook)"
-        )
-    book = books[0].runtime
-    uniq = list(dict.fromkeys(prompts))
-    if book.key_source == "encoder":
-        ids = book.route_encoder(uniq)
-    else:
-        active = book.router_probs(uniq) >= book.router_threshold
-        ids = torch.full((len(uniq),), -1, dtype=torch.long)
-        on = active.nonzero().flatten().tolist()  # retrieval only for the queries the router lets through
-        if on:
-            ids[on] = book.nearest(embeddings(handle, book.layer, [uniq[i] for i in on], book.key_source))
-    of = dict(zip(uniq, ids.tolist()))
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(of[p], []).append(i)
-    return [(book, j, idx) for j, idx in sorted(groups.items())]
+    return [(books[0], j, idx) for j, idx in books[0].groups(handle, list(prompts))]
 
 
 def selected(book: Codebook | None, memory: int | None):
@@ -369,7 +355,7 @@ class LokaModel:
 
     def __init__(self, handle, artifact=None):
         self.handle = handle
-        if artifact is not None and not any(a.id == artifact.id for a in applied_codebooks(handle.model)):
+        if artifact is not None and getattr(artifact, "runtime", None) not in applied_codebooks(handle.model):
             artifact.apply(handle)
         if not applied_codebooks(handle.model):
             raise ArtifactError(
@@ -378,7 +364,7 @@ class LokaModel:
 
     @property
     def codebook(self) -> Codebook:
-        return applied_codebooks(self.handle.model)[0].runtime
+        return applied_codebooks(self.handle.model)[0]
 
     @property
     def config(self):

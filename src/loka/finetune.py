@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import preserved_weights
 from .errors import LokaError
 from .forgetting import losses as L
 from .methods.base import check_loss
 from .models.loader import check_export_output
+from .weights import preserved_weights
 
 log = logging.getLogger(__name__)
 

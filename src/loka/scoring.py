@@ -23,12 +23,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .codebook import routed_groups, selected
 from .errors import ConfigError, RequestError
 from .fastlinear import packed_linears
 from .hf_compat import cache_out, select_cache_rows, with_cache
 from .hf_compat import generate as hf_generate
 from .packing import pack_trees, within_window
+from .runtime import rewrite_prompts, route_groups
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _score(
     With a context artifact applied (an editing-free method such as SCR) and ``context`` true, the
     prompts are first rewritten with the retrieved facts in front."""
     if context:
-        prompts = _contextualise(handle, prompts)
+        prompts = rewrite_prompts(handle, prompts)
     if mode not in SCORING_MODES:
         raise ConfigError(f"scoring mode {mode!r} is not one of {sorted(SCORING_MODES)}")
     tok = handle.tokenizer
@@ -182,8 +182,8 @@ def _score(
     by_prompt: dict[str, list[int]] = {}
     for r, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(r)
-    for book, memory, idx in routed_groups(handle, uniq):  # one group unless a LOKA codebook is applied
-        with selected(book, memory):
+    for select, idx in route_groups(handle, uniq):  # one group unless a codebook is applied
+        with select():
             yield from _score_chunks(
                 handle, [uniq[i] for i in idx], p_cache, by_prompt, prompts, targets, batch_size, mode
             )
@@ -212,16 +212,6 @@ def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size
                 logits = _rows_full(handle, p_ids, t_ids, owner)
         for r, lg, t in zip(rows, logits, t_ids):
             yield r, lg, torch.tensor(t)
-
-
-def _contextualise(handle, prompts: Sequence[str]) -> list[str]:
-    from .artifact import applied_context
-
-    if not applied_context(handle.model):
-        return list(prompts)
-    from .methods.scr import contextualise
-
-    return contextualise(handle, list(prompts))
 
 
 def target_logprobs(
@@ -268,14 +258,14 @@ def score_targets(
 def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
     """Greedy continuations (without the prompt)."""
     tok = handle.tokenizer
-    prompts = _contextualise(handle, prompts)
+    prompts = rewrite_prompts(handle, prompts)
     out: list[str] = [""] * len(prompts)
-    for book, memory, idx in routed_groups(handle, prompts):  # a LOKA codebook: one memory per group
+    for select, idx in route_groups(handle, prompts):  # a codebook: one memory per group
         old = tok.padding_side
         tok.padding_side = "left"
         try:
             enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True).to(handle.device)
-            with selected(book, memory):
+            with select():
                 seqs = hf_generate(
                     handle.model,
                     enc["input_ids"],

@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LokaError
+from ..relations import RELATIONS
 from ..resources import data_dir
 from ..utils.io import read_json
-from .relations import RELATIONS
 
 DATA = data_dir()  # the package data (loka/data)
 

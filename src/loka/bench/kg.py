@@ -435,7 +435,7 @@ def build_derived(
     (countries, languages, continents), one that is ever an object an **intermediate**, one that is
     only ever a subject a **leaf**. MQuAKE chains give the multi-hop paths.
     """
-    from .relations import RELATIONS
+    from ..relations import RELATIONS
 
     known_p = Path(known) if known else DATA / "known_1000.json"
     mq_p = Path(mquake) if mquake else DATA / "mquake" / "MQuAKE-hard.json"

@@ -75,9 +75,9 @@ def representations(
     """Next-token log-probabilities (n × V) and every layer's hidden state at the last prompt token
     (a list of n × d), right-padded batches so positions are those of an unpadded prompt. With a
     context artifact applied (SCR) the prompts carry their retrieved facts, as in scoring."""
-    from ..scoring import _contextualise
+    from ..runtime import rewrite_prompts
 
-    prompts = _contextualise(handle, prompts)
+    prompts = rewrite_prompts(handle, prompts)
     tok, model = handle.tokenizer, handle.model
     logps, hidden = [], None
     for s in range(0, len(prompts), batch_size):

@@ -112,16 +112,16 @@ def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_s
     answer token is the argmax) — the forget/keep check used by ``loka unlearn`` and the benchmarks."""
     import torch
 
-    from ..codebook import routed_groups, selected
+    from ..runtime import route_groups
     from . import losses as L
 
     out: list[dict] = [{}] * len(prompts)
     with torch.no_grad():
-        for book, memory, idx in routed_groups(handle, list(prompts)):  # LOKA: routed on the prompt
+        for select, idx in route_groups(handle, list(prompts)):  # a codebook: routed on the prompt
             for i in range(0, len(idx), batch_size):
                 part = idx[i : i + batch_size]
                 b = L.qa_batch(handle.tokenizer, [prompts[j] for j in part], [answers[j] for j in part])
-                with selected(book, memory):
+                with select():
                     lg, rows = L.answer_logits(handle, b)
                 lp, n = L.sequence_logprobs(lg, rows, b)
                 em = L.exact_match(lg, rows, b)

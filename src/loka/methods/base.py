@@ -237,7 +237,13 @@ REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add the method to :data:`REGISTRY` (and tell the artifact layer how its
+    ``memory`` artifacts are installed)."""
     REGISTRY[cls.name] = cls
+    if cls.kind == "memory":
+        from ..artifact import register_memory
+
+        register_memory(cls.name, cls.attach)
     return cls
 
 

@@ -268,13 +268,8 @@ class Loka(MemoryMethod):
 
     @classmethod
     def attach(cls, model, artifact) -> Codebook:
-        from ..codebook import applied_codebooks
-
-        if applied_codebooks(model):
-            raise LokaError(
-                "a LOKA codebook is already applied to this model; revert it first (a sequential "
-                "update with --state makes one codebook holding every batch)"
-            )
+        """Install the codebook's hooks and register it as the model's router (:mod:`loka.runtime`;
+        a second codebook on the same model is refused there)."""
         book = getattr(artifact, "runtime", None)  # re-applying reuses the built codebook (router, packs)
         if not isinstance(book, Codebook):
             book = cls.hook(artifact)

@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from ..artifact import merged_adapter
 from ..errors import LokaError
 from .base import PosFloat, PosInt, register
 from .train import TrainHParams, TrainMethod, _Trainable
@@ -103,7 +104,6 @@ class LoraMethod(TrainMethod):
                 model.__dict__.pop("peft_config", None)
 
 
-def merged_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, transposed: bool) -> torch.Tensor:
-    """``scaling · B A`` in the weight's stored orientation (``(in, out)`` for Conv1D)."""
-    d = scaling * (b.double() @ a.double())
-    return (d.T if transposed else d).to(torch.float32).contiguous()
+merged_delta = merged_adapter  # the adapter kind's own math (loka.artifact)
+
+

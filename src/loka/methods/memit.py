@@ -19,12 +19,12 @@ from typing import Literal
 import torch
 
 from .. import env
-from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
 from ..fastlinear import packed_linears
 from ..packing import within_window
 from ..stats import second_moments
 from ..trace import capture
+from ..weights import preserved_weights
 from .base import HParams, Layers, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import (
     Replay,

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 
 from .. import env
-from ..artifact import preserved_weights
 from ..corpus import corpus_from_spec
 from ..stats import second_moments
+from ..weights import preserved_weights
 from .base import HParams, Layer, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import optimize_values
 from .templates import context_templates

@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from ..artifact import applied_context
 from ..errors import ConfigError
+from ..runtime import applied_context, register_rewriter
 from .base import Cosine, HParams, Method, PosInt, register
 
 RELEVANCE = "Fact: {fact}\nQuestion: {query}...\nIs the fact about the subject of the question? Answer:"
@@ -76,10 +76,12 @@ def _pool(stores) -> tuple[list[str], list[str], torch.Tensor, ScrHParams]:
     return [facts[i] for i in keep], [queries[i] for i in keep], torch.cat(keys)[keep], hp
 
 
+@register_rewriter("scr")
 @torch.no_grad()
-def contextualise(handle, prompts: list[str]) -> list[str]:
-    """``prompts`` with the relevant stored facts prepended (unchanged when no store is applied)."""
-    stores = applied_context(handle.model)
+def contextualise(handle, prompts: list[str], stores: list | None = None) -> list[str]:
+    """``prompts`` with the relevant facts of the applied SCR stores prepended (unchanged when none is
+    applied); scoring calls it through :func:`loka.runtime.rewrite_prompts`."""
+    stores = [a for a in applied_context(handle.model) if a.method == "scr"] if stores is None else stores
     if not stores:
         return list(prompts)
     from ..encoder import load_encoder

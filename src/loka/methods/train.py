@@ -28,10 +28,10 @@ from typing import Annotated, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..artifact import preserved_weights
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..requests import ForgetRequest, RetainRequest
+from ..weights import preserved_weights
 from .base import Domain, HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,10 @@ def relearn_answer(req: ForgetRequest) -> str:
 
     The seed rewrites forget answers with an LLM so that they stay fluent but carry no forgotten
     fact. Offline we substitute the object by a vague phrase of its type: the request's own
-    ``target_new`` when given, else the relation's entry in :data:`loka.bench.relations.VAGUE`
+    ``target_new`` when given, else the relation's entry in :data:`loka.relations.VAGUE`
     ("The mother tongue of Danielle Darrieux is" → " a language"), else :data:`RELEARN_FALLBACK`.
     """
-    from ..bench.relations import VAGUE
+    from ..relations import VAGUE
 
     if req.target_new:
         return req.target_new
