@@ -69,8 +69,12 @@ def stamp(threads: int | None = None) -> dict:
     }
 
 
-def write_result(path: str | Path, payload: dict, threads: int | None = None) -> Path:
+def write_result(
+    path: str | Path, payload: dict, threads: int | None = None, provenance: dict | None = None
+) -> Path:
+    """Write ``payload`` with its provenance: ``provenance`` when the caller stamped the run at its start
+    (the commit it ran, not the one present when it ended), else a stamp taken now."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, {**payload, "provenance": stamp(threads)})
+    atomic_write_json(path, {**payload, "provenance": provenance or stamp(threads)})
     return path

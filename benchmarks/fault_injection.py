@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _stamp import write_result
+from _stamp import stamp, write_result
 
 LOKA = [sys.executable, "-m", "loka.cli"]
 TIMEOUT = 120
@@ -745,6 +745,7 @@ def main() -> None:
     ap.add_argument("--concurrency-rounds", type=int, default=3, help="rounds of 2 writers + 1 reader")
     ap.add_argument("--out", default="benchmarks/results/fault_injection.json", help="result JSON")
     args = ap.parse_args()
+    started = stamp(threads=1)
     root = Path(tempfile.mkdtemp(prefix="loka-faults-"))
     env = {**os.environ, "LOKA_HOME": str(root / "home"), "LOKA_THREADS": "1"}
     os.environ.update(env)
@@ -781,7 +782,9 @@ def main() -> None:
         f"data lost {counts['data lost']} ({time.time() - t0:.0f} s)"
     )
     path = write_result(
-        args.out, {"quick": args.quick, "cases": len(rows), "summary": summary, "rows": rows}, threads=1
+        args.out,
+        {"quick": args.quick, "cases": len(rows), "summary": summary, "rows": rows},
+        provenance=started,
     )
     print(f"wrote {path}")
 

@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 
 from .artifact import Artifact
 from .errors import LokaError, RequestError
-from .methods import default_hparams, get_method
+from .methods import default_hparams, get_method, methods_for
 from .methods.base import HParams, check_update
 from .methods.prune import check_alpha, prune_deltas
-from .requests import EditRequest, subject_last_token
+from .requests import EditRequest, UpdateBatch, subject_last_token
 from .state import EditState
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,14 @@ def edit(
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
-    requests = list(requests)
-    validate_requests(handle, requests)
+    requests = UpdateBatch.of(requests)
+    validate_requests(handle, list(requests))
     m = get_method(method)
+    if requests.forget and "forget" not in m.tasks:
+        raise RequestError(
+            f"{method} edits; it cannot forget: use a method that forgets ({', '.join(methods_for('forget'))}), "
+            "or loka.update, which edits with this one and forgets with another"
+        )
     if prune is not None:
         check_alpha(prune)  # before the method runs, not after
     if isinstance(hparams, HParams):
@@ -136,20 +141,6 @@ def edit(
     return art
 
 
-FORGET_METHODS = (
-    "ga",
-    "gd",
-    "npo",
-    "simnpo",
-    "idk",
-    "dpo",
-    "relearn",
-    "lora",
-    "loka",
-)  # methods with a forget loss
-TRAINING_METHODS = (*FORGET_METHODS, "ft")  # one run handles edit + forget + retain
-
-
 def unlearn(
     handle,
     forget,
@@ -175,7 +166,7 @@ def unlearn(
         raise RequestError(
             "retain requests must be RetainRequest (read them with read_requests(path, RetainRequest))"
         )
-    return edit(handle, forget + retain, method, hparams, apply=apply, progress=progress)
+    return edit(handle, UpdateBatch((*forget, *retain)), method, hparams, apply=apply, progress=progress)
 
 
 def update(
@@ -201,9 +192,15 @@ def update(
     from .artifact import bundle_artifacts, stack_artifacts
 
     edits, forget, retain = list(edits), list(forget), list(retain)
-    if method in TRAINING_METHODS:
+    if "forget" in get_method(method).tasks:  # a method that forgets does everything in one optimisation
         art = edit(
-            handle, edits + forget + retain, method, hparams, apply=apply, progress=progress, state=state
+            handle,
+            UpdateBatch((*edits, *forget, *retain)),
+            method,
+            hparams,
+            apply=apply,
+            progress=progress,
+            state=state,
         )
         return art, [
             f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"

@@ -882,9 +882,9 @@ class _MethodNames:
         from .methods import REGISTRY
 
         if self.which == "forget":
-            from .api import FORGET_METHODS
+            from .methods import methods_for
 
-            return [*self.extra, *FORGET_METHODS]
+            return [*self.extra, *methods_for("forget")]
         return [*self.extra, *sorted(REGISTRY)]
 
     def __contains__(self, name: object) -> bool:

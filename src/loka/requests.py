@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,46 @@ class ForgetRequest(EditRequest):
 @dataclass
 class RetainRequest(EditRequest):
     """A fact whose answer ``target_new`` must be kept (the retain set): learning it is the retain loss."""
+
+
+@dataclass(frozen=True)
+class UpdateBatch:
+    """The requests of one update, sorted once by what they ask: ``edits`` (learn a new answer),
+    ``forget`` (stop giving an answer) and ``retain`` (keep an answer). Iterating gives every request in
+    the order given (what the artifact records); methods read the three parts instead of testing types."""
+
+    items: tuple[EditRequest, ...]
+
+    @classmethod
+    def of(cls, requests: Sequence[EditRequest] | UpdateBatch) -> UpdateBatch:
+        return requests if isinstance(requests, UpdateBatch) else cls(tuple(requests))
+
+    @property
+    def forget(self) -> list[ForgetRequest]:
+        return [r for r in self.items if isinstance(r, ForgetRequest)]
+
+    @property
+    def retain(self) -> list[RetainRequest]:
+        return [r for r in self.items if isinstance(r, RetainRequest)]
+
+    @property
+    def edits(self) -> list[EditRequest]:
+        return [r for r in self.items if not isinstance(r, ForgetRequest | RetainRequest)]
+
+    def tasks(self) -> set[str]:
+        """The kinds of request present: a subset of {"edit", "forget", "retain"}."""
+        return {
+            k for k, part in (("edit", self.edits), ("forget", self.forget), ("retain", self.retain)) if part
+        }
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
 
 
 _FIELDS = {f.name for f in dataclasses.fields(EditRequest)}

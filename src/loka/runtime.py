@@ -103,7 +103,9 @@ def remove_router(model: nn.Module, router: Router) -> None:
         rs.remove(router)
 
 
-def route_groups(handle: Any, prompts: Sequence[str]) -> list[tuple[Callable[[], contextlib.AbstractContextManager], list[int]]]:
+def route_groups(
+    handle: Any, prompts: Sequence[str]
+) -> list[tuple[Callable[[], contextlib.AbstractContextManager], list[int]]]:
     """Prompt indices grouped by how they must run: ``[(select, indices)]``, where ``select()`` is the
     context manager to run that group under. Without a router: one group, nothing selected."""
     rs = routers(handle.model)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..bench.kg import KnowledgeGraph, Triple
 from ..bench.probes import Probe, generate_probes, retain_requests
 from ..errors import RequestError
+from ..methods import get_method
 from ..scoring import target_logprobs
 from ..utils.io import atomic_write_bytes, atomic_write_json, cached_json, hash_json
 from . import kg_metrics as km
@@ -33,7 +34,6 @@ from . import kg_metrics as km
 log = logging.getLogger(__name__)
 
 #: methods that only unlearn: ``loka kg run`` gives them forget interventions unless --task says otherwise
-UNLEARN_ONLY = ("ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn")
 SCORINGS = ("cloze", "mc")
 
 
@@ -183,8 +183,9 @@ def run_kg(
     domain); unlearning a fact the model never knew measures nothing. The summary says how many were known."""
     from ..api import edit, unlearn
 
-    task = task or ("forget" if method in UNLEARN_ONLY else "edit")
-    if task == "edit" and method in UNLEARN_ONLY:
+    m = get_method(method)
+    task = task or m.primary
+    if task == "edit" and m.primary == "forget":
         raise RequestError(f"method {method!r} only unlearns; use --task forget or an editing method")
     t0 = time.time()
     known = known_triples(handle, graph, level, domains, seed) if known_first else {}

@@ -1,6 +1,15 @@
-"""Editing and unlearning methods, behind one interface and a registry."""
+"""Editing and unlearning methods, behind one interface and a registry.
 
-from . import alphaedit, grace, loka, lora, lyaplock, memit, rome, scr, train, wise  # noqa: F401  (registration)
-from .base import REGISTRY, HParams, Method, default_hparams, get_method, register
+Every module of this package is imported here, so a method registers itself by being a file in it
+(``@register`` on its class): adding a method is one file plus its config folder.
+"""
 
-__all__ = ["REGISTRY", "HParams", "Method", "default_hparams", "get_method", "register"]
+import importlib
+import pkgutil
+
+from .base import REGISTRY, HParams, Method, default_hparams, get_method, methods_for, register
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")
+
+__all__ = ["REGISTRY", "HParams", "Method", "default_hparams", "get_method", "methods_for", "register"]

@@ -12,7 +12,8 @@ import functools
 import json
 import math
 import types
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -30,10 +31,13 @@ class Domain:
     le: float | None = None
     lt: float | None = None
     layers: bool = False  # a non-empty, strictly ascending list of layer indices
+    member_of: Mapping | None = field(default=None, hash=False, compare=False)  # a key of this registry
 
     def describe(self) -> str:
         if self.layers:
             return "a non-empty list of layer indices in ascending order, each once"
+        if self.member_of is not None:
+            return "one of " + ", ".join(repr(k) for k in sorted(self.member_of))
         parts = []
         if self.gt is not None:
             parts.append(f"> {self.gt:g}")
@@ -46,6 +50,8 @@ class Domain:
         return " and ".join(parts)
 
     def admits(self, v: Any) -> bool:
+        if self.member_of is not None:
+            return isinstance(v, str) and v in self.member_of
         if self.layers:
             return bool(v) and all(b > a for a, b in zip(v, v[1:])) and v[0] >= 0
         return not (
@@ -70,8 +76,8 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Annotated:
         base, *meta = get_args(tp)
         doms = [m for m in meta if isinstance(m, Domain)]
-        if any(d.layers for d in doms):
-            return next(d for d in doms if d.layers).describe()
+        if any(d.layers or d.member_of is not None for d in doms):
+            return next(d for d in doms if d.layers or d.member_of is not None).describe()
         cond = " and ".join(d.describe() for d in doms if d.describe())
         return f"{_type_name(base)} {cond}" if cond else _type_name(base)
     if get_origin(tp) is Literal:
@@ -208,8 +214,14 @@ class Method:
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type[HParams]]
+    #: the request kinds one run handles (``edit``, ``forget``, ``retain``): ``loka.update`` runs a method
+    #: that handles every kind given in one optimisation, else edits first and forgets second
+    tasks: ClassVar[frozenset[str]] = frozenset({"edit"})
+    #: the intervention the method is for: a KnowledgeSmith run gives it this task by default
+    primary: ClassVar[Literal["edit", "forget"]] = "edit"
     stateful: ClassVar[bool] = False  # needs the EditState of earlier batches in sequential editing
-    kind: ClassVar[str] = "weight-delta"  # or "context": the tensors are a store, not parameter deltas
+    #: the artifact kind it makes: weight-delta, adapter, memory (forward hooks), context (a fact store)
+    kind: ClassVar[Literal["weight-delta", "adapter", "memory", "context"]] = "weight-delta"
 
     def run(self, handle, requests, hparams, progress=None, state=None):  # pragma: no cover - interface
         raise NotImplementedError
@@ -245,6 +257,11 @@ def register(cls: type[Method]) -> type[Method]:
 
         register_memory(cls.name, cls.attach)
     return cls
+
+
+def methods_for(task: str) -> list[str]:
+    """The registered methods that handle ``task`` ("edit", "forget" or "retain"), sorted."""
+    return sorted(n for n, m in REGISTRY.items() if task in m.tasks)
 
 
 def get_method(name: str) -> Method:

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
 from ..errors import LokaError
 from ..forgetting import losses as L
-from ..requests import EditRequest, ForgetRequest, RetainRequest
+from ..requests import UpdateBatch
 from ..router import Router, train_router
 from ..state import EditState
 from .base import (
@@ -132,15 +132,6 @@ class _Item:
     answer: str
     request: dict
     emb: torch.Tensor
-
-
-def _split(requests):
-    forget = [r for r in requests if isinstance(r, ForgetRequest)]
-    retain = [r for r in requests if isinstance(r, RetainRequest)]
-    edits = [
-        r for r in requests if isinstance(r, EditRequest) and not isinstance(r, ForgetRequest | RetainRequest)
-    ]
-    return edits, forget, retain
 
 
 def _check(hp: LokaHParams) -> None:
@@ -245,6 +236,7 @@ def _sub(batch, idx):
 class Loka(MemoryMethod):
     name = "loka"
     hparams_cls = LokaHParams
+    tasks = frozenset({"edit", "forget", "retain"})
     stateful = True
 
     @staticmethod
@@ -281,7 +273,8 @@ class Loka(MemoryMethod):
     def run(self, handle, requests, hp: LokaHParams, progress=None, state=None):
         _check(hp)
         layer = handle.check_layer(hp.layer, "layer")
-        edits, forget, retain = _split(requests)
+        batch = UpdateBatch.of(requests)
+        edits, forget, retain = batch.edits, batch.forget, batch.retain
         prev = _previous(state)
         if not edits and not forget and not prev["items"]:
             raise LokaError("loka: nothing to edit or forget (only retain requests were given)")

@@ -17,23 +17,22 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated
 
 import torch
 
 from ..artifact import merged_adapter
 from ..errors import LokaError
-from .base import PosFloat, PosInt, register
+from ..forgetting.objectives import FORGET_LOSSES, ForgetLoss
+from .base import Domain, PosFloat, PosInt, register
 from .train import TrainHParams, TrainMethod, _Trainable
-
-FORGET_LOSSES = ("ga", "npo", "simnpo", "idk", "dpo", "relearn")
 
 
 @dataclass
 class LoraHParams(TrainHParams):
     rank: PosInt = 8
     lora_alpha: PosFloat = 16.0
-    forget_loss: Literal["ga", "npo", "simnpo", "idk", "dpo", "relearn"] = "npo"
+    forget_loss: Annotated[str, Domain(member_of=FORGET_LOSSES)] = "npo"  # a registered unlearning objective
 
 
 class _LoraFactors(_Trainable):
@@ -58,16 +57,10 @@ class LoraMethod(TrainMethod):
     name = "lora"
     hparams_cls = LoraHParams
     kind = "adapter"
+    primary = "edit"
 
-    def run(self, handle, requests, hp: LoraHParams, progress=None, state=None):
-        if hp.forget_loss not in FORGET_LOSSES:
-            raise LokaError(
-                f"hyperparameter forget_loss must be one of {FORGET_LOSSES}, got {hp.forget_loss!r}"
-            )
-        if hp.rank < 1:
-            raise LokaError(f"hyperparameter rank must be >= 1, got {hp.rank}")
-        self.forget = hp.forget_loss
-        return super().run(handle, requests, hp, progress, state)
+    def forget_loss(self, hp: LoraHParams) -> ForgetLoss:
+        return FORGET_LOSSES[hp.forget_loss]
 
     @contextlib.contextmanager
     def _trainable(self, handle, names: list[str], hp: LoraHParams) -> Iterator[_Trainable]:
@@ -105,5 +98,3 @@ class LoraMethod(TrainMethod):
 
 
 merged_delta = merged_adapter  # the adapter kind's own math (loka.artifact)
-
-

@@ -17,49 +17,30 @@ model of NPO/DPO/KL is the model at the start, so its numbers are computed once,
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib import resources
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import LokaError
 from ..forgetting import losses as L
-from ..requests import ForgetRequest, RetainRequest
+from ..forgetting.objectives import (  # noqa: F401  (relearn_answer, refusals: part of this module's surface)
+    FORGET_LOSSES,
+    RELEARN_FALLBACK,
+    ForgetLoss,
+    ForgetStep,
+    refusals,
+    relearn_answer,
+)
+from ..requests import UpdateBatch
 from ..weights import preserved_weights
 from .base import Domain, HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
 
 log = logging.getLogger(__name__)
-
-
-#: ReLearn's fallback rewrite for a forget request without a known relation (e.g. TOFU questions).
-RELEARN_FALLBACK = "not something I have reliable information about"
-
-
-def relearn_answer(req: ForgetRequest) -> str:
-    """ReLearn's positive target for a forget request, built offline (ALGORITHMS.md §6.2).
-
-    The seed rewrites forget answers with an LLM so that they stay fluent but carry no forgotten
-    fact. Offline we substitute the object by a vague phrase of its type: the request's own
-    ``target_new`` when given, else the relation's entry in :data:`loka.relations.VAGUE`
-    ("The mother tongue of Danielle Darrieux is" → " a language"), else :data:`RELEARN_FALLBACK`.
-    """
-    from ..relations import VAGUE
-
-    if req.target_new:
-        return req.target_new
-    return VAGUE.get(req.relation_id or "", RELEARN_FALLBACK)
-
-
-def refusals() -> list[str]:
-    """TOFU's refusal strings (``idontknow.jsonl``), bundled with the package."""
-    text = (resources.files("loka") / "forgetting" / "idontknow.jsonl").read_text()
-    return [json.loads(x) if x.strip().startswith('"') else x.strip() for x in text.splitlines() if x.strip()]
 
 
 @dataclass
@@ -83,21 +64,24 @@ class TrainHParams(HParams):
 
 
 class TrainMethod(Method):
-    """Shared trainer; subclasses name their forget loss in ``forget``."""
+    """The generic trainer: ``γ·L_forget + w_edit·NLL(edits) + α·L_retain``; a subclass names its
+    unlearning objective (:data:`loka.forgetting.objectives.FORGET_LOSSES`) in ``objective``."""
 
-    forget: str = "ga"
+    objective: ClassVar[str] = "ga"
     hparams_cls = TrainHParams
+    tasks = frozenset({"edit", "forget", "retain"})
+    primary = "forget"
+
+    def forget_loss(self, hp) -> ForgetLoss:
+        return FORGET_LOSSES[self.objective]
 
     def run(self, handle, requests, hp: TrainHParams, progress=None, state=None):
-        if hp.retain_loss not in ("nll", "kl"):
-            raise LokaError(f"hyperparameter retain_loss must be 'nll' or 'kl', got {hp.retain_loss!r}")
-        forget = [r for r in requests if isinstance(r, ForgetRequest)]
-        retain = [r for r in requests if isinstance(r, RetainRequest)]
-        edits = [r for r in requests if not isinstance(r, ForgetRequest | RetainRequest)]
+        batch = UpdateBatch.of(requests)
+        forget, retain, edits = batch.forget, batch.retain, batch.edits
         if not forget and not edits:
             raise LokaError(f"{self.name}: nothing to forget or edit (only retain requests were given)")
-        if self.name == "ga" and retain:
-            log.warning("ga has no retain term: %d retain request(s) ignored (use gd)", len(retain))
+        if "retain" not in self.tasks and retain:
+            log.warning("%s has no retain term: %d retain request(s) ignored", self.name, len(retain))
             retain = []
         tok = handle.tokenizer
         rng = self._rng = random.Random(hp.seed)
@@ -106,24 +90,18 @@ class TrainMethod(Method):
         fb = L.qa_batch(tok, [r.text for r in forget], [r.target_true for r in forget]) if forget else None
         eb = L.qa_batch(tok, [r.text for r in edits], [r.target_new for r in edits]) if edits else None
         rb = L.qa_batch(tok, [r.text for r in retain], [r.target_new for r in retain]) if retain else None
-        wb = None
-        if forget and self.forget in ("idk", "dpo"):
-            pool = refusals()
-            wb = L.qa_batch(tok, [r.text for r in forget], [r.target_new or rng.choice(pool) for r in forget])
-        elif (
-            forget and self.forget == "relearn"
-        ):  # rewrites on the prompt and every paraphrase (augmentation)
-            qs = [(q, relearn_answer(r)) for r in forget for q in [r.text, *r.paraphrases]]
-            wb = L.qa_batch(tok, [q for q, _ in qs], [a for _, a in qs])
-        ref = self._reference(handle, fb, wb, rb, hp)
+        objective = self.forget_loss(hp)
+        wins = objective.wins(forget, rng) if forget else None
+        wb = L.qa_batch(tok, [q for q, _ in wins], [a for _, a in wins]) if wins else None
+        ref = self._reference(handle, objective, fb, wb, rb, hp)
         info: dict = {
             "forget": len(forget),
             "edit": len(edits),
             "retain": len(retain),
             "trained": names,
-            "forget_loss": self.forget,
+            "forget_loss": objective.name,
         }
-        if wb is not None and self.forget == "relearn":
+        if wb is not None and objective.name == "relearn":
             info["relearn_rows"] = len(wb)
         with self._trainable(handle, names, hp) as tr:
             params = tr.params
@@ -142,7 +120,7 @@ class TrainMethod(Method):
                     ei = _sample(rng, len(eb) if eb else 0, hp.batch_size)
                     ri = _sample(rng, len(rb) if rb else 0, hp.retain_batch_size)
                     opt.zero_grad()
-                    parts, seen = self._losses(handle, fb, eb, rb, wb, ref, fi, ei, ri, hp)
+                    parts, seen = self._losses(handle, objective, fb, eb, rb, wb, ref, fi, ei, ri, hp)
                     loss = sum(parts.values())
                     check_loss(loss, self.name, step, fix="lower lr, gamma, alpha or edit_weight")
                     loss.backward()
@@ -189,12 +167,12 @@ class TrainMethod(Method):
                     p.requires_grad_(False)
 
     @torch.no_grad()
-    def _reference(self, handle, fb, wb, rb, hp) -> dict:
+    def _reference(self, handle, objective: ForgetLoss, fb, wb, rb, hp) -> dict:
         ref: dict = {}
-        if fb is not None and self.forget in ("npo", "dpo"):
+        if fb is not None and objective.reference:
             lg, rows = L.answer_logits(handle, fb)
             ref["forget"] = L.sequence_logprobs(lg, rows, fb)[0]
-        if wb is not None and self.forget == "dpo":
+        if wb is not None and objective.win_reference:
             lg, rows = L.answer_logits(handle, wb)
             ref["win"] = L.sequence_logprobs(lg, rows, wb)[0]
         if rb is not None and hp.retain_loss == "kl":
@@ -203,7 +181,9 @@ class TrainMethod(Method):
             ref["retain_rows"] = rows
         return ref
 
-    def _losses(self, handle, fb, eb, rb, wb, ref, fi, ei, ri, hp) -> tuple[dict, dict]:
+    def _losses(
+        self, handle, objective: ForgetLoss, fb, eb, rb, wb, ref, fi, ei, ri, hp
+    ) -> tuple[dict, dict]:
         """The loss terms of one step, and the exact-match rates of this step's forget/edit rows
         (before the update: a cheap first test of the stopping rule)."""
         parts: dict = {}
@@ -213,29 +193,13 @@ class TrainMethod(Method):
             lg, rows = L.answer_logits(handle, b)
             lp, n = L.sequence_logprobs(lg, rows, b)
             seen["forget_em"] = float(L.exact_match(lg.detach(), rows, b).mean())
-            f = self.forget
-            if f == "ga":
-                parts["forget"] = hp.gamma * L.ga_loss(lp, n)
-            elif f == "npo":
-                parts["forget"] = hp.gamma * L.npo_loss(lp, ref["forget"][fi], hp.beta)
-            elif f == "simnpo":
-                parts["forget"] = hp.gamma * L.simnpo_loss(lp, n, hp.beta, hp.delta)
-            elif f == "relearn":  # positive learning on the rewrites, sampled on their own rows
-                w = _rows(wb, _sample(self._rng, len(wb), hp.batch_size))
-                wlg, wrows = L.answer_logits(handle, w)
-                parts["forget"] = hp.gamma * L.nll_loss(*L.sequence_logprobs(wlg, wrows, w))
-            elif f in ("idk", "dpo"):
-                w = _rows(wb, fi)
-                wlg, wrows = L.answer_logits(handle, w)
-                wlp, wn = L.sequence_logprobs(wlg, wrows, w)
-                if f == "idk":
-                    parts["forget"] = hp.gamma * L.nll_loss(wlp, wn)
-                else:
-                    parts["forget"] = hp.gamma * L.dpo_loss(
-                        wlp, ref["win"][fi], lp, ref["forget"][fi], hp.beta
-                    )
-            else:  # pragma: no cover - registry guarantees the names
-                raise LokaError(f"unknown forget loss {f!r}")
+
+            def logprobs(batch: L.QABatch):
+                blg, brows = L.answer_logits(handle, batch)
+                return L.sequence_logprobs(blg, brows, batch)
+
+            step = ForgetStep(lp, n, fi, ref, wb, hp, self._rng, logprobs, _rows, _sample)
+            parts["forget"] = hp.gamma * objective.loss(step)
         if eb is not None and len(ei):
             b = _rows(eb, ei)
             lg, rows = L.answer_logits(handle, b)
@@ -325,21 +289,61 @@ def _rows(b: L.QABatch, idx: torch.Tensor) -> L.QABatch:
     return L.QABatch(b.input_ids[idx, :width], mask[:, :width], b.labels[idx, :width])
 
 
-def _make(name: str, forget: str, doc: str) -> type[TrainMethod]:
-    cls = type(name.capitalize() + "Method", (TrainMethod,), {"name": name, "forget": forget, "__doc__": doc})
-    return register(cls)
+@register
+class GA(TrainMethod):
+    """Gradient ascent on the forget answers (no retain term)."""
+
+    name, objective = "ga", "ga"
+    tasks = frozenset({"edit", "forget"})
 
 
-_make("ga", "ga", "Gradient ascent on the forget answers (no retain term).")
-_make("gd", "ga", "Gradient difference: gradient ascent on forget answers + α·retain loss.")
-_make("npo", "npo", "Negative preference optimisation (Zhang et al. 2024) + α·retain loss.")
-_make("simnpo", "simnpo", "SimNPO: reference-free, length-normalised NPO + α·retain loss.")
-_make("idk", "idk", "Fine-tune forget prompts to 'I don't know'-style refusals + α·retain loss.")
-_make("dpo", "dpo", "IdkPO: DPO preferring a refusal over the forget answer + α·retain loss.")
-_make(
-    "relearn",
-    "relearn",
-    "ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity "
-    "(on the prompt and its paraphrases) + α·retain loss.",
-)
-_make("ft", "ga", "FT-L: fine-tune one MLP output matrix on the new answers under an L∞ constraint.")
+@register
+class GD(TrainMethod):
+    """Gradient difference: gradient ascent on the forget answers + α·retain loss."""
+
+    name, objective = "gd", "ga"
+
+
+@register
+class NPOMethod(TrainMethod):
+    """Negative preference optimisation (Zhang et al. 2024) + α·retain loss."""
+
+    name, objective = "npo", "npo"
+
+
+@register
+class SimNPOMethod(TrainMethod):
+    """SimNPO: reference-free, length-normalised NPO + α·retain loss."""
+
+    name, objective = "simnpo", "simnpo"
+
+
+@register
+class IdKMethod(TrainMethod):
+    """Fine-tune forget prompts to "I don't know"-style refusals + α·retain loss."""
+
+    name, objective = "idk", "idk"
+
+
+@register
+class DPOMethod(TrainMethod):
+    """IdkPO: DPO preferring a refusal over the forget answer + α·retain loss."""
+
+    name, objective = "dpo", "dpo"
+
+
+@register
+class ReLearnMethod(TrainMethod):
+    """ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity (on the prompt
+    and its paraphrases) + α·retain loss."""
+
+    name, objective = "relearn", "relearn"
+
+
+@register
+class FT(TrainMethod):
+    """FT-L: fine-tune MLP output matrices on the new answers under an L∞ constraint (forget rows, if
+    any, by gradient ascent)."""
+
+    name, objective = "ft", "ga"
+    primary = "edit"
