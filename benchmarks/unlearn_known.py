@@ -31,7 +31,8 @@ from loka.forgetting.metrics import answer_stats
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
 from loka.utils.io import atomic_write_json
 
-METHODS = ["ga", "gd", "npo", "simnpo", "idk", "dpo", "relearn"]
+#: every registered method made for forgetting, in registration order
+METHODS = [name for name, m in loka.METHODS.items() if m.primary == "forget"]
 
 
 def _em(handle, prompts, answers) -> tuple[float, float]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loka
-from loka.methods.locate import Replay, _forward, build_prompts, module_io_at_lookup
+from loka.methods.locate import Replay, build_prompts, module_io_at_lookup, prompt_forward
 from loka.methods.memit import memit_solve
 from loka.methods.templates import context_templates
 
@@ -26,7 +26,9 @@ def test_replay_reproduces_the_full_forward(tiny, align):
     reqs = [REQ, loka.EditRequest("The sport {} plays is", "Lionel Messi", "tennis")]
     batch = build_prompts(tiny, reqs, context_templates(tiny), align=align)
     plain = build_prompts(tiny, reqs, context_templates(tiny))
-    ref = _forward(tiny, plain).logits[plain.tgt_rows, plain.tgt_cols]  # unpadded positions, no alignment
+    ref = prompt_forward(tiny, plain).logits[
+        plain.tgt_rows, plain.tgt_cols
+    ]  # unpadded positions, no alignment
     for start in (0, 2, 3):
         rep = Replay(tiny, batch, start)
         assert (rep.split is not None) == align  # the suffix-only path is really taken
@@ -227,10 +229,10 @@ def test_grouped_value_search_equals_the_single_padded_batch(tiny, monkeypatch):
     ]
     tm = context_templates(tiny)
     out = {}
-    monkeypatch.setattr(locate, "GROUP_COST_COLUMNS", 0)  # "suffix": one bucket per suffix length
-    lens = {locate._suffix_len(tiny.tokenizer, r) for r in reqs}
+    monkeypatch.setattr(locate.grouping, "GROUP_COST_COLUMNS", 0)  # "suffix": one bucket per suffix length
+    lens = {locate.suffix_len(tiny.tokenizer, r) for r in reqs}
     assert (
-        len(locate.suffix_buckets([locate._suffix_len(tiny.tokenizer, r) for r in reqs], 6)) == len(lens) > 1
+        len(locate.suffix_buckets([locate.suffix_len(tiny.tokenizer, r) for r in reqs], 6)) == len(lens) > 1
     )
     for mode in ("none", "template", "kl", "suffix"):
         hp = loka.default_hparams("rome", tiny, {**tiny.hp, "layer": 1, "v_grouping": mode, "v_steps": 6})
