@@ -79,7 +79,7 @@ def _query_sets(task: dict) -> dict:
 
 def router_rates(handle, task: dict) -> dict:
     """Share of each query set for which the applied codebook's router fires."""
-    from loka.codebook import applied_codebooks
+    from loka.methods.codebook import applied_codebooks
 
     book = applied_codebooks(handle.model)[0].runtime
     return {
@@ -91,7 +91,7 @@ def router_rates(handle, task: dict) -> dict:
 def memory_rates(handle, task: dict) -> dict:
     """Share of each query set answered with a memory: the router fires *and* the retrieval gate
     (``match_threshold``) lets the query through."""
-    from loka.codebook import LokaModel
+    from loka.methods.codebook import LokaModel
 
     lm = LokaModel(handle)
     return {k: sum(j >= 0 for j in lm.route(v)) / len(v) for k, v in _query_sets(task).items()}

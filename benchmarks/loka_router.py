@@ -23,9 +23,8 @@ import torch
 from joint_update import requests_of
 
 from loka.bench.tasks import build_tasks
-from loka.codebook import encoder_embeddings
-from loka.methods.loka import Loka, LokaHParams, _Item
-from loka.router import train_router
+from loka.methods.codebook import Loka, LokaHParams, encoder_embeddings, train_router
+from loka.methods.codebook.method import _Item
 from loka.utils.io import atomic_write_json
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]

@@ -24,7 +24,7 @@ import torch
 import loka
 from loka.artifact import Artifact, load_artifact, stack_artifacts
 from loka.cli import main
-from loka.methods.loka import CodebookFolder
+from loka.methods.codebook import CodebookFolder
 from loka.sequential import BatchFolder
 
 REQ = loka.EditRequest("{} lives in the city of", "Alice Marlow", "Q")

@@ -12,7 +12,7 @@ import torch
 
 import loka
 from loka import hf_compat
-from loka.codebook import Codebook, query_embeddings
+from loka.methods.codebook import Codebook, query_embeddings
 from loka.models.tiny import TINY_NAMES
 
 SRC = Path(loka.__file__).parent

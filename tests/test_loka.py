@@ -12,9 +12,18 @@ import torch
 
 import loka
 from loka import EditRequest, ForgetRequest, RetainRequest
-from loka.codebook import Codebook, LokaModel, conflict_score, kmeans, lsh_hash, mgda_two, routed_groups
 from loka.forgetting.metrics import answer_stats
-from loka.methods.loka import CodebookFolder, state_from_artifact
+from loka.methods.codebook import (
+    Codebook,
+    CodebookFolder,
+    LokaModel,
+    conflict_score,
+    kmeans,
+    lsh_hash,
+    mgda_two,
+    routed_groups,
+    state_from_artifact,
+)
 
 from .conftest import answer_em as _em
 from .conftest import prompt_logits as _logits
@@ -227,7 +236,7 @@ def test_match_threshold_keeps_unrelated_queries_on_the_base_model():
     """Without a router every query reaches a memory; the retrieval gate (``match_threshold``, 0.65 by
     default with encoder keys) sends a query that is not close to any updated query to the base model,
     bit for bit, while the updated queries and a near paraphrase keep their memory. 0 turns it off."""
-    from loka.codebook import LokaModel, encoder_embeddings
+    from loka.methods.codebook import LokaModel, encoder_embeddings
 
     h = loka.load_model("tiny-llama")
     near, far = "Zorblax Quint was born in the town of", "The chemical symbol of gold is"
@@ -467,7 +476,7 @@ def test_router_and_key_share_one_encoder_pass():
     from there through the base's top layer: the same probabilities and keys as two full passes, and
     codebook routing with MiniLM keys gives the ids of router-then-nearest."""
     from loka.encoder import load_encoder
-    from loka.router import train_router
+    from loka.methods.codebook import train_router
 
     router, _ = train_router(
         ["The Eiffel Tower is in", "Alan Turing was born in"],

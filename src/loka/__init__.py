@@ -19,7 +19,6 @@ _API = {
     ".artifact": ["Artifact", "bundle_artifacts", "load_artifact", "preserved_weights", "stack_artifacts"],
     ".bench.kg": ["KnowledgeGraph", "build_curated", "build_derived", "load_graph"],
     ".bench.probes": ["generate_probes"],
-    ".codebook": ["LokaModel"],
     ".env": ["set_threads"],
     ".errors": [
         "ArtifactError",
@@ -35,7 +34,7 @@ _API = {
     ".eval.html_report": ["write_report"],
     ".eval.kg_runner": ["run_kg"],
     ".methods": ["default_hparams", "get_method"],
-    ".methods.loka": ["CodebookFolder", "state_from_artifact"],
+    ".methods.codebook": ["CodebookFolder", "LokaModel", "state_from_artifact"],
     ".models": ["KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model"],
     ".requests": ["EditRequest", "ForgetRequest", "RetainRequest", "read_requests", "request_from_record"],
     ".scoring": ["generate", "target_logprobs"],
@@ -54,7 +53,6 @@ if TYPE_CHECKING:
     from .artifact import Artifact, bundle_artifacts, load_artifact, preserved_weights, stack_artifacts
     from .bench.kg import KnowledgeGraph, build_curated, build_derived, load_graph
     from .bench.probes import generate_probes
-    from .codebook import LokaModel
     from .env import set_threads
     from .errors import (
         ArtifactError,
@@ -71,7 +69,7 @@ if TYPE_CHECKING:
     from .eval.kg_runner import run_kg
     from .methods import REGISTRY as METHODS
     from .methods import default_hparams, get_method
-    from .methods.loka import CodebookFolder, state_from_artifact
+    from .methods.codebook import CodebookFolder, LokaModel, state_from_artifact
     from .models import KNOWN_MODELS, ArchSpec, ModelHandle, list_models, load_model
     from .requests import EditRequest, ForgetRequest, RetainRequest, read_requests, request_from_record
     from .scoring import generate, target_logprobs

@@ -187,7 +187,7 @@ def update(
     A training method does all three in one optimisation. A single-task method (ROME, MEMIT, …)
     edits first; then ``forget_method`` forgets on top of the edited model with the same retain set.
     Returns one (stacked) artifact and the list of steps that ran, so callers can say what happened.
-    ``state`` continues a sequential LOKA codebook (:func:`loka.methods.loka.state_from_artifact`).
+    ``state`` continues a sequential LOKA codebook (:func:`loka.methods.codebook.state_from_artifact`).
     """
     from .artifact import bundle_artifacts, stack_artifacts
 

@@ -149,14 +149,25 @@ def applied_lineage(model: nn.Module) -> dict[str, str]:
 
 def is_artifact_dir(path: Path) -> bool:
     """Whether ``path`` is a folder loka wrote as an artifact: only ``manifest.json`` and
-    ``deltas.safetensors``, and a manifest of loka's format."""
-    try:
-        names = set(os.listdir(path))
-        if not names or not names <= set(FILES):
+    ``deltas.safetensors``, and a manifest of loka's format. Read through one handle of the folder,
+    and again if a concurrent writer swapped it meanwhile."""
+    for _ in range(5):
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
             return False
-        return read_json(path / "manifest.json", MAX_MANIFEST_BYTES).get("format") == FORMAT
-    except (OSError, LokaError, AttributeError):
-        return False
+        try:
+            st = os.fstat(dfd)
+            names = set(os.listdir(dfd))
+            if names and names <= set(FILES):
+                return read_json("manifest.json", MAX_MANIFEST_BYTES, dir_fd=dfd).get("format") == FORMAT
+        except (OSError, LokaError, AttributeError):
+            pass
+        finally:
+            os.close(dfd)
+        if _still_at(path, st):
+            return False
+    return False
 
 
 def check_artifact_output(path: str | Path, force: bool = False) -> Path:

@@ -363,7 +363,7 @@ def cmd_update(args) -> int:
         args.rollback is not None or args.rollback_last is not None or args.keep_first is not None
     )
     if args.state or wants_rollback:
-        from .methods.loka import CodebookFolder
+        from .methods.codebook import CodebookFolder
 
         if args.method != "loka" or not args.state:
             raise ConfigError(

@@ -69,7 +69,7 @@ def _io_at_answer_positions(
     return r.input[pos[:, 0], pos[:, 1]].float(), r.output[pos[:, 0], pos[:, 1]].float(), pos
 
 
-class Codebook:
+class GraceMemory:
     """The forward hook of an applied GRACE artifact: replace outputs whose input is within a radius."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, eps: torch.Tensor):
@@ -96,8 +96,8 @@ class Grace(MemoryMethod):
     hparams_cls = GraceHParams
 
     @staticmethod
-    def hook(artifact) -> Codebook:
-        return Codebook(
+    def hook(artifact) -> GraceMemory:
+        return GraceMemory(
             artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"]
         )
 

@@ -5,7 +5,7 @@ A codebook holds ``m`` memories ``M_j = W + Δ_j`` of one MLP output matrix ``W`
 stored as deltas so that an untrained memory (``Δ_j = 0``) is the base weight exactly. A query is
 answered by:
 
-1. the router (:mod:`loka.router`): if ``P(updated | query) < τ_router`` the base model answers;
+1. the router (:mod:`loka.methods.codebook.router`): if ``P(updated | query) < τ_router`` the base model answers;
 2. its embedding ``e(x)`` — the residual stream entering block ``ℓ`` at the query's last token,
    L2-normalised (the layer before the target FFN);
 3. retrieval: the memory whose key (cluster centroid) is nearest to ``e(x)``; with LSH mapping only
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArtifactError
-from .hf_compat import is_decode_step
-from .runtime import add_router, remove_router, routers, suspended
-from .trace import capture, run_until_stopped
+from ...errors import ArtifactError
+from ...hf_compat import is_decode_step
+from ...runtime import add_router, remove_router, routers, suspended
+from ...trace import capture, run_until_stopped
 
 TOKENIZER_ATTR = "_loka_tokenizer"  # the handle's tokenizer, set on the model by the loader
 
@@ -117,7 +117,7 @@ def query_embeddings(handle, layer: int, texts: Sequence[str], batch_size: int =
 
 def encoder_embeddings(texts: Sequence[str]) -> torch.Tensor:
     """MiniLM sentence embeddings (unit vectors): the ``key_source="encoder"`` alternative to ``e(x)``."""
-    from .encoder import load_encoder
+    from ...encoder import load_encoder
 
     return load_encoder().encode(list(texts))
 
@@ -196,7 +196,7 @@ class Codebook:
         """Memory id per text with MiniLM keys (``key_source="encoder"``), ``-1`` where the base model
         answers. The router and the key share one encoder pass (:meth:`Router.probs_and_embeddings`):
         the key costs only the encoder's top layer(s) on top of the router's forward."""
-        from .encoder import load_encoder
+        from ...encoder import load_encoder
 
         if self.router is None:
             return self.nearest(encoder_embeddings(texts))
@@ -389,11 +389,11 @@ class LokaModel:
         return out
 
     def score(self, prompts: Sequence[str], targets: Sequence[str]) -> list[dict]:
-        from .scoring import target_logprobs
+        from ...scoring import target_logprobs
 
         return target_logprobs(self.handle, list(prompts), list(targets))
 
     def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
-        from .scoring import generate
+        from ...scoring import generate
 
         return generate(self.handle, list(prompts), max_new_tokens=max_new_tokens)

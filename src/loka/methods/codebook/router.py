@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import load_encoder
-from .errors import DivergenceError
-from .fastlinear import PackedLinears
+from ...encoder import load_encoder
+from ...errors import DivergenceError
+from ...fastlinear import PackedLinears
 
 PREFIX = "router."
 
@@ -67,7 +67,7 @@ class Router:
         first = self.first_trained_layer()
         if first is None:
             return self.probs(texts, batch_size), base.encode(list(texts), batch_size)
-        from .trace import block_output, capture
+        from ...trace import block_output, capture
 
         path = f"encoder.layer.{first}"
         top = base.model.encoder.layer[first:]

@@ -5,7 +5,7 @@ requests (answers that must not move) — one request model, the two tasks diffe
 and returns a codebook artifact (kind ``memory``; the base weights never change):
 
 1. **Embedding** of every edit/forget query: the residual stream entering block ``layer`` at the
-   query's last token, L2-normalised (:func:`loka.codebook.query_embeddings`).
+   query's last token, L2-normalised (:func:`loka.methods.codebook.codebook.query_embeddings`).
 2. **Mapping** (``mapping``): K-means with ``k`` clusters, or SimHash LSH with ``lsh_bits`` bits
    (buckets), the mapping for sequential updates; ``storage="dense"`` puts everything in one memory,
    ``"sparse"`` gives every fact its own.
@@ -24,7 +24,7 @@ and returns a codebook artifact (kind ``memory``; the base weights never change)
    ``edit_stop_nll`` (a margin that carries edits to paraphrases) and the forget rows' mean per-token
    answer NLL at least ``forget_stop_nll`` (0 by default; long answers need it); in a shared memory a task whose own
    target is met sits the step out (``gate_tasks``), so edits training on do not over-forget.
-5. **Router** (:mod:`loka.router`): MiniLM fine-tuned on updated queries against retained queries,
+5. **Router** (:mod:`.router`): MiniLM fine-tuned on updated queries against retained queries,
    generic sentences and the update prompts with their subject swapped for a retained one
    (``swap_negatives``); the codebook is used only when ``P ≥ router_threshold``.
 
@@ -44,13 +44,11 @@ from typing import Annotated, Literal
 import torch
 from tqdm.auto import tqdm
 
-from ..codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
-from ..errors import LokaError
-from ..forgetting import losses as L
-from ..requests import UpdateBatch
-from ..router import Router, train_router
-from ..state import EditState
-from .base import (
+from ...errors import LokaError
+from ...forgetting import losses as L
+from ...requests import UpdateBatch
+from ...state import EditState
+from ..base import (
     Cosine,
     Domain,
     HParams,
@@ -64,8 +62,10 @@ from .base import (
     check_update,
     register,
 )
-from .templates import context_templates
-from .wise import OUT_OF_SCOPE
+from ..templates import context_templates
+from ..wise import OUT_OF_SCOPE
+from .codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
+from .router import Router, train_router
 
 log = logging.getLogger(__name__)
 
@@ -662,7 +662,7 @@ class CodebookFolder:
     @property
     def index(self):
         """The verified batch folder (opened, and created, on first use)."""
-        from ..sequential import BatchFolder
+        from ...sequential import BatchFolder
 
         if self._bf is None:
             self._bf = BatchFolder(self.folder)
