@@ -275,14 +275,32 @@ def _config(method: str, key: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def default_hparams(method: str, handle, overrides: dict[str, Any] | None = None) -> HParams:
-    """Hyperparameters for ``method`` on ``handle``: ``configs/<method>/<model name>.json``, else the
-    family file, else ``default.json`` (layers given as fractions of the depth), then ``overrides``."""
-    cls = get_method(method).hparams_cls
+def method_config(method: str, handle, _seen: tuple[str, ...] = ()) -> dict:
+    """The raw config of ``method`` for ``handle``: ``configs/<method>/<model name>.json``, else the
+    family file, else ``default.json``. A config may say ``"extends": "memit"`` (that method's config for
+    the same model) or ``"extends": "memit/default"`` (one file); its own keys override the parent's."""
+    if method in _seen:
+        raise ConfigError(f"configs: 'extends' loops through {' -> '.join((*_seen, method))}")
     data = _config(method, handle.name) or _config(method, handle.spec.family) or _config(method, "default")
     if data is None:
         raise LokaError(f"no configuration for method {method!r}")
     data = dict(data)
+    parent = data.pop("extends", None)
+    if parent:
+        pm, _, pk = str(parent).partition("/")
+        base = _config(pm, pk) if pk else method_config(pm, handle, (*_seen, method))
+        if base is None:
+            raise ConfigError(f"configs/{method}: extends {parent!r}, which does not exist")
+        base = {k: v for k, v in base.items() if k != "extends"}
+        data = {**base, **data}
+    return data
+
+
+def default_hparams(method: str, handle, overrides: dict[str, Any] | None = None) -> HParams:
+    """Hyperparameters for ``method`` on ``handle``: its config (:func:`method_config`; layers may be
+    given as fractions of the depth), then ``overrides``."""
+    cls = get_method(method).hparams_cls
+    data = method_config(method, handle)
     n = handle.n_layers
     if "layer_frac" in data:
         data["layer"] = min(n - 1, max(0, round(data.pop("layer_frac") * n)))

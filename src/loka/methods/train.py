@@ -293,7 +293,8 @@ def _rows(b: L.QABatch, idx: torch.Tensor) -> L.QABatch:
 class GA(TrainMethod):
     """Gradient ascent on the forget answers (no retain term)."""
 
-    name, objective = "ga", "ga"
+    name = "ga"
+    objective = "ga"
     tasks = frozenset({"edit", "forget"})
 
 
@@ -301,35 +302,40 @@ class GA(TrainMethod):
 class GD(TrainMethod):
     """Gradient difference: gradient ascent on the forget answers + α·retain loss."""
 
-    name, objective = "gd", "ga"
+    name = "gd"
+    objective = "ga"
 
 
 @register
 class NPOMethod(TrainMethod):
     """Negative preference optimisation (Zhang et al. 2024) + α·retain loss."""
 
-    name, objective = "npo", "npo"
+    name = "npo"
+    objective = "npo"
 
 
 @register
 class SimNPOMethod(TrainMethod):
     """SimNPO: reference-free, length-normalised NPO + α·retain loss."""
 
-    name, objective = "simnpo", "simnpo"
+    name = "simnpo"
+    objective = "simnpo"
 
 
 @register
 class IdKMethod(TrainMethod):
     """Fine-tune forget prompts to "I don't know"-style refusals + α·retain loss."""
 
-    name, objective = "idk", "idk"
+    name = "idk"
+    objective = "idk"
 
 
 @register
 class DPOMethod(TrainMethod):
     """IdkPO: DPO preferring a refusal over the forget answer + α·retain loss."""
 
-    name, objective = "dpo", "dpo"
+    name = "dpo"
+    objective = "dpo"
 
 
 @register
@@ -337,7 +343,8 @@ class ReLearnMethod(TrainMethod):
     """ReLearn: learn fluent rewrites of the forget answers that name no forgotten entity (on the prompt
     and its paraphrases) + α·retain loss."""
 
-    name, objective = "relearn", "relearn"
+    name = "relearn"
+    objective = "relearn"
 
 
 @register
@@ -345,5 +352,6 @@ class FT(TrainMethod):
     """FT-L: fine-tune MLP output matrices on the new answers under an L∞ constraint (forget rows, if
     any, by gradient ascent)."""
 
-    name, objective = "ft", "ga"
+    name = "ft"
+    objective = "ga"
     primary = "edit"
