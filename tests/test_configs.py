@@ -25,6 +25,11 @@ def test_config_parses_into_its_methods_hparams(method, name):
     data = json.loads((CONFIGS / method / name).read_text())
     data.pop("layer_frac", None)
     data.pop("layers_frac", None)
+    parent = data.pop("extends", None)  # the parent's fields are checked with the parent's file
+    if parent:
+        assert (CONFIGS / parent.split("/")[0]).is_dir(), (
+            f"configs/{method}/{name} extends unknown {parent!r}"
+        )
     hp = get_method(method).hparams_cls.from_dict(data, where=f"configs/{method}/{name}")
     for k, v in data.items():
         if not k.startswith("_"):
