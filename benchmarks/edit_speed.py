@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _facts import counterfactual_requests
 
 import loka
+from loka.cli.common import parse_overrides
 from loka.resources import data_dir
 
 DATA = data_dir()  # loka's package data
@@ -77,10 +78,7 @@ def main() -> None:
     t = time.time()
     handle = loka.load_model(args.model)
     res["load_s"] = round(time.time() - t, 2)
-    over = {
-        k: json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
-        for k, v in (kv.split("=", 1) for kv in args.set)
-    }
+    over = parse_overrides(args.set)
     res["overrides"] = over
     rome_hp = loka.default_hparams("rome", handle, over)
     memit_hp = loka.default_hparams("memit", handle, over)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import loka
 from loka.bench.tasks import build_tasks
+from loka.cli.common import parse_overrides
 from loka.forgetting.metrics import joint_metrics
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
 from loka.utils.io import atomic_write_json
@@ -144,10 +145,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    over = {
-        k: json.loads(v) if v[:1].isdigit() or v[:1] == "-" or v in ("true", "false", "null") else v
-        for k, v in (kv.split("=", 1) for kv in args.set)
-    }
+    over = parse_overrides(args.set)
     records = json.loads(Path(args.data).read_text())
     handle = loka.load_model(args.model)
     out = Path(args.out or f"benchmarks/results/joint_update_{args.model}.json")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import loka
+from loka.cli.common import parse_overrides
 from loka.utils.io import atomic_write_json
 
 
@@ -87,7 +88,7 @@ def main() -> None:
             )
             for r in pool[2 * n : 2 * n + n // 2]
         ]
-        over = {k: json.loads(v) if v[:1].isdigit() else v for k, v in (kv.split("=", 1) for kv in args.set)}
+        over = parse_overrides(args.set)
         t = time.time()
         with torch.enable_grad():
             art, _ = loka.update(h, edits, forget, retain, method="loka", hparams=over or None, apply=False)

@@ -23,6 +23,7 @@ import torch
 from joint_update import requests_of
 
 from loka.bench.tasks import build_tasks
+from loka.cli.common import parse_overrides
 from loka.methods.codebook import Loka, LokaHParams, encoder_embeddings, train_router
 from loka.methods.codebook.method import _Item
 from loka.utils.io import atomic_write_json
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     records = json.loads(Path(args.data).read_text())
-    hp = LokaHParams().replace(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
+    hp = LokaHParams().replace(**parse_overrides(args.set))
     res = {
         "model": args.model,
         "thresholds": THRESHOLDS,

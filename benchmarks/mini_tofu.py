@@ -35,6 +35,7 @@ from pathlib import Path
 
 import loka
 from loka.bench.tofu import as_requests, build_mini_tofu, edit_requests, tofu_edits
+from loka.cli.common import parse_overrides
 from loka.finetune import finetune
 from loka.forgetting.metrics import rouge_l_recall, tofu_eval
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
@@ -103,7 +104,7 @@ def main() -> None:
     edits = tofu_edits(retain[::-1], args.edit_n) if args.edit_n else []
     tuned_on = retain  # both models are fine-tuned on the edit questions too (their old answers)
     retain = [r for r in retain if r["question"] not in {e["question"] for e in edits}]
-    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = parse_overrides(args.set)
 
     ref, ref_info = _tuned(args.model, tuned_on, work / "retain_only", args.epochs, args.lr)
     ref_eval = _cached(

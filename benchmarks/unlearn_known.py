@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import loka
+from loka.cli.common import parse_overrides
 from loka.eval.guard import general_guard
 from loka.forgetting.metrics import answer_stats
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
@@ -88,10 +89,7 @@ def main() -> None:
     retain = [as_keep(r) for r in rest[: args.n_retain]]
     held = [as_keep(r) for r in rest[args.n_retain :]]
     neigh = [(p, r.target_true) for r in forget for p in r.neighborhood[:2]]
-    over = {
-        k: json.loads(v) if v[:1].isdigit() or v in ("true", "false", "null") else v
-        for k, v in (kv.split("=", 1) for kv in args.set)
-    }
+    over = parse_overrides(args.set)
     handle = loka.load_model(args.model)
     res = {
         "model": args.model,

@@ -1,0 +1,65 @@
+"""The ``loka`` command line: one module per command group (:mod:`.update`, :mod:`.models`,
+:mod:`.evaluate`, :mod:`.data`, :mod:`.kg`) and what they share (:mod:`.common`). Every command accepts
+``--help``; an expected failure prints one line ``error: …`` and exits with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .. import env
+from . import data, evaluate, kg, models, update
+from .common import MethodNames, add_threads, os_message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="loka", description="Edit, unlearn and measure what a language model knows."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    methods, forgetters = MethodNames(), MethodNames("forget")
+    for group in (models, update, evaluate, data, kg):
+        group.register(sub, methods, forgetters)
+    add_threads(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import LokaError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    env.setup_logging(args.verbose)
+    try:
+        if hasattr(args, "threads"):
+            env.set_threads(args.threads)
+        return int(args.fn(args) or 0)
+    except LokaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (
+        OSError
+    ) as e:  # the machine said no: missing, unreadable or unwritable path, full or read-only disk
+        print(f"error: {os_message(e)}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as e:
+        print(
+            f"error: a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8",
+            file=sys.stderr,
+        )
+        return 2
+    except json.JSONDecodeError as e:
+        print(f"error: a file is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: an input nests too deeply (JSON nested thousands of levels?)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; what was written is complete (writes are atomic)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Measuring updates: ``loka eval`` and ``loka report``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .common import MethodNames, hparam_overrides
+
+
+def cmd_eval(args) -> int:
+    from ..eval.data import load_cases
+    from ..eval.runner import EvalConfig, format_summary, run_eval
+    from ..models import load_model
+
+    cases = load_cases(args.data, args.n)
+    handle = load_model(args.model)
+    cfg = EvalConfig(
+        method=args.method,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        hparams=hparam_overrides(args),
+        generation=args.generation,
+        guard=not args.no_guard,
+        prune=args.prune,
+        score_sample=args.score_sample,
+    )
+    out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
+    summary = run_eval(handle, cases, cfg, out, resume=args.resume, force=args.force)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print(
+            f"results in {out} (summary.json, results.jsonl"
+            + (", sequential.png)" if args.mode == "sequential" else ")")
+        )
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ..eval.html_report import write_report
+
+    p = write_report(args.runs, args.out, args.title)
+    print(f"wrote {p} ({p.stat().st_size // 1024} KiB, self-contained)")
+    return 0
+
+
+def register(sub, methods, forgetters) -> None:
+    """Add this group's commands to the ``loka`` parser."""
+    from ..models.catalog import DEFAULT_MODEL
+
+    s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
+    s.add_argument("--model", default=DEFAULT_MODEL)
+    s.add_argument(
+        "--method",
+        default="rome",
+        choices=MethodNames(extra=("none",)),
+        metavar="METHOD",
+        help="one of %(choices)s (default rome); 'none' gives the unedited row",
+    )
+    s.add_argument("--data", required=True, help="CounterFact / zsRE / MQuAKE / loka JSON(L) file")
+    s.add_argument("--n", type=int, help="use the first N cases")
+    s.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    s.add_argument("--batch-size", type=int, default=1, help="cases per edit (batch and sequential modes)")
+    s.add_argument("--out", help="output folder (default out/eval/MODEL-METHOD-MODE)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier run in --out (a folder loka did not write is never replaced)",
+    )
+    s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
+    s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
+    s.add_argument(
+        "--prune",
+        nargs="?",
+        const=math.e,
+        type=float,
+        metavar="ALPHA",
+        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
+    )
+    s.add_argument(
+        "--score-sample",
+        type=int,
+        metavar="N",
+        help="sequential mode: score a seeded random sample of N edited cases at each checkpoint "
+        "instead of all of them (an estimate, for slow-scoring methods such as scr)",
+    )
+    s.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
+    )
+    s.add_argument("--json", action="store_true", help="print summary.json")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("report", help="a self-contained HTML report (tables + plots) comparing kg runs")
+    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or folders of run folders)")
+    s.add_argument("--out", default="report.html", help="output HTML file")
+    s.add_argument("--title", default="loka KnowledgeSmith report")
+    s.set_defaults(fn=cmd_report)
