@@ -11,6 +11,39 @@ import sys
 from ..errors import ConfigError
 
 
+def add_model(s: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--model``: a registered name, a tiny test model or a local Hugging Face folder."""
+    from ..models.catalog import DEFAULT_MODEL
+
+    s.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=help or f"registered name, tiny-* or a local Hugging Face folder (default {DEFAULT_MODEL})",
+    )
+
+
+def add_json(s: argparse.ArgumentParser, help: str = "print JSON instead of a table") -> None:
+    """``--json``: machine-readable output for other tools."""
+    s.add_argument("--json", action="store_true", help=help)
+
+
+def add_overrides(s: argparse.ArgumentParser, layers: bool = False) -> None:
+    """``--hparams FILE`` and ``--set KEY=VALUE`` (and, with ``layers``, ``--layer``/``--layers``): the
+    hyperparameter overrides every command that runs a method takes (:func:`hparam_overrides`)."""
+    if layers:
+        s.add_argument(
+            "--layer", type=int, help="edit layer (ROME, GRACE, WISE) / single layer (MEMIT and the others)"
+        )
+        s.add_argument("--layers", type=int, nargs="+", help="edit layers (MEMIT, AlphaEdit, the trainers)")
+    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one hyperparameter (repeatable), e.g. lr=1e-3",
+    )
+
+
 def parse_overrides(pairs: list[str] | None, flag: str = "--set") -> dict:
     """``KEY=VALUE`` strings as a dict, each value read as JSON when it parses (``5``, ``[1, 2]``,
     ``true``) and kept as a string otherwise — the one rule of ``--set`` for the CLI and the benchmarks."""
@@ -187,16 +220,8 @@ def rollback_request(args, total: int, where: str) -> int | None:
 
 def update_options(s) -> None:
     """Options shared by ``loka unlearn`` and ``loka update``."""
-    from ..models.catalog import DEFAULT_MODEL
-
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
-    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the method's defaults")
-    s.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override one hyperparameter (repeatable), e.g. lr=1e-3",
-    )
+    add_model(s)
+    add_overrides(s)
     s.add_argument(
         "--artifact",
         action="append",
@@ -208,11 +233,7 @@ def update_options(s) -> None:
         action="store_true",
         help="replace an existing loka artifact at --save (a folder loka did not write is never replaced)",
     )
-    s.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object: per-set P̄/EM before and after, artifact, seconds",
-    )
+    add_json(s, "print one JSON object: per-set P̄/EM before and after, artifact, seconds")
 
 
 class MethodNames:

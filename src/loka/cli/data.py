@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
+from .common import add_json, add_model
 
 log = logging.getLogger("loka")
 
@@ -129,7 +130,6 @@ def cmd_finetune(args) -> int:
 
 def register(sub, methods, forgetters) -> None:
     """Add this group's commands to the ``loka`` parser."""
-    from ..models.catalog import DEFAULT_MODEL
 
     s = sub.add_parser("data", help="build benchmark data offline")
     dsub = s.add_subparsers(dest="data_command", required=True, metavar="KIND")
@@ -153,7 +153,7 @@ def register(sub, methods, forgetters) -> None:
         help="distinct same-object neighbour subjects a fact needs (default 3: 757 records; 1 gives more)",
     )
     d.add_argument("--out", required=True, help="output JSON file")
-    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    add_json(d, "print a JSON line of counts")
     d.set_defaults(fn=cmd_data_counterfact)
     d = dsub.add_parser(
         "tasks", help="known-facts unlearning tasks: edit / forget / retain / remaining files"
@@ -180,7 +180,7 @@ def register(sub, methods, forgetters) -> None:
         required=True,
         help="output folder: edit.json, forget.jsonl, retain.jsonl, remaining.jsonl, task.json",
     )
-    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    add_json(d, "print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tasks)
 
     d = dsub.add_parser(
@@ -205,7 +205,7 @@ def register(sub, methods, forgetters) -> None:
         help="also write <forget split>_relearn.json: each record with target_new = its templated ReLearn "
         "rewrite (the answer's first named fact made vague), for `loka unlearn --method relearn`",
     )
-    d.add_argument("--json", action="store_true", help="print a JSON line of counts")
+    add_json(d, "print a JSON line of counts")
     d.set_defaults(fn=cmd_data_tofu)
 
     s = sub.add_parser(
@@ -213,7 +213,7 @@ def register(sub, methods, forgetters) -> None:
         help="fine-tune every weight on question/answer pairs (TOFU's first stage) and "
         "save the model as a folder",
     )
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(s)
     s.add_argument(
         "--data", nargs="+", required=True, help="TOFU-style JSON/JSONL files of {question, answer}"
     )
@@ -227,7 +227,5 @@ def register(sub, methods, forgetters) -> None:
     s.add_argument(
         "--force", action="store_true", help="replace a model folder loka exported before at --out"
     )
-    s.add_argument(
-        "--json", action="store_true", help="print one JSON object: steps, seconds, loss per epoch"
-    )
+    add_json(s, "print one JSON object: steps, seconds, loss per epoch")
     s.set_defaults(fn=cmd_finetune)

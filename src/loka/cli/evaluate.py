@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from .common import MethodNames, hparam_overrides
+from .common import MethodNames, add_json, add_model, add_overrides, hparam_overrides
 
 
 def cmd_eval(args) -> int:
@@ -48,10 +48,9 @@ def cmd_report(args) -> int:
 
 def register(sub, methods, forgetters) -> None:
     """Add this group's commands to the ``loka`` parser."""
-    from ..models.catalog import DEFAULT_MODEL
 
     s = sub.add_parser("eval", help="edit benchmark cases and measure the edits (resumable)")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(s)
     s.add_argument(
         "--method",
         default="rome",
@@ -87,10 +86,8 @@ def register(sub, methods, forgetters) -> None:
         help="sequential mode: score a seeded random sample of N edited cases at each checkpoint "
         "instead of all of them (an estimate, for slow-scoring methods such as scr)",
     )
-    s.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
-    )
-    s.add_argument("--json", action="store_true", help="print summary.json")
+    add_overrides(s, layers=True)
+    add_json(s, "print summary.json")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("report", help="a self-contained HTML report (tables + plots) comparing kg runs")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import hparam_overrides
+from .common import add_json, add_model, add_overrides, hparam_overrides
 
 
 def _graph(spec: str):
@@ -172,11 +172,11 @@ def register(sub, methods, forgetters) -> None:
     k.add_argument("--known", help="known_1000.json to derive from (default: the copy shipped with loka)")
     k.add_argument("--mquake", help="MQuAKE-hard.json to derive from (default: the copy shipped with loka)")
     k.add_argument("--out", required=True, help="output graph JSON")
-    k.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    add_json(k, "print the statistics as JSON")
     k.set_defaults(fn=cmd_kg_build)
     k = ksub.add_parser("stats", help="triples, nodes per level and chains per domain of a graph")
     k.add_argument("--graph", default="curated", help="graph JSON/CSV, or curated | derived | merged")
-    k.add_argument("--json", action="store_true")
+    add_json(k)
     k.set_defaults(fn=cmd_kg_stats)
     for name, hlp in (
         ("probes", "interventions and their six probe types (MC and cloze) as JSONL"),
@@ -207,12 +207,10 @@ def register(sub, methods, forgetters) -> None:
         if name == "probes":
             k.add_argument("--task", choices=["edit", "forget"], default="edit")
             k.add_argument("--out", required=True, help="output JSONL (interventions, then probes)")
-            k.add_argument("--json", action="store_true", help="print counts as JSON")
+            add_json(k, "print counts as JSON")
             k.set_defaults(fn=cmd_kg_probes)
         else:
-            k.add_argument(
-                "--model", default=DEFAULT_MODEL, help=f"model name or folder (default {DEFAULT_MODEL})"
-            )
+            add_model(k, f"model name or folder (default {DEFAULT_MODEL})")
             k.add_argument(
                 "--method",
                 required=True,
@@ -246,8 +244,6 @@ def register(sub, methods, forgetters) -> None:
                 action="store_true",
                 help="intervene on facts regardless of whether the model knows them (default: known facts first)",
             )
-            k.add_argument(
-                "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
-            )
-            k.add_argument("--json", action="store_true", help="print summary.json")
+            add_overrides(k, layers=True)
+            add_json(k, "print summary.json")
             k.set_defaults(fn=cmd_kg_run)

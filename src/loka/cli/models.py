@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import load_with_artifacts
+from .common import add_json, add_model, load_with_artifacts
 
 
 def cmd_models(args) -> int:
@@ -168,15 +168,11 @@ def register(sub, methods, forgetters) -> None:
     from ..models.catalog import DEFAULT_MODEL
 
     s = sub.add_parser("models", help="list models and whether each is installed/cached")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json(s, "print JSON")
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("generate", help="greedy generation, optionally with artifacts applied")
-    s.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help=f"registered name, tiny-* or HF folder (default {DEFAULT_MODEL})",
-    )
+    add_model(s, f"registered name, tiny-* or HF folder (default {DEFAULT_MODEL})")
     s.add_argument(
         "--artifact",
         action="append",
@@ -185,12 +181,12 @@ def register(sub, methods, forgetters) -> None:
     )
     s.add_argument("--max-new-tokens", type=int, default=20)
     s.add_argument("--force", action="store_true", help="apply artifacts even if made for other weights")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json(s, "print JSON")
     s.add_argument("prompts", nargs="+", help="prompt(s)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("apply", help="write the model with artifacts applied as a Hugging Face folder")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(s)
     s.add_argument(
         "--artifact", action="append", required=True, help="artifact folder (repeatable, applied in order)"
     )
@@ -207,11 +203,11 @@ def register(sub, methods, forgetters) -> None:
 
     s = sub.add_parser("inspect", help="show an artifact's manifest")
     s.add_argument("artifact", help="artifact folder")
-    s.add_argument("--json", action="store_true", help="print JSON")
+    add_json(s, "print JSON")
     s.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("stats", help="compute (or load cached) second-moment statistics for layers")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(s)
     s.add_argument("--layers", type=int, nargs="+", required=True)
     s.add_argument(
         "--corpus",
@@ -219,7 +215,7 @@ def register(sub, methods, forgetters) -> None:
         help="'self' (text sampled from the model), a .txt, a .jsonl or a datasets folder",
     )
     s.add_argument("--n-tokens", type=int, default=20_000)
-    s.add_argument("--json", action="store_true")
+    add_json(s)
     s.set_defaults(fn=cmd_stats)
 
     s = sub.add_parser("analyze", help="analyses of edited models (spectrum)")
@@ -227,7 +223,7 @@ def register(sub, methods, forgetters) -> None:
     a = asub.add_parser(
         "spectrum", help="σ_max, σ_min and condition number of each edited matrix against the number of edits"
     )
-    a.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(a)
     a.add_argument(
         "--artifact", action="append", help="artifact folder (repeatable; applied cumulatively in order)"
     )
@@ -242,10 +238,10 @@ def register(sub, methods, forgetters) -> None:
     a.add_argument("--out", help="write the rows as JSON here")
     a.add_argument("--label", help="series label in the plot (default: the method)")
     a.add_argument("--force", action="store_true", help="analyse artifacts made for other weights")
-    a.add_argument("--json", action="store_true", help="print the rows as JSON")
+    add_json(a, "print the rows as JSON")
     a.set_defaults(fn=cmd_analyze)
 
     s = sub.add_parser("demo", help="the main job: edit facts on the default model, save, reload, revert")
-    s.add_argument("--model", default=DEFAULT_MODEL)
+    add_model(s)
     s.add_argument("--out", default="out/demo", help="where to save the demo's artifacts")
     s.set_defaults(fn=cmd_demo)

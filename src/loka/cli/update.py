@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .common import (
+    add_json,
+    add_model,
+    add_overrides,
     answer_rows,
     check_save,
     hparam_overrides,
@@ -240,7 +243,7 @@ def register(sub, methods, forgetters) -> None:
     from ..models.catalog import DEFAULT_MODEL
 
     s = sub.add_parser("edit", help="edit facts and show the answers before/after")
-    s.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    add_model(s, f"model (default {DEFAULT_MODEL})")
     s.add_argument(
         "--method",
         choices=methods,
@@ -259,12 +262,7 @@ def register(sub, methods, forgetters) -> None:
         help="an unrelated full prompt to check (repeatable)",
     )
     s.add_argument("--requests", help="JSON/JSONL file of requests (loka or CounterFact records)")
-    s.add_argument("--layer", type=int, help="edit layer (ROME) / single layer (MEMIT)")
-    s.add_argument("--layers", type=int, nargs="+", help="MEMIT edit layers")
-    s.add_argument("--hparams", help="JSON file of hyperparameters overriding the model's defaults")
-    s.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override one hyperparameter (repeatable)"
-    )
+    add_overrides(s, layers=True)
     s.add_argument("--save", help="save the artifact to this folder (e.g. out.loka)")
     s.add_argument(
         "--force",
@@ -285,9 +283,7 @@ def register(sub, methods, forgetters) -> None:
         metavar="ALPHA",
         help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
     )
-    s.add_argument(
-        "--json", action="store_true", help="print one JSON object: before, after, artifact, seconds"
-    )
+    add_json(s, "print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
 
     s = sub.add_parser(
@@ -353,5 +349,5 @@ def register(sub, methods, forgetters) -> None:
         metavar="DIR",
         help="write the edited model (all remaining batches applied) as a HF folder",
     )
-    s.add_argument("--json", action="store_true", help="print the session summary as JSON")
+    add_json(s, "print the session summary as JSON")
     s.set_defaults(fn=cmd_session)
