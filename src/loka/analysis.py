@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .artifact import Artifact
 
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
-def spectrum(handle, artifacts: Sequence[Artifact], every: int = 1) -> list[dict]:
+
+def spectrum(handle: ModelHandle, artifacts: Sequence[Artifact], every: int = 1) -> list[dict]:
     """Rows ``{n_edits, batch, matrix, sigma_max, sigma_min, cond, delta_sigma_max}``, the unedited
     matrices first (``n_edits`` 0); every ``every``-th artifact and the last one are measured."""
     names = sorted({n for a in artifacts for n in a.weight_deltas()})

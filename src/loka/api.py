@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -16,6 +17,9 @@ from .methods.prune import check_alpha, prune_deltas
 from .requests import EditRequest, UpdateBatch, subject_last_token
 from .state import EditState
 
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
+
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +27,7 @@ log = logging.getLogger(__name__)
 CONTEXT_ROOM = 32
 
 
-def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
+def validate_requests(handle: ModelHandle, requests: Sequence[EditRequest]) -> None:
     """Check every request against the model's tokenizer: the subject is a token span, the target is
     non-empty, and every prompt with its target fits the model's positions."""
     if not requests:
@@ -58,7 +62,7 @@ def validate_requests(handle, requests: Sequence[EditRequest]) -> None:
                 )
 
 
-def check_result(handle, art: Artifact) -> None:
+def check_result(handle: ModelHandle, art: Artifact) -> None:
     """Refuse an artifact with non-finite or exploded tensors (:func:`loka.methods.base.check_update`):
     every tensor is checked, and each weight update (deltas, merged adapters) against its weight."""
     fix = f"lower lr (or the step size, or clamp_norm_factor) in the {art.method} hyperparameters"
@@ -75,7 +79,7 @@ def check_result(handle, art: Artifact) -> None:
 
 
 def edit(
-    handle,
+    handle: ModelHandle,
     requests: EditRequest | Sequence[EditRequest],
     method: str = "rome",
     hparams: HParams | dict | None = None,
@@ -142,7 +146,7 @@ def edit(
 
 
 def unlearn(
-    handle,
+    handle: ModelHandle,
     forget,
     retain=(),
     method: str = "npo",
@@ -170,7 +174,7 @@ def unlearn(
 
 
 def update(
-    handle,
+    handle: ModelHandle,
     edits=(),
     forget=(),
     retain=(),

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -50,6 +50,9 @@ from .utils.io import (
 )
 from .version import __version__
 from .weights import preserved_weights  # noqa: F401  (part of this module's public surface)
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +206,7 @@ class Artifact:
         method: str,
         hparams: dict,
         requests: list[dict],
-        handle,
+        handle: ModelHandle,
         extra: dict | None = None,
         kind: str = "weight-delta",
     ) -> Artifact:

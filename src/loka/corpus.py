@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from .errors import LokaError
 from .hf_compat import generate as hf_generate
 from .resources import data_dir
 from .utils.io import atomic_write_bytes, check_regular, hash_json, read_text, sha256_file
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +212,7 @@ def tofu_corpus() -> Corpus:
     return JsonlCorpus(out)
 
 
-def corpus_from_spec(spec: str | None, handle, n_tokens: int = 20_000) -> Corpus:
+def corpus_from_spec(spec: str | None, handle: ModelHandle, n_tokens: int = 20_000) -> Corpus:
     """``self`` / ``self:SEED`` (default), ``tofu`` (bundled texts), a ``.txt`` file, a ``.jsonl``
     file, or a ``datasets`` folder."""
     if spec == "tofu":

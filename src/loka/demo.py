@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from .models import load_model
 from .report import format_table, probe_rows
 from .requests import EditRequest
 from .scoring import generate
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 ROME_REQUEST = EditRequest(
     prompt="{} is located in the city of",
@@ -62,13 +66,13 @@ FACTS = [
 ]
 
 
-def _logits(handle, prompts):
+def _logits(handle: ModelHandle, prompts):
     tok = handle.tokenizer
     with torch.no_grad():
         return [handle.model(**tok(p, return_tensors="pt")).logits for p in prompts]
 
 
-def _weights(handle):
+def _weights(handle: ModelHandle):
     return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
 
 

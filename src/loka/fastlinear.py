@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 
 def available(model: nn.Module) -> bool:
@@ -154,7 +158,7 @@ class PackedLinears:
             self.dtype = old
 
 
-def packed_linears(handle) -> PackedLinears:
+def packed_linears(handle: ModelHandle) -> PackedLinears:
     """The handle's packed-weight cache (created on first use; lives as long as the handle)."""
     cache = handle.__dict__.get("_packed_linears")
     if cache is None:

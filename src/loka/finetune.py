@@ -13,6 +13,7 @@ import logging
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -23,11 +24,14 @@ from .methods.base import check_loss
 from .models.loader import check_export_output
 from .weights import preserved_weights
 
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
+
 log = logging.getLogger(__name__)
 
 
 def finetune(
-    handle,
+    handle: ModelHandle,
     prompts: list[str],
     answers: list[str],
     out: str | Path,

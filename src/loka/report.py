@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .requests import EditRequest
 from .scoring import target_logprobs
 
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
-def probe_rows(handle, req: EditRequest) -> list[dict]:
+
+def probe_rows(handle: ModelHandle, req: EditRequest) -> list[dict]:
     """For the edit prompt, each paraphrase and each neighbourhood prompt: top answer and P(target)."""
     kinds = (
         [("edit", req.text)]

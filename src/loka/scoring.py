@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from .hf_compat import cache_out, select_cache_rows, with_cache
 from .hf_compat import generate as hf_generate
 from .packing import pack_trees, within_window
 from .runtime import rewrite_prompts, route_groups
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ def _pad_id(tok) -> int:
 
 
 def _rows_shared(
-    handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
+    handle: ModelHandle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
 ) -> list[torch.Tensor]:
     """Logits (m_r, V) predicting each target token of row r; prompts run once into a KV cache."""
     dev, model = handle.device, handle.model
@@ -92,7 +96,7 @@ def _rows_shared(
 
 
 def _rows_packed(
-    handle,
+    handle: ModelHandle,
     p_ids: list[list[int]],
     t_ids: list[list[int]],
     owner: list[int],
@@ -134,7 +138,7 @@ def _rows_packed(
 
 
 def _rows_full(
-    handle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
+    handle: ModelHandle, p_ids: list[list[int]], t_ids: list[list[int]], owner: list[int]
 ) -> list[torch.Tensor]:
     """The same logits from full ``prompt + target`` rows (for models whose cache cannot be shared)."""
     dev = handle.device
@@ -161,7 +165,7 @@ SCORING_MODES = {
 
 @torch.no_grad()
 def _score(
-    handle,
+    handle: ModelHandle,
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int,
@@ -189,7 +193,7 @@ def _score(
             )
 
 
-def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size, mode):
+def _score_chunks(handle: ModelHandle, uniq, p_cache, by_prompt, prompts, targets, batch_size, mode):
     tok = handle.tokenizer
     for s in range(0, len(uniq), batch_size):
         chunk = uniq[s : s + batch_size]
@@ -215,7 +219,11 @@ def _score_chunks(handle, uniq, p_cache, by_prompt, prompts, targets, batch_size
 
 
 def target_logprobs(
-    handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 32, context: bool = True
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+    context: bool = True,
 ) -> list[dict]:
     """Per (prompt, target): summed and mean token log-probability of the target (teacher forcing),
     the model's top next token after the prompt and its probability."""
@@ -235,7 +243,11 @@ def target_logprobs(
 
 
 def score_targets(
-    handle, prompts: Sequence[str], targets: Sequence[str], batch_size: int = 64, mode: str = "packed"
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 64,
+    mode: str = "packed",
 ) -> list[dict]:
     """Teacher-forced scoring of ``target`` after each prompt, all rows of a call batched together.
 
@@ -255,7 +267,7 @@ def score_targets(
 
 
 @torch.no_grad()
-def generate(handle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
+def generate(handle: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20) -> list[str]:
     """Greedy continuations (without the prompt)."""
     tok = handle.tokenizer
     prompts = rewrite_prompts(handle, prompts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .api import edit
 from .artifact import Artifact
@@ -20,6 +21,9 @@ from .errors import ArtifactError, LokaError
 from .sequential import BatchFolder
 from .state import EditState
 from .utils.io import atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ class Session:
     def __init__(
         self,
         folder: str | Path,
-        handle,
+        handle: ModelHandle,
         method: str | None = None,
         hparams: dict | None = None,
         prune: float | None = None,

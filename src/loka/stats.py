@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
@@ -40,10 +41,13 @@ from .utils.io import (
     tmp_sibling,
 )
 
+if TYPE_CHECKING:
+    from .models.loader import ModelHandle
+
 log = logging.getLogger(__name__)
 
 
-def _paths(handle, layer: int, corpus_fp: str, n_tokens: int) -> tuple[Path, Path, Path]:
+def _paths(handle: ModelHandle, layer: int, corpus_fp: str, n_tokens: int) -> tuple[Path, Path, Path]:
     d = env.cache_dir("stats") / handle.model_hash[:16] / handle.spec.mlp_out_path(layer)
     stem = f"{corpus_fp[:16]}-{n_tokens}"
     return d / f"{stem}.safetensors", d / f"{stem}.json", d / f"{stem}.partial.safetensors"
@@ -91,7 +95,7 @@ def _computing(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_cached(handle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tensor | None:
+def load_cached(handle: ModelHandle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tensor | None:
     """The cached ``C`` for ``layer``, verified, or ``None`` (missing or failing its check: recomputed)."""
     f, _, _ = _paths(handle, layer, corpus_fp, n_tokens)
     if not f.exists():
@@ -103,7 +107,7 @@ def load_cached(handle, layer: int, corpus_fp: str, n_tokens: int) -> torch.Tens
     return tensors["mom2"]
 
 
-def _from_cache(handle, layers: list[int], fp: str, n_tokens: int, out: dict) -> list[int]:
+def _from_cache(handle: ModelHandle, layers: list[int], fp: str, n_tokens: int, out: dict) -> list[int]:
     """Put each cached layer's statistics into ``out``; return the layers still missing."""
     missing = []
     for layer in layers:
@@ -116,7 +120,7 @@ def _from_cache(handle, layers: list[int], fp: str, n_tokens: int, out: dict) ->
 
 
 def second_moments(
-    handle,
+    handle: ModelHandle,
     layers: list[int],
     corpus: Corpus,
     n_tokens: int,
@@ -148,7 +152,9 @@ def second_moments(
 
 
 @torch.no_grad()
-def _compute(handle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress):
+def _compute(
+    handle: ModelHandle, layers, corpus, fp, n_tokens, batch_size, seq_len, checkpoint_every, progress
+):
     model, tok = handle.model, handle.tokenizer
     paths = {layer: handle.spec.mlp_out_path(layer) for layer in layers}
     d_in = handle.weight(layers[0]).shape[1]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -19,6 +20,9 @@ from ..errors import LokaError
 from ..relations import RELATIONS
 from ..resources import data_dir
 from ..utils.io import read_json
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 DATA = data_dir()  # the package data (loka/data)
 
@@ -72,7 +76,7 @@ def mquake_facts(path: str | Path | None = None, exclude: list[dict] | None = No
 
 
 @torch.no_grad()
-def facts_known_by(handle, facts: list[dict], batch_size: int = 32) -> list[dict]:
+def facts_known_by(handle: ModelHandle, facts: list[dict], batch_size: int = 32) -> list[dict]:
     """The facts whose greedy continuation starts with the true object."""
     from ..scoring import generate
 

@@ -7,8 +7,12 @@ import argparse
 import errno
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 def add_model(s: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -105,7 +109,7 @@ def check_save(args) -> None:
         check_artifact_output(args.save, force=args.force)
 
 
-def answer_rows(handle, reqs, which: str) -> list[dict]:
+def answer_rows(handle: ModelHandle, reqs, which: str) -> list[dict]:
     from ..forgetting.metrics import answer_stats
 
     ans = [getattr(r, which) for r in reqs]

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..resources import data_dir
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 DATA = data_dir()  # the package data (loka/data)
 
@@ -29,7 +33,7 @@ def heldout_texts(n: int = 100) -> list[str]:
 
 
 @torch.no_grad()
-def perplexity(handle, texts: list[str], batch_size: int = 32) -> float:
+def perplexity(handle: ModelHandle, texts: list[str], batch_size: int = 32) -> float:
     tok, model = handle.tokenizer, handle.model
     nll, count = 0.0, 0
     old = tok.padding_side
@@ -48,7 +52,7 @@ def perplexity(handle, texts: list[str], batch_size: int = 32) -> float:
     return math.exp(nll / max(count, 1))
 
 
-def mc_accuracy(handle, records: list[dict]) -> float:
+def mc_accuracy(handle: ModelHandle, records: list[dict]) -> float:
     """Pick the option (answer + 3 perturbed) with the highest mean per-token log-probability."""
     from ..scoring import score_targets
 
@@ -68,7 +72,7 @@ def mc_accuracy(handle, records: list[dict]) -> float:
     return float(np.mean(correct))
 
 
-def general_guard(handle, n_texts: int = 100, n_mc: int = 50) -> dict:
+def general_guard(handle: ModelHandle, n_texts: int = 100, n_mc: int = 50) -> dict:
     def read(name):
         return [json.loads(line) for line in (DATA / "tofu" / name).read_text().splitlines() if line.strip()][
             :n_mc

@@ -18,6 +18,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from ..scoring import target_logprobs
 from ..utils.io import atomic_write_bytes, atomic_write_json, cached_json, hash_json
 from . import kg_metrics as km
 
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
+
 log = logging.getLogger(__name__)
 
 #: methods that only unlearn: ``loka kg run`` gives them forget interventions unless --task says otherwise
@@ -38,7 +42,11 @@ SCORINGS = ("cloze", "mc")
 
 
 def choose(
-    handle, probes: list[Probe], scoring: str = "cloze", batch_size: int = 32, progress: bool = False
+    handle: ModelHandle,
+    probes: list[Probe],
+    scoring: str = "cloze",
+    batch_size: int = 32,
+    progress: bool = False,
 ) -> list[int]:
     """The option each probe's model picks: highest summed log-probability of the option after the
     cloze prompt (``cloze``) or of the letter after the MMLU prompt (``mc``)."""
@@ -70,7 +78,7 @@ def choose(
 
 @torch.no_grad()
 def representations(
-    handle, prompts: list[str], batch_size: int = 16
+    handle: ModelHandle, prompts: list[str], batch_size: int = 16
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Next-token log-probabilities (n × V) and every layer's hidden state at the last prompt token
     (a list of n × d), right-padded batches so positions are those of an unpadded prompt. With a
@@ -96,7 +104,7 @@ def representations(
 
 
 def known_triples(
-    handle,
+    handle: ModelHandle,
     g: KnowledgeGraph,
     level: str,
     domains: list[str] | None = None,
@@ -138,7 +146,7 @@ def _repr_sample(probes: list[Probe], n: int) -> tuple[list[str], int]:
     return ctx + plus, len(ctx)
 
 
-def geometry(handle, art, r: int = 32) -> dict:
+def geometry(handle: ModelHandle, art, r: int = 32) -> dict:
     """SVD geometry of every matrix the artifact changes (weight deltas and adapters; none for
     memory/context artifacts, whose weights stay as they were)."""
     deltas = art.weight_deltas()  # empty for memory / context / bundle artifacts
@@ -156,7 +164,7 @@ def geometry(handle, art, r: int = 32) -> dict:
 
 
 def run_kg(
-    handle,
+    handle: ModelHandle,
     graph: KnowledgeGraph,
     method: str,
     level: str,

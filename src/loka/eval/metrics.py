@@ -13,11 +13,15 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..scoring import generate, score_targets
 from .data import EvalCase
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 MetricFn = Callable[[dict, dict | None], float | None]
 METRICS: dict[str, MetricFn] = {}
@@ -66,7 +70,7 @@ def _case_rows(case: EvalCase) -> tuple[list[tuple[str, str]], list[str], list[s
     return keys, prompts, targets
 
 
-def score_cases(handle, cases: list[EvalCase], mode: str = "packed") -> list[dict]:
+def score_cases(handle: ModelHandle, cases: list[EvalCase], mode: str = "packed") -> list[dict]:
     """Teacher-forced scores of every probe of each case with the new and the true target; the rows
     of all ``cases`` go through the same batched calls (several records per packed forward)."""
     rows = [_case_rows(c) for c in cases]
@@ -83,7 +87,7 @@ def score_cases(handle, cases: list[EvalCase], mode: str = "packed") -> list[dic
     return out
 
 
-def score_case(handle, case: EvalCase, mode: str = "packed") -> dict:
+def score_case(handle: ModelHandle, case: EvalCase, mode: str = "packed") -> dict:
     """Teacher-forced scores of every probe of ``case`` with the new and the true target, all in one
     batched call (``mode``: the scoring mode of :func:`loka.scoring.score_targets`)."""
     return score_cases(handle, [case], mode)[0]
@@ -196,7 +200,9 @@ def _contains(text: str, answers) -> bool:
     return any(a.strip().lower() in t for a in answers if a and a.strip())
 
 
-def generation_scores(handle, case: EvalCase, max_new_tokens: int = 10, ge_tokens: int = 40) -> dict:
+def generation_scores(
+    handle: ModelHandle, case: EvalCase, max_new_tokens: int = 10, ge_tokens: int = 40
+) -> dict:
     """Greedy generations: success (target appears) on edit and paraphrase prompts, GE, multi-hop."""
     out: dict = {}
     prompts = case.rewrite + case.paraphrase

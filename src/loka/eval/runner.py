@@ -15,6 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,6 +31,9 @@ from ..utils.io import atomic_write_json, check_writable, hash_json, read_json
 from .data import EvalCase
 from .guard import general_guard
 from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 SCORE_GROUP = 4  # records per packed scoring call (larger matmuls; see benchmarks/eval_throughput.py)
 
 
-def _scores_many(handle, cases: list[EvalCase], cfg: EvalConfig) -> list[dict]:
+def _scores_many(handle: ModelHandle, cases: list[EvalCase], cfg: EvalConfig) -> list[dict]:
     out = []
     for i in range(0, len(cases), SCORE_GROUP):
         group = cases[i : i + SCORE_GROUP]
@@ -93,7 +97,7 @@ def _scores_many(handle, cases: list[EvalCase], cfg: EvalConfig) -> list[dict]:
     return out
 
 
-def _scores(handle, case: EvalCase, cfg: EvalConfig) -> dict:
+def _scores(handle: ModelHandle, case: EvalCase, cfg: EvalConfig) -> dict:
     return _scores_many(handle, [case], cfg)[0]
 
 
@@ -142,7 +146,7 @@ def check_run_folder(out: str | Path, resume: bool = False, force: bool = False)
 
 
 def run_eval(
-    handle,
+    handle: ModelHandle,
     cases: list[EvalCase],
     cfg: EvalConfig,
     out_dir: str | Path,
@@ -280,7 +284,7 @@ def run_eval(
     return summary
 
 
-def _run_sequential(handle, cases, cfg, out: Path, pre: dict) -> list[dict]:
+def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     art_dir = BatchFolder(
         out / "artifacts", index=out / "batches.json"
     )  # resume: the batches already edited, re-applied below

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 IGNORE = -100
 
@@ -55,7 +59,7 @@ def qa_batch(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> QABat
     return QABatch(ids, mask, labels)
 
 
-def answer_logits(handle, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(handle: ModelHandle, batch: QABatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the positions that predict answer tokens: ``(N, V)`` and the owning row of each.
 
     The unembedding runs only on those positions (a pre-hook hands it ``h[sel]``), which saves the

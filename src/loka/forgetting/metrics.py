@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..scoring import generate, target_logprobs
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 def normalised_prob(mean_logprob: float) -> float:
@@ -70,13 +74,13 @@ def model_utility(values: Sequence[float]) -> float:
 
 
 # -- computed on a model ------------------------------------------------------------------------
-def mean_nlls(handle, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+def mean_nlls(handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
     """Mean token NLL of each answer after its prompt (teacher forcing, one batched scoring call)."""
     return [-r["mean_logprob"] for r in target_logprobs(handle, list(prompts), list(answers))]
 
 
 def _answer_nlls(
-    handle, prompts: Sequence[str], answers: Sequence[str], perturbed: Sequence[Sequence[str]]
+    handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], perturbed: Sequence[Sequence[str]]
 ) -> tuple[list[float], list[list[float]]]:
     """Mean token NLL of each answer and of each of its perturbed answers (two batched scorings)."""
     flat_p = [q for q, alts in zip(prompts, perturbed) for _ in alts]
@@ -90,7 +94,10 @@ def _answer_nlls(
 
 
 def truth_ratios(
-    handle, prompts: Sequence[str], paraphrased: Sequence[str], perturbed: Sequence[Sequence[str]]
+    handle: ModelHandle,
+    prompts: Sequence[str],
+    paraphrased: Sequence[str],
+    perturbed: Sequence[Sequence[str]],
 ) -> list[float]:
     """Per question ``R`` from the paraphrased answer and its perturbed (wrong) answers."""
     para, per = _answer_nlls(handle, prompts, paraphrased, perturbed)
@@ -98,7 +105,7 @@ def truth_ratios(
 
 
 def rouge_recalls(
-    handle, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16
+    handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], max_new_tokens: int = 16
 ) -> list[float]:
     """ROUGE-L recall of each greedy continuation against its answer."""
     gens = []
@@ -107,7 +114,9 @@ def rouge_recalls(
     return [rouge_l_recall(g, a) for g, a in zip(gens, answers)]
 
 
-def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32) -> list[dict]:
+def answer_stats(
+    handle: ModelHandle, prompts: Sequence[str], answers: Sequence[str], batch_size: int = 32
+) -> list[dict]:
     """Per (prompt, answer): normalised probability ``P̄`` and teacher-forced exact match (every
     answer token is the argmax) — the forget/keep check used by ``loka unlearn`` and the benchmarks."""
     import torch
@@ -130,7 +139,7 @@ def answer_stats(handle, prompts: Sequence[str], answers: Sequence[str], batch_s
     return out
 
 
-def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
+def joint_metrics(handle: ModelHandle, task: dict, max_new_tokens: int = 8) -> dict:
     """LOKA's six numbers for a joint edit + forget task (:func:`loka.bench.tasks.build_tasks`).
 
     For short factual answers the "paraphrased answer" of the truth ratio is the answer itself and
@@ -167,7 +176,7 @@ def joint_metrics(handle, task: dict, max_new_tokens: int = 8) -> dict:
 
 
 def tofu_eval(
-    handle,
+    handle: ModelHandle,
     forget: Sequence[dict],
     retain: Sequence[dict],
     real_authors: Sequence[dict] = (),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,9 @@ from .. import env
 from ..utils.io import atomic_write_json, hash_tensors, sha256_file
 from .base import NonNegFloat, PosFloat, PosInt, UnitFloat, register
 from .memit import Memit, MemitHParams
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,9 @@ def nullspace_projection(C: torch.Tensor, threshold: float) -> tuple[torch.Tenso
     return (U @ U.T).to(torch.float32), int(U.shape[1])
 
 
-def cached_projection(handle, layer: int, C: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+def cached_projection(
+    handle: ModelHandle, layer: int, C: torch.Tensor, threshold: float
+) -> tuple[torch.Tensor, int]:
     """:func:`nullspace_projection`, cached by model hash, module, statistics content and threshold;
     the file's sha256 is checked before use."""
     key = f"{hash_tensors({'C': C.contiguous()})[:16]}-{threshold:g}"
@@ -152,11 +158,11 @@ def _fact_id(r) -> str:
     return f"{r.subject}\x1f{r.prompt}"
 
 
-def past_key_name(handle, layer: int) -> str:
+def past_key_name(handle: ModelHandle, layer: int) -> str:
     return f"alphaedit.keys.{handle.weight_name(layer)}"
 
 
-def past_moment(handle, layer: int, state) -> torch.Tensor | None:
+def past_moment(handle: ModelHandle, layer: int, state) -> torch.Tensor | None:
     """``K_p K_pᵀ`` (d_in × d_in, float64) over the keys of all earlier batches, or ``None``."""
     keys = state.batch_tensors(past_key_name(handle, layer)) if state is not None else []
     if not keys:
@@ -171,7 +177,7 @@ class AlphaEdit(Memit):
     hparams_cls = AlphaEditHParams
     stateful = True
 
-    def solve(self, handle, layer, K, R, C, hp: AlphaEditHParams, state):
+    def solve(self, handle: ModelHandle, layer, K, R, C, hp: AlphaEditHParams, state):
         P, rank = cached_projection(handle, layer, C, hp.nullspace_threshold)
         self.info.setdefault("nullspace_rank", {})[str(layer)] = rank
         if rank == 0:
@@ -203,7 +209,7 @@ class AlphaEdit(Memit):
             return smoothed_solve(K, R, P, past, hp)
         return alphaedit_solve(K, R, P, past, hp.L2)
 
-    def after_update(self, handle, layer, K_after, hp, state):
+    def after_update(self, handle: ModelHandle, layer, K_after, hp, state):
         if state is not None:
             state.add_batch_tensor(past_key_name(handle, layer), K_after.to(torch.float32))
             # which fact each stored key row belongs to (conflict weighting supersedes by identity)

@@ -15,9 +15,22 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 from ..errors import ConfigError, DivergenceError, LokaError, ModelError
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,9 @@ class Method:
     #: the artifact kind it makes: weight-delta, adapter, memory (forward hooks), context (a fact store)
     kind: ClassVar[Literal["weight-delta", "adapter", "memory", "context"]] = "weight-delta"
 
-    def run(self, handle, requests, hparams, progress=None, state=None):  # pragma: no cover - interface
+    def run(
+        self, handle: ModelHandle, requests, hparams, progress=None, state=None
+    ):  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -275,7 +290,7 @@ def _config(method: str, key: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def method_config(method: str, handle, _seen: tuple[str, ...] = ()) -> dict:
+def method_config(method: str, handle: ModelHandle, _seen: tuple[str, ...] = ()) -> dict:
     """The raw config of ``method`` for ``handle``: ``configs/<method>/<model name>.json``, else the
     family file, else ``default.json``. A config may say ``"extends": "memit"`` (that method's config for
     the same model) or ``"extends": "memit/default"`` (one file); its own keys override the parent's."""
@@ -296,7 +311,7 @@ def method_config(method: str, handle, _seen: tuple[str, ...] = ()) -> dict:
     return data
 
 
-def default_hparams(method: str, handle, overrides: dict[str, Any] | None = None) -> HParams:
+def default_hparams(method: str, handle: ModelHandle, overrides: dict[str, Any] | None = None) -> HParams:
     """Hyperparameters for ``method`` on ``handle``: its config (:func:`method_config`; layers may be
     given as fractions of the depth), then ``overrides``."""
     cls = get_method(method).hparams_cls

@@ -31,6 +31,7 @@ neighbourhood distances against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +40,9 @@ from ..errors import LokaError
 from ..forgetting import losses as L
 from ..trace import add_at_positions, capture, run_until_stopped
 from .base import HParams, Layer, MemoryMethod, NonNegFloat, PosFloat, PosInt, check_loss, register
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass
@@ -51,7 +55,7 @@ class GraceHParams(HParams):
 
 
 def _io_at_answer_positions(
-    handle, layer: int, batch: L.QABatch
+    handle: ModelHandle, layer: int, batch: L.QABatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs and outputs of ``layer``'s rewritten matrix at the positions whose logits predict an
     answer token (the last prompt token, then each answer token but the last), and those positions."""
@@ -101,7 +105,7 @@ class Grace(MemoryMethod):
             artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"]
         )
 
-    def run(self, handle, requests, hp: GraceHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: GraceHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
         if not hp.eps > 0:
             raise LokaError(

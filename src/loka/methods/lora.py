@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 
@@ -26,6 +26,9 @@ from ..errors import LokaError
 from ..forgetting.objectives import FORGET_LOSSES, ForgetLoss
 from .base import Domain, PosFloat, PosInt, register
 from .train import TrainHParams, TrainMethod, _Trainable
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass
@@ -63,7 +66,7 @@ class LoraMethod(TrainMethod):
         return FORGET_LOSSES[hp.forget_loss]
 
     @contextlib.contextmanager
-    def _trainable(self, handle, names: list[str], hp: LoraHParams) -> Iterator[_Trainable]:
+    def _trainable(self, handle: ModelHandle, names: list[str], hp: LoraHParams) -> Iterator[_Trainable]:
         try:
             from peft import LoraConfig, inject_adapter_in_model
         except ImportError:  # pragma: no cover - peft is a declared dependency

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import env
 from .base import NonNegFloat, PosFloat, register
 from .memit import Memit, MemitHParams
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass
@@ -65,11 +69,11 @@ class LyapLock(Memit):
     hparams_cls = LyapLockHParams
     stateful = True
 
-    def _names(self, handle, layer):
+    def _names(self, handle: ModelHandle, layer):
         w = handle.weight_name(layer)
         return f"lyaplock.base.{w}", f"lyaplock.keys.{w}", f"lyaplock.values.{w}", w
 
-    def solve(self, handle, layer, K, R, C, hp: LyapLockHParams, state):
+    def solve(self, handle: ModelHandle, layer, K, R, C, hp: LyapLockHParams, state):
         base_n, keys_n, vals_n, w = self._names(handle, layer)
         W = handle.weight(layer).detach()
         if state is None:  # a single batch: the queue starts at aZ = 1 (MEMIT with past terms empty)
@@ -86,7 +90,7 @@ class LyapLock(Memit):
         self.info.setdefault("lyaplock_aZ", {})[str(layer)] = aZ
         return lyaplock_solve(K, R, W, state.get(base_n), hp.mom2_update_weight * C, Kp, Vp, aZ, hp.V)
 
-    def after_update(self, handle, layer, K_after, hp: LyapLockHParams, state):
+    def after_update(self, handle: ModelHandle, layer, K_after, hp: LyapLockHParams, state):
         if state is None:
             return
         base_n, keys_n, vals_n, w = self._names(handle, layer)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -35,6 +35,9 @@ from .locate import (
     tree_batch,
 )
 from .templates import context_templates
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass
@@ -103,7 +106,7 @@ class _KeyPasses:
     The same numbers as a fresh forward per layer (tests/test_methods_tiny.py).
     """
 
-    def __init__(self, handle, batch, layers: list[int]):
+    def __init__(self, handle: ModelHandle, batch, layers: list[int]):
         self.handle, self.batch, self.layers, self.top = handle, batch, layers, layers[-1]
         self.replay = Replay(
             handle, batch, layers[0], end=self.top
@@ -136,15 +139,15 @@ class Memit(Method):
     hparams_cls = MemitHParams
 
     def solve(
-        self, handle, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hp, state
+        self, handle: ModelHandle, layer: int, K: torch.Tensor, R: torch.Tensor, C: torch.Tensor, hp, state
     ) -> torch.Tensor:
         """The (out × in) update of ``layer`` from keys ``K`` (n × d_in) and residuals ``R`` (n × d_out)."""
         return memit_solve(K, R, C, hp.mom2_update_weight)
 
-    def after_update(self, handle, layer: int, K_after: torch.Tensor, hp, state) -> None:
+    def after_update(self, handle: ModelHandle, layer: int, K_after: torch.Tensor, hp, state) -> None:
         """Called per layer with the batch's keys recomputed after all layers were updated."""
 
-    def run(self, handle, requests, hp: MemitHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: MemitHParams, progress=None, state=None):
         self.info: dict = {}  # method-specific numbers for the manifest
         self.requests = list(requests)
         layers = sorted(handle.check_layer(layer, "layers") for layer in hp.layers)

@@ -17,11 +17,15 @@ are exact and a rollback needs no PRUNE bookkeeping.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ConfigError
 from ..state import EditState
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 def check_alpha(alpha: float) -> None:
@@ -52,7 +56,7 @@ def restrain_matrix(
 
 
 def prune_deltas(
-    handle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e
+    handle: ModelHandle, deltas: dict[str, torch.Tensor], state: EditState, alpha: float = math.e
 ) -> tuple[dict, dict]:
     """Restrain ``deltas`` (about to be applied on top of earlier ones) against the original weights.
 

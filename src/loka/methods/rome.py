@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -21,6 +21,9 @@ from ..weights import preserved_weights
 from .base import HParams, Layer, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import optimize_values
 from .templates import context_templates
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 
 @dataclass
@@ -60,7 +63,7 @@ class Rome(Method):
     name = "rome"
     hparams_cls = RomeHParams
 
-    def run(self, handle, requests, hp: RomeHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: RomeHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
         timings = {"stats": 0.0, "templates": 0.0, "keys": 0.0, "values": 0.0, "update": 0.0}
         t = time.perf_counter()

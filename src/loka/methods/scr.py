@@ -19,13 +19,16 @@ earlier one (only the newest is retrieved). Reverting removes the store; the wei
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..errors import ConfigError
 from ..runtime import applied_context, register_rewriter
 from .base import Cosine, HParams, Method, PosInt, register
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 RELEVANCE = "Fact: {fact}\nQuestion: {query}...\nIs the fact about the subject of the question? Answer:"
 
@@ -48,7 +51,7 @@ class Scr(Method):
     hparams_cls = ScrHParams
     kind = "context"
 
-    def run(self, handle, requests, hp: ScrHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: ScrHParams, progress=None, state=None):
         from ..encoder import load_encoder
 
         if hp.filter not in ("model", "none"):
@@ -78,7 +81,7 @@ def _pool(stores) -> tuple[list[str], list[str], torch.Tensor, ScrHParams]:
 
 @register_rewriter("scr")
 @torch.no_grad()
-def contextualise(handle, prompts: list[str], stores: list | None = None) -> list[str]:
+def contextualise(handle: ModelHandle, prompts: list[str], stores: list | None = None) -> list[str]:
     """``prompts`` with the relevant facts of the applied SCR stores prepended (unchanged when none is
     applied); scoring calls it through :func:`loka.runtime.rewrite_prompts`."""
     stores = [a for a in applied_context(handle.model) if a.method == "scr"] if stores is None else stores

@@ -8,6 +8,7 @@ prompt. MEMIT's recipe: one sample per prefix in ("The", "Therefore", "Because",
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,11 +16,16 @@ from .. import env
 from ..hf_compat import generate as hf_generate
 from ..utils.io import atomic_write_json, hash_json
 
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
+
 PREFIXES = ("The", "Therefore", "Because", "I", "You")
 
 
 @torch.no_grad()
-def context_templates(handle, n_per_prefix: int = 1, length: int = 10, seed: int = 0) -> list[str]:
+def context_templates(
+    handle: ModelHandle, n_per_prefix: int = 1, length: int = 10, seed: int = 0
+) -> list[str]:
     key = hash_json([handle.model_hash, n_per_prefix, length, seed, PREFIXES])[:20]
     path = env.cache_dir("templates") / f"{key}.json"
     if path.exists():

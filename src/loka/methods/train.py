@@ -21,7 +21,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -39,6 +39,9 @@ from ..forgetting.objectives import (  # noqa: F401  (relearn_answer, refusals: 
 from ..requests import UpdateBatch
 from ..weights import preserved_weights
 from .base import Domain, HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class TrainMethod(Method):
     def forget_loss(self, hp) -> ForgetLoss:
         return FORGET_LOSSES[self.objective]
 
-    def run(self, handle, requests, hp: TrainHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: TrainHParams, progress=None, state=None):
         batch = UpdateBatch.of(requests)
         forget, retain, edits = batch.forget, batch.retain, batch.edits
         if not forget and not edits:
@@ -154,7 +157,7 @@ class TrainMethod(Method):
 
     # -- pieces ---------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _trainable(self, handle, names: list[str], hp) -> Iterator[_Trainable]:
+    def _trainable(self, handle: ModelHandle, names: list[str], hp) -> Iterator[_Trainable]:
         """The parameters a run trains: here the weights ``names`` themselves (restored on exit, so the
         model is untouched; the result is their change). LoRA trains low-rank factors instead."""
         model = handle.model
@@ -167,7 +170,7 @@ class TrainMethod(Method):
                     p.requires_grad_(False)
 
     @torch.no_grad()
-    def _reference(self, handle, objective: ForgetLoss, fb, wb, rb, hp) -> dict:
+    def _reference(self, handle: ModelHandle, objective: ForgetLoss, fb, wb, rb, hp) -> dict:
         ref: dict = {}
         if fb is not None and objective.reference:
             lg, rows = L.answer_logits(handle, fb)
@@ -182,7 +185,7 @@ class TrainMethod(Method):
         return ref
 
     def _losses(
-        self, handle, objective: ForgetLoss, fb, eb, rb, wb, ref, fi, ei, ri, hp
+        self, handle: ModelHandle, objective: ForgetLoss, fb, eb, rb, wb, ref, fi, ei, ri, hp
     ) -> tuple[dict, dict]:
         """The loss terms of one step, and the exact-match rates of this step's forget/edit rows
         (before the update: a cheap first test of the stopping rule)."""
@@ -218,7 +221,7 @@ class TrainMethod(Method):
         return parts, seen
 
     @torch.no_grad()
-    def _check(self, handle, fb, eb) -> dict:
+    def _check(self, handle: ModelHandle, fb, eb) -> dict:
         out = {}
         if fb is not None:
             lg, rows = L.answer_logits(handle, fb)
@@ -232,7 +235,7 @@ class TrainMethod(Method):
     def _met(em: dict, hp) -> bool:
         return em.get("forget_em", 0.0) <= hp.stop_forget_em and em.get("edit_em", 1.0) >= hp.stop_edit_em
 
-    def _target_met(self, handle, fb, eb, hp, seen: dict, rec: dict) -> bool:
+    def _target_met(self, handle: ModelHandle, fb, eb, hp, seen: dict, rec: dict) -> bool:
         """The stopping rule: tested first on this step's rows (free), then on every row (one no-grad
         pass), whose rates go into ``rec``."""
         if not self._met(seen, hp):

@@ -30,7 +30,7 @@ installs the routed side memory as a forward hook, reverting removes it; weights
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from torch import nn
@@ -53,6 +53,9 @@ from .base import (
 )
 from .grace import _io_at_answer_positions
 from .train import _rows
+
+if TYPE_CHECKING:
+    from ..models.loader import ModelHandle
 
 #: Out-of-scope text for the margin loss: everyday sentences unrelated to any edit.
 OUT_OF_SCOPE = [
@@ -115,7 +118,7 @@ class SideMemory:
         return out + (d * fire).to(out.dtype)
 
 
-def _inputs(handle, path: str, texts: list[str]) -> torch.Tensor:
+def _inputs(handle: ModelHandle, path: str, texts: list[str]) -> torch.Tensor:
     """The inputs of module ``path`` at every real token of ``texts`` (rows, no padding)."""
     enc = handle.tokenizer(texts, return_tensors="pt", padding=True)
     with torch.no_grad(), capture(handle.model, [path], stop_after=path) as rec:
@@ -134,7 +137,7 @@ class Wise(MemoryMethod):
     def hook(artifact) -> SideMemory:
         return SideMemory(artifact.deltas["wise.delta"], float(artifact.deltas["wise.tau"]))
 
-    def run(self, handle, requests, hp: WiseHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: WiseHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")
         if not 0 < hp.mask_ratio <= 1:
             raise LokaError(f"wise: hyperparameter mask_ratio must be in (0, 1], got {hp.mask_ratio}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,9 @@ from ...errors import ArtifactError
 from ...hf_compat import is_decode_step
 from ...runtime import add_router, remove_router, routers, suspended
 from ...trace import capture, run_until_stopped
+
+if TYPE_CHECKING:
+    from ...models.loader import ModelHandle
 
 TOKENIZER_ATTR = "_loka_tokenizer"  # the handle's tokenizer, set on the model by the loader
 
@@ -89,7 +93,9 @@ def mgda_two(g1: torch.Tensor, g2: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 # -- embeddings ----------------------------------------------------------------------------------
 @torch.no_grad()
-def query_embeddings(handle, layer: int, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+def query_embeddings(
+    handle: ModelHandle, layer: int, texts: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
     """``e(x)``: the residual stream entering block ``layer`` at the last token of each text, L2-normalised
     (n, d). Runs the model only up to that block."""
     path = handle.spec.block_path(layer)
@@ -122,7 +128,7 @@ def encoder_embeddings(texts: Sequence[str]) -> torch.Tensor:
     return load_encoder().encode(list(texts))
 
 
-def embeddings(handle, layer: int, texts: Sequence[str], source: str = "llm") -> torch.Tensor:
+def embeddings(handle: ModelHandle, layer: int, texts: Sequence[str], source: str = "llm") -> torch.Tensor:
     """Retrieval embeddings of ``texts`` from ``source`` ("llm": :func:`query_embeddings`; "encoder")."""
     return encoder_embeddings(texts) if source == "encoder" else query_embeddings(handle, layer, texts)
 
@@ -214,7 +220,7 @@ class Codebook:
         finally:
             self.override = old
 
-    def groups(self, handle, prompts: Sequence[str]) -> list[tuple[int, list[int]]]:
+    def groups(self, handle: ModelHandle, prompts: Sequence[str]) -> list[tuple[int, list[int]]]:
         """Prompt indices grouped by the memory each is routed to (router on the prompt text, then the
         nearest memory to the prompt's embedding): ``[(memory id or -1, indices)]``, for
         :func:`loka.runtime.route_groups`."""
@@ -330,7 +336,9 @@ def applied_codebooks(model: nn.Module) -> list[Codebook]:
     return [r for r in routers(model) if isinstance(r, Codebook)]
 
 
-def routed_groups(handle, prompts: Sequence[str]) -> list[tuple[Codebook | None, int | None, list[int]]]:
+def routed_groups(
+    handle: ModelHandle, prompts: Sequence[str]
+) -> list[tuple[Codebook | None, int | None, list[int]]]:
     """``[(codebook, memory id, indices)]``: :meth:`Codebook.groups` of the applied codebook, or one
     group ``(None, None, all)`` without one."""
     books = applied_codebooks(handle.model)
@@ -353,7 +361,7 @@ class LokaModel:
     choice) through loka's scoring functions, so every metric runs on it unchanged.
     """
 
-    def __init__(self, handle, artifact=None):
+    def __init__(self, handle: ModelHandle, artifact=None):
         self.handle = handle
         if artifact is not None and getattr(artifact, "runtime", None) not in applied_codebooks(handle.model):
             artifact.apply(handle)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,9 @@ from ..templates import context_templates
 from ..wise import OUT_OF_SCOPE
 from .codebook import Codebook, conflict_score, cosine, embeddings, kmeans, lsh_hash, lsh_planes, mgda_two
 from .router import Router, train_router
+
+if TYPE_CHECKING:
+    from ...models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def _check(hp: LokaHParams) -> None:
 class _Trainer:
     """Losses of one memory ``Δ`` plugged into ``layer`` for every row (training-time hook)."""
 
-    def __init__(self, handle, layer: int, beta: float):
+    def __init__(self, handle: ModelHandle, layer: int, beta: float):
         self.handle, self.beta = handle, beta
         self.module = handle.mlp_out(layer)
         w = handle.weight(layer)
@@ -270,7 +273,7 @@ class Loka(MemoryMethod):
         return book
 
     # -- the method ------------------------------------------------------------------------------
-    def run(self, handle, requests, hp: LokaHParams, progress=None, state=None):
+    def run(self, handle: ModelHandle, requests, hp: LokaHParams, progress=None, state=None):
         _check(hp)
         layer = handle.check_layer(hp.layer, "layer")
         batch = UpdateBatch.of(requests)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from ...errors import RequestError
 from ...packing import pack_trees
 from ...requests import EditRequest, fill_subject, subject_last_token
 from ...trace import capture, run_until_stopped
+
+if TYPE_CHECKING:
+    from ...models.loader import ModelHandle
 
 
 def target_ids(tokenizer, target: str) -> list[int]:
@@ -78,7 +82,7 @@ def tree_batch(batch: PromptBatch, pad_id: int, dtype: torch.dtype, max_len: int
 
 
 def build_prompts(
-    handle,
+    handle: ModelHandle,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
     *,
@@ -149,7 +153,7 @@ def build_prompts(
     )
 
 
-def prompt_forward(handle, batch: PromptBatch, **kw):
+def prompt_forward(handle: ModelHandle, batch: PromptBatch, **kw):
     dev = handle.device
     extra = {"position_ids": batch.position_ids.to(dev)} if batch.position_ids is not None else {}
     return handle.model(
@@ -163,7 +167,7 @@ def prompt_forward(handle, batch: PromptBatch, **kw):
 
 @torch.no_grad()
 def module_io_at_lookup(
-    handle,
+    handle: ModelHandle,
     batch: PromptBatch,
     layers: Sequence[int],
     stop_layer: int | None = None,

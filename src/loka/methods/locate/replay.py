@@ -10,12 +10,16 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ...hf_compat import cache_out, crop_cache, select_cache_rows, with_cache
 from ...trace import block_output, capture, run_until_stopped
 from .prompts import PromptBatch, prompt_forward
+
+if TYPE_CHECKING:
+    from ...models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,12 @@ class Replay:
     """
 
     def __init__(
-        self, handle, batch: PromptBatch, start: int, probes: Sequence[str] = (), end: int | None = None
+        self,
+        handle: ModelHandle,
+        batch: PromptBatch,
+        start: int,
+        probes: Sequence[str] = (),
+        end: int | None = None,
     ):
         """``probes``: module paths whose input and output at the subject's last token are recorded
         during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d)).

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from ...trace import add_at_positions
 from .grouping import GROUP_MIN_REQUESTS, GROUPINGS, KL_GROUP_MIN_REQUESTS, suffix_buckets, suffix_len
 from .prompts import PromptBatch, build_prompts, mean_over_templates
 from .replay import Replay, _ActiveView
+
+if TYPE_CHECKING:
+    from ...models.loader import ModelHandle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class ValueResult:
 
 
 def optimize_values(
-    handle,
+    handle: ModelHandle,
     requests: Sequence[EditRequest],
     layer: int,
     templates: Sequence[str],
@@ -118,7 +122,7 @@ def optimize_values(
     )
 
 
-def _search_precision(handle, hp):
+def _search_precision(handle: ModelHandle, hp):
     """The precision of the value search's forwards: ``hp.v_dtype`` "float32" (default) or
     "bfloat16".
 
@@ -172,14 +176,14 @@ class _Group:
     view: _ActiveView | None = None
 
 
-def _paths(handle, layer: int, where: str, key_layer: int) -> tuple:
+def _paths(handle: ModelHandle, layer: int, where: str, key_layer: int) -> tuple:
     hook_mod = handle.mlp_out(layer) if where == "mlp_out" else handle.block(layer)
     key_path = handle.spec.mlp_out_path(key_layer)
     val_path = handle.spec.mlp_out_path(layer) if where == "mlp_out" else handle.spec.block_path(layer)
     return hook_mod, key_path, val_path
 
 
-def _one_group(handle, requests, layer, templates, hp, key_path, val_path):
+def _one_group(handle: ModelHandle, requests, layer, templates, hp, key_path, val_path):
     """All rows in one group: every template row and the KL rows, aligned and replayed together."""
     n = len(requests)
     batch = build_prompts(handle, requests, templates, align=True)
@@ -194,7 +198,7 @@ def _one_group(handle, requests, layer, templates, hp, key_path, val_path):
     return [_Group(batch, replay, kl_rows)], v0, k_star, keys_all[plain], kl_ref
 
 
-def _split_groups(handle, requests, layer, templates, hp, key_path, val_path, mode, suffix_lens):
+def _split_groups(handle: ModelHandle, requests, layer, templates, hp, key_path, val_path, mode, suffix_lens):
     """The rows split into groups that pad little, plus one group for the KL prompts, cut after the
     subject. ``mode="suffix"``: requests bucketed by the length of what follows the subject (prompt
     rest + target, the only columns a step replays; buckets from :func:`suffix_buckets`), each bucket
@@ -240,7 +244,15 @@ def _split_groups(handle, requests, layer, templates, hp, key_path, val_path, mo
 
 
 def _optimize(
-    handle, requests, layer, templates, hp, where, key_layer, mode: str = "none", suffix_lens=None
+    handle: ModelHandle,
+    requests,
+    layer,
+    templates,
+    hp,
+    where,
+    key_layer,
+    mode: str = "none",
+    suffix_lens=None,
 ) -> ValueResult:
     """One chunk of requests: build its row groups (``mode="none"``: one group), then :func:`_search`."""
     t0 = time.perf_counter()
@@ -252,7 +264,9 @@ def _optimize(
     return _search(handle, hp, hook_mod, len(templates), *setup, t0)
 
 
-def _search(handle, hp, hook_mod, n_prompts, groups, v0, k_star, k_plain, kl_ref, t0) -> ValueResult:
+def _search(
+    handle: ModelHandle, hp, hook_mod, n_prompts, groups, v0, k_star, k_plain, kl_ref, t0
+) -> ValueResult:
     """The optimisation (ROME Eq. 4), written once for every grouping: each step runs forward and
     backward group by group (one group's graph in memory at a time), adds the decay term, stops the
     requests whose target NLL fell below ``early_stop_loss``, steps Adam and applies the norm clamp."""
