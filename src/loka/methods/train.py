@@ -90,13 +90,17 @@ class TrainMethod(Method):
         rng = self._rng = random.Random(hp.seed)
         torch.manual_seed(hp.seed)
         names = [handle.weight_name(handle.check_layer(x, "layers")) for x in hp.layers]
-        fb = L.qa_batch(tok, [r.text for r in forget], [r.target_true for r in forget]) if forget else None
-        eb = L.qa_batch(tok, [r.text for r in edits], [r.target_new for r in edits]) if edits else None
-        rb = L.qa_batch(tok, [r.text for r in retain], [r.target_new for r in retain]) if retain else None
+        forget_b = (
+            L.qa_batch(tok, [r.text for r in forget], [r.target_true for r in forget]) if forget else None
+        )
+        edit_b = L.qa_batch(tok, [r.text for r in edits], [r.target_new for r in edits]) if edits else None
+        retain_b = (
+            L.qa_batch(tok, [r.text for r in retain], [r.target_new for r in retain]) if retain else None
+        )
         objective = self.forget_loss(hp)
         wins = objective.wins(forget, rng) if forget else None
-        wb = L.qa_batch(tok, [q for q, _ in wins], [a for _, a in wins]) if wins else None
-        ref = self._reference(handle, objective, fb, wb, rb, hp)
+        win_b = L.qa_batch(tok, [q for q, _ in wins], [a for _, a in wins]) if wins else None
+        ref = self._reference(handle, objective, forget_b, win_b, retain_b, hp)
         info: dict = {
             "forget": len(forget),
             "edit": len(edits),
@@ -104,8 +108,8 @@ class TrainMethod(Method):
             "trained": names,
             "forget_loss": objective.name,
         }
-        if wb is not None and objective.name == "relearn":
-            info["relearn_rows"] = len(wb)
+        if win_b is not None and objective.name == "relearn":
+            info["relearn_rows"] = len(win_b)
         with self._trainable(handle, names, hp) as tr:
             params = tr.params
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
@@ -119,11 +123,23 @@ class TrainMethod(Method):
             try:
                 step = 0
                 for step in range(1, hp.max_steps + 1):
-                    fi = _sample(rng, len(fb) if fb else 0, hp.batch_size)
-                    ei = _sample(rng, len(eb) if eb else 0, hp.batch_size)
-                    ri = _sample(rng, len(rb) if rb else 0, hp.retain_batch_size)
+                    forget_i = _sample(rng, len(forget_b) if forget_b else 0, hp.batch_size)
+                    edit_i = _sample(rng, len(edit_b) if edit_b else 0, hp.batch_size)
+                    retain_i = _sample(rng, len(retain_b) if retain_b else 0, hp.retain_batch_size)
                     opt.zero_grad()
-                    parts, seen = self._losses(handle, objective, fb, eb, rb, wb, ref, fi, ei, ri, hp)
+                    parts, seen = self._losses(
+                        handle,
+                        objective,
+                        forget_b,
+                        edit_b,
+                        retain_b,
+                        win_b,
+                        ref,
+                        forget_i,
+                        edit_i,
+                        retain_i,
+                        hp,
+                    )
                     loss = sum(parts.values())
                     check_loss(loss, self.name, step, fix="lower lr, gamma, alpha or edit_weight")
                     loss.backward()
@@ -137,7 +153,7 @@ class TrainMethod(Method):
                     history.append(rec)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}")
                     bar.update(1)
-                    if self._target_met(handle, fb, eb, hp, seen, rec):
+                    if self._target_met(handle, forget_b, edit_b, hp, seen, rec):
                         info["stopped_early"] = True
                         break
                 info["steps"] = step
@@ -146,7 +162,7 @@ class TrainMethod(Method):
                 bar.close()
             with torch.no_grad():
                 if not final:  # the last step ended without a full check: do one now
-                    final = self._check(handle, fb, eb)
+                    final = self._check(handle, forget_b, edit_b)
                 deltas = tr.result()
         info.update(tr.info)
         info.update(final)
@@ -170,29 +186,40 @@ class TrainMethod(Method):
                     p.requires_grad_(False)
 
     @torch.no_grad()
-    def _reference(self, handle: ModelHandle, objective: ForgetLoss, fb, wb, rb, hp) -> dict:
+    def _reference(self, handle: ModelHandle, objective: ForgetLoss, forget_b, win_b, retain_b, hp) -> dict:
         ref: dict = {}
-        if fb is not None and objective.reference:
-            lg, rows = L.answer_logits(handle, fb)
-            ref["forget"] = L.sequence_logprobs(lg, rows, fb)[0]
-        if wb is not None and objective.win_reference:
-            lg, rows = L.answer_logits(handle, wb)
-            ref["win"] = L.sequence_logprobs(lg, rows, wb)[0]
-        if rb is not None and hp.retain_loss == "kl":
-            lg, rows = L.answer_logits(handle, rb)
+        if forget_b is not None and objective.reference:
+            lg, rows = L.answer_logits(handle, forget_b)
+            ref["forget"] = L.sequence_logprobs(lg, rows, forget_b)[0]
+        if win_b is not None and objective.win_reference:
+            lg, rows = L.answer_logits(handle, win_b)
+            ref["win"] = L.sequence_logprobs(lg, rows, win_b)[0]
+        if retain_b is not None and hp.retain_loss == "kl":
+            lg, rows = L.answer_logits(handle, retain_b)
             ref["retain_logp"] = torch.log_softmax(lg, -1).to(torch.bfloat16)  # answer positions only
             ref["retain_rows"] = rows
         return ref
 
     def _losses(
-        self, handle: ModelHandle, objective: ForgetLoss, fb, eb, rb, wb, ref, fi, ei, ri, hp
+        self,
+        handle: ModelHandle,
+        objective: ForgetLoss,
+        forget_b,
+        edit_b,
+        retain_b,
+        win_b,
+        ref,
+        forget_i,
+        edit_i,
+        retain_i,
+        hp,
     ) -> tuple[dict, dict]:
         """The loss terms of one step, and the exact-match rates of this step's forget/edit rows
         (before the update: a cheap first test of the stopping rule)."""
         parts: dict = {}
         seen: dict = {}
-        if fb is not None and len(fi):
-            b = _rows(fb, fi)
+        if forget_b is not None and len(forget_i):
+            b = _rows(forget_b, forget_i)
             lg, rows = L.answer_logits(handle, b)
             lp, n = L.sequence_logprobs(lg, rows, b)
             seen["forget_em"] = float(L.exact_match(lg.detach(), rows, b).mean())
@@ -201,46 +228,48 @@ class TrainMethod(Method):
                 blg, brows = L.answer_logits(handle, batch)
                 return L.sequence_logprobs(blg, brows, batch)
 
-            step = ForgetStep(lp, n, fi, ref, wb, hp, self._rng, logprobs, _rows, _sample)
+            step = ForgetStep(lp, n, forget_i, ref, win_b, hp, self._rng, logprobs, _rows, _sample)
             parts["forget"] = hp.gamma * objective.loss(step)
-        if eb is not None and len(ei):
-            b = _rows(eb, ei)
+        if edit_b is not None and len(edit_i):
+            b = _rows(edit_b, edit_i)
             lg, rows = L.answer_logits(handle, b)
             lp, n = L.sequence_logprobs(lg, rows, b)
             parts["edit"] = hp.edit_weight * L.nll_loss(lp, n)
             seen["edit_em"] = float(L.exact_match(lg.detach(), rows, b).mean())
-        if rb is not None and len(ri) and hp.alpha:
-            b = _rows(rb, ri)
+        if retain_b is not None and len(retain_i) and hp.alpha:
+            b = _rows(retain_b, retain_i)
             lg, rows = L.answer_logits(handle, b)
             if hp.retain_loss == "nll":
                 lp, n = L.sequence_logprobs(lg, rows, b)
                 parts["retain"] = hp.alpha * L.nll_loss(lp, n)
             else:
-                keep = torch.isin(ref["retain_rows"], ri)  # reference positions of the sampled rows, in order
+                keep = torch.isin(
+                    ref["retain_rows"], retain_i
+                )  # reference positions of the sampled rows, in order
                 parts["retain"] = hp.alpha * L.kl_to_reference(lg, ref["retain_logp"][keep])
         return parts, seen
 
     @torch.no_grad()
-    def _check(self, handle: ModelHandle, fb, eb) -> dict:
+    def _check(self, handle: ModelHandle, forget_b, edit_b) -> dict:
         out = {}
-        if fb is not None:
-            lg, rows = L.answer_logits(handle, fb)
-            out["forget_em"] = float(L.exact_match(lg, rows, fb).mean())
-        if eb is not None:
-            lg, rows = L.answer_logits(handle, eb)
-            out["edit_em"] = float(L.exact_match(lg, rows, eb).mean())
+        if forget_b is not None:
+            lg, rows = L.answer_logits(handle, forget_b)
+            out["forget_em"] = float(L.exact_match(lg, rows, forget_b).mean())
+        if edit_b is not None:
+            lg, rows = L.answer_logits(handle, edit_b)
+            out["edit_em"] = float(L.exact_match(lg, rows, edit_b).mean())
         return out
 
     @staticmethod
     def _met(em: dict, hp) -> bool:
         return em.get("forget_em", 0.0) <= hp.stop_forget_em and em.get("edit_em", 1.0) >= hp.stop_edit_em
 
-    def _target_met(self, handle: ModelHandle, fb, eb, hp, seen: dict, rec: dict) -> bool:
+    def _target_met(self, handle: ModelHandle, forget_b, edit_b, hp, seen: dict, rec: dict) -> bool:
         """The stopping rule: tested first on this step's rows (free), then on every row (one no-grad
         pass), whose rates go into ``rec``."""
         if not self._met(seen, hp):
             return False
-        now = self._check(handle, fb, eb)
+        now = self._check(handle, forget_b, edit_b)
         rec.update(now)
         return self._met(now, hp)
 
