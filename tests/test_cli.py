@@ -534,3 +534,26 @@ def test_cli_data_counterfact_from_known_and_mquake(capsys, tmp_path):
     recs = json.loads(out.read_text())
     assert info["records"] == len(recs) >= 1000 and info["facts"] == 1209 + 608
     assert any(r["known_id"] is None for r in recs) and any(r["known_id"] is not None for r in recs)
+
+
+def test_unlearn_one_fact_from_flags(capsys):
+    code, out, err = run(
+        capsys,
+        "unlearn",
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "{} was born in",
+        "--subject",
+        "Alice Marlow",
+        "--target",
+        "Q",
+        "--set",
+        "max_steps=3",
+        "--json",
+    )
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["sets"]["forget"]["n"] == 1 and d["artifact"]["method"] == "npo"
+    code, _, err = run(capsys, "unlearn", "--model", "tiny-llama", "--prompt", "{} was born in")
+    assert code == 2 and "--subject" in err and "--target" in err

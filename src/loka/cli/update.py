@@ -118,7 +118,23 @@ def cmd_unlearn(args) -> int:
     from ..api import unlearn
     from ..requests import ForgetRequest, RetainRequest, read_requests
 
-    forget = read_requests(args.forget, ForgetRequest)
+    inline = [f for f in ("prompt", "subject", "target") if getattr(args, f) is not None]
+    if args.forget and inline:
+        raise ConfigError("give --forget FILE or --prompt/--subject/--target for one fact, not both")
+    if args.forget:
+        forget = read_requests(args.forget, ForgetRequest)
+    elif len(inline) == 3 and all(getattr(args, f) for f in inline):
+        forget = [
+            ForgetRequest(
+                args.prompt, args.subject, None, target_true=args.target, paraphrases=args.paraphrase or []
+            )
+        ]
+    else:
+        missing = [f"--{f}" for f in ("prompt", "subject", "target") if not getattr(args, f)]
+        raise ConfigError(
+            "give --forget FILE, or --prompt, --subject and --target (the answer to forget) for one fact "
+            f"(missing: {', '.join(missing)})"
+        )
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
     handle = load_with_artifacts(args.model, args.artifact)
     before = {
@@ -298,9 +314,18 @@ def register(sub, methods, forgetters) -> None:
     )
     s.add_argument(
         "--forget",
-        required=True,
         help="JSON/JSONL of facts to forget: {prompt, subject, target_true|answer} "
-        "or CounterFact records (their true object is forgotten)",
+        "or CounterFact records (their true object is forgotten); or give one fact with --prompt/--subject/--target",
+    )
+    s.add_argument(
+        "--prompt", help="one fact to forget: the prompt with {} for the subject, e.g. '{} was born in'"
+    )
+    s.add_argument("--subject", help="one fact to forget: the subject, e.g. 'Ada Lovelace'")
+    s.add_argument(
+        "--target", help="one fact to forget: the answer the model should stop giving, e.g. 'London'"
+    )
+    s.add_argument(
+        "--paraphrase", action="append", help="a paraphrased full prompt of that fact (repeatable)"
     )
     s.add_argument("--retain", help="JSON/JSONL of facts to keep: {prompt, subject, target_new|answer}")
     update_options(s)
