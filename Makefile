@@ -4,6 +4,7 @@
 #   make demo         install, then run the main job
 #   make test         install, then run the suite
 #   make lint         ruff check + ruff format --check
+#   make docs         the documentation site in site/ (warnings are errors)
 #   make test-wheel   build the wheel, install it in a fresh venv, run loka from outside the clone
 #   make test-latest  the suite in .venv-latest with the newest transformers/peft/accelerate
 #                     (LATEST="transformers==5.23.0" tests one given release instead)
@@ -23,7 +24,7 @@ LATEST ?= transformers peft accelerate
 VERSIONS := -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test lint format test-wheel test-latest lock
+.PHONY: install demo test lint format docs test-wheel test-latest lock
 
 # $(1): a venv folder. Installs exactly the lock (no resolution), then loka itself, editable.
 define install_locked
@@ -50,6 +51,9 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
 format: install
 	$(VENV)/bin/ruff format src tests benchmarks
 
@@ -67,7 +71,7 @@ lock:
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python $(PIP) --upgrade pip setuptools wheel
 	.venv-lock/bin/python $(PIP) $(TORCH)
-	.venv-lock/bin/python $(PIP) '.[dev]'
+	.venv-lock/bin/python $(PIP) '.[dev,docs]'
 	.venv-lock/bin/python $(PIP) --no-deps $(NODEPS)
 	{ echo "# loka's tested environment (Python 3.11, CPU build of torch): every package at an exact version."; \
 	  echo "# Written by 'make lock' from pyproject.toml's ranges; installed by 'make install' with --no-deps."; \

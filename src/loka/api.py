@@ -7,8 +7,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tqdm.auto import tqdm
-
 from .artifact import Artifact
 from .errors import LokaError, RequestError
 from .methods import default_hparams, get_method, methods_for
@@ -16,6 +14,7 @@ from .methods.base import HParams, check_update
 from .methods.prune import check_alpha, prune_deltas
 from .requests import EditRequest, UpdateBatch, subject_last_token
 from .state import EditState
+from .utils.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from .models.loader import ModelHandle
@@ -114,7 +113,7 @@ def edit(
     else:
         hp = default_hparams(method, handle, hparams or {})
     t0 = time.time()
-    bar = tqdm(total=len(requests), desc=f"{method} edits", unit="req", disable=not progress)
+    bar = progress_bar(total=len(requests), desc=f"{method} edits", unit="req", disable=not progress)
     work = state.copy() if state is not None else EditState()  # committed only on success
     try:
         deltas, info = m.run(handle, requests, hp, progress=bar, state=work)

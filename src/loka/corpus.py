@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from . import env
 from .errors import LokaError
 from .hf_compat import generate as hf_generate
 from .resources import data_dir
 from .utils.io import atomic_write_bytes, check_regular, hash_json, read_text, sha256_file
+from .utils.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from .models.loader import ModelHandle
@@ -162,7 +162,7 @@ class SelfSampledCorpus:
         gen = torch.Generator().manual_seed(self.seed)
         texts: list[str] = []
         done = 0
-        bar = tqdm(total=self.n_tokens, desc="sampling corpus from the model", unit="tok")
+        bar = progress_bar(total=self.n_tokens, desc="sampling corpus from the model", unit="tok")
         old_side = tok.padding_side
         tok.padding_side = "left"
         try:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import LokaError
 from .forgetting import losses as L
 from .methods.base import check_loss
 from .models.loader import check_export_output
+from .utils.progress import bar as progress_bar
 from .weights import preserved_weights
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def finetune(
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / max(1, steps_per_epoch))
         )  # 1-epoch warm-up
-        bar = tqdm(total=epochs * steps_per_epoch, desc="finetune", unit="step", disable=not progress)
+        bar = progress_bar(total=epochs * steps_per_epoch, desc="finetune", unit="step", disable=not progress)
         try:
             for _ in range(epochs):
                 rng.shuffle(order)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from . import env
 from .corpus import Corpus
@@ -40,6 +39,7 @@ from .utils.io import (
     sha256_file,
     tmp_sibling,
 )
+from .utils.progress import bar as progress_bar
 
 if TYPE_CHECKING:
     from .models.loader import ModelHandle
@@ -175,7 +175,7 @@ def _compute(
             log.warning("ignoring unreadable partial statistics: %s", e)
             count, texts_done = 0, 0
     stop = paths[max(layers)]
-    bar = tqdm(
+    bar = progress_bar(
         total=n_tokens,
         initial=count,
         desc=f"statistics for layers {layers}",

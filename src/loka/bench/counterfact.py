@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import LokaError
 from ..relations import RELATIONS
 from ..resources import data_dir
 from ..utils.io import read_json
+from ..utils.progress import track
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -81,7 +81,7 @@ def facts_known_by(handle: ModelHandle, facts: list[dict], batch_size: int = 32)
     from ..scoring import generate
 
     keep = []
-    for s in tqdm(range(0, len(facts), batch_size), desc=f"which facts {handle.name} knows", unit="batch"):
+    for s in track(range(0, len(facts), batch_size), desc=f"which facts {handle.name} knows", unit="batch"):
         chunk = facts[s : s + batch_size]
         outs = generate(handle, [f["prompt"] for f in chunk], max_new_tokens=6)
         for f, o in zip(chunk, outs):

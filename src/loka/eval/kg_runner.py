@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..bench.kg import KnowledgeGraph, Triple
 from ..bench.probes import Probe, generate_probes, retain_requests
@@ -30,6 +29,7 @@ from ..errors import RequestError
 from ..methods import get_method
 from ..scoring import target_logprobs
 from ..utils.io import atomic_write_bytes, atomic_write_json, cached_json, hash_json
+from ..utils.progress import bar as progress_bar
 from . import kg_metrics as km
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def choose(
             targets += [" " + chr(65 + i) for i in range(len(p.options))]
     out: list[int] = []
     step = 512
-    bar = tqdm(total=len(prompts), desc=f"probes ({scoring})", unit="row", disable=not progress)
+    bar = progress_bar(total=len(prompts), desc=f"probes ({scoring})", unit="row", disable=not progress)
     lps: list[dict] = []
     for s in range(0, len(prompts), step):
         lps += target_logprobs(handle, prompts[s : s + step], targets[s : s + step], batch_size=batch_size)

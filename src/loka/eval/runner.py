@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import env
 from ..api import edit
@@ -28,6 +27,8 @@ from ..methods import get_method
 from ..sequential import BatchFolder
 from ..state import EditState
 from ..utils.io import atomic_write_json, check_writable, hash_json, read_json
+from ..utils.progress import bar as progress_bar
+from ..utils.progress import track
 from .data import EvalCase
 from .guard import general_guard
 from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases
@@ -191,7 +192,7 @@ def run_eval(
     # shared across runs: unedited scores keyed by model hash and the case's content
     shared_file = env.cache_dir("eval") / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}.jsonl"
     shared = {r["key"]: r["scores"] for r in _read_jsonl(shared_file)} if todo else {}
-    for c in tqdm(todo, desc="unedited scores", unit="case", disable=not todo):
+    for c in track(todo, desc="unedited scores", unit="case", disable=not todo):
         key = hash_json([repr(c), cfg.generation])
         s = shared.get(key)
         if s is None:
@@ -221,7 +222,7 @@ def run_eval(
                 )
     elif cfg.mode in ("single", "batch"):
         todo = [c for c in cases if str(c.case_id) not in done]
-        bar = tqdm(total=len(todo), desc=f"{cfg.method} {cfg.mode}", unit="case")
+        bar = progress_bar(total=len(todo), desc=f"{cfg.method} {cfg.mode}", unit="case")
         for i in range(0, len(todo), cfg.batch_size):
             chunk = todo[i : i + cfg.batch_size]
             reqs = [r for c in chunk for r in c.requests]
@@ -315,7 +316,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
     checkpoints = sorted({c for c in cfg.checkpoints if c < len(cases)} | {len(cases)})
     done_ckpt = {r["n_edits"] for r in _read_jsonl(seq_file)}
     n_edits = sum(len(b) for b in batches[: len(applied)])
-    bar = tqdm(total=len(cases), initial=n_edits, desc=f"{cfg.method} sequential", unit="case")
+    bar = progress_bar(total=len(cases), initial=n_edits, desc=f"{cfg.method} sequential", unit="case")
     try:
         for k in range(len(applied), len(batches)):
             reqs = [r for c in batches[k] for r in c.requests]

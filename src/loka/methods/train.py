@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ..errors import LokaError
 from ..forgetting import losses as L
@@ -37,6 +36,7 @@ from ..forgetting.objectives import (  # noqa: F401  (relearn_answer, refusals: 
     relearn_answer,
 )
 from ..requests import UpdateBatch
+from ..utils.progress import bar as progress_bar
 from ..weights import preserved_weights
 from .base import Domain, HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
 
@@ -113,7 +113,7 @@ class TrainMethod(Method):
         with self._trainable(handle, names, hp) as tr:
             params = tr.params
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-            bar = tqdm(
+            bar = progress_bar(
                 total=hp.max_steps,
                 desc=f"{self.name} training",
                 unit="step",

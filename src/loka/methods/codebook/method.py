@@ -42,12 +42,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
-from tqdm.auto import tqdm
 
 from ...errors import LokaError
 from ...forgetting import losses as L
 from ...requests import UpdateBatch
 from ...state import EditState
+from ...utils.progress import bar as progress_bar
 from ..base import (
     Cosine,
     Domain,
@@ -339,7 +339,7 @@ class Loka(MemoryMethod):
                 memories += [m for m in prev["memories"] if m["group"] == g]
                 continue
             plan.append((g, idx))
-        bar = tqdm(
+        bar = progress_bar(
             total=len(plan),
             desc="loka memories",
             unit="cluster",
