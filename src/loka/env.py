@@ -130,8 +130,12 @@ def ensure_threads() -> int:
     return _threads_set if _threads_set is not None else set_threads()
 
 
-def setup_logging(verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """loka's log lines on stderr: INFO by default, DEBUG with ``verbose``, only warnings and errors
+    with ``quiet`` (which also turns progress off: ``LOKA_QUIET=1``)."""
+    if quiet:
+        os.environ["LOKA_QUIET"] = "1"
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # transformers is chatty about GGUF conversion and generation defaults
     logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="loka", description="Edit, unlearn and measure what a language model knows."
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress and no log lines but warnings and errors"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     methods, forgetters = MethodNames(), MethodNames("forget")
     for group in (models, update, evaluate, data, kg):
@@ -31,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    env.setup_logging(args.verbose)
+    env.setup_logging(args.verbose, args.quiet)
     try:
         if hasattr(args, "threads"):
             env.set_threads(args.threads)
