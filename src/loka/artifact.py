@@ -23,6 +23,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,8 @@ REQUIRED_FIELDS = (
 )
 FILES = ("manifest.json", "deltas.safetensors")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: how long a reader keeps re-reading a folder that concurrent writers keep replacing
+READ_RETRY_SECONDS = 30.0
 _DTYPE_BYTES = {
     "float32": 4,
     "float64": 8,
@@ -154,7 +157,8 @@ def is_artifact_dir(path: Path) -> bool:
     """Whether ``path`` is a folder loka wrote as an artifact: only ``manifest.json`` and
     ``deltas.safetensors``, and a manifest of loka's format. Read through one handle of the folder,
     and again if a concurrent writer swapped it meanwhile."""
-    for _ in range(5):
+    deadline = time.monotonic() + READ_RETRY_SECONDS
+    while time.monotonic() < deadline:
         try:
             dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -170,6 +174,7 @@ def is_artifact_dir(path: Path) -> bool:
             os.close(dfd)
         if _still_at(path, st):
             return False
+        time.sleep(0.001)  # swapped by a writer meanwhile: look again
     return False
 
 
@@ -423,13 +428,16 @@ class Artifact:
         whole or not at all."""
         path = Path(path)
         recover_dir(path)
-        for attempt in range(5):
+        deadline = time.monotonic() + READ_RETRY_SECONDS
+        attempt = 0
+        while True:
             try:
                 return cls._load_once(path)
-            except _Replaced:
-                if attempt == 4:
+            except _Replaced:  # a writer swapped the folder while we read it: read the new one
+                attempt += 1
+                if time.monotonic() > deadline:
                     raise ArtifactError(f"{path} kept changing while being read; try again") from None
-        raise AssertionError("unreachable")
+                time.sleep(min(0.05, 0.001 * attempt))
 
     @classmethod
     def _load_once(cls, path: Path) -> Artifact:
