@@ -232,7 +232,7 @@ def build_cases(root: Path, quick: bool) -> list[Case]:
             str(good_edit),
             "--set",
             "v_steps=2",
-            "--sequential",
+            "--state",
             str(session),
         ],
         check=True,

@@ -248,7 +248,7 @@ def test_sequential_session_appends_resumes_and_rolls_back(capsys, tmp_path, tex
         "mom2_n_tokens=500",
         "--set",
         "v_steps=3",
-        "--sequential",
+        "--state",
         str(sess),
         "--json",
     ]
@@ -557,3 +557,42 @@ def test_unlearn_one_fact_from_flags(capsys):
     assert d["sets"]["forget"]["n"] == 1 and d["artifact"]["method"] == "npo"
     code, _, err = run(capsys, "unlearn", "--model", "tiny-llama", "--prompt", "{} was born in")
     assert code == 2 and "--subject" in err and "--target" in err
+
+
+def test_edit_lists_only_editing_methods_and_takes_state(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:  # argparse's own refusal of a choice: usage + one error line
+        main(
+            [
+                "edit",
+                "--model",
+                "tiny-llama",
+                "--method",
+                "npo",
+                "--prompt",
+                "{} x",
+                "--subject",
+                "B",
+                "--target",
+                "Q",
+            ]
+        )
+    assert e.value.code == 2 and "invalid choice: 'npo'" in capsys.readouterr().err
+    code, out, err = run(
+        capsys,
+        "edit",
+        "--model",
+        "tiny-llama",
+        "--prompt",
+        "{} lives in",
+        "--subject",
+        "Bob",
+        "--target",
+        "Q",
+        "--set",
+        "v_steps=2",
+        "--state",
+        str(tmp_path / "s"),
+        "--json",
+    )
+    assert code == 0, err
+    assert json.loads(out)["session"]["batches"] == 1

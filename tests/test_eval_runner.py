@@ -196,3 +196,12 @@ def test_score_sample_needs_sequential_mode():
         EvalConfig(method="rome", mode="batch", score_sample=10)
     with pytest.raises(loka.LokaError, match="positive"):
         EvalConfig(method="rome", mode="sequential", score_sample=0)
+
+
+def test_evaluate_from_python_returns_the_cli_summary(tiny, hp, tmp_path):
+    s = loka.evaluate(tiny, DATA / "counterfact_sample5.json", method="rome", n=2, hparams=hp, guard=False)
+    assert s["post"]["n"] == 2 and "ES" in s["post"] and s["config"]["method"] == "rome"
+    kept = loka.evaluate(
+        tiny, DATA / "counterfact_sample5.json", method="none", n=1, guard=False, out=tmp_path / "r"
+    )
+    assert (tmp_path / "r" / "summary.json").exists() and kept["post"]["n"] == 1

@@ -102,7 +102,7 @@ def test_1_apply_and_session_export_refuse_foreign_folders(capsys, tmp_path, art
         capsys, "apply", "--model", "tiny-llama", "--artifact", tmp_path / "a.loka", "--out", out, "--force"
     )
     assert code == 2 and "did not write" in err and (out / "keep.txt").read_text() == "precious"
-    code, _, err = run(capsys, *EDIT, "--sequential", tmp_path / "s", "--set", "v_steps=2")
+    code, _, err = run(capsys, *EDIT, "--state", tmp_path / "s", "--set", "v_steps=2")
     assert code == 0, err
     code, _, err = run(capsys, "session", tmp_path / "s", "--export", out, "--force")
     assert code == 2 and "did not write" in err and sorted(os.listdir(out)) == ["keep.txt"]
@@ -253,7 +253,7 @@ def test_4_rollback_has_one_meaning_and_asks_for_yes(capsys, tmp_path):
             subj,
             "--target",
             "Q",
-            "--sequential",
+            "--state",
             s,
             "--set",
             "v_steps=2",
@@ -388,7 +388,7 @@ def test_6_a_replaced_batch_or_hand_edited_state_is_refused(capsys, tmp_path, ar
             subj,
             "--target",
             "Q",
-            "--sequential",
+            "--state",
             s,
             "--set",
             "v_steps=2",

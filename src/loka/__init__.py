@@ -33,6 +33,7 @@ _API = {
     ],
     ".eval.html_report": ["write_report"],
     ".eval.kg_runner": ["run_kg"],
+    ".eval.runner": ["evaluate"],
     ".methods": ["default_hparams", "get_method"],
     ".methods.codebook": ["CodebookFolder", "LokaModel", "state_from_artifact"],
     ".models": ["KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model"],
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
     )
     from .eval.html_report import write_report
     from .eval.kg_runner import run_kg
+    from .eval.runner import evaluate
     from .methods import REGISTRY as METHODS
     from .methods import default_hparams, get_method
     from .methods.codebook import CodebookFolder, LokaModel, state_from_artifact

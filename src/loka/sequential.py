@@ -1,6 +1,6 @@
 """The sequential engine: a folder of batch artifacts, numbered by a stored counter.
 
-Sessions (``loka edit --sequential``), LOKA's sequential codebooks (``loka update --state``) and
+Sessions (``loka edit --state``), LOKA's sequential codebooks (``loka update --state``) and
 sequential evaluation runs all keep their batches in a :class:`BatchFolder`::
 
     DIR/batches.json          {"format": "loka-batches", "next": 3, "batches": [{"n": 0, "id": …}, …]}

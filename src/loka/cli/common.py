@@ -254,6 +254,8 @@ class MethodNames:
             from ..methods import methods_for
 
             return [*self.extra, *methods_for("forget")]
+        if self.which == "edit":  # methods made for editing (the unlearning ones are under unlearn/update)
+            return [*self.extra, *sorted(n for n, m in REGISTRY.items() if m.primary == "edit")]
         return [*self.extra, *sorted(REGISTRY)]
 
     def __contains__(self, name: object) -> bool:

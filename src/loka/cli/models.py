@@ -231,7 +231,7 @@ def register(sub, methods, forgetters) -> None:
         "--sequence",
         action="append",
         metavar="DIR",
-        help="a session (loka edit --sequential), an eval run or a folder of *.loka, in name order",
+        help="a session (loka edit --state), an eval run or a folder of *.loka, in name order",
     )
     a.add_argument("--every", type=int, default=1, help="measure after every K-th artifact (and the last)")
     a.add_argument("--png", help="write the plot here")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -51,12 +52,12 @@ def cmd_edit(args) -> int:
         ]
     handle = load_model(args.model)
     session = None
-    if args.sequential:
+    if args.state:
         from ..session import Session
 
-        new = not (Path(args.sequential) / "session.json").exists()
+        new = not (Path(args.state) / "session.json").exists()
         session = Session(
-            args.sequential,
+            args.state,
             handle,
             method=args.method or ("rome" if new else None),
             hparams=hparam_overrides(args),
@@ -91,11 +92,7 @@ def cmd_edit(args) -> int:
                         "params": list(art.deltas),
                     },
                     "seconds": round(seconds, 3),
-                    **(
-                        {"session": {"folder": args.sequential, "batches": session.n_batches}}
-                        if session
-                        else {}
-                    ),
+                    **({"session": {"folder": args.state, "batches": session.n_batches}} if session else {}),
                 },
                 indent=2,
             )
@@ -109,7 +106,7 @@ def cmd_edit(args) -> int:
             + (f" saved to {saved}" if saved else "")
         )
         if session:
-            print(f"session {args.sequential}: batch {session.n_batches} of {session.n_batches} saved")
+            print(f"session {args.state}: batch {session.n_batches} of {session.n_batches} saved")
     return 0
 
 
@@ -223,7 +220,7 @@ def cmd_session(args) -> int:
     meta = read_session_meta(args.folder)
     if meta is None:
         raise ArtifactError(
-            f"{args.folder} is not a session (no session.json); start one with loka edit --sequential"
+            f"{args.folder} is not a session (no session.json); start one with loka edit --state"
         )
     handle = load_model(args.model or meta["model"])
     if args.export:
@@ -256,15 +253,19 @@ def cmd_session(args) -> int:
 
 def register(sub, methods, forgetters) -> None:
     """Add this group's commands to the ``loka`` parser."""
+    from .common import MethodNames
+
+    editors = MethodNames("edit")
     from ..models.catalog import DEFAULT_MODEL
 
     s = sub.add_parser("edit", help="edit facts and show the answers before/after")
     add_model(s, f"model (default {DEFAULT_MODEL})")
     s.add_argument(
         "--method",
-        choices=methods,
+        choices=editors,
         metavar="METHOD",
-        help="editing method, one of %(choices)s (default rome; with --sequential, the session's own method)",
+        help="editing method, one of %(choices)s (default rome; with --state, the session's own method); "
+        "unlearning methods are under `loka unlearn` and `loka update`",
     )
     s.add_argument("--prompt", help="prompt with {} for the subject, e.g. '{} is located in the city of'")
     s.add_argument("--subject", help="the subject, e.g. 'Eiffel Tower'")
@@ -286,11 +287,12 @@ def register(sub, methods, forgetters) -> None:
         help="replace an existing loka artifact at --save (a folder loka did not write is never replaced)",
     )
     s.add_argument(
-        "--sequential",
+        "--state",
         metavar="DIR",
-        help="append this batch to the sequential-editing session in DIR (created on first use): earlier "
+        help="append this batch to the sequential state folder DIR (a session, created on first use): earlier "
         "batches are re-applied first and the method's state (AlphaEdit keys, PRUNE base) carried on",
     )
+    s.add_argument("--sequential", dest="state", metavar="DIR", help=argparse.SUPPRESS)
     s.add_argument(
         "--prune",
         nargs="?",
@@ -361,7 +363,7 @@ def register(sub, methods, forgetters) -> None:
     s.set_defaults(fn=cmd_update)
 
     s = sub.add_parser(
-        "session", help="show, roll back or export a sequential-editing session (loka edit --sequential)"
+        "session", help="show, roll back or export a sequential-editing session (loka edit --state)"
     )
     s.add_argument("folder", help="the session folder")
     s.add_argument("--model", help="model (default: the one the session was made with)")

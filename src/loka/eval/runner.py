@@ -410,3 +410,43 @@ def format_summary(summary: dict) -> str:
         if summary.get(g):
             lines.append(f"{g}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[g].items()))
     return "\n".join(lines)
+
+
+def evaluate(
+    handle: ModelHandle,
+    cases: str | Path | list[EvalCase],
+    method: str = "rome",
+    mode: str = "single",
+    *,
+    hparams: dict | None = None,
+    batch_size: int = 1,
+    n: int | None = None,
+    out: str | Path | None = None,
+    generation: bool = False,
+    guard: bool = True,
+    resume: bool = False,
+    force: bool = False,
+) -> dict:
+    """Edit benchmark cases and measure the edits: what ``loka eval`` does, returning its summary
+    (``summary.json``). ``cases`` is a CounterFact / zsRE / MQuAKE / loka file or a list of
+    :class:`EvalCase`; ``out`` keeps the run folder (default: a temporary one, removed afterwards)."""
+    import tempfile
+
+    from .data import load_cases
+
+    if not isinstance(cases, list):
+        cases = load_cases(cases, n=n)
+    elif n is not None:
+        cases = cases[:n]
+    cfg = EvalConfig(
+        method=method,
+        mode=mode,
+        batch_size=batch_size,
+        hparams=dict(hparams or {}),
+        generation=generation,
+        guard=guard,
+    )
+    if out is not None:
+        return run_eval(handle, cases, cfg, out, resume=resume, force=force)
+    with tempfile.TemporaryDirectory(prefix="loka-eval-") as tmp:
+        return run_eval(handle, cases, cfg, Path(tmp) / "run")
