@@ -48,6 +48,20 @@ def add_overrides(s: argparse.ArgumentParser, layers: bool = False) -> None:
     )
 
 
+def add_prune(s: argparse.ArgumentParser) -> None:
+    """``--prune [ALPHA]``: restrain the accumulated update with PRUNE after each edit."""
+    import math
+
+    s.add_argument(
+        "--prune",
+        nargs="?",
+        const=math.e,
+        type=float,
+        metavar="ALPHA",
+        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
+    )
+
+
 def parse_overrides(pairs: list[str] | None, flag: str = "--set") -> dict:
     """``KEY=VALUE`` strings as a dict, each value read as JSON when it parses (``5``, ``[1, 2]``,
     ``true``) and kept as a string otherwise — the one rule of ``--set`` for the CLI and the benchmarks."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 
-from .common import MethodNames, add_json, add_model, add_overrides, hparam_overrides
+from .common import MethodNames, add_json, add_model, add_overrides, add_prune, hparam_overrides
 
 
 def cmd_eval(args) -> int:
@@ -71,14 +70,7 @@ def register(sub, methods, forgetters) -> None:
     )
     s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
-    s.add_argument(
-        "--prune",
-        nargs="?",
-        const=math.e,
-        type=float,
-        metavar="ALPHA",
-        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
-    )
+    add_prune(s)
     s.add_argument(
         "--score-sample",
         type=int,

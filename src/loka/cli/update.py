@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from .common import (
     add_json,
     add_model,
     add_overrides,
+    add_prune,
     answer_rows,
     check_save,
     hparam_overrides,
@@ -293,14 +293,7 @@ def register(sub, methods, forgetters) -> None:
         "batches are re-applied first and the method's state (AlphaEdit keys, PRUNE base) carried on",
     )
     s.add_argument("--sequential", dest="state", metavar="DIR", help=argparse.SUPPRESS)
-    s.add_argument(
-        "--prune",
-        nargs="?",
-        const=math.e,
-        type=float,
-        metavar="ALPHA",
-        help="restrain the accumulated update's singular values with PRUNE (log base ALPHA, default e)",
-    )
+    add_prune(s)
     add_json(s, "print one JSON object: before, after, artifact, seconds")
     s.set_defaults(fn=cmd_edit)
 
