@@ -7,8 +7,8 @@ Each row edits records 0-99 of ``data/generated/cf_all_300.json`` in one batch t
 evaluation runner (``loka eval --mode batch --batch-size 100``), so the same ES/PS/NS come with the
 time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows, cumulative:
 
-* ``before`` — the ninth session's search: a row group per context template, chunks of 16
-  requests, ``v_lr`` 0.5, padded key rows in the update phase;
+* ``before`` — the search without these optimisations: a row group per context template, chunks
+  of 16 requests, ``v_lr`` 0.5, padded key rows in the update phase;
 * ``suffix`` — requests bucketed by suffix length in one chunk (``v_grouping="suffix"``);
 * ``tree`` — the update phase's key forwards as token trees (``key_tree``);
 * ``default`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);

@@ -16,23 +16,12 @@ from pathlib import Path
 import loka
 from loka.bench.counterfact import build_counterfact, load_known
 from loka.eval.data import load_cases
+from loka.eval.metrics import TABLE
 from loka.eval.runner import EvalConfig, run_eval
 from loka.utils.io import atomic_write_json
 
-COLS = [
-    "S",
-    "ES",
-    "PS",
-    "NS",
-    "EM",
-    "PM",
-    "NM",
-    "reliability",
-    "generalization",
-    "locality",
-    "gen_success",
-    "GE",
-]
+#: the summary score S, then the runner's table without the columns these records cannot fill
+COLS = ["S", *(c for c in TABLE if c not in ("portability", "multihop"))]
 
 
 def main() -> None:
