@@ -24,7 +24,7 @@ LATEST ?= transformers peft accelerate
 VERSIONS := -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test lint format docs test-wheel test-latest lock
+.PHONY: install demo test lint format docs test-wheel test-latest lock browser
 
 # $(1): a venv folder. Installs exactly the lock (no resolution), then loka itself, editable.
 define install_locked
@@ -78,3 +78,11 @@ lock:
 	  .venv-lock/bin/python -m pip freeze --all --exclude loka | LC_ALL=C sort -f; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf .venv-lock
+
+# Debian's Chromium and ChromeDriver for the browser tests (they skip, saying so, without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then echo "chromium and chromedriver present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }; \
+	else echo "install Debian's chromium and chromium-driver (as root) to run the browser tests"; fi

@@ -51,7 +51,11 @@ def main() -> None:
             if row == "none"
             else f"{row.upper()} ({'batch ' + str(bs) if mode == 'batch' else 'single'})"
         )
-        table[label] = {**s["post"], "guard": s.get("guard_post"), "seconds": s["seconds"]}
+        table[label] = {
+            **s["post"],
+            "guard": s.get("guard_post", s.get("guard_pre") if row == "none" else None),
+            "seconds": s["seconds"],
+        }
         print(label, json.dumps(table[label]), flush=True)
     print(f"\n| {args.model}, {args.n} records | " + " | ".join(COLS) + " |")
     print("|---" * (len(COLS) + 1) + "|")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from loka.bench.kg import resolve_graph
-from loka.eval.html_report import (
+from loka.eval.kg_report import (
     domain_rows,
     geometry_rows,
     load_runs,

@@ -24,6 +24,8 @@ from loka.bench.probes import PROBE_TYPES, generate_probes, make_interventions
 from loka.cli import main as cli
 from loka.eval import kg_metrics as km
 
+from .browser import chrome, full_page_screenshot, rendered_images
+
 
 @pytest.fixture(scope="module")
 def curated():
@@ -513,11 +515,26 @@ def test_cli_build_probes_run_and_report(tmp_path, capsys):
     page = (tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") >= 2 and "<table>" in page and "CCR" in page
     assert "http" not in page.replace("http-equiv", "")  # self-contained: nothing fetched
+    assert page.count("<details>") == 2 and "Per intervention" in page  # one view per run
+    ivs = [json.loads(x) for x in (tmp_path / "runs" / "ft" / "interventions.jsonl").read_text().splitlines()]
+    assert all(f"{iv['old']} → {iv['new']}" in page for iv in ivs)
     assert cli(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.html")]) == 2
+    # one run per task: KL and CKA are still plotted (the normalised values need two runs)
+    from loka.eval.kg_report import load_runs, plots
+
+    runs = load_runs([tmp_path / "runs"])
+    bare = [{k: v for k, v in r.items() if k not in ("kl", "cka")} for r in runs]
+    assert plots(runs)["representation"] != plots(bare)["representation"]
+    with chrome(tmp_path) as d:
+        d.get((tmp_path / "r.html").as_uri())
+        imgs = rendered_images(d)
+        assert {i["alt"] for i in imgs} >= {"propagation", "representation"} and all(i["ok"] for i in imgs)
+        assert len(d.find_elements("css selector", "table")) >= 6
+        full_page_screenshot(d, tmp_path / "kg-report.png")
 
 
 def test_report_normalises_per_task():
-    from loka.eval.html_report import normalise
+    from loka.eval.kg_report import normalise
 
     runs = [
         {"task": "edit", "kl": 0.01, "cka": 0.9},

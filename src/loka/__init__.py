@@ -31,7 +31,7 @@ _API = {
         "OutputError",
         "RequestError",
     ],
-    ".eval.html_report": ["write_report"],
+    ".eval.run_report": ["write_report"],
     ".eval.kg_runner": ["run_kg"],
     ".eval.runner": ["evaluate"],
     ".methods": ["default_hparams", "get_method"],
@@ -66,8 +66,8 @@ if TYPE_CHECKING:
         OutputError,
         RequestError,
     )
-    from .eval.html_report import write_report
     from .eval.kg_runner import run_kg
+    from .eval.run_report import write_report
     from .eval.runner import evaluate
     from .methods import REGISTRY as METHODS
     from .methods import default_hparams, get_method

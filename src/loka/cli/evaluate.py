@@ -1,4 +1,4 @@
-"""Measuring updates: ``loka eval`` and ``loka report``."""
+"""Measuring updates: ``loka eval``, ``loka report`` and ``loka compare``."""
 
 from __future__ import annotations
 
@@ -38,10 +38,27 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ..eval.html_report import write_report
+    from ..eval.run_report import write_report
 
     p = write_report(args.runs, args.out, args.title)
     print(f"wrote {p} ({p.stat().st_size // 1024} KiB, self-contained)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from ..eval.run_report import compare, compare_html, compare_rows, format_compare
+    from ..utils.io import atomic_write_bytes
+
+    runs = compare(args.runs)
+    if args.html:
+        atomic_write_bytes(args.html, compare_html(runs).encode("utf-8"))
+    if args.json:
+        head, rows = compare_rows(runs)
+        print(json.dumps([dict(zip(head, r)) for r in rows], indent=2))
+    else:
+        print(format_compare(runs))
+        if args.html:
+            print(f"wrote {args.html}")
     return 0
 
 
@@ -82,8 +99,24 @@ def register(sub, methods, forgetters) -> None:
     add_json(s, "print summary.json")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("report", help="a self-contained HTML report (tables + plots) comparing kg runs")
-    s.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (or folders of run folders)")
-    s.add_argument("--out", default="report.html", help="output HTML file")
-    s.add_argument("--title", default="loka KnowledgeSmith report")
+    s = sub.add_parser(
+        "report",
+        help="a self-contained HTML report (tables, plots, per-case before/after) of eval and kg runs",
+    )
+    s.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="folders written by `loka eval --out` or `loka kg run --out` (or folders of them)",
+    )
+    s.add_argument("--out", default="report.html", help="output HTML file (default report.html)")
+    s.add_argument("--title", help="page title (default: loka report)")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("compare", help="evaluation runs side by side: summary metrics, guard, time")
+    s.add_argument(
+        "runs", nargs="+", metavar="RUN_DIR", help="folders written by `loka eval --out` (or folders of them)"
+    )
+    s.add_argument("--html", metavar="FILE", help="also write the table as a self-contained HTML page")
+    add_json(s, "print the rows as JSON")
+    s.set_defaults(fn=cmd_compare)

@@ -209,6 +209,7 @@ def generation_scores(
     if prompts:
         gens = generate(handle, prompts, max_new_tokens=max_new_tokens)
         out["gen_success"] = _mean(_contains(g, [case.target_new]) for g in gens)
+        out["text"] = gens[0]  # the edit prompt's continuation, shown by reports
     if case.generation:
         gens = generate(handle, case.generation, max_new_tokens=ge_tokens)
         out["GE"] = _mean(ngram_entropy(g) for g in gens)

@@ -102,6 +102,37 @@ def _scores(handle: ModelHandle, case: EvalCase, cfg: EvalConfig) -> dict:
     return _scores_many(handle, [case], cfg)[0]
 
 
+def probe_detail(handle: ModelHandle, scores: dict) -> dict:
+    """What the model does on a case's edit prompt: its top next token, P(new) and P(true) (the
+    product of the target's token probabilities, teacher-forced) and, when recorded, its generation."""
+    rw = scores.get("rewrite", {})
+    out: dict = {}
+    if rw.get("new"):
+        sc = rw["new"][0]
+        out["top"] = handle.tokenizer.decode([sc["argmax_ids"][0]])
+        out["p_new"] = float(np.exp(np.sum(sc["token_logprobs"])))
+    if rw.get("true"):
+        out["p_true"] = float(np.exp(np.sum(rw["true"][0]["token_logprobs"])))
+    if scores.get("_gen", {}).get("text") is not None:
+        out["generation"] = scores["_gen"]["text"]
+    return out
+
+
+def case_row(handle: ModelHandle, case: EvalCase, post: dict, pre: dict) -> dict:
+    """One line of ``results.jsonl``: the case's edit prompt and targets, its metrics before and after,
+    and what the model answered before and after (:func:`probe_detail`)."""
+    return {
+        "case_id": str(case.case_id),
+        "prompt": case.rewrite[0] if case.rewrite else None,
+        "target_new": case.target_new,
+        "target_true": case.target_true,
+        "pre": case_metrics(pre, pre),
+        "post": case_metrics(post, pre),
+        "before": probe_detail(handle, pre),
+        "after": probe_detail(handle, post),
+    }
+
+
 def summarise(rows: list[dict], key: str = "post") -> dict:
     out = {}
     for name in TABLE:
@@ -179,7 +210,14 @@ def run_eval(
                 f"{out} holds a run with other settings ({old}); use another --out or drop --resume"
             )
     elif not resume:
-        for f in ("pre.jsonl", "results.jsonl", "sequential.jsonl"):
+        for f in (
+            "pre.jsonl",
+            "results.jsonl",
+            "sequential.jsonl",
+            "edits.jsonl",
+            "summary.json",
+            "batches.json",
+        ):
             (out / f).unlink(missing_ok=True)
         for d in ("artifacts", "state"):  # a fresh sequential run must not re-apply an old run's edits
             shutil.rmtree(out / d, ignore_errors=True)
@@ -216,10 +254,7 @@ def run_eval(
         for c in cases:
             if str(c.case_id) not in done:
                 p = pre[str(c.case_id)]
-                _append(
-                    res_file,
-                    {"case_id": str(c.case_id), "pre": case_metrics(p, p), "post": case_metrics(p, p)},
-                )
+                _append(res_file, case_row(handle, c, p, p))
     elif cfg.mode in ("single", "batch"):
         todo = [c for c in cases if str(c.case_id) not in done]
         bar = progress_bar(total=len(todo), desc=f"{cfg.method} {cfg.mode}", unit="case")
@@ -248,16 +283,8 @@ def run_eval(
             )
             try:
                 for c, post in zip(chunk, _scores_many(handle, chunk, cfg)):
-                    p = pre[str(c.case_id)]
-                    _append(
-                        res_file,
-                        {
-                            "case_id": str(c.case_id),
-                            "pre": case_metrics(p, p),
-                            "post": case_metrics(post, p),
-                            "edit_seconds": sec / len(chunk),
-                        },
-                    )
+                    row = case_row(handle, c, post, pre[str(c.case_id)])
+                    _append(res_file, {**row, "edit_seconds": sec / len(chunk)})
             finally:
                 art.revert(handle)
             bar.update(len(chunk))
@@ -272,15 +299,15 @@ def run_eval(
             "seconds": round(time.time() - t0, 1),
         }
     )
-    if any(
-        "edit_seconds" in r for r in rows
-    ):  # the method alone, without scoring (edits.jsonl splits it by phase)
-        summary["edit_seconds"] = round(sum(r.get("edit_seconds", 0.0) for r in rows), 1)
+    edits = _read_jsonl(out / "edits.jsonl")  # the method alone, without scoring, split by phase
+    if edits:
+        summary["edit_seconds"] = round(sum(e.get("seconds", 0.0) for e in edits), 1)
     if cfg.guard:
         if cfg.mode == "sequential" and summary.get("sequential"):
             summary["guard_post"] = summary["sequential"][-1].get("guard")
-        else:
-            summary["guard_post"] = summary["guard_pre"]  # single/batch runs revert every edit
+        else:  # single/batch runs revert every edit: no edited model remains to guard
+            summary.pop("guard_post", None)
+            summary["guard_note"] = f"guard measured on the unedited model ({cfg.mode} runs revert each edit)"
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -325,6 +352,10 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
             t_edit = time.time() - t_edit
             art_dir.append(a, before_index=lambda: state.save(state_dir))
             applied.append(a)
+            _append(
+                out / "edits.jsonl",
+                {"case_ids": [str(c.case_id) for c in batches[k]], "seconds": round(t_edit, 2)},
+            )
             n_edits += len(batches[k])
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]
@@ -332,8 +363,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                 edited = checkpoint_cases([c for b in batches[: k + 1] for c in b], cfg.score_sample, n_edits)
                 rows = []
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
-                    p = pre[str(c.case_id)]
-                    rows.append({"pre": case_metrics(p, p), "post": case_metrics(post, p)})
+                    rows.append(case_row(handle, c, post, pre[str(c.case_id)]))
                 # the same cases before any edit, so a sampled checkpoint has its own paired baseline
                 unedited = {k: v for k, v in summarise(rows, "pre").items() if k in ("ES", "PS", "NS", "S")}
                 row = {
@@ -350,8 +380,8 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                 _append(seq_file, row)
                 done_ckpt.update(hit)
                 if n_edits == len(cases):
-                    for c, r in zip(edited, rows):
-                        _append(out / "results.jsonl", {"case_id": str(c.case_id), **r})
+                    for r in rows:
+                        _append(out / "results.jsonl", r)
     finally:
         bar.close()
         for a in reversed(applied):
@@ -409,6 +439,8 @@ def format_summary(summary: dict) -> str:
     for g in ("guard_pre", "guard_post"):
         if summary.get(g):
             lines.append(f"{g}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary[g].items()))
+    if summary.get("guard_note"):
+        lines.append(summary["guard_note"])
     return "\n".join(lines)
 
 
