@@ -197,6 +197,29 @@ def test_help_lists_every_command(capsys):
         assert c in out
 
 
+def test_every_flag_and_argument_has_help():
+    import argparse
+
+    from loka.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, [*path, name])
+            elif not a.help and a.dest != "help":
+                missing.append(f"{' '.join(path)} {'/'.join(a.option_strings) or a.dest}")
+
+    walk(build_parser(), ["loka"])
+    assert not missing, "flags without help: " + ", ".join(missing)
+    # -q / -v before or after the command
+    p = build_parser()
+    assert p.parse_args(["-q", "models"]).quiet and p.parse_args(["kg", "stats", "-q"]).quiet
+    assert not p.parse_args(["models"]).quiet and p.parse_args(["eval", "--data", "x", "-v"]).verbose
+
+
 def test_cli_alphaedit_with_prune_saves_a_pruned_artifact(capsys, tmp_path, text_corpus):
     out = tmp_path / "a.loka"
     code, _, err = run(

@@ -26,7 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     for group in (models, update, evaluate, data, kg):
         group.register(sub, methods, forgetters)
     add_threads(p)
+    _verbosity_everywhere(sub)
     return p
+
+
+def _verbosity_everywhere(sub: argparse._SubParsersAction) -> None:
+    """-v/-q after the command too (``loka eval ... -q``); SUPPRESS keeps the value given before it."""
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            _verbosity_everywhere(nested[0])
+            continue
+        parser.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
+        parser.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="no progress and no log lines but warnings and errors",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
