@@ -1,7 +1,7 @@
 """LOKA ablation table and plots from the joint-update results.
 
     python benchmarks/loka_plots.py
-    python benchmarks/loka_plots.py --ablation benchmarks/results/loka_ablation_smollm2-135m_current.json --tag current
+    python benchmarks/loka_plots.py --ablation benchmarks/results/loka_ablation_smollm2-135m_defaults.json --tag defaults
 
 Reads ``benchmarks/results/joint_update_<model>_loka.json`` (the default LOKA rows) and
 ``benchmarks/results/loka_ablation_<model>.json`` (``joint_update.py --variant ... --set ...`` rows),
@@ -9,7 +9,7 @@ prints one markdown table per setting (default row first) and writes two PNGs: t
 sweep (k = 1, 5, 10, 20, 40) and the conflict-rule comparison. The plots compare rows of one stopping
 rule: the first ablation rows were run with the first-match stop, so its row (``BASE``) stands for
 k = 20 / ``auto`` there when present (else the default row). ``--ablation`` reads another ablation
-file (the re-run at the current defaults, where the default row is the base) and ``--tag`` suffixes
+file (the ablations at the default settings, where the default row is the base) and ``--tag`` suffixes
 the plot names.
 """
 
