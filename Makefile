@@ -5,6 +5,7 @@
 #   make test         install, then run the suite
 #   make lint         ruff check + ruff format --check
 #   make docs         the documentation site in site/ (warnings are errors)
+#   make results      the docs' tables of measured numbers, regenerated from benchmarks/results/*.json
 #   make test-wheel   build the wheel, install it in a fresh venv, run loka from outside the clone
 #   make test-latest  the suite in .venv-latest with the newest transformers/peft/accelerate
 #                     (LATEST="transformers==5.23.0" tests one given release instead)
@@ -24,7 +25,7 @@ LATEST ?= transformers peft accelerate
 VERSIONS := -c "import importlib.metadata as m; print('testing with', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'accelerate', 'tokenizers')))"
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install demo test lint format docs test-wheel test-latest lock browser
+.PHONY: install demo test lint format docs results test-wheel test-latest lock browser
 
 # $(1): a venv folder. Installs exactly the lock (no resolution), then loka itself, editable.
 define install_locked
@@ -53,6 +54,10 @@ lint: install
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# standard library only, so no install first; --check (as tests/test_results_tables.py) changes nothing
+results:
+	python3 benchmarks/tables.py
 
 format: install
 	$(VENV)/bin/ruff format src tests benchmarks

@@ -1,0 +1,396 @@
+"""The docs' tables of measured numbers, generated from the result files in ``benchmarks/results/``.
+
+    python benchmarks/tables.py            # rewrite every table region (``make results``)
+    python benchmarks/tables.py --check    # exit 1, naming the regions that differ from their JSON
+
+A doc holds a generated table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``.
+``NAME`` is a generator registered below with ``@table``: the doc it belongs to, the result files it
+reads, and a function from the loaded files to a markdown table. Under each table goes one line naming
+those files with their provenance (commit, date, CPU, threads) or saying that a file records none.
+Numbers are never typed into the docs: re-run the benchmark, then ``make results``.
+
+Only the standard library is used, so the check runs in the test suite in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "benchmarks/results"
+#: where regions may appear: every page of the docs and the README
+DOC_GLOBS = ("README.md", "docs/**/*.md")
+START = re.compile(r"^(?P<indent>[ \t]*)<!-- results:(?P<name>[\w.+-]+) -->[ \t]*$")
+END = re.compile(r"^[ \t]*<!-- /results:(?P<name>[\w.+-]+) -->[ \t]*$")
+DASH = "–"
+
+
+class TablesError(Exception):
+    """A region or result file that cannot be generated; the message names the doc, region or file."""
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated table: ``render(*loaded sources)`` gives its markdown, ``note`` an optional
+    sentence printed after the source line (what the generator derived or selected)."""
+
+    name: str
+    doc: str
+    sources: tuple[str, ...]
+    render: Callable[..., str]
+    note: str = ""
+
+
+TABLES: dict[str, Table] = {}
+
+
+def table(name: str, doc: str, *sources: str, note: str = "") -> Callable:
+    """Register the decorated function as the generator of region ``name`` in ``doc``, reading
+    ``sources`` (file names under ``benchmarks/results/``)."""
+
+    def register(fn: Callable[..., str]) -> Callable[..., str]:
+        if name in TABLES:
+            raise ValueError(f"table {name!r} registered twice")
+        TABLES[name] = Table(name, doc, sources, fn, note)
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def num(x: float | int | None, nd: int = 3, sep: bool = True) -> str:
+    """``x`` to ``nd`` decimals, rounding half up on its shortest decimal form (0.7365 → 0.737, as a
+    reader rounds), with thousands separators; ``–`` for a missing value."""
+    if x is None:
+        return DASH
+    d = Decimal(repr(float(x))).quantize(Decimal(1).scaleb(-nd), rounding=ROUND_HALF_UP)
+    if d == 0:
+        d = abs(d)  # no "-0.000"
+    return f"{d:,.{nd}f}" if sep else f"{d:.{nd}f}"
+
+
+def big(x: float | None) -> str:
+    """Perplexities and singular values: one decimal below 10,000, none above."""
+    return num(x, 0 if x is not None and abs(x) >= 10_000 else 1)
+
+
+def small(x: float | None, nd: int = 3) -> str:
+    """``nd`` decimals, or two significant digits in scientific notation below 10^-nd (p-values)."""
+    if x is not None and 0 < abs(x) < 10**-nd:
+        return f"{x:.1e}"
+    return num(x, nd)
+
+
+def tiny(x: float) -> str:
+    """A log-probability difference: 0, one significant digit below 10^-3 (``2e-5``), else two."""
+    if x == 0:
+        return "0"
+    if abs(x) < 1e-3:
+        mantissa, exp = f"{x:.0e}".split("e")
+        return f"{mantissa}e{int(exp)}"
+    return f"{x:.2g}"
+
+
+def signed_pct(x: float) -> str:
+    return f"{'+' if x >= 0 else '−'}{num(abs(x) * 100, 1)} %"
+
+
+def md(head: Iterable[str], rows: Iterable[Iterable[object]]) -> str:
+    head = list(head)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def layers(text: str) -> str:
+    """``layers [3, 4, 5, 6, 7]`` → ``layers 3–7``; ``L3-7`` → ``L3–7``."""
+    text = re.sub(r"\[(\d+)(?:, \d+)*, (\d+)\]", lambda m: f"{m.group(1)}{DASH}{m.group(2)}", text)
+    return re.sub(r"L(\d+)-(\d+)", rf"L\1{DASH}\2", text)
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def source_line(sources: Mapping[str, object], note: str = "") -> str:
+    """One line naming the result files: commit, date, CPU and threads for a stamped file; for a file
+    without a ``provenance`` block, that it records none."""
+    stamped, unstamped = [], []
+    for name, data in sources.items():
+        p = data.get("provenance") if isinstance(data, dict) else None
+        path = f"`{RESULTS}/{name}`"
+        if not p:
+            unstamped.append(path)
+            continue
+        commit = (p.get("commit") or "commit unknown")[:7]
+        if p.get("uncommitted_changes"):
+            commit += " with uncommitted changes"
+        threads = p.get("threads")
+        stamped.append(
+            f"{path} (commit {commit}, {(p.get('date') or 'date unknown')[:10]}, "
+            f"{p.get('cpu') or 'CPU unknown'}, {threads if threads is not None else '?'} threads)"
+        )
+    parts = list(stamped)
+    if unstamped:
+        parts.append(
+            f"{', '.join(unstamped)}: provenance not recorded (written before stamping; command, "
+            "commit, versions and machine unknown)"
+        )
+    line = f"Generated by `make results` from {'; '.join(parts)}."
+    return f"{line} {note}" if note else line
+
+
+# ---------------------------------------------------------------- regions
+
+
+def find_regions(text: str, doc: str) -> list[tuple[str, str, int, int]]:
+    """``(name, indent, start line, end line)`` of every region of ``text``; unbalanced, nested,
+    mismatched or repeated markers raise :class:`TablesError`."""
+    out: list[tuple[str, str, int, int]] = []
+    open_: tuple[str, str, int] | None = None
+    for i, line in enumerate(text.splitlines()):
+        if m := START.match(line):
+            if open_:
+                raise TablesError(
+                    f"{doc}:{i + 1}: region {m['name']!r} opens inside region {open_[0]!r} "
+                    f"(opened at line {open_[2] + 1}, never closed)"
+                )
+            open_ = (m["name"], m["indent"], i)
+        elif m := END.match(line):
+            if not open_:
+                raise TablesError(f"{doc}:{i + 1}: closing marker of {m['name']!r} with no opening marker")
+            if m["name"] != open_[0]:
+                raise TablesError(
+                    f"{doc}:{i + 1}: closing marker of {m['name']!r} inside region {open_[0]!r} "
+                    f"(opened at line {open_[2] + 1})"
+                )
+            out.append((open_[0], open_[1], open_[2], i))
+            open_ = None
+    if open_:
+        raise TablesError(
+            f"{doc}:{open_[2] + 1}: region {open_[0]!r} has no closing marker <!-- /results:{open_[0]} -->"
+        )
+    seen: set[str] = set()
+    for name, _, start, _ in out:
+        if name in seen:
+            raise TablesError(f"{doc}:{start + 1}: region {name!r} appears twice")
+        seen.add(name)
+    return out
+
+
+def load(root: Path, t: Table) -> dict[str, object]:
+    out = {}
+    for name in t.sources:
+        path = root / RESULTS / name
+        try:
+            out[name] = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TablesError(
+                f"{t.doc}: table {t.name!r} reads {RESULTS}/{name}, which does not exist"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise TablesError(f"{t.doc}: table {t.name!r} cannot read {RESULTS}/{name}: {e}") from None
+    return out
+
+
+def render(root: Path, t: Table, indent: str = "") -> list[str]:
+    """The lines between the markers: a blank line, the table, a blank line, the source line, a blank
+    line (so that the markers stay HTML comments of their own), indented like the opening marker."""
+    data = load(root, t)
+    try:
+        body = t.render(*data.values()).strip("\n")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise TablesError(
+            f"{t.doc}: table {t.name!r} cannot be built from {', '.join(t.sources)}: {type(e).__name__}: {e}"
+        ) from None
+    lines = ["", *body.splitlines(), "", source_line(data, t.note), ""]
+    return [indent + line if line else "" for line in lines]
+
+
+def docs_of(root: Path) -> list[str]:
+    found = {p for g in DOC_GLOBS for p in root.glob(g) if p.is_file()}
+    return sorted(p.relative_to(root).as_posix() for p in found)
+
+
+def generate(root: Path = ROOT, tables: Mapping[str, Table] = TABLES, check: bool = False) -> list[str]:
+    """Rewrite every region of every doc from its result files (or, with ``check``, only compare).
+    Returns ``DOC: NAME`` for each region whose text changed (or would change). A region no generator
+    is registered for, a registered table whose doc has no region for it, a missing result file or
+    an unbalanced marker raises :class:`TablesError` before anything is written."""
+    by_doc: dict[str, list[Table]] = defaultdict(list)
+    for t in tables.values():
+        by_doc[t.doc].append(t)
+    docs = sorted(set(docs_of(root)) | set(by_doc))
+    plans: list[tuple[Path, str]] = []
+    stale: list[str] = []
+    for doc in docs:
+        path = root / doc
+        if not path.is_file():
+            names = ", ".join(t.name for t in by_doc[doc])
+            raise TablesError(f"{doc} does not exist (tables {names} belong to it)")
+        text = path.read_text(encoding="utf-8")
+        new_text, changed = update_text(text, doc, root, tables)
+        stale += [f"{doc}: {name}" for name in changed]
+        if new_text != text:
+            plans.append((path, new_text))
+    if not check:
+        for path, new_text in plans:
+            write_atomic(path, new_text)
+    return sorted(stale)
+
+
+def update_text(
+    text: str, doc: str, root: Path = ROOT, tables: Mapping[str, Table] = TABLES
+) -> tuple[str, list[str]]:
+    """``text`` (the doc ``doc``) with every region regenerated, and the names of the regions that
+    changed. Raises :class:`TablesError` for an unknown, foreign, missing or unbalanced region."""
+    lines = text.splitlines()
+    regions = find_regions(text, doc)
+    names = {name for name, *_ in regions}
+    for name, _, start, _ in regions:
+        if name not in tables:
+            raise TablesError(f"{doc}:{start + 1}: no table generator is registered for region {name!r}")
+        if tables[name].doc != doc:
+            raise TablesError(f"{doc}:{start + 1}: region {name!r} belongs to {tables[name].doc}")
+    for t in tables.values():
+        if t.doc == doc and t.name not in names:
+            raise TablesError(
+                f"{doc}: no region for table {t.name!r} (expected <!-- results:{t.name} --> … "
+                f"<!-- /results:{t.name} -->)"
+            )
+    new = list(lines)
+    changed = []
+    for name, indent, start, end in reversed(regions):  # from the bottom: line numbers stay valid
+        body = render(root, tables[name], indent)
+        if lines[start + 1 : end] != body:
+            changed.append(name)
+        new[start + 1 : end] = body
+    return "\n".join(new) + ("\n" if text.endswith("\n") else ""), changed[::-1]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and move it into place in one step, so the
+    doc is the old or the new version at every instant."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- docs/benchmarks.md
+
+
+def _target(spec: str | None, total: float) -> str:
+    """``"<= 5 s"`` → ``≤ 5 s ✔`` (met) or ``≤ 5 s ✘``."""
+    m = re.fullmatch(r"<=\s*([\d.]+)\s*s", spec or "")
+    if not m:
+        return spec or ""
+    limit = float(m[1])
+    return f"≤ {limit:g} s {'✔' if total <= limit else '✘'}"
+
+
+@table("edit-speed", "docs/benchmarks.md", "edit_speed.json", "edit_speed_run2.json")
+def edit_speed(*runs: dict) -> str:
+    rows = []
+    for i in range(len(runs[0]["rows"])):
+        for n, run in enumerate(runs, 1):
+            r = run["rows"][i]
+            rows.append(
+                [
+                    layers(r["job"]),
+                    n,
+                    num(r["total_s"], 2),
+                    *(num(r[k], 2) for k in ("stats", "keys", "values", "update")),
+                    num(r["peak_rss_mb"], 0),
+                    _target(r.get("target"), r["total_s"]),
+                ]
+            )
+    head = ["job (SmolLM2-135M, statistics cached)", "run", "total s", "stats", "keys", "values"]
+    return md([*head, "update", "peak RSS MB", "target"], rows)
+
+
+#: the rows of batch_edit_speed.py the docs show, with what each setting is
+BATCH_ROWS = {
+    "default": "defaults (SmolLM2 config: `v_lr` 2.0)",
+    "bf16": "+ `v_dtype=bfloat16` (optional)",
+    "tree": "`v_lr` 0.5 (the reference value)",
+    "alphaedit": "defaults",
+}
+
+
+@table("batch-edit-speed", "docs/benchmarks.md", "batch_edit_speed_smollm2-135m.json")
+def batch_edit_speed(d: dict) -> str:
+    rows = []
+    for key, label in BATCH_ROWS.items():
+        r = d["rows"][key]
+        t = r["timings"]
+        rows.append(
+            [label, r["method"], num(r["seconds"], 1), num(t["keys"], 1), num(t["values"], 1)]
+            + [num(t["update"], 1), *(num(r[k]) for k in ("ES", "PS", "NS"))]
+        )
+    head = ["setting", "method", "total s", "keys", "value search", "update", "ES", "PS", "NS"]
+    return md(head, rows)
+
+
+# ---------------------------------------------------------------- docs/concepts.md
+
+
+@table("load-time", "docs/concepts.md", "load_time.json")
+def load_time(d: dict) -> str:
+    rows = []
+    for r in d["rows"]:
+        m = r["median"]
+        backend = "default" if r["backend"] == "auto" else f"`LOKA_TOKENIZER={r['backend']}`"
+        rows.append(
+            [
+                r["model"],
+                f"{r['tokenizer']} ({backend})",
+                f"{num(m['load_model_s'], 2)} s ({num(r['min_load_model_s'], 2)}{DASH}"
+                f"{num(r['max_load_model_s'], 2)})",
+                *(f"{num(m[k], 2)} s" for k in ("import_modelling_s", "rest_s", "tokenizer_s")),
+            ]
+        )
+    head = ["model", "tokenizer", "`load_model` median (min–max)", "of which transformers' modelling import"]
+    return md([*head, "rest", "tokenizer alone"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
+    args = ap.parse_args(argv)
+    try:
+        stale = generate(ROOT, TABLES, check=args.check)
+    except TablesError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        if stale:
+            print("stale tables (the docs differ from their result files; run `make results`):")
+            print("\n".join(f"  {s}" for s in stale))
+            return 1
+        print(f"all {len(TABLES)} tables match their result files")
+        return 0
+    print("\n".join(f"rewrote {s}" for s in stale) or f"all {len(TABLES)} tables already up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
