@@ -372,6 +372,88 @@ def load_time(d: dict) -> str:
     return md([*head, "rest", "tokenizer alone"], rows)
 
 
+# ---------------------------------------------------------------- docs/evaluation.md
+
+#: eval_throughput.py's rows, described
+THROUGHPUT_ROWS = {
+    "full rows, float32": "full padded rows, float32",
+    "flat packed, float32": "flat packing, one record per call, float32",
+    "flat packed x4 records": "flat packing, four records per call, float32",
+    "flat x4, prepacked weights": "flat, four per call, oneDNN-prepacked weights",
+    "token tree x4, prepacked": "**token tree, four per call, prepacked weights (default; how the runner scores)**",
+    "token tree x4, bfloat16": "token tree, model in bfloat16",
+}
+
+
+@table("eval-throughput", "docs/evaluation.md", "eval_throughput.json", "eval_throughput_run2.json")
+def eval_throughput(*runs: dict) -> str:
+    rows = []
+    for i, r in enumerate(runs[0]["rows"]):
+        rates = " / ".join(num(run["rows"][i]["records_per_s"], 2) for run in runs)
+        rows.append(
+            [
+                THROUGHPUT_ROWS.get(r["scoring"], r["scoring"]),
+                rates,
+                num(r["tokens_fed_per_record"], 0),
+                tiny(r["max_abs_dlogp"]) if "max_abs_dlogp" in r else DASH,
+                tiny(r["mean_abs_dlogp"]) if "mean_abs_dlogp" in r else DASH,
+            ]
+        )
+    head = ["scoring", f"records/s ({' / '.join(f'run {n}' for n in range(1, len(runs) + 1))})"]
+    return md([*head, "fed/record", "max \\|Δ log p\\| vs full rows", "mean \\|Δ log p\\|"], rows)
+
+
+CF_COLS = ["S", "ES", "PS", "NS", "EM", "PM", "NM", "reliability", "generalization", "locality"]
+
+
+def _cf_label(label: str) -> str:
+    return label.replace("LORA", "LoRA")
+
+
+def _counterfact(d: dict) -> str:
+    rows = [[_cf_label(k), *(num(r[c]) for c in CF_COLS)] for k, r in d["rows"].items()]
+    return md(["row", *CF_COLS], rows)
+
+
+@table("counterfact-smollm2", "docs/evaluation.md", "eval_counterfact_smollm2-135m.json")
+def counterfact_smollm2(d: dict) -> str:
+    return _counterfact(d)
+
+
+@table("counterfact-gemma3", "docs/evaluation.md", "eval_counterfact_gemma3-270m.json")
+def counterfact_gemma3(d: dict) -> str:
+    return _counterfact(d)
+
+
+@table("counterfact-generation", "docs/evaluation.md", "eval_generation_smollm2-135m.json")
+def counterfact_generation(d: dict) -> str:
+    cols = ["S", "ES", "PS", "NS", "reliability", "generalization", "locality", "gen_success", "GE"]
+    rows = [[_cf_label(k), r["n"], *(num(r[c]) for c in cols)] for k, r in d["rows"].items()]
+    return md(["row", "records", *cols], rows)
+
+
+GUARD_COLS = ["perplexity", "MC authors", "MC world"]
+
+
+def _guard(g: dict) -> list[str]:
+    return [big(g["ppl"]), num(g["mc_real_authors"], 2), num(g["mc_world_facts"], 2)]
+
+
+@table(
+    "rome-sequential",
+    "docs/evaluation.md",
+    "rome_sequential_smollm2_300.json",
+    "eval_counterfact_smollm2-135m.json",
+    note="The unedited row's guard is the unedited model's in the CounterFact file.",
+)
+def rome_sequential(d: dict, cf: dict) -> str:
+    cols = ["ES", "PS", "NS", "reliability", "generalization", "locality"]
+    rows = [["0 (unedited)", *([""] * len(cols)), *_guard(cf["rows"]["unedited"]["guard"])]]
+    for c in d["checkpoints"]:
+        rows.append([num(c["n_edits"], 0), *(num(c[k]) for k in cols), *_guard(c["guard"])])
+    return md(["edits", *cols, *GUARD_COLS], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
