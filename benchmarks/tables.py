@@ -454,6 +454,80 @@ def rome_sequential(d: dict, cf: dict) -> str:
     return md(["edits", *cols, *GUARD_COLS], rows)
 
 
+# ---------------------------------------------------------------- docs/sequential.md
+
+SPECTRUM_CHECKPOINTS = (20, 60, 100, 120, 200)
+
+
+@table(
+    "rome-spectrum",
+    "docs/sequential.md",
+    "rome_spectrum_smollm2-135m.json",
+    note=f"Checkpoints {', '.join(map(str, SPECTRUM_CHECKPOINTS))} of those in the file.",
+)
+def rome_spectrum(d: dict) -> str:
+    rows = []
+    for run in d["runs"]:
+        checks = {c["n_edits"]: c for c in run["checks"]}
+        spectrum = {s["n_edits"]: s for s in run["spectrum"]}
+        for n in SPECTRUM_CHECKPOINTS:
+            s, c = spectrum[n], checks[n]
+            rows.append(
+                [run["label"], n, big(s["sigma_max"]), big(s["cond"]), big(s["delta_sigma_max"])]
+                + [big(c["ppl"]), num(c["holds"], 2)]
+            )
+    return md(["run", "edits", "σ_max", "cond", "σ_max(ΣΔ)", "perplexity", "edits holding"], rows)
+
+
+LIFELONG_ROWS = {
+    "memit": "memit",
+    "alphaedit": "alphaedit",
+    "memit+prune": "memit+prune",
+    "alphaedit+": "alphaedit+ (all three options)",
+    "alphaedit+relax": "alphaedit + relax_projection only",
+    "alphaedit+smooth": "alphaedit + smooth_values only",
+    "alphaedit+conflict": "alphaedit + conflict_weighting only",
+    "lyaplock": "lyaplock",
+    "scr@100": "scr",
+}
+
+
+@table("lifelong-1000", "docs/sequential.md", "lifelong_smollm2-135m_n1000.json")
+def lifelong_1000(d: dict) -> str:
+    rows = []
+    for key, seq in d["series"].items():
+        label = LIFELONG_ROWS.get(key, key)
+        for i, c in enumerate(seq):
+            pre = c.get("pre")  # a sampled row: the same facts before any edit, in brackets
+            cells = []
+            for k in ("ES", "PS", "NS"):
+                paired = "" if not pre else f" ({'unedited ' if i == 0 and k == 'ES' else ''}{num(pre[k])})"
+                cells.append(num(c[k]) + paired)
+            name = label
+            if pre and i == 0:
+                name = f"{label} ({c['n']} sampled facts per checkpoint)"
+            rows.append(
+                [name, num(c["n_edits"], 0), *cells, num(c["S"]), *_guard(c["guard"])]
+                + [num(c["last_batch_edit_s"], 0)]
+            )
+    head = [f"SmolLM2, batches of {d['batch']}", "edits", "ES", "PS", "NS", "S", "held-out ppl"]
+    return md([*head, "MC authors", "MC world", "s for that batch"], rows)
+
+
+@table("lifelong-300", "docs/sequential.md", "lifelong_smollm2-135m_n300.json")
+def lifelong_300(d: dict) -> str:
+    rows = []
+    for key, seq in d["series"].items():
+        first = seq[0]["NS"]
+        for c in seq:
+            rows.append(
+                [key, num(c["n_edits"], 0), *(num(c[k]) for k in ("ES", "PS", "NS")), num(first)]
+                + [num(c["S"]), *_guard(c["guard"]), num(c["last_batch_edit_s"], 0)]
+            )
+    head = [f"SmolLM2, batches of {d['batch']}", "edits", "ES", "PS", "NS", "NS after batch 1", "S"]
+    return md([*head, "held-out ppl", "MC authors", "MC world", "s for that batch"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
