@@ -528,6 +528,131 @@ def lifelong_300(d: dict) -> str:
     return md([*head, "held-out ppl", "MC authors", "MC world", "s for that batch"], rows)
 
 
+# ---------------------------------------------------------------- docs/methods/editing.md
+
+SWEEP_COLS = ["ES", "GS", "NS", "score", "s/edit"]
+
+
+def _sweep_label(setting: str) -> str:
+    """``memit L2-6 λ2000 (batch 8)`` → ``memit L2–6, λ = 2000 (batch 8)``."""
+    return re.sub(r" λ(\S+)", r", λ = \1", layers(setting))
+
+
+def _harmonic(*xs: float) -> float:
+    return len(xs) / sum(1 / max(x, 1e-9) for x in xs)  # layer_sweep.py's score
+
+
+def _sweep_order(item: tuple[str, list]) -> tuple:
+    """Unedited first, then ROME by layer, then MEMIT by first layer and falling λ."""
+    s = item[0]
+    if s == "unedited":
+        return (0,)
+    m = re.match(r"(\w+) L(\d+)", s)
+    lam = re.search(r"λ(\d+)", s)
+    return (1 if m[1] == "rome" else 2, int(m[2]), -int(lam[1]) if lam else 0)
+
+
+def _sweep_cells(r: dict, seconds: str) -> list[str]:
+    s = seconds if r["setting"] != "unedited" else DASH
+    return [*(num(r[k], 2) for k in ("ES", "GS", "NS", "score")), s]
+
+
+@table(
+    "layer-sweep-smollm2",
+    "docs/methods/editing.md",
+    "layer_sweep_smollm2_n12.json",
+    "layer_sweep_smollm2_n10.json",
+    "memit_weight_smollm2.json",
+    note="The λ = 2000 and 200 rows' score is the harmonic mean of their ES, GS and NS, as "
+    "`layer_sweep.py` scores, and their s/edit the batch's seconds over 10; "
+    "†timed while other jobs shared the cores (the file's note).",
+)
+def layer_sweep_smollm2(n12: dict, n10: dict, weights: dict) -> str:
+    rows = []
+    for d in (n10, n12):
+        mark = "†" if "shared" in d.get("note", "") else ""
+        for r in d["rows"]:
+            setting = r["setting"]
+            if setting.startswith("memit"):  # this sweep's MEMIT rows ran at the GPT-J weight
+                setting = setting.replace(" (batch", " λ15000 (batch")
+            rows.append(
+                (setting, [_sweep_label(setting), *_sweep_cells(r, num(r["sec_per_edit"], 1) + mark)])
+            )
+    for r in weights["rows"]:
+        if "seconds_for_10" not in r:  # the 15000 row repeats the sweep's
+            continue
+        setting = f"memit L3-7 λ{r['mom2_update_weight']} (batch 10)"
+        es, gs, ns = r["ES"], r["GS"], r["NS"]
+        rows.append(
+            (
+                setting,
+                [_sweep_label(setting), *(num(x, 2) for x in (es, gs, ns, _harmonic(es, gs, ns)))]
+                + [num(r["seconds_for_10"] / 10, 1)],
+            )
+        )
+
+    return md(["setting (SmolLM2)", *SWEEP_COLS], [cells for _, cells in sorted(rows, key=_sweep_order)])
+
+
+#: the settings configs/rome|memit/gemma3-270m.json use
+GEMMA_CHOSEN = {"rome L5", "memit L2-6 λ200 (batch 8)"}
+
+
+@table("layer-sweep-gemma3", "docs/methods/editing.md", "layer_sweep_gemma3.json")
+def layer_sweep_gemma3(d: dict) -> str:
+    rows = []
+    for r in d["rows"]:
+        label = _sweep_label(r["setting"])
+        if r["setting"] in GEMMA_CHOSEN:
+            label = f"**{label}** (chosen)"
+        rows.append((r["setting"], [label, *_sweep_cells(r, num(r["sec_per_edit"], 2))]))
+    return md(["setting (Gemma 3)", *SWEEP_COLS], [cells for _, cells in sorted(rows, key=_sweep_order)])
+
+
+# ---------------------------------------------------------------- docs/methods/unlearning.md
+
+
+@table("unlearn-known", "docs/methods/unlearning.md", "unlearn_known_smollm2-135m.json")
+def unlearn_known(d: dict) -> str:
+    cols = ["forget_em", "forget_p", "para_em", "heldout_em", "neigh_em"]
+    rows = [
+        [k, *(num(r[c]) for c in cols), num(r["ppl"], 1), num(r["mc_real_authors"], 2)]
+        + [num(r["mc_world_facts"], 2), r.get("steps", DASH), num(r["seconds"], 0) if "steps" in r else DASH]
+        for k, r in d["rows"].items()
+    ]
+    title = f"SmolLM2: forget {d['n_forget']}, retain {d['n_retain']}, held out {d['n_heldout']}"
+    head = [title, "forget EM ↓", "forget P̄ ↓", "paraphrase EM ↓", "held-out EM ↑", "neighbour EM ↑"]
+    return md([*head, "ppl", "MC authors", "MC world", "steps", "s"], rows)
+
+
+TOFU_COLS = ["forget_quality", "model_utility", "forget_p", "forget_rouge", "forget_tr", "retain_p"]
+TOFU_HEAD = ["forget quality ↑", "model utility ↑", "forget P̄ ↓", "forget ROUGE-L ↓", "forget TR", "retain P̄"]
+
+
+def _tofu_cells(r: dict) -> list[str]:
+    return [small(r["forget_quality"]), *(num(r[c]) for c in TOFU_COLS[1:])]
+
+
+def _mini_tofu(d: dict, labels: Mapping[str, str]) -> str:
+    rows = [
+        [labels.get(k, k), *_tofu_cells(r), num(r["retain_rouge"]), r.get("steps") or DASH]
+        + [num(r["seconds"], 0, sep=False)]
+        for k, r in d["rows"].items()
+    ]
+    title = f"SmolLM2 mini-TOFU {d['setup']['split']}"
+    return md([title, *TOFU_HEAD, "retain ROUGE-L", "steps", "s"], rows)
+
+
+@table("mini-tofu-forget01", "docs/methods/unlearning.md", "mini_tofu_smollm2-135m_forget01.json")
+def mini_tofu_forget01(d: dict) -> str:
+    return _mini_tofu(d, {"relearn": "relearn (per-question rewrites, `relearn_rewrite`)"})
+
+
+@table("mini-tofu-forget10", "docs/methods/unlearning.md", "mini_tofu_smollm2-135m_forget10.json")
+def mini_tofu_forget10(d: dict) -> str:
+    return _mini_tofu(d, {"dpo": "dpo (IdkPO)"})
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
