@@ -653,6 +653,249 @@ def mini_tofu_forget10(d: dict) -> str:
     return _mini_tofu(d, {"dpo": "dpo (IdkPO)"})
 
 
+# ---------------------------------------------------------------- docs/methods/loka.md
+
+#: mini_tofu.py --edit-n rows in the order the docs read them, described
+TOFU_EDIT_ROWS = {
+    "retain-only (reference)": "retain-only (reference)",
+    "fine-tuned (before unlearning)": "fine-tuned (before the update)",
+    "npo": "npo (edit NLL + NPO + retain NLL, one optimisation)",
+    "memit": "memit+npo (MEMIT, then NPO)",
+    "grace": "grace+npo (GRACE, then NPO)",
+    "ft": "ft (FT-L: edit NLL + GA on one MLP matrix, each weight within ±0.005)",
+    "wise": "wise+npo (WISE, then NPO)",
+    "alphaedit": "alphaedit+npo (AlphaEdit, then NPO)",
+    "lora": "lora (edit NLL + NPO + retain NLL on rank-8 factors)",
+    "ga": "ga (edit NLL + GA, no retain term)",
+    "gd": "gd (edit NLL + GA + retain NLL)",
+    "loka": "loka, layer 24",
+    "loka forget_stop_nll=2.0": "loka, layer 24, `forget_stop_nll=2.0`",
+    "loka forget_stop_nll=2.0,layer=27": "**loka, layer 27 (the default), `forget_stop_nll=2.0`**",
+}
+
+
+@table("mini-tofu-edits", "docs/methods/loka.md", "mini_tofu_smollm2-135m_forget01_edit20.json")
+def mini_tofu_edits(d: dict) -> str:
+    rows = []
+    for key, label in TOFU_EDIT_ROWS.items():
+        r = d["rows"][key]
+        rows.append(
+            [label, *_tofu_cells(r), num(r.get("edt-rl")), num(r.get("edt-prl"))]
+            + [num(r.get("edt-ent"), 2), num(r.get("edt-pent"), 2), num(r["seconds"], 0, sep=False)]
+        )
+    s = d["setup"]
+    title = f"SmolLM2 mini-TOFU {s['split']} + {s['edit_n']} edits"
+    return md([title, *TOFU_HEAD, "edt-rl", "edt-prl", "edt-ent ↑", "edt-pent ↑", "s"], rows)
+
+
+JOINT = ["unl-tr", "unl-rl", "edt-rl", "edt-prl", "rem-tr", "rem-rl"]
+JOINT_HEAD = ["unl-tr ↑", "unl-rl ↓", "edt-rl ↑", "edt-prl ↑", "rem-tr ↑", "rem-rl ↑"]
+#: the LOKA rows of the joint table: (file index, row key, label); 0 = joint_update_*_loka.json,
+#: 1 = loka_ablation_*.json
+JOINT_LOKA = [
+    (0, "loka", "**loka** (layer 27)"),
+    (0, "loka, layer 24 (the 0.8-depth layer)", "loka, layer 24 (0.8 of the depth)"),
+    (1, "match_threshold=0 (router only)", "loka, layer 24, router only (no retrieval gate)"),
+    (1, "first-match stop (before)", "loka, layer 24, first-match stop"),
+]
+
+
+def _setting_title(block: dict, setting: str) -> str:
+    s = block["size"]
+    return (
+        f"{setting}-profile (edit {s['edit']}, forget {s['forget']}, retain {s['retain']}, "
+        f"remaining {s['remaining']})"
+    )
+
+
+def _joint(setting: str, base: dict, lk: dict, abl: dict) -> str:
+    block = base["settings"][setting]
+    order = list(base["settings"]["in"]["rows"])  # both settings in the in-profile order
+    keys = sorted(block["rows"], key=lambda k: order.index(k) if k in order else len(order))
+    rows = [
+        [k, *(num(block["rows"][k][c]) for c in JOINT), num(block["rows"][k]["seconds"], 0)] for k in keys
+    ]
+    for src, key, label in JOINT_LOKA:
+        r = (lk, abl)[src]["settings"][setting]["rows"][key]
+        rows.append([label, *(num(r[c]) for c in JOINT), num(r["seconds"], 0)])
+    return md([_setting_title(block, setting), *JOINT_HEAD, "s"], rows)
+
+
+JOINT_FILES = (
+    "joint_update_smollm2-135m.json",
+    "joint_update_smollm2-135m_loka.json",
+    "loka_ablation_smollm2-135m.json",
+)
+
+
+@table("joint-in", "docs/methods/loka.md", *JOINT_FILES)
+def joint_in(base: dict, lk: dict, abl: dict) -> str:
+    return _joint("in", base, lk, abl)
+
+
+@table("joint-out", "docs/methods/loka.md", *JOINT_FILES)
+def joint_out(base: dict, lk: dict, abl: dict) -> str:
+    return _joint("out", base, lk, abl)
+
+
+def _fires(info: dict) -> str:
+    """The router's rate on the remaining (held-out) facts; with the router off, also how many of
+    them the retrieval gate lets through to a memory."""
+    fires = info["router"]["remaining"]
+    passed = info.get("to_memory", {}).get("remaining")
+    if fires == 1.0 and passed is not None:
+        return f"{num(fires, 2)} ({num(passed)} pass the gate)"
+    return num(fires, 2)
+
+
+def _ablation_row(label: str, r: dict, fires: bool = True) -> list[str]:
+    info = r.get("info", {})
+    cells = [label, *(num(r[c]) for c in JOINT), info.get("memories", DASH)]
+    if fires:
+        cells.append(_fires(info) if info else DASH)
+    return [*cells, num(r["seconds"], 0)]
+
+
+#: (file index, row key, label): 0 = joint_update_*.json, 1 = joint_update_*_loka.json,
+#: 2 = loka_ablation_*.json
+ABLATION_ROWS = {
+    "in": [
+        (0, "unedited", "unedited"),
+        (2, "first-match stop (before)", "first-match stop (the ablations' base)"),
+        (2, "edit_stop_nll=0.05", "edit_stop_nll=0.05"),
+        (2, "edit_stop_nll=0.05,gate", "edit_stop_nll=0.05, gate_tasks (no retrieval gate)"),
+        (1, "loka, layer 24 (the 0.8-depth layer)", "layer 24 (the above + retrieval gate 0.65)"),
+        (1, "loka", "**default** (the above on layer 27)"),
+        (2, "gate only (router=false)", "gate only (`router=false`, retrieval gate 0.65)"),
+        *((2, k, k) for k in ("conflict=shared", "conflict=separate", "k=1", "k=5", "k=10", "k=40")),
+        *((2, k, k) for k in ("lsh", "no-router", "keys=llm", "layer=8", "sparse")),
+    ],
+    "out": [
+        (0, "unedited", "unedited"),
+        (2, "first-match stop (before)", "first-match stop (the ablations' base)"),
+        (
+            2,
+            "edit_stop_nll=0.05",
+            "edit_stop_nll=0.05 (no retrieval gate; no shared memory, so gate_tasks never acts)",
+        ),
+        (1, "loka, layer 24 (the 0.8-depth layer)", "layer 24 (the above + retrieval gate 0.65)"),
+        (1, "loka", "**default** (the above on layer 27)"),
+        (2, "layer=27,router=false", "layer 27, gate only (`router=false`)"),
+        (2, "layer=16", "layer=16 (defaults otherwise)"),
+        *((2, k, k) for k in ("layer=20", "layer=28", "layer=29")),
+        (2, "gate only (router=false)", "gate only (`router=false`, retrieval gate 0.65)"),
+        (2, "edit_stop_nll=0.01,gate", "edit_stop_nll=0.01, gate_tasks (no retrieval gate)"),
+        (2, "edit_contexts=5", "edit_contexts=5 (no retrieval gate)"),
+        (2, "conflict=shared", "conflict=shared"),
+        (2, "conflict=separate", "conflict=separate"),
+    ],
+}
+
+
+def _ablation(setting: str, *files: dict) -> str:
+    rows = [
+        _ablation_row(label, files[src]["settings"][setting]["rows"][key])
+        for src, key, label in ABLATION_ROWS[setting]
+    ]
+    head = [f"{setting}-profile", *JOINT, "memories", "router fires on remaining", "s"]
+    return md(head, rows)
+
+
+@table("ablation-in", "docs/methods/loka.md", *JOINT_FILES)
+def ablation_in(*files: dict) -> str:
+    return _ablation("in", *files)
+
+
+@table("ablation-out", "docs/methods/loka.md", *JOINT_FILES)
+def ablation_out(*files: dict) -> str:
+    return _ablation("out", *files)
+
+
+@table(
+    "ablation-defaults",
+    "docs/methods/loka.md",
+    "joint_update_smollm2-135m.json",
+    "joint_update_smollm2-135m_loka.json",
+    "loka_ablation_smollm2-135m_defaults.json",
+)
+def ablation_defaults(base: dict, lk: dict, abl: dict) -> str:
+    rows = [
+        _ablation_row("unedited", base["settings"]["in"]["rows"]["unedited"], fires=False),
+        _ablation_row(
+            "**default** (k=20, `auto`, K-means)", lk["settings"]["in"]["rows"]["loka"], fires=False
+        ),
+    ]
+    rows += [_ablation_row(k, r, fires=False) for k, r in abl["settings"]["in"]["rows"].items()]
+    head = ["in-profile, default settings", "unl-tr", "unl-rl ↓", *JOINT[2:], "memories", "s"]
+    return md(head, rows)
+
+
+@table("router-calibration", "docs/methods/loka.md", "loka_router_smollm2-135m.json")
+def router_calibration(d: dict) -> str:
+    s_in, s_out = d["settings"]["in"], d["settings"]["out"]
+    rows = []
+    for a, b in zip(s_in["rows"], s_out["rows"], strict=True):
+        cells = [f"{a['threshold']:g}"]
+        for r in (a, b):
+            cells += [num(r["fnr_paraphrase"], 2), num(r["fpr_remaining"]), num(r["fpr_retain"], 2)]
+        rows.append(cells)
+    head = ["τ"]
+    for s in ("in", "out"):
+        head += [f"{s}: FNR paraphrases", f"{s}: FPR held-out", f"{s}: FPR retain (trained)"]
+    return md(head, rows)
+
+
+#: loka's default match_threshold with MiniLM keys
+DEFAULT_MATCH = 0.65
+
+
+@table("retrieval-gate", "docs/methods/loka.md", "loka_router_smollm2-135m.json")
+def retrieval_gate(d: dict) -> str:
+    g_in, g_out = d["settings"]["in"]["gate"], d["settings"]["out"]["gate"]
+    rows = []
+    for a, b in zip(g_in, g_out, strict=True):
+        t = f"{a['match_threshold']:g}"
+        cells = [f"**{t}**" if a["match_threshold"] == DEFAULT_MATCH else t]
+        for r in (a, b):
+            cells += [num(r["fnr_paraphrase"], 2), num(r["fpr_remaining"])]
+        for r in (a, b):
+            cells.append(f"{num(r['with_router_fnr_paraphrase'], 2)} / {num(r['with_router_fpr_remaining'])}")
+        rows.append(cells)
+    head = ["match_threshold", "in: FNR paraphrases", "in: FPR held-out", "out: FNR paraphrases"]
+    head += ["out: FPR held-out", "in, behind the router: FNR / FPR held-out"]
+    return md([*head, "out, behind the router: FNR / FPR held-out"], rows)
+
+
+LATENCY_FILES = (
+    "loka_latency_smollm2-135m_one_encoder_pass.json",
+    "loka_latency_smollm2-135m_one_encoder_pass_run2.json",
+    "loka_latency_smollm2-135m_two_threads.json",
+)
+
+
+@table("loka-latency", "docs/methods/loka.md", *LATENCY_FILES)
+def loka_latency(*runs: dict) -> str:
+    rows = []
+    for name, d in zip(LATENCY_FILES, runs, strict=True):
+        by_batch = {r["batch"]: r for r in d["rows"]}
+        threads = d["threads"]
+        cells = [f"{'one thread' if threads == 1 else f'{threads} threads'} (`{name}`)"]
+        for what in ("forward", "generate"):
+            for b in sorted(by_batch):
+                r = by_batch[b]
+                cells.append(
+                    f"{num(r[f'{what}_ms'], 1, sep=False)} → {num(r[f'{what}_loka_ms'], 1, sep=False)} "
+                    f"({signed_pct(r[f'{what}_overhead'])})"
+                )
+        rows.append(cells)
+    batches = sorted(r["batch"] for r in runs[0]["rows"])
+    tokens = runs[0]["new_tokens"]
+    head = ["run"]
+    head += [f"batch {b} forward (ms, overhead)" for b in batches]
+    head += [f"batch {b} generate {tokens} tokens" for b in batches]
+    return md(head, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
