@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -894,6 +895,147 @@ def loka_latency(*runs: dict) -> str:
     head += [f"batch {b} forward (ms, overhead)" for b in batches]
     head += [f"batch {b} generate {tokens} tokens" for b in batches]
     return md(head, rows)
+
+
+# ---------------------------------------------------------------- docs/knowledgesmith.md
+
+LEVELS = ("root", "intermediate", "leaf")
+KG = "knowledgesmith_smollm2-135m.json"
+
+
+@table("kg-scoring", "docs/knowledgesmith.md", "kg_scoring_smollm2-135m.json")
+def kg_scoring(d: dict) -> str:
+    rows = [
+        [lv, a["n"], num(a["cloze"]), num(a["mc"])]
+        for lv, a in ((lv, d["levels"][lv]["all"]) for lv in LEVELS)
+    ]
+    return md(["level", "probes", "cloze: true option chosen", "MC letter: true option chosen"], rows)
+
+
+def _kg_runs(d: dict, methods: Iterable[str]) -> list[dict]:
+    """The study's runs of ``methods``, sorted by task, level and scale; KL and CKA log-min-max
+    normalised within each task over these runs (as ``loka report`` normalises)."""
+    runs = [dict(r) for r in d["runs"] if r["method"] in methods]
+    runs.sort(key=lambda r: (r["task"], LEVELS.index(r["level"]), r["scale"]))
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        by_task[r["task"]].append(r)
+    for group in by_task.values():
+        for key in ("kl", "cka"):
+            logs = [math.log(r[key] + 1e-8) for r in group]
+            lo, hi = min(logs), max(logs)
+            for r, v in zip(group, logs, strict=True):
+                r[f"{key}_norm"] = 0.0 if hi == lo else (v - lo) / (hi - lo)
+    return runs
+
+
+def _probe(r: dict, kind: str) -> float | None:
+    """Direct, reverse and multi-hop as the table reads them: for an edit the new object chosen, for
+    unlearning the forgotten object still chosen."""
+    key = "target_after" if r["task"] == "edit" else "original_after"
+    return r["by_type"].get(kind, {}).get(key)
+
+
+def _propagation(runs: list[dict], task_label: Callable[[dict], str], norm: bool) -> str:
+    rows = []
+    for r in runs:
+        cells = [
+            task_label(r),
+            r["level"],
+            r["scale"],
+            *(num(_probe(r, k)) for k in ("direct", "reverse", "multihop")),
+        ]
+        cells += [num(r[k]) for k in ("ccr", "ccr_near", "ccr_far", "rr", "conflict_rate")]
+        cells += [num(r["kl"]), num(r["kl_norm"])] if norm else [num(r["kl"])]
+        cells += [num(r["cka"]), num(r["cka_norm"])] if norm else [num(r["cka"])]
+        rows.append([*cells, num(r["seconds"]["update"], 0)])
+    head = [
+        "task",
+        "level",
+        "k",
+        "direct",
+        "reverse",
+        "multi-hop",
+        "CCR",
+        "CCR near",
+        "CCR far",
+        "RR",
+        "conflict",
+    ]
+    head += ["KL", "KL norm", "CKA", "CKA norm"] if norm else ["KL", "CKA"]
+    return md([*head, "update s"], rows)
+
+
+@table("kg-propagation", "docs/knowledgesmith.md", KG)
+def kg_propagation(d: dict) -> str:
+    return _propagation(_kg_runs(d, ("alphaedit", "npo")), lambda r: r["task"], norm=True)
+
+
+@table("kg-relearn", "docs/knowledgesmith.md", KG)
+def kg_relearn(d: dict) -> str:
+    return _propagation(_kg_runs(d, ("relearn",)), lambda r: r["method"], norm=False)
+
+
+@table("kg-npo-transfer", "docs/knowledgesmith.md", KG)
+def kg_npo_transfer(d: dict) -> str:
+    kinds = ("direct", "reverse", "multihop", "comparison", "conflict", "contextual")
+    top = max(r["scale"] for r in d["runs"])
+    rows = []
+    for r in _kg_runs(d, ("npo",)):
+        if r["scale"] != top:
+            continue
+        bt = r["by_type"]
+        rows.append(
+            [r["level"]]
+            + [f"{num(bt[k]['original_before'])} → {num(bt[k]['original_after'])}" for k in kinds]
+        )
+    head = ["level", "direct", "reverse", "multi-hop", "comparison", "conflict", "contextual accuracy"]
+    return md(head, rows)
+
+
+@table("kg-domains", "docs/knowledgesmith.md", KG)
+def kg_domains(d: dict) -> str:
+    pooled: dict[tuple[str, str], dict[str, list[tuple[float, int]]]] = defaultdict(lambda: defaultdict(list))
+    for r in _kg_runs(d, ("alphaedit", "npo")):
+        for dom, s in r["by_domain"].items():
+            a, n = pooled[(r["task"], dom)], s.get("interventions", 1)
+            for k in ("ccr", "rr", "conflict_rate"):
+                if s.get(k) is not None:
+                    a[k].append((s[k], n))
+            v = (
+                s.get("by_type", {})
+                .get("direct", {})
+                .get("target_after" if r["task"] == "edit" else "original_after")
+            )
+            if v is not None:
+                a["direct"].append((v, n))
+
+    def wmean(xs: list[tuple[float, int]]) -> float | None:
+        w = sum(n for _, n in xs)
+        return sum(v * n for v, n in xs) / w if w else None
+
+    rows = [
+        [task, dom, *(num(wmean(a[k])) for k in ("direct", "ccr", "rr", "conflict_rate"))]
+        + [sum(n for _, n in a["ccr"])]
+        for (task, dom), a in sorted(pooled.items())
+    ]
+    return md(["task", "domain", "direct", "CCR", "RR", "conflict", "interventions"], rows)
+
+
+@table("kg-geometry", "docs/knowledgesmith.md", KG)
+def kg_geometry(d: dict) -> str:
+    keys = ("scale_min", "scale_max", "scale_spread", "rot_u", "rot_v", "rel_change")
+    series: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in _kg_runs(d, ("alphaedit", "npo")):
+        series[(r["task"], r["level"])].append(r)
+    rows = []
+    for (task, level), rs in series.items():
+        scales = " / ".join(str(r["scale"]) for r in rs)
+        rows.append(
+            [task, level, scales, *(" / ".join(num(r["geometry_mean"][k]) for r in rs) for k in keys)]
+        )
+    head = ["task", "level", "k", "σ'/σ min", "σ'/σ max", "scaling spread", "rotation U", "rotation V"]
+    return md([*head, "‖Δ‖/‖W‖"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
