@@ -107,7 +107,7 @@ def run_row(handle, name: str, task: dict, over: dict) -> tuple[dict, dict]:
             arts.append(loka.edit(handle, edits, TWO_STEP[name], None))
             arts.append(loka.unlearn(handle, forget, retain, "npo"))
         else:
-            art, _ = loka.update(handle, edits, forget, retain, method=JOINT[name], hparams=over or None)
+            art = loka.update(handle, edits, forget, retain, method=JOINT[name], hparams=over or None)
             arts.append(art)
         seconds = time.time() - t
         row = joint_metrics(handle, task)

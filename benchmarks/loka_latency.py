@@ -91,7 +91,7 @@ def main() -> None:
         over = parse_overrides(args.set)
         t = time.time()
         with torch.enable_grad():
-            art, _ = loka.update(h, edits, forget, retain, method="loka", hparams=over or None, apply=False)
+            art = loka.update(h, edits, forget, retain, method="loka", hparams=over or None, apply=False)
         train = {
             "edits": len(edits),
             "forgets": len(forget),

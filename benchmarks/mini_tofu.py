@@ -169,7 +169,7 @@ def main() -> None:
         t0 = time.time()
         fr = rewritten if m == "relearn" or overrides.get("forget_loss") == "relearn" else freqs
         if edits:
-            art, _ = loka.update(full, edit_requests(edits), fr, rreqs, method=m, hparams=overrides or None)
+            art = loka.update(full, edit_requests(edits), fr, rreqs, method=m, hparams=overrides or None)
         else:
             art = loka.unlearn(full, fr, rreqs, method=m, hparams=overrides or None)
         secs = time.time() - t0

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("artifact", ("loka.artifact", "loka.sequential")),
     ("methods", ("loka.methods",)),
-    ("api", ("loka.api", "loka.session", "loka.finetune")),
+    ("api", ("loka.api", "loka.result", "loka.session", "loka.finetune")),
     ("eval", ("loka.eval", "loka.bench", "loka.analysis", "loka.report", "loka.demo")),
     ("cli", ("loka.cli",)),
     ("facade", ("loka",)),

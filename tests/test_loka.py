@@ -93,8 +93,8 @@ def tiny_update():
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
     w0 = {k: v.clone() for k, v in h.model.state_dict().items()}
     before = {t: _logits(h, t) for t in (E1.text, R1.text, F1.text)}
-    art, steps = loka.update(h, [E1, E2], [F1], [R1], method="loka", hparams=HP, progress=False)
-    return h, w0, F1, before, art, steps
+    art = loka.update(h, [E1, E2], [F1], [R1], method="loka", hparams=HP, progress=False)
+    return h, w0, F1, before, art, art.steps
 
 
 def test_loka_edits_and_forgets_at_once(tiny_update):
@@ -162,7 +162,7 @@ def test_conflict_rule_and_ablations():
     h = loka.load_model("tiny-llama")
     same = ForgetRequest("{} was born in the city of", "Zorblax Quint", None, target_true="Q")
     # identical (x, y) to edit and to forget: every gradient pair is opposite → score 1 → separate memories
-    art, _ = loka.update(
+    art = loka.update(
         h,
         [E1],
         [same],
@@ -176,7 +176,7 @@ def test_conflict_rule_and_ablations():
     assert c[0]["score"] == 1.0 and c[0]["memories"] == "separate"
     assert sorted(m["task"] for m in art.manifest["extra"]["memories"]) == ["edit", "forget"]
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
-    art, _ = loka.update(
+    art = loka.update(
         h,
         [E1, E2],
         [F1],
@@ -189,7 +189,7 @@ def test_conflict_rule_and_ablations():
     mem = art.manifest["extra"]["memories"]
     assert len(mem) == 1 and mem[0]["task"] == "shared" and 0.0 <= mem[0]["mgda_alpha"] <= 1.0
     assert "router.head.weight" not in art.deltas
-    art, _ = loka.update(
+    art = loka.update(
         h,
         [E1, E2],
         [F1],
@@ -217,7 +217,7 @@ def test_edit_stop_nll_trains_edit_memories_past_the_first_exact_match():
     h = loka.load_model("tiny-llama")
     mem = {}
     for stop in (0.0, 2.0):
-        art, _ = loka.update(
+        art = loka.update(
             h,
             [E1, E2],
             [],
@@ -244,7 +244,7 @@ def test_match_threshold_keeps_unrelated_queries_on_the_base_model():
     assert float(e[1] @ e[0]) > 0.65 > max(float(e[2] @ e[0]), float(e[2] @ e[3]))
     base = _logits(h, far)
     for gate in (None, 0.0):
-        art, _ = loka.update(
+        art = loka.update(
             h,
             [E1, E2],
             [],
@@ -275,7 +275,7 @@ def test_edit_contexts_train_each_edit_after_context_templates():
     ctx = [t for t in context_templates(h) if t != "{}"][:2]
     lp = {}
     for n in (0, 2):
-        art, _ = loka.update(
+        art = loka.update(
             h,
             [E1, E2],
             [],
@@ -309,7 +309,7 @@ def test_gate_tasks_stops_pushing_a_forget_target_already_met():
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
     lp, mem = {}, {}
     for gate in (False, True):
-        art, _ = loka.update(
+        art = loka.update(
             h,
             [E1, E2],
             [F1],
@@ -344,7 +344,7 @@ def test_forget_stop_nll_pushes_a_forgotten_answer_past_the_first_flipped_token(
     F1 = _forget_known(h, "{} plays the", "Miro Tal", answer="VW")
     lp, mem = {}, {}
     for stop in (0.0, 8.0):
-        art, _ = loka.update(
+        art = loka.update(
             h,
             [],
             [F1],
@@ -372,10 +372,10 @@ def test_sequential_lsh_keeps_old_memories(tmp_path):
     h = loka.load_model("tiny-llama")
     hp = {**HP, "mapping": "lsh", "lsh_bits": 3, "router": False}
     folder = CodebookFolder(tmp_path / "book")
-    a1, _ = loka.update(h, [E1, E2], [], [R1], method="loka", hparams=hp, apply=False, progress=False)
+    a1 = loka.update(h, [E1, E2], [], [R1], method="loka", hparams=hp, apply=False, progress=False)
     folder.append(a1)
     E3 = EditRequest("{} speaks the language", "Kell Dorv", "W")
-    a2, _ = loka.update(
+    a2 = loka.update(
         h, [E3], [], [], method="loka", hparams=hp, state=folder.state(), apply=False, progress=False
     )
     folder.append(a2)
@@ -454,8 +454,10 @@ def test_two_step_update_with_a_memory_editor_is_a_bundle(tmp_path):
     F1 = _forget_known(h, "{} plays the", "Miro Tal")
     before = {t: _logits(h, t) for t in (E1.text, F1.text)}
     w0 = {k: v.clone() for k, v in h.model.state_dict().items()}
-    art, steps = loka.update(h, [E1], [F1], [R1], method="grace", hparams={"layer": 1}, progress=False)
-    assert art.kind == "bundle" and [p.method for p in art.parts()] == ["grace", "npo"] and len(steps) == 2
+    art = loka.update(h, [E1], [F1], [R1], method="grace", hparams={"layer": 1}, progress=False)
+    assert (
+        art.kind == "bundle" and [p.method for p in art.parts()] == ["grace", "npo"] and len(art.steps) == 2
+    )
     assert _em(h, E1.text, "Q") == 1.0 and _em(h, F1.text, F1.target_true) == 0.0
     edited = _logits(h, E1.text)
     art.save(tmp_path / "b.loka")

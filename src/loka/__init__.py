@@ -38,6 +38,7 @@ _API = {
     ".methods.codebook": ["CodebookFolder", "LokaModel", "state_from_artifact"],
     ".models": ["KNOWN_MODELS", "ArchSpec", "ModelHandle", "list_models", "load_model"],
     ".requests": ["EditRequest", "ForgetRequest", "RetainRequest", "read_requests", "request_from_record"],
+    ".result": ["EditResult"],
     ".scoring": ["generate", "target_logprobs"],
     ".session": ["Session"],
     ".state": ["EditState"],
@@ -74,6 +75,7 @@ if TYPE_CHECKING:
     from .methods.codebook import CodebookFolder, LokaModel, state_from_artifact
     from .models import KNOWN_MODELS, ArchSpec, ModelHandle, list_models, load_model
     from .requests import EditRequest, ForgetRequest, RetainRequest, read_requests, request_from_record
+    from .result import EditResult
     from .scoring import generate, target_logprobs
     from .session import Session
     from .state import EditState

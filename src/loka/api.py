@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .artifact import Artifact
@@ -13,6 +13,7 @@ from .methods import default_hparams, get_method, methods_for
 from .methods.base import HParams, check_update
 from .methods.prune import check_alpha, prune_deltas
 from .requests import EditRequest, UpdateBatch, subject_last_token
+from .result import EditResult, measure
 from .state import EditState
 from .utils.progress import bar as progress_bar
 
@@ -77,6 +78,26 @@ def check_result(handle: ModelHandle, art: Artifact) -> None:
         check_update(art.method, merged, weights, fix=fix)
 
 
+def _reported(
+    handle: ModelHandle, batch: UpdateBatch, run: Callable[[], Artifact], *, apply: bool, by_set: bool
+) -> EditResult:
+    """Measure ``batch`` (:func:`loka.result.measure`), ``run`` the update, measure again (with the
+    artifact applied for the measurement only when ``apply`` is false)."""
+    validate_requests(handle, list(batch))  # before probing: a bad request fails as it would unreported
+    before = measure(handle, batch, by_set)
+    t0 = time.time()
+    art = run()
+    seconds = time.time() - t0
+    if not apply:
+        art.apply(handle)
+    try:
+        after = measure(handle, batch, by_set)
+    finally:
+        if not apply:
+            art.revert(handle)
+    return EditResult(art, list(batch), before, after, round(seconds, 3))
+
+
 def edit(
     handle: ModelHandle,
     requests: EditRequest | Sequence[EditRequest],
@@ -87,7 +108,8 @@ def edit(
     progress: bool = True,
     state: EditState | None = None,
     prune: float | None = None,
-) -> Artifact:
+    report: bool = False,
+) -> Artifact | EditResult:
     """Run ``method`` on ``requests`` and return the artifact (applied to ``handle`` unless ``apply=False``).
 
     The model's weights are untouched if the method fails; hyperparameters default to the
@@ -95,10 +117,24 @@ def edit(
     ``state`` carries what sequential methods need from earlier batches (AlphaEdit's past keys,
     PRUNE's accumulated update) and is updated in place; ``prune`` (a log base α > 1, e.g. ``math.e``)
     restrains the accumulated update's singular values with PRUNE after the method ran.
+
+    ``report=True`` returns an :class:`~loka.result.EditResult` instead: the artifact and the rows
+    ``loka edit`` prints, measured before and after (``print(result)`` prints its table); with forget
+    or retain requests, the per-set rows of ``loka update``.
     """
     if isinstance(requests, EditRequest):
         requests = [requests]
     requests = UpdateBatch.of(requests)
+    if report:
+        return _reported(
+            handle,
+            requests,
+            lambda: edit(
+                handle, requests, method, hparams, apply=apply, progress=progress, state=state, prune=prune
+            ),
+            apply=apply,
+            by_set=bool(requests.forget or requests.retain),
+        )
     validate_requests(handle, list(requests))
     m = get_method(method)
     if requests.forget and "forget" not in m.tasks:
@@ -153,9 +189,13 @@ def unlearn(
     *,
     apply: bool = True,
     progress: bool = True,
-) -> Artifact:
+    report: bool = False,
+) -> Artifact | EditResult:
     """Forget ``forget`` (:class:`~loka.requests.ForgetRequest`) while keeping ``retain``
-    (:class:`~loka.requests.RetainRequest`); returns the artifact, applied unless ``apply=False``."""
+    (:class:`~loka.requests.RetainRequest`); returns the artifact, applied unless ``apply=False``.
+
+    ``report=True`` returns an :class:`~loka.result.EditResult` whose rows are the answers' ``p_norm``
+    and ``em`` per request before and after, and whose table is what ``loka unlearn`` prints."""
     from .requests import ForgetRequest, RetainRequest
 
     forget, retain = list(forget), list(retain)
@@ -169,7 +209,15 @@ def unlearn(
         raise RequestError(
             "retain requests must be RetainRequest (read them with read_requests(path, RetainRequest))"
         )
-    return edit(handle, UpdateBatch((*forget, *retain)), method, hparams, apply=apply, progress=progress)
+    return edit(
+        handle,
+        UpdateBatch((*forget, *retain)),
+        method,
+        hparams,
+        apply=apply,
+        progress=progress,
+        report=report,
+    )
 
 
 def update(
@@ -184,17 +232,60 @@ def update(
     apply: bool = True,
     progress: bool = True,
     state: EditState | None = None,
-) -> tuple[Artifact, list[str]]:
+    report: bool = False,
+) -> Artifact | EditResult:
     """Joint update: learn ``edits``, forget ``forget``, keep ``retain``.
 
     A training method does all three in one optimisation. A single-task method (ROME, MEMIT, …)
     edits first; then ``forget_method`` forgets on top of the edited model with the same retain set.
-    Returns one (stacked) artifact and the list of steps that ran, so callers can say what happened.
-    ``state`` continues a sequential LOKA codebook (:func:`loka.methods.codebook.state_from_artifact`).
+    Returns one (stacked) artifact, applied unless ``apply=False``, whose ``steps`` list says what ran
+    (also logged). ``state`` continues a sequential LOKA codebook
+    (:func:`loka.methods.codebook.state_from_artifact`). ``report=True`` returns an
+    :class:`~loka.result.EditResult` with the per-set rows and table ``loka update`` prints.
     """
+    edits, forget, retain = list(edits), list(forget), list(retain)
+    if report:
+        batch = UpdateBatch((*edits, *forget, *retain))
+        if not batch.items:
+            raise RequestError("nothing to do: give edit and/or forget requests")
+        return _reported(
+            handle,
+            batch,
+            lambda: update(
+                handle,
+                edits,
+                forget,
+                retain,
+                method,
+                hparams,
+                forget_method=forget_method,
+                apply=apply,
+                progress=progress,
+                state=state,
+            ),
+            apply=apply,
+            by_set=True,
+        )
+    art = _update(handle, edits, forget, retain, method, hparams, forget_method, apply, progress, state)
+    for line in art.steps:
+        log.info("update: %s", line)
+    return art
+
+
+def _update(
+    handle: ModelHandle,
+    edits: list[EditRequest],
+    forget: list,
+    retain: list,
+    method: str,
+    hparams: HParams | dict | None,
+    forget_method: str,
+    apply: bool,
+    progress: bool,
+    state: EditState | None,
+) -> Artifact:
     from .artifact import bundle_artifacts, stack_artifacts
 
-    edits, forget, retain = list(edits), list(forget), list(retain)
     if "forget" in get_method(method).tasks:  # a method that forgets does everything in one optimisation
         art = edit(
             handle,
@@ -205,9 +296,10 @@ def update(
             progress=progress,
             state=state,
         )
-        return art, [
+        art.steps = [
             f"{method}: {len(edits)} edit(s), {len(forget)} forget, {len(retain)} retain in one optimisation"
         ]
+        return art
     if not edits and not forget:
         raise RequestError("nothing to do: give edit and/or forget requests")
     steps, arts = [], []
@@ -229,6 +321,7 @@ def update(
         art = stack_artifacts(arts)
     else:  # a memory or context artifact cannot be summed into weights: keep both, applied in order
         art = bundle_artifacts(arts)
+    art.steps = steps
     if apply:
         art.apply(handle)
-    return art, steps
+    return art

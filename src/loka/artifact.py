@@ -198,10 +198,13 @@ def _still_at(path: Path, st: os.stat_result) -> bool:
 
 @dataclass
 class Artifact:
-    """Weight deltas (in each parameter's stored orientation) and the manifest that explains them."""
+    """Weight deltas (in each parameter's stored orientation) and the manifest that explains them.
+
+    ``steps`` says what the run that made it did (``loka.update``: one line per step); it is not saved."""
 
     deltas: dict[str, torch.Tensor]
     manifest: dict[str, Any] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def create(

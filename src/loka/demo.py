@@ -17,8 +17,8 @@ import torch
 from .api import edit
 from .artifact import load_artifact
 from .models import load_model
-from .report import format_table, probe_rows
 from .requests import EditRequest
+from .result import format_table, probe_rows
 from .scoring import generate
 
 if TYPE_CHECKING:
@@ -69,18 +69,18 @@ FACTS = [
 def _logits(handle: ModelHandle, prompts):
     tok = handle.tokenizer
     with torch.no_grad():
-        return [handle.model(**tok(p, return_tensors="pt")).logits for p in prompts]
+        return [handle.model(**tok(p, return_tensors="pt").to(handle.device)).logits for p in prompts]
 
 
 def _weights(handle: ModelHandle):
     return {k: v.detach().clone() for k, v in handle.model.state_dict().items()}
 
 
-def run_demo(model: str = "smollm2-135m", out: str = "out/demo") -> int:
+def run_demo(model: str = "smollm2-135m", out: str = "out/demo", device: str | None = None) -> int:
     t0 = time.time()
     out_dir = Path(out)
     print(f"== loading {model}")
-    handle = load_model(model)
+    handle = load_model(model, device=device)
     print(
         f"   {handle.name}: {handle.spec.family} family, {handle.n_layers} layers, weights sha256 {handle.model_hash[:16]}"
     )

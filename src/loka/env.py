@@ -8,6 +8,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Never reach a model hub: without this a hub look-up hangs ~30 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,14 +48,45 @@ def cache_dir(kind: str) -> Path:
     return d
 
 
-def device():
-    """The compute device (a ``torch.device``): ``$LOKA_DEVICE`` if set, else CUDA when present, else CPU."""
+def device(want: str | torch.device | None = None) -> torch.device:
+    """The compute device (a ``torch.device``), decided here and nowhere else: ``want`` (``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` or a ``torch.device``), else ``$LOKA_DEVICE``, else CUDA when present,
+    else CPU. ``"auto"`` and ``None`` leave the choice to the next rule. Asking for a CUDA device that
+    torch cannot see raises :class:`~loka.errors.ConfigError`."""
     import torch
 
-    want = os.environ.get("LOKA_DEVICE")
-    if want:
-        return torch.device(want)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .errors import ConfigError
+
+    src = "device" if want is not None and str(want).strip().lower() != "auto" else "LOKA_DEVICE"
+    raw = str(want) if src == "device" else os.environ.get("LOKA_DEVICE", "")
+    name = raw.strip().lower()
+    shown = f"device={raw!r} (--device {raw})" if src == "device" else f"LOKA_DEVICE={raw!r}"
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise ConfigError(f"{shown} is not a device: give cpu, cuda, cuda:N or auto")
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{shown}: torch sees no CUDA GPU here; use cpu or auto (or a CUDA build of torch)")
+    n = torch.cuda.device_count()
+    if index and int(index) >= n:
+        raise ConfigError(f"{shown}: torch sees {n} CUDA GPU(s); give cuda:0..cuda:{n - 1}")
+    return torch.device(name)
+
+
+def hf_hub_cache() -> Path:
+    """The local Hugging Face hub cache, read from the environment at each call: ``$HF_HUB_CACHE``,
+    else ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    home = (
+        os.environ.get("HF_HOME")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
 
 
 # -- threads -------------------------------------------------------------------------------------

@@ -7,22 +7,31 @@ import argparse
 import errno
 import json
 import sys
-from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 
-if TYPE_CHECKING:
-    from ..models.loader import ModelHandle
-
 
 def add_model(s: argparse.ArgumentParser, help: str | None = None) -> None:
-    """``--model``: a registered name, a tiny test model or a local Hugging Face folder."""
+    """``--model`` (a registered name, a tiny test model, a local Hugging Face folder or a cached hub id)
+    and ``--device``."""
     from ..models.catalog import DEFAULT_MODEL
 
     s.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=help or f"registered name, tiny-* or a local Hugging Face folder (default {DEFAULT_MODEL})",
+        help=help
+        or f"registered name, tiny-*, a local Hugging Face folder or an org/name id in the local HF cache "
+        f"(default {DEFAULT_MODEL})",
+    )
+    add_device(s)
+
+
+def add_device(s: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (:func:`loka.env.device`)."""
+    s.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="cpu, cuda, cuda:N or auto (default: $LOKA_DEVICE, else auto = CUDA when present, else cpu)",
     )
 
 
@@ -105,11 +114,11 @@ def hparam_overrides(args) -> dict:
     return out
 
 
-def load_with_artifacts(model: str, artifacts: list[str], force: bool = False):
+def load_with_artifacts(model: str, artifacts: list[str], force: bool = False, device: str | None = None):
     from ..artifact import load_artifact
     from ..models import load_model
 
-    handle = load_model(model)
+    handle = load_model(model, device=device)
     for a in artifacts or []:
         load_artifact(a).apply(handle, force=force)
     return handle
@@ -121,24 +130,6 @@ def check_save(args) -> None:
         from ..artifact import check_artifact_output
 
         check_artifact_output(args.save, force=args.force)
-
-
-def answer_rows(handle: ModelHandle, reqs, which: str) -> list[dict]:
-    from ..forgetting.metrics import answer_stats
-
-    ans = [getattr(r, which) for r in reqs]
-    return answer_stats(handle, [r.text for r in reqs], ans)
-
-
-def set_summary(before: list[dict], after: list[dict]) -> dict:
-    mean = lambda rows, k: round(sum(r[k] for r in rows) / len(rows), 4) if rows else None  # noqa: E731
-    return {
-        "n": len(before),
-        "p_norm_before": mean(before, "p_norm"),
-        "p_norm_after": mean(after, "p_norm"),
-        "em_before": mean(before, "em"),
-        "em_after": mean(after, "em"),
-    }
 
 
 def report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> None:
@@ -170,13 +161,11 @@ def report_sets(sets: dict, args, art, seconds: float, saved, steps=None) -> Non
             )
         )
         return
+    from ..result import sets_table
+
     for line in steps or []:
         print(line)
-    print(f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'EM before':>9s} {'EM after':>9s}")
-    for name, r in sets.items():
-        print(
-            f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}"
-        )
+    print(sets_table(sets))
     ex = art.manifest.get("extra", {})
     if "steps" in ex:
         what = f"{ex['steps']} step(s){' (target met, stopped early)' if ex.get('stopped_early') else ''}"

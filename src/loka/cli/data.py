@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..errors import ConfigError
-from .common import add_json, add_model
+from .common import add_device, add_json, add_model
 
 log = logging.getLogger("loka")
 
@@ -25,7 +25,7 @@ def cmd_data_counterfact(args) -> int:
     if args.known_by:
         from ..models import load_model
 
-        edited = facts_known_by(load_model(args.known_by), facts)
+        edited = facts_known_by(load_model(args.known_by, device=args.device), facts)
         log.info("%s gets %d of %d known facts right", args.known_by, len(edited), len(facts))
     recs = build_counterfact(edited, args.n, args.seed, all_facts=facts, min_subjects=args.min_subjects)
     atomic_write_json(args.out, recs)
@@ -106,7 +106,7 @@ def cmd_finetune(args) -> int:
     from ..requests import QA_PROMPT
 
     recs = [r for f in args.data for r in load_qa(f)]
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     rec = finetune(
         handle,
         [QA_PROMPT.format(r["question"]) for r in recs],
@@ -146,6 +146,7 @@ def register(sub, methods, forgetters) -> None:
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--known-by", metavar="MODEL", help="keep only facts this model completes correctly")
+    add_device(d)
     d.add_argument(
         "--min-subjects",
         type=int,

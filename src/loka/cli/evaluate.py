@@ -13,7 +13,7 @@ def cmd_eval(args) -> int:
     from ..models import load_model
 
     cases = load_cases(args.data, args.n)
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     cfg = EvalConfig(
         method=args.method,
         mode=args.mode,

@@ -119,7 +119,7 @@ def cmd_kg_run(args) -> int:
     from ..models import load_model
 
     g = _graph(args.graph)
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     out = args.out or f"out/kg/{args.method}-{args.level}-{args.scale}"
     s = run_kg(
         handle,

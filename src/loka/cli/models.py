@@ -30,7 +30,7 @@ def cmd_models(args) -> int:
 def cmd_generate(args) -> int:
     from ..scoring import generate
 
-    handle = load_with_artifacts(args.model, args.artifact, args.force)
+    handle = load_with_artifacts(args.model, args.artifact, args.force, args.device)
     outs = generate(handle, args.prompts, max_new_tokens=args.max_new_tokens)
     if args.json:
         print(json.dumps([{"prompt": p, "completion": c} for p, c in zip(args.prompts, outs)], indent=2))
@@ -47,7 +47,7 @@ def cmd_apply(args) -> int:
 
     check_export_output(args.out, force=args.force)
     arts = [load_artifact(a) for a in args.artifact]
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     for a in arts:
         a.apply(handle, force=args.force)
     applied = [{"id": a.id, "method": a.method, "kind": a.kind} for a in arts]
@@ -98,7 +98,7 @@ def cmd_stats(args) -> int:
     from ..models import load_model
     from ..stats import second_moments
 
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     corpus = corpus_from_spec(args.corpus, handle, args.n_tokens)
     t0 = time.time()
     covs = second_moments(handle, args.layers, corpus, args.n_tokens)
@@ -136,7 +136,7 @@ def cmd_analyze(args) -> int:
     from ..models import load_model
 
     arts = _artifact_sequence(args)
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     for a in arts:
         a.check_compatible(handle, force=args.force)
     rows = spectrum(handle, arts, every=args.every)
@@ -160,7 +160,7 @@ def cmd_analyze(args) -> int:
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    return run_demo(args.model, args.out)
+    return run_demo(args.model, args.out, args.device)
 
 
 def register(sub, methods, forgetters) -> None:

@@ -9,18 +9,17 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .common import (
+    add_device,
     add_json,
     add_model,
     add_overrides,
     add_prune,
-    answer_rows,
     check_save,
     hparam_overrides,
     load_with_artifacts,
     report_sets,
     rollback_options,
     rollback_request,
-    set_summary,
     update_options,
 )
 
@@ -29,8 +28,8 @@ def cmd_edit(args) -> int:
     check_save(args)
     from ..api import edit
     from ..models import load_model
-    from ..report import format_table, probe_rows
     from ..requests import EditRequest, read_requests
+    from ..result import format_table, probe_rows
 
     if args.requests:
         reqs = read_requests(args.requests)
@@ -50,7 +49,7 @@ def cmd_edit(args) -> int:
                 neighborhood=args.neighbourhood or [],
             )
         ]
-    handle = load_model(args.model)
+    handle = load_model(args.model, device=args.device)
     session = None
     if args.state:
         from ..session import Session
@@ -133,20 +132,13 @@ def cmd_unlearn(args) -> int:
             f"(missing: {', '.join(missing)})"
         )
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
-    handle = load_with_artifacts(args.model, args.artifact)
-    before = {
-        "forget": answer_rows(handle, forget, "target_true"),
-        **({"retain": answer_rows(handle, retain, "target_new")} if retain else {}),
-    }
-    t0 = time.time()
-    art = unlearn(handle, forget, retain, args.method, hparam_overrides(args), progress=not args.json)
-    seconds = time.time() - t0
-    after = {
-        "forget": answer_rows(handle, forget, "target_true"),
-        **({"retain": answer_rows(handle, retain, "target_new")} if retain else {}),
-    }
+    handle = load_with_artifacts(args.model, args.artifact, device=args.device)
+    res = unlearn(
+        handle, forget, retain, args.method, hparam_overrides(args), progress=not args.json, report=True
+    )
+    art = res.artifact
     saved = str(art.save(args.save, force=args.force)) if args.save else None
-    report_sets({k: set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved)
+    report_sets(res.summary(), args, art, res.seconds, saved)
     return 0
 
 
@@ -178,15 +170,8 @@ def cmd_update(args) -> int:
     retain = read_requests(args.retain, RetainRequest) if args.retain else []
     if not edits and not forget:
         raise ConfigError("give --edit FILE and/or --forget FILE")
-    handle = load_with_artifacts(args.model, args.artifact)
-    sets = {
-        "edit": (edits, "target_new"),
-        "forget": (forget, "target_true"),
-        "retain": (retain, "target_new"),
-    }
-    before = {k: answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
-    t0 = time.time()
-    art, steps = update(
+    handle = load_with_artifacts(args.model, args.artifact, device=args.device)
+    res = update(
         handle,
         edits,
         forget,
@@ -196,9 +181,9 @@ def cmd_update(args) -> int:
         forget_method=args.forget_method,
         progress=not args.json,
         state=state,
+        report=True,
     )
-    seconds = time.time() - t0
-    after = {k: answer_rows(handle, r, w) for k, (r, w) in sets.items() if r}
+    art, steps = res.artifact, res.steps
     if folder is not None:
         path = folder.append(art)
         x = art.manifest["extra"]
@@ -208,7 +193,7 @@ def cmd_update(args) -> int:
             f"{len(x['retrained_groups'])} bucket(s) trained, {x['carried_over']} memories carried over",
         ]
     saved = str(art.save(args.save, force=args.force)) if args.save else None
-    report_sets({k: set_summary(before[k], after[k]) for k in before}, args, art, seconds, saved, steps)
+    report_sets(res.summary(), args, art, res.seconds, saved, steps)
     return 0
 
 
@@ -222,7 +207,7 @@ def cmd_session(args) -> int:
         raise ArtifactError(
             f"{args.folder} is not a session (no session.json); start one with loka edit --state"
         )
-    handle = load_model(args.model or meta["model"])
+    handle = load_model(args.model or meta["model"], device=args.device)
     if args.export:
         from ..models.loader import check_export_output
 
@@ -360,6 +345,7 @@ def register(sub, methods, forgetters) -> None:
     )
     s.add_argument("folder", help="the session folder")
     s.add_argument("--model", help="model (default: the one the session was made with)")
+    add_device(s)
     rollback_options(s, "")
     s.add_argument(
         "--force", action="store_true", help="replace a model folder loka exported before at --export"

