@@ -529,7 +529,7 @@ def test_9_paths_and_option_values_give_one_line(capsys, tmp_path, art):
         (["edit", "--model", "tiny-llama", "--prompt", "{} x", "--subject", "B", "--target", ""], "target"),
         (["session", tmp_path / "sess"], "lacks"),
         (["session", tmp_path / "sess2"], "JSON"),
-        (["report", tmp_path / "a.loka"], "summary.json"),
+        (["report", tmp_path / "a.loka"], "loka eval --out"),
         (["inspect", folder], "not an artifact"),
         (["inspect", tmp_path / "missing.loka"], "not an artifact"),
         (["generate", "--model", "tiny-llama", "--artifact", bad_json, "x"], "artifact folder"),

@@ -144,7 +144,7 @@ def register(sub, methods, forgetters) -> None:
     )
     d.add_argument("--known-file", help="another file in known_1000.json format")
     d.add_argument("--n", type=int, default=None, help="number of records (default: all that qualify)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="picks the records and the new targets (default 0)")
     d.add_argument("--known-by", metavar="MODEL", help="keep only facts this model completes correctly")
     add_device(d)
     d.add_argument(
@@ -172,10 +172,10 @@ def register(sub, methods, forgetters) -> None:
         default="out",
         help="in-profile (edit and forget share relations: they conflict) or out-profile (disjoint)",
     )
-    d.add_argument("--n-edit", type=int, default=50)
-    d.add_argument("--n-forget", type=int, default=50)
-    d.add_argument("--n-retain", type=int, default=50)
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-edit", type=int, default=50, help="facts to edit (default 50)")
+    d.add_argument("--n-forget", type=int, default=50, help="facts to forget (default 50)")
+    d.add_argument("--n-retain", type=int, default=50, help="facts to keep, the retain set (default 50)")
+    d.add_argument("--seed", type=int, default=0, help="picks and splits the facts (default 0)")
     d.add_argument(
         "--out",
         required=True,
@@ -194,7 +194,9 @@ def register(sub, methods, forgetters) -> None:
         help="folder with the TOFU *_reconstructed.json files (default: the TOFU splits shipped with loka)",
     )
     d.add_argument("--n-perturbed", type=int, default=3, help="perturbed answers per question")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--seed", type=int, default=0, help="picks the paraphrase templates and swapped entities (default 0)"
+    )
     d.add_argument(
         "--out",
         required=True,
@@ -221,10 +223,10 @@ def register(sub, methods, forgetters) -> None:
     s.add_argument(
         "--out", required=True, help="output model folder (a Hugging Face folder; pass it as --model later)"
     )
-    s.add_argument("--epochs", type=int, default=5)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--epochs", type=int, default=5, help="passes over the data (default 5)")
+    s.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    s.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    s.add_argument("--seed", type=int, default=0, help="shuffling and initialisation (default 0)")
     s.add_argument(
         "--force", action="store_true", help="replace a model folder loka exported before at --out"
     )

@@ -24,7 +24,8 @@ def cmd_eval(args) -> int:
         prune=args.prune,
         score_sample=args.score_sample,
     )
-    out = args.out or f"out/eval/{handle.name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
+    name = handle.name.replace("/", "--")  # a hub id (org/name) names one folder, not two
+    out = args.out or f"out/eval/{name}-{args.method}{'-prune' if args.prune else ''}-{args.mode}"
     summary = run_eval(handle, cases, cfg, out, resume=args.resume, force=args.force)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -46,7 +47,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ..eval.run_report import compare, compare_html, compare_rows, format_compare
+    from ..eval.run_report import (
+        COMPARE_CORE,
+        COMPARE_METRICS,
+        compare,
+        compare_html,
+        compare_rows,
+        format_compare,
+    )
     from ..utils.io import atomic_write_bytes
 
     runs = compare(args.runs)
@@ -56,7 +64,7 @@ def cmd_compare(args) -> int:
         head, rows = compare_rows(runs)
         print(json.dumps([dict(zip(head, r)) for r in rows], indent=2))
     else:
-        print(format_compare(runs))
+        print(format_compare(runs, COMPARE_METRICS if args.all else COMPARE_CORE))
         if args.html:
             print(f"wrote {args.html}")
     return 0
@@ -76,7 +84,13 @@ def register(sub, methods, forgetters) -> None:
     )
     s.add_argument("--data", required=True, help="CounterFact / zsRE / MQuAKE / loka JSON(L) file")
     s.add_argument("--n", type=int, help="use the first N cases")
-    s.add_argument("--mode", default="single", choices=["single", "batch", "sequential"])
+    s.add_argument(
+        "--mode",
+        default="single",
+        choices=["single", "batch", "sequential"],
+        help="single: one case per edit, reverted before the next; batch: --batch-size cases per edit, "
+        "reverted; sequential: batches kept, scored at checkpoints (default single)",
+    )
     s.add_argument("--batch-size", type=int, default=1, help="cases per edit (batch and sequential modes)")
     s.add_argument("--out", help="output folder (default out/eval/MODEL-METHOD-MODE)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -117,6 +131,13 @@ def register(sub, methods, forgetters) -> None:
     s.add_argument(
         "runs", nargs="+", metavar="RUN_DIR", help="folders written by `loka eval --out` (or folders of them)"
     )
-    s.add_argument("--html", metavar="FILE", help="also write the table as a self-contained HTML page")
+    s.add_argument(
+        "--html", metavar="FILE", help="also write the table (every metric) as a self-contained HTML page"
+    )
+    s.add_argument(
+        "--all",
+        action="store_true",
+        help="every metric (default: S, ES, PS, NS and generation/portability/multi-hop)",
+    )
     add_json(s, "print the rows as JSON")
     s.set_defaults(fn=cmd_compare)

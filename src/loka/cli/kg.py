@@ -205,7 +205,12 @@ def register(sub, methods, forgetters) -> None:
             help="contextual probes per intervention (half near, half far)",
         )
         if name == "probes":
-            k.add_argument("--task", choices=["edit", "forget"], default="edit")
+            k.add_argument(
+                "--task",
+                choices=["edit", "forget"],
+                default="edit",
+                help="probes for editing or for unlearning (default edit)",
+            )
             k.add_argument("--out", required=True, help="output JSONL (interventions, then probes)")
             add_json(k, "print counts as JSON")
             k.set_defaults(fn=cmd_kg_probes)

@@ -179,7 +179,7 @@ def register(sub, methods, forgetters) -> None:
         default=[],
         help="artifact folder to apply first (repeatable, applied in order)",
     )
-    s.add_argument("--max-new-tokens", type=int, default=20)
+    s.add_argument("--max-new-tokens", type=int, default=20, help="tokens to generate (default 20)")
     s.add_argument("--force", action="store_true", help="apply artifacts even if made for other weights")
     add_json(s, "print JSON")
     s.add_argument("prompts", nargs="+", help="prompt(s)")
@@ -208,13 +208,15 @@ def register(sub, methods, forgetters) -> None:
 
     s = sub.add_parser("stats", help="compute (or load cached) second-moment statistics for layers")
     add_model(s)
-    s.add_argument("--layers", type=int, nargs="+", required=True)
+    s.add_argument(
+        "--layers", type=int, nargs="+", required=True, help="layer indices whose statistics to compute"
+    )
     s.add_argument(
         "--corpus",
         default="self",
         help="'self' (text sampled from the model), a .txt, a .jsonl or a datasets folder",
     )
-    s.add_argument("--n-tokens", type=int, default=20_000)
+    s.add_argument("--n-tokens", type=int, default=20_000, help="corpus tokens to read (default 20000)")
     add_json(s)
     s.set_defaults(fn=cmd_stats)
 

@@ -32,14 +32,17 @@ def fmt(x, nd: int = 3) -> str:
 
 
 def table(head: list[str], rows: list[list], left: int = 3, cls: str = "") -> str:
-    """An HTML table; the first ``left`` columns are text (left-aligned)."""
+    """An HTML table; the first ``left`` columns and every text cell are left-aligned."""
 
-    def cell(tag: str, i: int, v) -> str:
-        c = " class='l'" if i < left else ""
+    def cell(tag: str, i: int, v, text: bool = False) -> str:
+        c = " class='l'" if i < left or text else ""
         return f"<{tag}{c}>{v}</{tag}>"
 
     th = "".join(cell("th", i, esc(h)) for i, h in enumerate(head))
-    body = "".join("<tr>" + "".join(cell("td", i, fmt(c)) for i, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join(  # text cells (answers, generations) read left to right wherever they are
+        "<tr>" + "".join(cell("td", i, fmt(c), isinstance(c, str)) for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
     c = f" class='{cls}'" if cls else ""
     return f"<table{c}><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 

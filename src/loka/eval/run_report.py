@@ -16,8 +16,9 @@ from ..utils.io import atomic_write_bytes, read_json, read_text
 from .html import esc, img, page, table
 from .metrics import TABLE
 
-#: summary columns ``loka compare`` shows, in order, when at least one run has them
+#: summary columns ``loka compare`` shows, in order, when at least one run has them (``--all``: every metric)
 COMPARE_METRICS = ("S", *TABLE)
+COMPARE_CORE = ("S", "ES", "PS", "NS", "gen_success", "portability", "multihop")
 #: per-case rows shown on a report page per run (the rest are counted, and stay in results.jsonl)
 MAX_CASES = 500
 MAX_JSON = 256 * 1024 * 1024
@@ -86,9 +87,11 @@ def guard_note(run: dict) -> str | None:
     return None
 
 
-def compare_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
+def compare_rows(
+    runs: list[dict], metrics: tuple[str, ...] = COMPARE_METRICS
+) -> tuple[list[str], list[list]]:
     """One row per run (the model after its edits) plus one per distinct unedited baseline."""
-    cols = [c for c in COMPARE_METRICS if any(c in r["summary"].get("post", {}) for r in runs)]
+    cols = [c for c in metrics if any(c in r["summary"].get("post", {}) for r in runs)]
     head = ["run", "model", "method", "mode", "batch", "n", *cols, "ppl before", "ppl after", "edit s"]
     # one unedited row per model and set of cases (runs with and without generation metrics merged)
     bases: dict[tuple, dict] = {}
@@ -123,9 +126,9 @@ def compare_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
     return head, rows
 
 
-def format_compare(runs: list[dict]) -> str:
+def format_compare(runs: list[dict], metrics: tuple[str, ...] = COMPARE_CORE) -> str:
     """``loka compare``'s terminal table."""
-    head, rows = compare_rows(runs)
+    head, rows = compare_rows(runs, metrics)
     cells = [[_plain(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(head)]
     line = lambda xs: "  ".join(  # noqa: E731
