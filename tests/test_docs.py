@@ -25,6 +25,18 @@ def snippets() -> list[tuple[str, str, str]]:
     return out
 
 
+def test_every_code_block_is_tested_or_says_why_not():
+    """A bash or python block runs in :func:`test_snippet_runs`, or its comment gives the reason it cannot."""
+    block = re.compile(r"(<!--[^>]*-->)?\s*\n```(bash|python)\n")
+    untested = []
+    for page in PAGES:
+        for m in block.finditer(page.read_text(encoding="utf-8")):
+            mark = m.group(1) or ""
+            if mark != "<!-- test -->" and not re.match(r"<!-- no test: \S", mark):
+                untested.append(f"{page.relative_to(ROOT)}: {m.group(0).strip()[:60]!r}")
+    assert not untested, "blocks neither tested nor explained:\n" + "\n".join(untested)
+
+
 def test_the_readme_has_tested_snippets():
     langs = {lang for name, lang, _ in snippets() if name.startswith("README")}
     assert {"bash", "python"} <= langs
