@@ -6,7 +6,9 @@
 A doc holds a generated table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``.
 ``NAME`` is a generator registered below with ``@table``: the doc it belongs to, the result files it
 reads, and a function from the loaded files to a markdown table. Under each table goes one line naming
-those files with their provenance (commit, date, CPU, threads) or saying that a file records none.
+those files with their provenance (commit, date, CPU, threads) or saying that a file records none; for
+a file that collects rows from several runs, whose rows carry their own stamps, also the commits and
+dates of those rows and how many rows carry none.
 Numbers are never typed into the docs: re-run the benchmark, then ``make results``.
 
 Only the standard library is used, so the check runs in the test suite in well under a second.
@@ -124,24 +126,75 @@ def layers(text: str) -> str:
 # ---------------------------------------------------------------- provenance
 
 
+def row_stamps(data: object) -> tuple[list[dict], int]:
+    """The ``provenance`` blocks of rows stamped individually (entries of a mapping or list, below the
+    file's own block) and the number of their sibling rows that carry none."""
+    stamps: list[dict] = []
+    missing = 0
+
+    def walk(node: object) -> None:
+        nonlocal missing
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        children = [c for c in children if isinstance(c, dict | list)]
+        rows = [c for c in children if isinstance(c, dict)]
+        if any(isinstance(r.get("provenance"), dict) for r in rows):
+            for r in rows:
+                if isinstance(r.get("provenance"), dict):
+                    stamps.append(r["provenance"])
+                else:
+                    missing += 1
+        for c in children:
+            walk({k: v for k, v in c.items() if k != "provenance"} if isinstance(c, dict) else c)
+
+    if isinstance(data, dict):
+        walk({k: v for k, v in data.items() if k != "provenance"})
+    return stamps, missing
+
+
+def _commit(p: Mapping) -> str:
+    commit = (p.get("commit") or "commit unknown")[:7]
+    return commit + " with uncommitted changes" if p.get("uncommitted_changes") else commit
+
+
+def _rows_note(stamps: list[dict], missing: int) -> str:
+    """``5 rows stamped individually: commits abc1234, def5678, 2026-11-30 to 2026-12-02``, plus the
+    rows without a stamp."""
+    stamps = sorted(stamps, key=lambda p: p.get("date") or "")
+    commits = list(dict.fromkeys(_commit(p) for p in stamps))
+    dates = sorted({(p.get("date") or "date unknown")[:10] for p in stamps})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    note = (
+        f"{len(stamps)} row{'s' if len(stamps) != 1 else ''} stamped individually: "
+        f"commit{'s' if len(commits) != 1 else ''} {', '.join(commits)}, {when}"
+    )
+    if missing:
+        note += f"; {missing} row{'s' if missing != 1 else ''} without provenance"
+    return note
+
+
 def source_line(sources: Mapping[str, object], note: str = "") -> str:
     """One line naming the result files: commit, date, CPU and threads for a stamped file; for a file
-    without a ``provenance`` block, that it records none."""
+    without a ``provenance`` block, that it records none. A file whose rows carry their own stamps
+    (rows merged from several runs) is described by those too: its own block is only its last
+    writer's."""
     stamped, unstamped = [], []
     for name, data in sources.items():
         p = data.get("provenance") if isinstance(data, dict) else None
         path = f"`{RESULTS}/{name}`"
-        if not p:
+        rows, missing = row_stamps(data)
+        if not p and not rows:
             unstamped.append(path)
             continue
-        commit = (p.get("commit") or "commit unknown")[:7]
-        if p.get("uncommitted_changes"):
-            commit += " with uncommitted changes"
-        threads = p.get("threads")
-        stamped.append(
-            f"{path} (commit {commit}, {(p.get('date') or 'date unknown')[:10]}, "
-            f"{p.get('cpu') or 'CPU unknown'}, {threads if threads is not None else '?'} threads)"
-        )
+        desc = "file provenance not recorded"
+        if p:
+            threads = p.get("threads")
+            desc = (
+                f"commit {_commit(p)}, {(p.get('date') or 'date unknown')[:10]}, "
+                f"{p.get('cpu') or 'CPU unknown'}, {threads if threads is not None else '?'} threads"
+            )
+        if rows:
+            desc = f"{'last written at ' if p else ''}{desc}; {_rows_note(rows, missing)}"
+        stamped.append(f"{path} ({desc})")
     parts = list(stamped)
     if unstamped:
         parts.append(
