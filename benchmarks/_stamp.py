@@ -3,7 +3,8 @@
 ``stamp()`` returns the command line, the commit (and whether the tree had uncommitted changes), the
 package versions, the CPU model and count, the intra-op threads, the load average (what else was
 running) and the date. ``write_result(path, payload)`` adds it under ``"provenance"`` and writes the
-file atomically.
+file atomically. A script that collects rows from several runs into one file stamps each row it adds
+(``merge_rows``), so that the file's own stamp (its last writer's) never stands for an older row.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from loka.utils.io import atomic_write_json
@@ -78,3 +80,10 @@ def write_result(
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**payload, "provenance": provenance or stamp(threads)})
     return path
+
+
+def merge_rows(old: Mapping[str, dict] | None, new: Mapping[str, dict], provenance: dict) -> dict[str, dict]:
+    """``old`` rows (from the file an earlier run wrote) updated with ``new`` ones, each new row carrying
+    ``provenance`` (the stamp of the run that measured it) under ``"provenance"``. A kept row keeps its
+    own stamp, or none; a row measured again takes its old place in the order."""
+    return {**(old or {}), **{k: {**row, "provenance": provenance} for k, row in new.items()}}

@@ -5,7 +5,8 @@ after each optimisation of the batched value search. Prints a table and writes J
 
 Each row edits records 0-99 of ``data/generated/cf_all_300.json`` in one batch through the
 evaluation runner (``loka eval --mode batch --batch-size 100``), so the same ES/PS/NS come with the
-time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows, cumulative:
+time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows of earlier runs in
+``--out`` are kept; each row carries the provenance of the run that measured it. Rows, cumulative:
 
 * ``before`` — the search without these optimisations: a row group per context template, chunks
   of 16 requests, ``v_lr`` 0.5, padded key rows in the update phase;
@@ -23,8 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.eval.data import load_cases
@@ -49,6 +55,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/batch_edit_speed_smollm2-135m.json")
     args = ap.parse_args()
     handle = loka.load_model(args.model)
+    started = stamp()
     cases = load_cases(args.data, args.n)
     out = Path(args.out)
     results = json.loads(out.read_text())["rows"] if out.exists() else {}
@@ -63,16 +70,18 @@ def main() -> None:
             folder,
         )
         edit = json.loads((folder / "edits.jsonl").read_text().splitlines()[0])
-        results[name] = {
+        row = {
             "method": method,
             "hparams": hp,
             "seconds": edit["seconds"],
             "timings": edit["timings"],
             **{k: round(s["post"][k], 3) for k in ("ES", "PS", "NS", "reliability")},
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps({"model": args.model, "records": args.n, "target_s": 180, "rows": results}, indent=2)
+        results = merge_rows(results, {name: row}, started)
+        write_result(
+            out,
+            {"model": args.model, "records": args.n, "target_s": 180, "rows": results},
+            provenance=started,
         )
         print(f"{name}: {edit['seconds']:.1f} s {edit['timings']}", flush=True)
     shutil.rmtree(work, ignore_errors=True)

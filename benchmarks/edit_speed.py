@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _facts import counterfactual_requests
+from _stamp import stamp, write_result
 
 import loka
 from loka.cli.common import parse_overrides
@@ -78,6 +79,7 @@ def main() -> None:
     t = time.time()
     handle = loka.load_model(args.model)
     res["load_s"] = round(time.time() - t, 2)
+    started = stamp()
     over = parse_overrides(args.set)
     res["overrides"] = over
     rome_hp = loka.default_hparams("rome", handle, over)
@@ -160,8 +162,7 @@ def main() -> None:
             + f"  {r.get('target', '')}"
         )
     res["rows"] = rows
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2))
+    write_result(args.out, res, provenance=started)
     print(f"\nwrote {args.out}")
 
 

@@ -4,14 +4,20 @@
 
 Builds the records with ``loka data counterfact`` logic if missing, runs ``loka eval`` for each row
 (resumable: rerun the same command after an interruption), prints a markdown table and writes
-``benchmarks/results/eval_counterfact_<model>.json``.
+``benchmarks/results/eval_counterfact_<model>.json`` (rows of an earlier run on the same records are
+kept; each row carries the provenance of the run that measured it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.bench.counterfact import build_counterfact, load_known
@@ -22,6 +28,15 @@ from loka.utils.io import atomic_write_json
 
 #: the summary score S, then the runner's table without the columns these records cannot fill
 COLS = ["S", *(c for c in TABLE if c not in ("portability", "multihop"))]
+
+
+def result(path: Path, head: dict, rows: dict, provenance: dict) -> dict:
+    """The payload to write to ``path``: ``head`` (model, n, data) with this run's ``rows``, stamped
+    with ``provenance``, added to the rows already in ``path`` when those were scored on the same
+    records (same ``n`` and ``data``)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    same = old.get("n") == head["n"] and old.get("data") == head["data"]
+    return {**head, "rows": merge_rows(old.get("rows") if same else {}, rows, provenance)}
 
 
 def main() -> None:
@@ -40,6 +55,7 @@ def main() -> None:
         atomic_write_json(data, build_counterfact(load_known(), 300, seed=0))
     cases = load_cases(data, args.n)
     handle = loka.load_model(args.model)
+    started = stamp()
     table = {}
     for row in args.rows:
         mode, bs = ("batch", args.memit_batch) if row in args.batch_rows else ("single", 1)
@@ -62,10 +78,8 @@ def main() -> None:
     for label, r in table.items():
         print(f"| {label} | " + " | ".join(f"{r[c]:.3f}" if c in r else "–" for c in COLS) + " |")
     res = Path("benchmarks/results") / f"eval_counterfact_{args.model}.json"
-    old = json.loads(res.read_text()) if res.exists() else {}
-    if old.get("n") == args.n and old.get("data") == str(data):  # same records: add to the earlier rows
-        table = {**old.get("rows", {}), **table}
-    atomic_write_json(res, {"model": args.model, "n": args.n, "data": str(data), "rows": table})
+    head = {"model": args.model, "n": args.n, "data": str(data)}
+    write_result(res, result(res, head, table, started), provenance=started)
 
 
 if __name__ == "__main__":

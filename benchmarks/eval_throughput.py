@@ -15,11 +15,14 @@ mean |Δ log p| against the first row. Target: >= 4 records/s on SmolLM2 (2 core
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import stamp, write_result
 
 import loka
 from loka.eval.data import load_cases
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/eval_throughput.json")
     args = ap.parse_args()
     handle = loka.load_model(args.model)
+    started = stamp()
     cases = load_cases(args.data, args.n)
     tok = handle.tokenizer
     rows_per = sum(2 * len(c.rewrite + c.paraphrase + c.neighborhood) for c in cases) / len(cases)
@@ -99,9 +103,8 @@ def main() -> None:
             f"{r['tokens_fed_per_record']:7.1f} {r['prompt_tokens_per_s']:6d} {r.get('max_abs_dlogp', 0):10.5f} "
             f"{r.get('mean_abs_dlogp', 0):11.5f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps({"model": args.model, "target": ">= 4 records/s", "rows": results}, indent=2)
+    write_result(
+        args.out, {"model": args.model, "target": ">= 4 records/s", "rows": results}, provenance=started
     )
 
 

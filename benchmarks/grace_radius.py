@@ -9,15 +9,18 @@ but not neighbours exists only if paraphrases sit closer; prints quantiles and w
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import stamp, write_result
 
 import loka
 from loka.forgetting import losses as L
 from loka.methods.grace import _io_at_answer_positions
 from loka.requests import read_requests
-from loka.utils.io import atomic_write_json
 
 Q = [0.1, 0.5, 0.9]
 
@@ -30,6 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     h = loka.load_model(args.model)
+    started = stamp()
     layer = loka.default_hparams("grace", h).layer
     reqs = read_requests(args.data)[: args.n]
 
@@ -59,7 +63,7 @@ def main() -> None:
     for k, v in res["rows"].items():
         print(f"{k:20s} " + " ".join(f"{x:6.3f}" for x in v))
     out = Path(args.out or f"benchmarks/results/grace_radius_{args.model}.json")
-    atomic_write_json(out, res)
+    write_result(out, res, provenance=started)
     print(f"wrote {out}")
 
 

@@ -18,22 +18,27 @@ Metrics (:func:`loka.forgetting.metrics.joint_metrics`): ``unl-tr`` (forget trut
 higher = closer to not knowing), ``unl-rl`` (ROUGE-L recall of the forgotten answer; lower is better),
 ``edt-rl`` / ``edt-prl`` (new answer on edit prompts / paraphrases), ``rem-tr`` / ``rem-rl`` (held-out
 remaining facts; unedited values are the bar). LOKA rows add router firing rates. Writes
-``benchmarks/results/joint_update_<model>.json`` after every row (rows of earlier runs are kept).
+``benchmarks/results/joint_update_<model>.json`` after every row (rows of earlier runs are kept; each
+row carries the provenance of the run that measured it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.bench.tasks import build_tasks
 from loka.cli.common import parse_overrides
 from loka.forgetting.metrics import joint_metrics
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
-from loka.utils.io import atomic_write_json
 
 JOINT = {"ft": "ft", "ga": "ga", "gd": "gd", "npo": "npo", "lora": "lora", "loka": "loka"}
 TWO_STEP = {"memit+npo": "memit", "alphaedit+npo": "alphaedit", "grace+npo": "grace", "wise+npo": "wise"}
@@ -148,6 +153,7 @@ def main() -> None:
     over = parse_overrides(args.set)
     records = json.loads(Path(args.data).read_text())
     handle = loka.load_model(args.model)
+    started = stamp()
     out = Path(args.out or f"benchmarks/results/joint_update_{args.model}.json")
     res = json.loads(out.read_text()) if out.exists() else {"model": args.model, "settings": {}}
     for setting in args.settings:
@@ -169,13 +175,14 @@ def main() -> None:
                 row, info = {**joint_metrics(handle, task), "seconds": 0.0}, {}
             else:
                 row, info = run_row(handle, name, task, over if name == "loka" else {})
-            block["rows"][label] = {
+            row = {
                 **row,
                 **({"info": info} if info else {}),
                 **({"overrides": over} if name == "loka" and over else {}),
             }
-            atomic_write_json(out, res)
-            print(setting, label, json.dumps(block["rows"][label]), f"({time.time() - t:.0f}s)", flush=True)
+            block["rows"] = merge_rows(block["rows"], {label: row}, started)
+            write_result(out, res, provenance=started)
+            print(setting, label, json.dumps(row), f"({time.time() - t:.0f}s)", flush=True)
     for setting, block in res["settings"].items():
         s = block["size"]
         print(

@@ -11,13 +11,18 @@ the 0.25 of a random choice. Writes ``benchmarks/results/kg_scoring_<model>.json
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import stamp, write_result
 
 from loka.bench.kg import resolve_graph
 from loka.bench.probes import generate_probes
 from loka.eval.kg_runner import choose
 from loka.models import load_model
-from loka.utils.io import atomic_write_json
 
 
 def main() -> None:
@@ -28,6 +33,7 @@ def main() -> None:
     args = ap.parse_args()
     g = resolve_graph("curated")
     h = load_model(args.model)
+    started = stamp()
     res: dict = {"model": args.model, "scale": args.scale, "levels": {}}
     print(f"{'level':13s} {'probe':11s} {'n':>5s} {'cloze acc':>9s} {'MC letter acc':>13s}")
     for level in ("root", "intermediate", "leaf"):
@@ -51,7 +57,7 @@ def main() -> None:
         }
         for t, r in res["levels"][level].items():
             print(f"{level:13s} {t:11s} {r['n']:5d} {r['cloze']:9.3f} {r['mc']:13.3f}", flush=True)
-    atomic_write_json(f"benchmarks/results/kg_scoring_{args.model}.json", res)
+    write_result(f"benchmarks/results/kg_scoring_{args.model}.json", res, provenance=started)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Each setting is one ``loka kg run`` (the same code path) into ``out/kg_study/MET
 setting whose ``summary.json`` exists is not run again, so an interrupted study resumes. Settings run
 smallest scale first. At the end: a table per question the issue asks (over/under-spreading,
 consistency–capacity, domains, SVD geometry), ``benchmarks/results/knowledgesmith_<model>.json``,
-the self-contained ``knowledgesmith_<model>.html`` report and its PNG plots.
+the self-contained ``knowledgesmith_<model>.html`` report and its PNG plots. Each run folder gets a
+``provenance.json`` (the stamp of the invocation that ran it), which its row in the JSON carries: the
+rows of a resumed study come from several invocations.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import argparse
 import base64
 import json
 import re
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import stamp, write_result
 
 from loka.bench.kg import resolve_graph
 from loka.eval.kg_report import (
@@ -86,6 +93,7 @@ def main() -> None:
     args = ap.parse_args()
     g = resolve_graph(args.graph)
     handle = load_model(args.model)
+    started = stamp()
     root = Path(args.runs)
     for k in sorted(args.scales):
         for method in (args.edit_method, *args.forget_methods):
@@ -107,6 +115,7 @@ def main() -> None:
                     hparams=hp or None,
                     progress=False,
                 )
+                atomic_write_json(out / "provenance.json", started)
                 print(format_summary(s), flush=True)
                 print(f"[{method} {level} k={k}: {time.time() - t:.0f}s]\n", flush=True)
     runs = [
@@ -129,15 +138,25 @@ def main() -> None:
             print(" | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in r))
     res = Path(args.results)
     tag = args.model
-    atomic_write_json(
+    write_result(
         res / f"knowledgesmith_{tag}.json",
-        {"model": args.model, "graph": args.graph, "runs": [{k: r.get(k) for k in KEEP} for r in runs]},
+        {"model": args.model, "graph": args.graph, "runs": [_row(r) for r in runs]},
+        provenance=started,
     )
     page = render(runs, f"KnowledgeSmith study on {args.model}")
     atomic_write_bytes(res / f"knowledgesmith_{tag}.html", page.encode())
     for name, b64 in re.findall(r"alt='(\w+)' src='data:image/png;base64,([^']+)'", page):
         atomic_write_bytes(res / "plots" / f"knowledgesmith_{name}.png", base64.b64decode(b64))
     print(f"\nwrote {res}/knowledgesmith_{tag}.json, .html and plots/knowledgesmith_*.png")
+
+
+def _row(run: dict) -> dict:
+    """The kept fields of a run, with the stamp in its folder's ``provenance.json`` when there is one."""
+    row = {k: run.get(k) for k in KEEP}
+    p = Path(run["_dir"]) / "provenance.json"
+    if p.is_file():
+        row["provenance"] = json.loads(p.read_text())
+    return row
 
 
 if __name__ == "__main__":

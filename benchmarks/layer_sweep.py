@@ -10,7 +10,6 @@ harmonic mean, and seconds per edit. Prints a table and writes JSON. Evidence fo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _facts import counterfactual_requests
+from _stamp import stamp, write_result
 
 import loka
 
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/layer_sweep.json")
     args = ap.parse_args()
     handle = loka.load_model(args.model)
+    started = stamp()
     reqs = counterfactual_requests(args.n, seed=1)
     rows = [{"setting": "unedited", **score(handle, reqs), "sec_per_edit": 0.0}]
     for layer in args.layers:
@@ -92,8 +93,7 @@ def main() -> None:
         print(
             f"{r['setting']:32s} {r['ES']:6.2f} {r['GS']:6.2f} {r['NS']:6.2f} {r['score']:6.2f} {r['sec_per_edit']:7.2f}"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": args.model, "n": args.n, "rows": rows}, indent=2))
+    write_result(args.out, {"model": args.model, "n": args.n, "rows": rows}, provenance=started)
 
 
 if __name__ == "__main__":

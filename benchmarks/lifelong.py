@@ -9,7 +9,9 @@ edited so far and the general-ability guard (perplexity, multiple choice). Rows:
 options) and one row per option (ablation), LyapLock, SCR. Asserts that no edited weight and no
 score is NaN/Inf. Prints one table (metrics at the last checkpoint and after the first batch), writes
 ``benchmarks/results/lifelong_<model>_n<N>.json`` and ``benchmarks/results/plots/lifelong_<model>_n<N>.png``
-(ES/PS/NS/perplexity against edits), both after every row.
+(ES/PS/NS/perplexity against edits), both after every row. Rows of earlier runs of the same setting
+are kept; each row of ``rows`` carries the provenance of the run that measured it (its ``series``
+entry is from the same run).
 
 The records are ``data/generated/cf_lifelong_1000.json`` (``loka data counterfact --from known+mquake
 --min-subjects 1``: the 1,209 known facts alone give at most 920 records; with MQuAKE's true single-hop
@@ -22,9 +24,13 @@ import argparse
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
@@ -95,7 +101,9 @@ def main() -> None:
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
     setting = (len(cases), args.batch, ckpts)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
+    mine, my_series = {}, {}  # the rows this run measures
     handle = loka.load_model(args.model)
+    started = stamp()
     for row in args.rows:
         method, hp, prune = ROWS[row]
         out = Path(args.out) / f"{handle.name}-{row}-b{args.batch}-n{len(cases)}"
@@ -114,9 +122,9 @@ def main() -> None:
         run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
         _finite(out)
         seq = [json.loads(x) for x in (out / "sequential.jsonl").read_text().splitlines()]
-        series[row] = seq
+        my_series[row] = seq
         first, last = seq[0], seq[-1]
-        table[row] = {
+        mine[row] = {
             "edits": last["n_edits"],
             "scored": last.get("n"),
             **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
@@ -126,12 +134,12 @@ def main() -> None:
             "mc_real_authors": last["guard"]["mc_real_authors"],
             "mc_world_facts": last["guard"]["mc_world_facts"],
         }
-        print(row, json.dumps(table[row]), flush=True)
+        print(row, json.dumps(mine[row]), flush=True)
         # written after every row, so an interrupted run keeps the rows it finished; rows of another
         # invocation written meanwhile are kept
         old_table, old_series = _rows_of(res, setting)
-        table, series = {**old_table, **table}, {**old_series, **series}
-        atomic_write_json(
+        table, series = merge_rows(old_table, mine, started), {**old_series, **my_series}
+        write_result(
             res,
             {
                 "model": args.model,
@@ -141,6 +149,7 @@ def main() -> None:
                 "rows": table,
                 "series": series,
             },
+            provenance=started,
         )
         _plot(
             series,

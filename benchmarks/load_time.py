@@ -6,7 +6,8 @@ Per model and tokenizer backend it reports ``load_model`` wall time after ``impo
 transformers importing its modelling stack (once per process, paid by every model alike) and the rest
 (config, weights, tokenizer), plus the tokenizer alone. ``--backends`` compares loka's default tokenizer
 path (SentencePiece for Gemma 3) with ``LOKA_TOKENIZER=tokenizers``. Prints a table and writes
-``benchmarks/results/load_time.json``.
+``benchmarks/results/load_time.json``; its provenance gives the intra-op threads the child processes
+resolve (``LOKA_THREADS``, else the idle CPUs when the run starts).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from loka.utils.io import atomic_write_json
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import stamp, write_result
+
+from loka.env import requested_threads
 
 CHILD = r"""
 import json, sys, time
@@ -47,6 +52,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["auto", "tokenizers"], choices=["auto", "tokenizers"])
     ap.add_argument("--out", default="benchmarks/results/load_time.json")
     args = ap.parse_args()
+    started = stamp(threads=requested_threads())
     rows = []
     for model in args.models:
         for backend in args.backends:
@@ -94,7 +100,7 @@ def main() -> None:
             f"{r['max_load_model_s']:.2f}) | {m['import_modelling_s']:.2f} s | {m['rest_s']:.2f} s | "
             f"{m['tokenizer_s']:.2f} s |"
         )
-    atomic_write_json(Path(args.out), {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows})
+    write_result(args.out, {"threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows}, provenance=started)
     print(f"wrote {args.out}")
 
 

@@ -8,7 +8,9 @@ prefill: MiniLM router, embedding, nearest memory, plug), the two timed in alter
 (``loka update --method loka ... --save``), or one trained here for ``--train-n`` edits + as many
 forgets (+ half as many retained facts) from ``cf_lifelong.json`` — the issue's 100 + 100 training-time
 target, timed and reported.
-Prints a table and writes ``benchmarks/results/loka_latency_<model>.json``.
+Prints a table and writes ``benchmarks/results/loka_latency_<model>.json``. Timing a saved codebook
+keeps the training time of the file's earlier run; that block carries the provenance of the run that
+measured it.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import stamp, write_result
 
 import loka
 from loka.cli.common import parse_overrides
-from loka.utils.io import atomic_write_json
 
 
 def _paired(fn, art, h, repeats: int) -> tuple[float, float]:
@@ -69,6 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     h = loka.load_model(args.model)
+    started = stamp()
     records = json.loads(Path(args.data).read_text())
     train = {}
     if args.artifact:
@@ -97,6 +103,7 @@ def main() -> None:
             "forgets": len(forget),
             "retain": len(retain),
             "seconds": round(time.time() - t, 1),
+            "provenance": started,
         }
         print(
             f"trained a codebook for {len(edits)} edits + {len(forget)} forgets ({len(retain)} retain) in "
@@ -149,7 +156,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/loka_latency_{args.model}.json")
     if not train and out.exists():  # timing a saved codebook: keep the training time measured with it
         res["train"] = json.loads(out.read_text()).get("train", {})
-    atomic_write_json(out, res)
+    write_result(out, res, provenance=started)
     print(
         f"| batch | forward ms | + LOKA ms | overhead | generate {args.new_tokens} ms | + LOKA ms | overhead |"
     )

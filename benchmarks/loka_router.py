@@ -17,16 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import stamp, write_result
 from joint_update import requests_of
 
 from loka.bench.tasks import build_tasks
 from loka.cli.common import parse_overrides
 from loka.methods.codebook import Loka, LokaHParams, encoder_embeddings, train_router
 from loka.methods.codebook.method import _Item
-from loka.utils.io import atomic_write_json
 
 THRESHOLDS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
 GATES = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85]
@@ -50,6 +53,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    started = stamp()
     records = json.loads(Path(args.data).read_text())
     hp = LokaHParams().replace(**parse_overrides(args.set))
     res = {
@@ -142,7 +146,7 @@ def main() -> None:
                 f"| {g['with_router_fnr_paraphrase']:.3f} | {g['with_router_fpr_remaining']:.3f} |"
             )
     out = Path(args.out or f"benchmarks/results/loka_router_{args.model}.json")
-    atomic_write_json(out, res)
+    write_result(out, res, provenance=started)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -13,7 +13,7 @@ and model utility against a retain-only model.
    truth ratio), revert.
 
 Prints a markdown table and writes ``benchmarks/results/mini_tofu_<model>_<split>.json`` (rows of
-earlier runs with the same setup are kept).
+earlier runs with the same setup are kept; each row carries the provenance of the run that wrote it).
 
 **With an edit set** (``--edit-n N --methods loka npo memit ...``; LOKA's joint task on mini-TOFU):
 N retain questions (from the end of the retain set used) get a counterfactual answer by entity swap
@@ -30,8 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.bench.tofu import as_requests, build_mini_tofu, edit_requests, tofu_edits
@@ -41,7 +46,7 @@ from loka.forgetting.metrics import rouge_l_recall, tofu_eval
 from loka.requests import QA_PROMPT, ForgetRequest, RetainRequest
 from loka.resources import data_dir
 from loka.scoring import generate
-from loka.utils.io import atomic_write_json, cached_json, hash_json
+from loka.utils.io import cached_json, hash_json
 
 DATA = data_dir() / "tofu"
 
@@ -107,6 +112,7 @@ def main() -> None:
     overrides = parse_overrides(args.set)
 
     ref, ref_info = _tuned(args.model, tuned_on, work / "retain_only", args.epochs, args.lr)
+    started = stamp()  # after the first model load, which sets the threads
     ref_eval = _cached(
         ref,
         work / "retain_only",
@@ -152,14 +158,15 @@ def main() -> None:
         return old.get("rows", {}) if old.get("setup") == setup else {}
 
     def save() -> None:  # after every row, so an interrupted run keeps what it measured
-        atomic_write_json(
+        write_result(
             res,
             {
                 "model": args.model,
                 "setup": setup,
                 "finetune": {"full": full_info, "retain_only": ref_info},
-                "rows": {**earlier(), **rows},
+                "rows": merge_rows(earlier(), rows, started),
             },
+            provenance=started,
         )
 
     save()

@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
 import torch
+from _stamp import stamp, write_result
 from tqdm import tqdm
 
 import loka
@@ -26,7 +30,6 @@ from loka.analysis import plot_spectrum, spectrum
 from loka.eval.data import load_cases
 from loka.eval.guard import heldout_texts, perplexity
 from loka.scoring import target_logprobs
-from loka.utils.io import atomic_write_json
 
 
 def _holds(handle, cases) -> float:
@@ -76,6 +79,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=math.e, help="PRUNE's log base")
     args = ap.parse_args()
     handle = loka.load_model(args.model)
+    started = stamp()
     cases = load_cases(args.data, args.n)
     texts = heldout_texts(50)
     base_ppl = perplexity(handle, texts)
@@ -90,7 +94,7 @@ def main() -> None:
         "runs": runs,
     }
     out = Path("benchmarks/results") / f"rome_spectrum_{args.model}.json"
-    atomic_write_json(out, res)
+    write_result(out, res, provenance=started)
     plot_spectrum(
         {r["label"]: r["spectrum"] for r in runs},
         out.parent / "plots" / f"rome_spectrum_{args.model}.png",

@@ -15,22 +15,27 @@ Per method (each on the unedited model, reverted afterwards):
 * the general-ability guard (held-out perplexity, TOFU real-authors / world-facts multiple choice);
 * training steps, whether the forget target was met (early stop) and seconds.
 
-Prints one table and writes ``benchmarks/results/unlearn_known_<model>.json``.
+Prints one table and writes ``benchmarks/results/unlearn_known_<model>.json`` (rows of an earlier run
+of the same task are kept; each row carries the provenance of the run that measured it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _stamp import merge_rows, stamp, write_result
 
 import loka
 from loka.cli.common import parse_overrides
 from loka.eval.guard import general_guard
 from loka.forgetting.metrics import answer_stats
 from loka.requests import ForgetRequest, RetainRequest, request_from_record
-from loka.utils.io import atomic_write_json
 
 #: every registered method made for forgetting, in registration order
 METHODS = [name for name, m in loka.METHODS.items() if m.primary == "forget"]
@@ -91,6 +96,7 @@ def main() -> None:
     neigh = [(p, r.target_true) for r in forget for p in r.neighborhood[:2]]
     over = parse_overrides(args.set)
     handle = loka.load_model(args.model)
+    started = stamp()
     res = {
         "model": args.model,
         "n_forget": len(forget),
@@ -114,11 +120,11 @@ def main() -> None:
         res["rows"][m] = row
         print(m, json.dumps(row), flush=True)
     out = Path(args.out or f"benchmarks/results/unlearn_known_{args.model}.json")
-    if out.exists():  # the same task and overrides: keep the rows of earlier runs (e.g. --methods relearn)
-        old = json.loads(out.read_text())
-        if all(old.get(k) == res[k] for k in ("model", "n_forget", "n_retain", "n_heldout", "overrides")):
-            res["rows"] = {**old["rows"], **res["rows"]}
-    atomic_write_json(out, res)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    # the same task and overrides: keep the rows of earlier runs (e.g. --methods relearn)
+    same = all(old.get(k) == res[k] for k in ("model", "n_forget", "n_retain", "n_heldout", "overrides"))
+    res["rows"] = merge_rows(old.get("rows") if same else {}, res["rows"], started)
+    write_result(out, res, provenance=started)
     print(
         f"\n| {args.model}: forget {len(forget)} known facts, retain {len(retain)}, held out {len(held)} | "
         "forget EM | forget P̄ | paraphrase EM | held-out EM | neighbour EM | ppl | MC authors | MC world | steps | s |"
