@@ -619,3 +619,47 @@ def test_edit_lists_only_editing_methods_and_takes_state(capsys, tmp_path):
     )
     assert code == 0, err
     assert json.loads(out)["session"]["batches"] == 1
+
+
+def test_memory_and_context_artifacts_apply_in_a_fresh_process(tmp_path):
+    """A saved GRACE (memory) or SCR (context) artifact installs in a new process, from the CLI and from
+    ``loka.load_artifact`` (their methods register how they install only once imported)."""
+    import subprocess
+    import sys
+
+    import loka
+
+    h = loka.load_model("tiny-llama")
+    req = loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
+    for method, hp in (("grace", {"n_iter": 3}), ("scr", {})):
+        art = loka.edit(h, req, method, hp, apply=False, progress=False)
+        path = tmp_path / f"{method}.loka"
+        art.save(path)
+        code = (
+            "import loka; h = loka.load_model('tiny-llama'); "
+            f"a = loka.load_artifact({str(path)!r}).apply(h); print(a.kind)"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and r.stdout.strip() == art.kind, r.stderr
+        if method != "grace":
+            continue
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loka.cli",
+                "-q",
+                "generate",
+                "--model",
+                "tiny-llama",
+                "--artifact",
+                str(path),
+                "--max-new-tokens",
+                "2",
+                "The Eiffel Tower is located in the city of",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr

@@ -86,6 +86,8 @@ if TYPE_CHECKING:
 def __getattr__(name: str):
     if name in _WHERE:
         module, attr = _WHERE[name]
+        if module == ".artifact":  # the methods say how their memory and context artifacts install
+            importlib.import_module(".methods", __name__)
         value = getattr(importlib.import_module(module, __name__), attr)
         globals()[name] = value
         return value

@@ -114,13 +114,22 @@ def hparam_overrides(args) -> dict:
     return out
 
 
-def load_with_artifacts(model: str, artifacts: list[str], force: bool = False, device: str | None = None):
+def load_artifacts(paths: list[str]) -> list:
+    """The artifacts at ``paths``, verified, with every method registered (a memory or context artifact
+    installs through its method's hooks, which a fresh process knows only once the methods are imported)."""
+    from .. import methods  # noqa: F401
     from ..artifact import load_artifact
+
+    return [load_artifact(p) for p in paths]
+
+
+def load_with_artifacts(model: str, artifacts: list[str], force: bool = False, device: str | None = None):
     from ..models import load_model
 
+    arts = load_artifacts(artifacts or [])
     handle = load_model(model, device=device)
-    for a in artifacts or []:
-        load_artifact(a).apply(handle, force=force)
+    for a in arts:
+        a.apply(handle, force=force)
     return handle
 
 

@@ -41,12 +41,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_apply(args) -> int:
-    from ..artifact import load_artifact
     from ..models import load_model
     from ..models.loader import check_export_output
+    from .common import load_artifacts
 
     check_export_output(args.out, force=args.force)
-    arts = [load_artifact(a) for a in args.artifact]
+    arts = load_artifacts(args.artifact)
     handle = load_model(args.model, device=args.device)
     for a in arts:
         a.apply(handle, force=args.force)
