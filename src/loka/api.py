@@ -174,7 +174,7 @@ def edit(
     if state is not None:
         work.meta["batches"] = work.batches + 1
         state.tensors, state.meta = work.tensors, work.meta
-    log.info("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
+    log.debug("%s: %d request(s) in %.1fs -> artifact %s", method, len(requests), seconds, art.id)
     if apply:
         art.apply(handle)
     return art

@@ -36,9 +36,12 @@ class Encoder:
     def __init__(self, folder: str | Path | None = None):
         from transformers import AutoModel, AutoTokenizer
 
+        from .hf_compat import quiet_progress
+
         folder = Path(folder) if folder else encoder_folder()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+        with quiet_progress():  # a sub-second load needs no bar
+            self.model = AutoModel.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
         self.dim = self.model.config.hidden_size
         self._packed = PackedLinears()  # oneDNN-prepacked weights (loka.fastlinear)
 

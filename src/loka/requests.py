@@ -250,7 +250,13 @@ def request_from_record(
             if k not in data
         ]
     if missing:
-        raise RequestError(f"{where}: missing field(s) {missing}")
+        hint = ""
+        if kind is EditRequest and missing == ["target_new"] and "target_true" in data:
+            hint = (
+                " (a record with only target_true is a fact to forget: read it with "
+                "read_requests(path, loka.ForgetRequest), or pass it to loka unlearn --forget)"
+            )
+        raise RequestError(f"{where}: missing field(s) {missing}{hint}")
     return kind(**data)
 
 

@@ -100,11 +100,17 @@ def set_summary(before: list[dict], after: list[dict]) -> dict:
 
 def sets_table(sets: dict[str, dict]) -> str:
     """The per-set table (:func:`set_summary` of each set)."""
-    lines = [f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'EM before':>9s} {'EM after':>9s}"]
+    lines = [
+        f"{'set':8s} {'n':>4s}  {'P̄ before':>9s} {'P̄ after':>9s}  {'exact before':>12s} {'exact after':>11s}"
+    ]
     for name, r in sets.items():
         lines.append(
-            f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:9.3f} {r['em_after']:9.3f}"
+            f"{name:8s} {r['n']:4d}  {r['p_norm_before']:9.3f} {r['p_norm_after']:9.3f}  {r['em_before']:12.3f} {r['em_after']:11.3f}"
         )
+    lines.append(
+        "P̄: the set's answer's probability (per-token geometric mean); exact: the greedy answer is it "
+        "(edit: the new answer, forget: the forgotten one, retain: the kept one)"
+    )
     return "\n".join(lines)
 
 
@@ -143,7 +149,7 @@ class EditResult:
 
     def table(self) -> str:
         """The table the CLI prints: per edit, each prompt's top answer and P(new) before and after;
-        per set (after the steps of a two-step update), mean P̄ and EM before and after."""
+        per set (after the steps of a two-step update), mean P̄ and exact match before and after."""
         if self.by_set:
             return "\n".join([*self.steps, sets_table(self.summary())])
         tables = []

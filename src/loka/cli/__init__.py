@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except LokaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``loka inspect A | head``): nothing left to say
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (
         OSError
     ) as e:  # the machine said no: missing, unreadable or unwritable path, full or read-only disk

@@ -249,7 +249,7 @@ def update_options(s) -> None:
         action="store_true",
         help="replace an existing loka artifact at --save (a folder loka did not write is never replaced)",
     )
-    add_json(s, "print one JSON object: per-set P̄/EM before and after, artifact, seconds")
+    add_json(s, "print one JSON object: per-set P̄ and exact match before and after, artifact, seconds")
 
 
 class MethodNames:

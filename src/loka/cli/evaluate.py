@@ -91,7 +91,11 @@ def register(sub, methods, forgetters) -> None:
         help="single: one case per edit, reverted before the next; batch: --batch-size cases per edit, "
         "reverted; sequential: batches kept, scored at checkpoints (default single)",
     )
-    s.add_argument("--batch-size", type=int, default=1, help="cases per edit (batch and sequential modes)")
+    s.add_argument(
+        "--batch-size",
+        type=int,
+        help="cases per edit (default: all of them in batch mode, 1 in sequential mode)",
+    )
     s.add_argument("--out", help="output folder (default out/eval/MODEL-METHOD-MODE)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     s.add_argument(

@@ -283,7 +283,8 @@ def register(sub, methods, forgetters) -> None:
     s.set_defaults(fn=cmd_edit)
 
     s = sub.add_parser(
-        "unlearn", help="make the model forget facts (keeping a retain set) and show P̄/EM before and after"
+        "unlearn",
+        help="make the model forget facts (keeping a retain set) and show P̄ and exact match before and after",
     )
     s.add_argument(
         "--method",

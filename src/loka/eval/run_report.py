@@ -198,16 +198,12 @@ def _case_rows(run: dict) -> tuple[list[str], list[list]]:
 def eval_sections(runs: list[dict]) -> list[str]:
     """The evaluation-run part of a report page (HTML fragments)."""
     parts = ["<h2>Evaluation runs</h2>", table(*compare_rows(runs), left=4)]
-    parts.append(
-        "<p class='note'>ES / PS / NS: edit, paraphrase and neighbourhood success (CounterFact); S: their "
-        "harmonic mean; EM / PM / NM: the probability margins; (unedited): the same cases before any edit. "
-        "ppl: held-out perplexity (the guard).</p>"
-    )
+    parts.append(f"<p class='note'>{esc(LEGEND)}</p>")
     for r in runs:
         c, s = r["config"], r["summary"]
         parts.append(f"<h3 id='{esc(r['name'])}'>{esc(r['name'])}</h3>")
         settings = ", ".join(
-            f"{k} {esc(json.dumps(c[k]) if isinstance(c[k], dict) else c[k])}"
+            f"{k} {esc(json.dumps(c[k]) if isinstance(c[k], dict) else ('yes' if c[k] else 'no') if isinstance(c[k], bool) else c[k])}"
             for k in (
                 "model",
                 "method",
@@ -245,6 +241,8 @@ def eval_sections(runs: list[dict]) -> list[str]:
             )
             if guard_note(r):
                 parts.append(f"<p class='note'>guard {esc(guard_note(r))}.</p>")
+        else:
+            parts.append("<p class='note'>no guard: the run was made with --no-guard.</p>")
         if r["sequential"]:
             cols = [
                 k
@@ -337,8 +335,15 @@ def compare(dirs: list[str | Path]) -> list[dict]:
     return evals
 
 
+LEGEND = (
+    "ES / PS / NS: edit, paraphrase and neighbourhood success (CounterFact); S: their harmonic mean; EM / PM "
+    "/ NM: the probability margins; (unedited): the same cases before any edit. ppl: held-out perplexity (the "
+    "guard; – where the run had none)."
+)
+
+
 def compare_html(runs: list[dict], title: str = "loka compare") -> str:
-    body = [table(*compare_rows(runs), left=4)]
+    body = [table(*compare_rows(runs), left=4), f"<p class='note'>{esc(LEGEND)}</p>"]
     notes = [f"{r['name']}: guard {guard_note(r)}" for r in runs if guard_note(r)]
     body += [f"<p class='note'>{esc(n)}</p>" for n in notes]
     return page(title, body)

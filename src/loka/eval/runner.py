@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class EvalConfig:
     method: str = "rome"
     mode: str = "single"  # single | batch | sequential
-    batch_size: int = 1
+    batch_size: int | None = None  # None: every case in one batch (batch mode), one per batch (sequential)
     hparams: dict = field(default_factory=dict)
     generation: bool = False  # greedy-generation metrics (slower)
     guard: bool = True  # perplexity + multiple choice before and after
@@ -187,6 +187,12 @@ def run_eval(
 ) -> dict:
     """Run (or with ``resume`` continue) an evaluation into ``out_dir`` (:func:`check_run_folder`)."""
     out = check_run_folder(out_dir, resume, force)
+    if cfg.batch_size is None:
+        cfg.batch_size = len(cases) if cfg.mode == "batch" else 1
+    elif cfg.batch_size < 1:
+        raise ConfigError(
+            f"batch_size (--batch-size) must be a positive number of cases, got {cfg.batch_size}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "config.json"
     meta = {
@@ -451,7 +457,7 @@ def evaluate(
     mode: str = "single",
     *,
     hparams: dict | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     n: int | None = None,
     out: str | Path | None = None,
     generation: bool = False,

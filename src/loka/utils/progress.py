@@ -35,7 +35,8 @@ class _Stage:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            log.info("%s: %d %s in %.1f s", self.desc, self.n, self.unit, time.time() - self._t0)
+            unit = self.unit if self.n == 1 or not self.unit or self.unit.endswith("s") else self.unit + "s"
+            log.info("%s: %d %s in %.1f s", self.desc, self.n, unit, time.time() - self._t0)
 
     def __enter__(self):
         return self
