@@ -190,7 +190,7 @@ def source_line(sources: Mapping[str, object], note: str = "") -> str:
             threads = p.get("threads")
             desc = (
                 f"commit {_commit(p)}, {(p.get('date') or 'date unknown')[:10]}, "
-                f"{p.get('cpu') or 'CPU unknown'}, {threads if threads is not None else '?'} threads"
+                f"{p.get('cpu') or 'CPU unknown'}, {threads if threads is not None else '?'} thread{'' if threads == 1 else 's'}"
             )
         if rows:
             desc = f"{'last written at ' if p else ''}{desc}; {_rows_note(rows, missing)}"
@@ -661,6 +661,19 @@ def layer_sweep_gemma3(d: dict) -> str:
             label = f"**{label}** (chosen)"
         rows.append((r["setting"], [label, *_sweep_cells(r, num(r["sec_per_edit"], 2))]))
     return md(["setting (Gemma 3)", *SWEEP_COLS], [cells for _, cells in sorted(rows, key=_sweep_order)])
+
+
+@table("ultraedit-calibration", "docs/methods/editing.md", "ultraedit_calibration_smollm2-135m.json")
+def ultraedit_calibration(d: dict) -> str:
+    rows = sorted(d["rows"].values(), key=lambda r: (-r["layers"][0], r["lr"]))
+    first = rows[0]["unedited"]
+    head = ["layers", "η", "ES", "PS", "NS", "S"]
+    out = [["(unedited)", "", *(num(first[k]) for k in ("ES", "PS", "NS", "S"))]]
+    out += [
+        [f"{r['layers'][0]}–{r['layers'][-1]}", f"{r['lr']:g}", *(num(r[k]) for k in ("ES", "PS", "NS", "S"))]
+        for r in rows
+    ]
+    return md(head, out)
 
 
 # ---------------------------------------------------------------- docs/methods/unlearning.md
