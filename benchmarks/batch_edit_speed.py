@@ -14,7 +14,8 @@ time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows of
 * ``tree`` — the update phase's key forwards as token trees (``key_tree``);
 * ``default`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);
 * ``bf16`` — the search's matmuls in bfloat16 (``v_dtype``), optional;
-* ``alphaedit`` — AlphaEdit with its defaults.
+* ``alphaedit`` — AlphaEdit with its defaults;
+* ``ultraedit`` — UltraEdit with its defaults (one turn: no value search, no statistics).
 
 Target: <= 180 s for a batch of 100 (2 cores).
 """
@@ -43,6 +44,7 @@ ROWS = {
     "default": ("memit", {}),
     "bf16": ("memit", {"v_dtype": "bfloat16"}),
     "alphaedit": ("alphaedit", {}),
+    "ultraedit": ("ultraedit", {}),
 }
 
 

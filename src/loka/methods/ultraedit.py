@@ -22,6 +22,7 @@ artifact is an ordinary weight delta.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -175,7 +176,9 @@ class UltraEdit(Method):
             d_out, d_in = (w.shape[1], w.shape[0]) if spec.transposed else (w.shape[0], w.shape[1])
             shapes[layer] = (d_in, d_out)
         norms = load_normalisers(state, set(shapes.values()))
+        t0 = time.time()
         rows = keys_and_gradients(handle, edits, layers, hp.batch_size, progress)
+        t1 = time.time()
         # statistics first, block by block in the reference's order (mini-batch, then matrix) ...
         for b in range(len(next(iter(rows.values())))):
             for layer in layers:
@@ -206,6 +209,8 @@ class UltraEdit(Method):
             for shape, nm in norms.items():
                 state.add_batch_tensor(_state_name(shape), nm.to_tensor())
         info["normaliser_rows"] = {f"{s[0]}x{s[1]}": int(nm.n) for s, nm in norms.items()}
+        # the evaluation runner's per-phase split (edits.jsonl): the passes, then statistics and solves
+        info["timings"] = {"keys": t1 - t0, "update": time.time() - t1}
         if not all(math.isfinite(v) for v in info["shift_norm"].values()):
             raise LokaError("ultraedit: a weight shift is not finite; nothing was applied")
         return deltas, info
