@@ -28,6 +28,9 @@ class EvalCase:
     portability: list[tuple[str, str]] = field(default_factory=list)  # (prompt, answer) implied by the edit
     generation: list[str] = field(default_factory=list)
     multihop: dict | None = None  # MQuAKE: {"questions": [...], "answers": [new answer + aliases]}
+    # each neighbourhood prompt's own answer (loka's lifelong stream); empty: they all keep target_true
+    neighborhood_answers: list[str] = field(default_factory=list)
+    question: str | None = None  # the edit as a zsRE-style question, answered by target_new
 
     def to_dict(self) -> dict:
         return {
@@ -81,6 +84,18 @@ def counterfact_case(rec: dict, where: str) -> EvalCase:
             )
         )
     first = requests[0]
+    neighborhood = list(rec.get("neighborhood_prompts", []))
+    answers = rec.get("neighborhood_answers", [])
+    if not (isinstance(answers, list) and all(isinstance(a, str) and a.strip() for a in answers)):
+        raise RequestError(f"{where}: field 'neighborhood_answers' must be a list of non-empty strings")
+    if answers and len(answers) != len(neighborhood):
+        raise RequestError(
+            f"{where}: field 'neighborhood_answers' has {len(answers)} answers for "
+            f"{len(neighborhood)} neighborhood_prompts; give one per prompt"
+        )
+    question = rec.get("question")
+    if question is not None and not (isinstance(question, str) and question.strip()):
+        raise RequestError(f"{where}: field 'question' must be a non-empty string")
     return EvalCase(
         case_id=rec.get("case_id", where),
         requests=requests,
@@ -88,8 +103,10 @@ def counterfact_case(rec: dict, where: str) -> EvalCase:
         target_true=first.target_true,
         rewrite=[r.text for r in requests],
         paraphrase=list(rec.get("paraphrase_prompts", [])),
-        neighborhood=list(rec.get("neighborhood_prompts", [])),
+        neighborhood=neighborhood,
         generation=list(rec.get("generation_prompts", [])),
+        neighborhood_answers=list(answers),
+        question=question,
     )
 
 

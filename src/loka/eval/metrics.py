@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..requests import QA_PROMPT
 from ..scoring import generate, score_targets
 from .data import EvalCase
 
@@ -38,6 +39,7 @@ TABLE = [
     "locality",
     "portability",
     "gen_success",
+    "qa_success",
     "GE",
     "multihop",
 ]
@@ -58,10 +60,13 @@ def _case_rows(case: EvalCase) -> tuple[list[tuple[str, str]], list[str], list[s
     for group in ("rewrite", "paraphrase", "neighborhood"):
         plist = getattr(case, group)
         for which, target in (("new", case.target_new), ("true", case.target_true)):
-            if target:
+            # neighbourhood prompts with their own answers (loka's lifelong stream) compare each answer
+            # with the new target, also when the edit has no true answer (an inserted fact)
+            own = group == "neighborhood" and which == "true" and case.neighborhood_answers
+            if target or own:
                 keys += [(group, which)] * len(plist)
                 prompts += plist
-                targets += [target] * len(plist)
+                targets += list(case.neighborhood_answers) if own else [target] * len(plist)
     for group in ("locality", "portability"):
         for p, a in getattr(case, group):
             keys.append((group, "answer"))
@@ -127,7 +132,8 @@ def paraphrase_success(post, pre=None):
 
 @metric("NS")
 def neighborhood_success(post, pre=None):
-    """Fraction of neighbourhood prompts that still prefer the true object: P(true) > P(new)."""
+    """Fraction of neighbourhood prompts that still prefer the true object: P(true) > P(new) (each
+    prompt's own answer as "true" when the case gives one per prompt)."""
     return _mean(_mean_lp(b) > _mean_lp(a) for a, b in _pairs(post, "neighborhood"))
 
 
@@ -210,6 +216,9 @@ def generation_scores(
         gens = generate(handle, prompts, max_new_tokens=max_new_tokens)
         out["gen_success"] = _mean(_contains(g, [case.target_new]) for g in gens)
         out["text"] = gens[0]  # the edit prompt's continuation, shown by reports
+    if case.question:
+        gens = generate(handle, [QA_PROMPT.format(case.question)], max_new_tokens=max_new_tokens)
+        out["qa_success"] = float(_contains(gens[0], [case.target_new]))
     if case.generation:
         gens = generate(handle, case.generation, max_new_tokens=ge_tokens)
         out["GE"] = _mean(ngram_entropy(g) for g in gens)
@@ -224,6 +233,12 @@ def generation_scores(
 @metric("gen_success")
 def gen_success(post, pre=None):
     return post.get("_gen", {}).get("gen_success")
+
+
+@metric("qa_success")
+def qa_success(post, pre=None):
+    """The greedy answer to the case's question (``Question: …\\nAnswer:``) contains the new target."""
+    return post.get("_gen", {}).get("qa_success")
 
 
 @metric("GE")
