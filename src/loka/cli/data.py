@@ -45,6 +45,53 @@ def cmd_data_counterfact(args) -> int:
     return 0
 
 
+def cmd_data_lifelong(args) -> int:
+    from ..bench.lifelong import MAX_RECORDS, build_lifelong, check_lifelong_output, meta_path, write_lifelong
+
+    if not 1 <= args.n <= MAX_RECORDS:
+        raise ConfigError(
+            f"--n must be between 1 and {MAX_RECORDS:,} (got {args.n}): the fictional-name generators are "
+            "sized for at most that"
+        )
+    check_lifelong_output(args.out, force=args.force)
+    recs, meta = build_lifelong(args.n, args.seed)
+    command = f"loka data lifelong --n {args.n} --seed {args.seed} --out {args.out}"
+    meta = write_lifelong(recs, meta, args.out, command)
+    comp = ", ".join(f"{k} {v}" for k, v in meta["composition"].items())
+    print(
+        json.dumps({**meta, "out": args.out})
+        if args.json
+        else f"wrote {len(recs)} lifelong records to {args.out} ({comp}; {meta['bytes'] / 1e6:.1f} MB); "
+        f"composition and command in {meta_path(args.out)}"
+    )
+    return 0
+
+
+def cmd_data_lifelong_baseline(args) -> int:
+    from ..bench.lifelong import check_baseline_output, unedited_scores
+    from ..models import load_model
+
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be a positive number of records (got {args.n})")
+    if not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data} is not a file (build one with loka data lifelong)")
+    check_baseline_output(args.out, args.resume, args.force)  # before loading the model
+    handle = load_model(args.model, device=args.device)
+    info = unedited_scores(
+        handle, args.data, args.out, n=args.n, resume=args.resume, force=args.force, progress=not args.json
+    )
+    print(
+        json.dumps(info)
+        if args.json
+        else f"unedited scores of {handle.name} for {info['records']} records in {args.out} "
+        f"({info['scored_now']} scored now): "
+        + ", ".join(
+            f"{k} {info['mean'][k]:.3f} (n={info['n'][k]})" for k in ("ES", "PS", "NS") if k in info["mean"]
+        )
+    )
+    return 0
+
+
 def cmd_data_tasks(args) -> int:
     from ..bench.tasks import build_tasks
     from ..utils.io import atomic_write_json, read_json
@@ -156,6 +203,40 @@ def register(sub, methods, forgetters) -> None:
     d.add_argument("--out", required=True, help="output JSON file")
     add_json(d, "print a JSON line of counts")
     d.set_defaults(fn=cmd_data_counterfact)
+    d = dsub.add_parser(
+        "lifelong",
+        help="a lifelong-editing stream: rewrites of the known facts, MQuAKE's and the curated graph's, then "
+        "insertions about fictional subjects, to --n records (docs/evaluation.md)",
+    )
+    d.add_argument("--n", type=int, default=10_000, help="number of records (default 10,000; at most 20,000)")
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="picks the facts' order, new targets and fictional names (default 0)",
+    )
+    d.add_argument(
+        "--out", required=True, help="output .json file (and its sidecar X.meta.json: composition, command)"
+    )
+    d.add_argument("--force", action="store_true", help="replace a stream loka wrote before at --out")
+    add_json(d, "print the sidecar (composition, command, sha256) as one JSON line")
+    d.set_defaults(fn=cmd_data_lifelong)
+
+    d = dsub.add_parser(
+        "lifelong-baseline",
+        help="the unedited model's teacher-forced scores (ES/PS/NS inputs) per record of a stream, as JSON lines",
+    )
+    add_model(d)
+    d.add_argument(
+        "--data", required=True, help="a stream from loka data lifelong (any CounterFact-format file)"
+    )
+    d.add_argument("--n", type=int, default=None, help="score the first N records (default: all)")
+    d.add_argument("--out", required=True, help="output .jsonl file: a header line, then one line per record")
+    d.add_argument("--resume", action="store_true", help="continue a file of the same model and data")
+    d.add_argument("--force", action="store_true", help="replace a baseline file loka wrote before at --out")
+    add_json(d, "print the means as one JSON line")
+    d.set_defaults(fn=cmd_data_lifelong_baseline)
+
     d = dsub.add_parser(
         "tasks", help="known-facts unlearning tasks: edit / forget / retain / remaining files"
     )
