@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=None, help="default: the config's layer ± a few")
     ap.add_argument("--k", type=float, nargs="+", default=[0.1, 0.2, 0.28, 0.4], help="top_k fractions")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--edits", type=int, default=10, help="records edited sequentially per τ (0: none)")
+    ap.add_argument("--edits", type=int, default=8, help="records edited sequentially per τ (0: none)")
     ap.add_argument(
         "--paper-tau", type=float, default=0.4, help="also edit with this τ (the paper's ZsRE value)"
     )
