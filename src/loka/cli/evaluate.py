@@ -20,6 +20,7 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         hparams=hparam_overrides(args),
         generation=args.generation,
+        wild=args.wild,
         guard=not args.no_guard,
         prune=args.prune,
         score_sample=args.score_sample,
@@ -104,6 +105,12 @@ def register(sub, methods, forgetters) -> None:
         help="replace an earlier run in --out (a folder loka did not write is never replaced)",
     )
     s.add_argument("--generation", action="store_true", help="also greedy-generation metrics (slower)")
+    s.add_argument(
+        "--wild",
+        action="store_true",
+        help="also WILD's generation scores: the question answered by greedy decoding to a stop rule, "
+        "matched after normalisation; paraphrases; neighbours answered as before (slower)",
+    )
     s.add_argument("--no-guard", action="store_true", help="skip perplexity / multiple-choice guard")
     add_prune(s)
     s.add_argument(

@@ -40,6 +40,10 @@ TABLE = [
     "portability",
     "gen_success",
     "qa_success",
+    "wild_em",
+    "wild_success",
+    "wild_para",
+    "wild_locality",
     "GE",
     "multihop",
 ]
@@ -228,6 +232,82 @@ def generation_scores(
         )
         out["multihop"] = float(any(_contains(g, case.multihop["answers"]) for g in gens))
     return out
+
+
+# -- WILD: answers by generation, as a user would get them ----------------------------------------
+#: the question as WILD's ``qa_inst`` input ("The Mirage of Model Editing", ACL 2025; ALGORITHMS-2.md §6)
+WILD_PROMPT = "Please answer the question:\n\nQ: {}\nA:"
+WILD_STOPS = (".", "\n")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def squad_normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's answer normalisation)."""
+    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub(" ", text.lower())).split())
+
+
+def wild_answer(text: str) -> str:
+    """A generation cut at WILD's stop rule: the first ``.`` or newline after the answer began."""
+    text = text.lstrip(" ")
+    cut = min((i for i in (text.find(s) for s in WILD_STOPS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def wild_generations(handle: ModelHandle, cases: list[EvalCase], max_new_tokens: int = 24) -> list[dict]:
+    """Per case, greedy answers (cut by :func:`wild_answer`) to its question (WILD's ``qa_inst`` input;
+    the edit prompt where the case has no question), its paraphrase prompts and its neighbourhood
+    prompts; all cases' prompts in one batched generation."""
+    prompts, spans = [], []
+    for c in cases:
+        q = [WILD_PROMPT.format(c.question)] if c.question else c.rewrite[:1]
+        parts = (q, list(c.paraphrase), list(c.neighborhood))
+        spans.append([len(p) for p in parts])
+        prompts += [p for part in parts for p in part]
+    gens = generate(handle, prompts, max_new_tokens=max_new_tokens) if prompts else []
+    out, i = [], 0
+    for sizes in spans:
+        d = {}
+        for key, n in zip(("question", "paraphrase", "neighborhood"), sizes):
+            d[key] = [wild_answer(g) for g in gens[i : i + n]]
+            i += n
+        out.append(d)
+    return out
+
+
+def _wild_match(answer: str, target: str, exact: bool) -> float:
+    a, t = squad_normalise(answer), squad_normalise(target)
+    return float(a == t if exact else bool(t) and t in a)
+
+
+@metric("wild_em")
+def wild_em(post, pre=None):
+    """WILD reliability, exact: the normalised answer to the question is the normalised new target."""
+    w = post.get("_wild")
+    return _mean(_wild_match(a, w["target"], True) for a in w["question"]) if w else None
+
+
+@metric("wild_success")
+def wild_success(post, pre=None):
+    """WILD reliability, containment: the normalised answer contains the normalised new target."""
+    w = post.get("_wild")
+    return _mean(_wild_match(a, w["target"], False) for a in w["question"]) if w else None
+
+
+@metric("wild_para")
+def wild_para(post, pre=None):
+    """WILD generalisation: answers to the paraphrase prompts contain the new target."""
+    w = post.get("_wild")
+    return _mean(_wild_match(a, w["target"], False) for a in w["paraphrase"]) if w else None
+
+
+@metric("wild_locality")
+def wild_locality(post, pre=None):
+    """WILD locality: neighbourhood prompts answered exactly as by the unedited model."""
+    w, w0 = post.get("_wild"), (pre or {}).get("_wild")
+    if not w or not w0:
+        return None
+    return _mean(float(a == b) for a, b in zip(w["neighborhood"], w0["neighborhood"]))
 
 
 @metric("gen_success")

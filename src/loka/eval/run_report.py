@@ -18,7 +18,17 @@ from .metrics import TABLE
 
 #: summary columns ``loka compare`` shows, in order, when at least one run has them (``--all``: every metric)
 COMPARE_METRICS = ("S", *TABLE)
-COMPARE_CORE = ("S", "ES", "PS", "NS", "gen_success", "portability", "multihop")
+COMPARE_CORE = (
+    "S",
+    "ES",
+    "PS",
+    "NS",
+    "gen_success",
+    "wild_success",
+    "wild_locality",
+    "portability",
+    "multihop",
+)
 #: per-case rows shown on a report page per run (the rest are counted, and stay in results.jsonl)
 MAX_CASES = 500
 MAX_JSON = 256 * 1024 * 1024

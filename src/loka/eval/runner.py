@@ -31,7 +31,7 @@ from ..utils.progress import bar as progress_bar
 from ..utils.progress import track
 from .data import EvalCase
 from .guard import general_guard
-from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases
+from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases, wild_generations
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -46,6 +46,7 @@ class EvalConfig:
     batch_size: int | None = None  # None: every case in one batch (batch mode), one per batch (sequential)
     hparams: dict = field(default_factory=dict)
     generation: bool = False  # greedy-generation metrics (slower)
+    wild: bool = False  # WILD: answers by generation to the question, paraphrases and neighbours (slower)
     guard: bool = True  # perplexity + multiple choice before and after
     checkpoints: tuple[int, ...] = (10, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000)
     prune: float | None = None  # PRUNE log base applied after each edit (None: off)
@@ -91,9 +92,12 @@ def _scores_many(handle: ModelHandle, cases: list[EvalCase], cfg: EvalConfig) ->
     out = []
     for i in range(0, len(cases), SCORE_GROUP):
         group = cases[i : i + SCORE_GROUP]
-        for c, s in zip(group, score_cases(handle, group)):
+        wild = wild_generations(handle, group) if cfg.wild else [None] * len(group)
+        for c, s, w in zip(group, score_cases(handle, group), wild):
             if cfg.generation or c.multihop:
                 s["_gen"] = generation_scores(handle, c)
+            if w is not None:
+                s["_wild"] = {"target": c.target_new, **w}
             out.append(s)
     return out
 
@@ -204,6 +208,7 @@ def run_eval(
         "hparams": cfg.hparams,
         "n_cases": len(cases),
         "generation": cfg.generation,
+        **({"wild": True} if cfg.wild else {}),
         **({"prune": cfg.prune} if cfg.prune is not None else {}),
         **({"score_sample": cfg.score_sample} if cfg.score_sample is not None else {}),
     }
@@ -234,10 +239,13 @@ def run_eval(
     pre = {r["case_id"]: r["scores"] for r in _read_jsonl(pre_file)}
     todo = [c for c in cases if str(c.case_id) not in pre]
     # shared across runs: unedited scores keyed by model hash and the case's content
-    shared_file = env.cache_dir("eval") / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}.jsonl"
+    shared_file = (
+        env.cache_dir("eval")
+        / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}{'-wild' if cfg.wild else ''}.jsonl"
+    )
     shared = {r["key"]: r["scores"] for r in _read_jsonl(shared_file)} if todo else {}
     for c in track(todo, desc="unedited scores", unit="case", disable=not todo):
-        key = hash_json([repr(c), cfg.generation])
+        key = hash_json([repr(c), cfg.generation, cfg.wild])
         s = shared.get(key)
         if s is None:
             s = _scores(handle, c, cfg)
@@ -461,6 +469,7 @@ def evaluate(
     n: int | None = None,
     out: str | Path | None = None,
     generation: bool = False,
+    wild: bool = False,
     guard: bool = True,
     resume: bool = False,
     force: bool = False,
@@ -482,6 +491,7 @@ def evaluate(
         batch_size=batch_size,
         hparams=dict(hparams or {}),
         generation=generation,
+        wild=wild,
         guard=guard,
     )
     if out is not None:
