@@ -205,3 +205,20 @@ def test_evaluate_from_python_returns_the_cli_summary(tiny, hp, tmp_path):
         tiny, DATA / "counterfact_sample5.json", method="none", n=1, guard=False, out=tmp_path / "r"
     )
     assert (tmp_path / "r" / "summary.json").exists() and kept["post"]["n"] == 1
+
+
+def test_a_sequential_run_out_of_time_stops_with_a_checkpoint_and_resumes(tiny, hp, tmp_path, monkeypatch):
+    import loka.eval.runner as runner
+
+    cases = load_cases(DATA / "counterfact_sample5.json", n=4)
+    cfg = EvalConfig(method="rome", mode="sequential", batch_size=1, hparams=hp, guard=False, checkpoints=(4,))
+    cfg.max_seconds = 1e-9  # past after the first batch
+    s = run_eval(tiny, cases, cfg, tmp_path)
+    assert [r["n_edits"] for r in s["sequential"]] == [1] and s["post"]["n"] == 1
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    cfg.max_seconds = None
+    s = run_eval(tiny, cases, cfg, tmp_path, resume=True)
+    assert [r["n_edits"] for r in s["sequential"]] == [1, 4]
+    assert s["post"]["n"] == 4  # the final rows replace the early stop's, not added to them
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    assert all(torch_equal(v, before[k]) for k, v in tiny.model.state_dict().items())

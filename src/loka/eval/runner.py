@@ -26,7 +26,7 @@ from ..methods import REGISTRY as METHODS
 from ..methods import get_method
 from ..sequential import BatchFolder
 from ..state import EditState
-from ..utils.io import atomic_write_json, check_writable, hash_json, read_json
+from ..utils.io import atomic_write_bytes, atomic_write_json, check_writable, hash_json, read_json
 from ..utils.progress import bar as progress_bar
 from ..utils.progress import track
 from .data import EvalCase
@@ -53,6 +53,9 @@ class EvalConfig:
     # sequential: score a seeded random sample of this many of the facts edited so far at each checkpoint
     # (None: all of them). An estimate, for methods whose scoring is slow (SCR runs a relevance check per fact)
     score_sample: int | None = None
+    # sequential: stop after the batch that passes this many seconds of this invocation, with a final
+    # checkpoint there (a method too slow for the whole stream ends where it is; --resume goes on)
+    max_seconds: float | None = None
 
     def __post_init__(self):
         if self.mode not in ("single", "batch", "sequential"):
@@ -359,6 +362,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
     n_edits = sum(len(b) for b in batches[: len(applied)])
     bar = progress_bar(total=len(cases), initial=n_edits, desc=f"{cfg.method} sequential", unit="case")
     try:
+        deadline = time.time() + cfg.max_seconds if cfg.max_seconds else None
         for k in range(len(applied), len(batches)):
             reqs = [r for c in batches[k] for r in c.requests]
             t_edit = time.time()
@@ -373,13 +377,16 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
             n_edits += len(batches[k])
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]
+            out_of_time = deadline is not None and time.time() > deadline and k + 1 < len(batches)
+            if out_of_time and not hit and n_edits not in done_ckpt:
+                hit = [n_edits]  # the last state is scored before stopping
             if hit:
                 edited = checkpoint_cases([c for b in batches[: k + 1] for c in b], cfg.score_sample, n_edits)
                 rows = []
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     rows.append(case_row(handle, c, post, pre[str(c.case_id)]))
                 # the same cases before any edit, so a sampled checkpoint has its own paired baseline
-                unedited = {k: v for k, v in summarise(rows, "pre").items() if k in ("ES", "PS", "NS", "S")}
+                unedited = {k: v for k, v in summarise(rows, "pre").items() if k != "skipped"}
                 row = {
                     "n_edits": n_edits,
                     **summarise(rows, "post"),
@@ -393,9 +400,19 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                     row["guard"] = general_guard(handle)
                 _append(seq_file, row)
                 done_ckpt.update(hit)
-                if n_edits == len(cases):
-                    for r in rows:
-                        _append(out / "results.jsonl", r)
+                if n_edits == len(cases) or out_of_time:  # the per-case rows of the model as it ends
+                    atomic_write_bytes(
+                        out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
+                    )
+            if out_of_time:
+                log.warning(
+                    "%s: stopped after %d of %d edits: max_seconds %.0f passed (--resume goes on)",
+                    cfg.method,
+                    n_edits,
+                    len(cases),
+                    cfg.max_seconds,
+                )
+                break
     finally:
         bar.close()
         for a in reversed(applied):
