@@ -2,6 +2,13 @@
 
     python benchmarks/lifelong.py --model smollm2-135m --n 1000 --batch 100 --every 3
     python benchmarks/lifelong.py --rows memit alphaedit --n 200 --batch 50      # a shorter run
+    python benchmarks/lifelong.py --data data/generated/lifelong_10000.json --n 10000 --batch 100 \
+        --checkpoints 100 1000 3000 10000 --score-sample 300 --wild --max-hours 2 \
+        --rows ultraedit memoir alphaedit memit wise grace                       # the 10,000-edit stream
+
+``--wild`` adds WILD's generation scores at each checkpoint (the same sampled cases, with their
+unedited scores); ``--max-hours`` stops a row after that much time with a final checkpoint where it is
+(the table says how far it got; rerunning the command resumes it).
 
 Each row is a sequential ``loka eval`` run (resumable: rerun the same command after an interruption)
 with a checkpoint every ``--every`` batches (the first and the last always): ES/PS/NS/S over all facts
@@ -52,6 +59,10 @@ ROWS = {
     "alphaedit+conflict": ("alphaedit", {"conflict_weighting": True}, None),
     "lyaplock": ("lyaplock", {}, None),
     "scr": ("scr", {}, None),
+    "ultraedit": ("ultraedit", {}, None),
+    "memoir": ("memoir", {}, None),
+    "wise": ("wise", {}, None),
+    "grace": ("grace", {}, None),
 }
 
 
@@ -87,6 +98,11 @@ def main() -> None:
         help="score a seeded random sample of N edited facts at each checkpoint instead of all "
         "(an estimate, for slow-scoring rows such as scr; the row is labelled ROW@N)",
     )
+    ap.add_argument(
+        "--checkpoints", type=int, nargs="+", help="score at these numbers of edits (instead of --every)"
+    )
+    ap.add_argument("--wild", action="store_true", help="also WILD's generation scores at each checkpoint")
+    ap.add_argument("--max-hours", type=float, help="stop a row after this long, with a checkpoint there")
     ap.add_argument("--out", default="out/lifelong")
     args = ap.parse_args()
     data = Path(args.data)
@@ -97,8 +113,11 @@ def main() -> None:
         )
     cases = load_cases(data, args.n)
     ends = list(range(args.batch, len(cases) + 1, args.batch))
-    ckpts = tuple(sorted({ends[0], ends[-1], *ends[:: args.every]}))
-    res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}.json"
+    ckpts = tuple(
+        sorted(set(args.checkpoints) if args.checkpoints else {ends[0], ends[-1], *ends[:: args.every]})
+    )
+    tag = "_wild" if args.wild else ""
+    res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}{tag}.json"
     setting = (len(cases), args.batch, ckpts)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
     mine, my_series = {}, {}  # the rows this run measures
@@ -118,18 +137,38 @@ def main() -> None:
             checkpoints=ckpts,
             prune=prune,
             score_sample=args.score_sample,
+            wild=args.wild,
+            max_seconds=args.max_hours * 3600 if args.max_hours else None,
         )
         run_eval(handle, cases, cfg, out, resume=(out / "config.json").exists())
         _finite(out)
         seq = [json.loads(x) for x in (out / "sequential.jsonl").read_text().splitlines()]
         my_series[row] = seq
         first, last = seq[0], seq[-1]
+        summary = json.loads((out / "summary.json").read_text())
         mine[row] = {
             "edits": last["n_edits"],
+            "reached_all": last["n_edits"] == len(cases),
+            "edit_seconds": summary.get("edit_seconds"),
             "scored": last.get("n"),
-            **{k: last.get(k) for k in ("ES", "PS", "NS", "S")},
+            **{
+                k: last.get(k)
+                for k in (
+                    "ES",
+                    "PS",
+                    "NS",
+                    "S",
+                    "reliability",
+                    "generalization",
+                    "wild_success",
+                    "wild_para",
+                    "wild_locality",
+                )
+                if k in last
+            },
             "NS_first_batch": first.get("NS"),
             "unedited_same_cases": last.get("pre"),
+            "ppl_unedited": summary.get("guard_pre", {}).get("ppl"),
             "ppl": last["guard"]["ppl"],
             "mc_real_authors": last["guard"]["mc_real_authors"],
             "mc_world_facts": last["guard"]["mc_world_facts"],
@@ -156,14 +195,19 @@ def main() -> None:
             Path("benchmarks/results/plots") / f"lifelong_{args.model}_n{len(cases)}.png",
             f"{args.model}: sequential editing, batches of {args.batch}",
         )
+    cols = ("ES", "PS", "NS", "S", "reliability", "wild_success", "wild_para", "wild_locality")
     print(
-        f"\n| {args.model}, {len(cases)} edits, batches of {args.batch} | ES | PS | NS | NS after batch 1 | S | ppl | MC authors | MC world |"
+        f"\n| {args.model}, batches of {args.batch} | edits | "
+        + " | ".join(cols)
+        + " | ppl | MC authors | MC world |"
     )
-    print("|---" * 9 + "|")
+    print("|---" * (len(cols) + 5) + "|")
     for row, r in table.items():
+        cells = [f"{r[k]:.3f}" if r.get(k) is not None else "–" for k in cols]
         print(
-            f"| {row} | {r['ES']:.3f} | {r['PS']:.3f} | {r['NS']:.3f} | {r['NS_first_batch']:.3f} | {r['S']:.3f} | "
-            f"{r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |"
+            f"| {row} | {r['edits']}{'' if r.get('reached_all', True) else ' (stopped)'} | "
+            + " | ".join(cells)
+            + f" | {r['ppl']:.1f} | {r['mc_real_authors']:.2f} | {r['mc_world_facts']:.2f} |"
         )
 
 

@@ -211,7 +211,9 @@ def test_a_sequential_run_out_of_time_stops_with_a_checkpoint_and_resumes(tiny, 
     import loka.eval.runner as runner
 
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)
-    cfg = EvalConfig(method="rome", mode="sequential", batch_size=1, hparams=hp, guard=False, checkpoints=(4,))
+    cfg = EvalConfig(
+        method="rome", mode="sequential", batch_size=1, hparams=hp, guard=False, checkpoints=(4,)
+    )
     cfg.max_seconds = 1e-9  # past after the first batch
     s = run_eval(tiny, cases, cfg, tmp_path)
     assert [r["n_edits"] for r in s["sequential"]] == [1] and s["post"]["n"] == 1
@@ -222,3 +224,43 @@ def test_a_sequential_run_out_of_time_stops_with_a_checkpoint_and_resumes(tiny, 
     assert s["post"]["n"] == 4  # the final rows replace the early stop's, not added to them
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
     assert all(torch_equal(v, before[k]) for k, v in tiny.model.state_dict().items())
+
+
+def test_a_sampled_sequential_run_scores_only_the_drawn_cases_unedited(tiny, hp, tmp_path, monkeypatch):
+    """With --score-sample, unedited scores are computed for the cases the checkpoints draw, on the
+    unedited model (the edits are taken off and put back), and equal a full run's (each run with its
+    own empty cache, so neither reads the other's scores)."""
+    from loka import env
+
+    cases = load_cases(DATA / "counterfact_sample5.json", n=5)
+    stats = env.cache_dir("stats")  # the edit's statistics stay cached; only the eval cache is fresh
+    monkeypatch.setenv("LOKA_HOME", str(tmp_path / "home1"))
+    (tmp_path / "home1").mkdir()
+    (tmp_path / "home1" / "stats").symlink_to(stats)
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    cfg = EvalConfig(
+        method="rome",
+        mode="sequential",
+        batch_size=1,
+        hparams=hp,
+        guard=False,
+        checkpoints=(2, 5),
+        score_sample=2,
+    )
+    s = run_eval(tiny, cases, cfg, tmp_path / "seq")
+    assert all(torch_equal(v, before[k]) for k, v in tiny.model.state_dict().items())
+    monkeypatch.setenv("LOKA_HOME", str(tmp_path / "home2"))
+    run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "full")
+    ref = {
+        json.loads(x)["case_id"]: json.loads(x)["scores"]
+        for x in (tmp_path / "full" / "pre.jsonl").read_text().splitlines()
+    }
+    pre = [json.loads(x) for x in (tmp_path / "seq" / "pre.jsonl").read_text().splitlines()]
+    assert 2 <= len(pre) < 5
+
+    def flat(scores):  # every teacher-forced log-probability (packing decides float rounding only)
+        return [x for g in scores.values() for rows in g.values() for sc in rows for x in sc["token_logprobs"]]
+
+    for p in pre:
+        assert flat(p["scores"]) == pytest.approx(flat(ref[p["case_id"]]), abs=1e-4)
+    assert [r["n"] for r in s["sequential"]] == [2, 2]

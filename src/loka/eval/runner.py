@@ -28,7 +28,6 @@ from ..sequential import BatchFolder
 from ..state import EditState
 from ..utils.io import atomic_write_bytes, atomic_write_json, check_writable, hash_json, read_json
 from ..utils.progress import bar as progress_bar
-from ..utils.progress import track
 from .data import EvalCase
 from .guard import general_guard
 from .metrics import TABLE, case_metrics, generation_scores, harmonic_mean, score_cases, wild_generations
@@ -103,10 +102,6 @@ def _scores_many(handle: ModelHandle, cases: list[EvalCase], cfg: EvalConfig) ->
                 s["_wild"] = {"target": c.target_new, **w}
             out.append(s)
     return out
-
-
-def _scores(handle: ModelHandle, case: EvalCase, cfg: EvalConfig) -> dict:
-    return _scores_many(handle, [case], cfg)[0]
 
 
 def probe_detail(handle: ModelHandle, scores: dict) -> dict:
@@ -237,24 +232,11 @@ def run_eval(
             shutil.rmtree(out / d, ignore_errors=True)
     atomic_write_json(cfg_file, meta)
 
-    # 1. unedited scores, once
-    pre_file = out / "pre.jsonl"
-    pre = {r["case_id"]: r["scores"] for r in _read_jsonl(pre_file)}
-    todo = [c for c in cases if str(c.case_id) not in pre]
-    # shared across runs: unedited scores keyed by model hash and the case's content
-    shared_file = (
-        env.cache_dir("eval")
-        / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}{'-wild' if cfg.wild else ''}.jsonl"
-    )
-    shared = {r["key"]: r["scores"] for r in _read_jsonl(shared_file)} if todo else {}
-    for c in track(todo, desc="unedited scores", unit="case", disable=not todo):
-        key = hash_json([repr(c), cfg.generation, cfg.wild])
-        s = shared.get(key)
-        if s is None:
-            s = _scores(handle, c, cfg)
-            _append(shared_file, {"key": key, "scores": s})
-        pre[str(c.case_id)] = s
-        _append(pre_file, {"case_id": str(c.case_id), "scores": s})
+    # 1. unedited scores, once (a sampled sequential run scores only the cases its checkpoints draw,
+    # when they draw them)
+    pre = {r["case_id"]: r["scores"] for r in _read_jsonl(out / "pre.jsonl")}
+    if not (cfg.mode == "sequential" and cfg.score_sample is not None):
+        fill_unedited(handle, cases, cfg, out, pre)
     summary: dict = {"config": meta}
     if cfg.guard:
         gfile = out / "guard_pre.json"
@@ -329,6 +311,33 @@ def run_eval(
     return summary
 
 
+def fill_unedited(handle: ModelHandle, cases: list[EvalCase], cfg: EvalConfig, out: Path, pre: dict) -> None:
+    """Add to ``pre`` (and ``pre.jsonl``) the unedited scores of the ``cases`` it lacks, from the cache
+    shared across runs (keyed by the model's hash and the case's content) or computed on ``handle``,
+    which must be the unedited model."""
+    todo = [c for c in cases if str(c.case_id) not in pre]
+    if not todo:
+        return
+    shared_file = (
+        env.cache_dir("eval")
+        / f"pre-{handle.model_hash[:16]}-{int(cfg.generation)}{'-wild' if cfg.wild else ''}.jsonl"
+    )
+    shared = {r["key"]: r["scores"] for r in _read_jsonl(shared_file)}
+    keys = {str(c.case_id): hash_json([repr(c), cfg.generation, cfg.wild]) for c in todo}
+    missing = [c for c in todo if keys[str(c.case_id)] not in shared]
+    bar = progress_bar(total=len(missing), desc="unedited scores", unit="case", disable=not missing)
+    for i in range(0, len(missing), SCORE_GROUP):
+        group = missing[i : i + SCORE_GROUP]
+        for c, s in zip(group, _scores_many(handle, group, cfg)):
+            shared[keys[str(c.case_id)]] = s
+            _append(shared_file, {"key": keys[str(c.case_id)], "scores": s})
+        bar.update(len(group))
+    bar.close()
+    for c in todo:
+        pre[str(c.case_id)] = shared[keys[str(c.case_id)]]
+        _append(out / "pre.jsonl", {"case_id": str(c.case_id), "scores": pre[str(c.case_id)]})
+
+
 def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> list[dict]:
     art_dir = BatchFolder(
         out / "artifacts", index=out / "batches.json"
@@ -382,6 +391,14 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                 hit = [n_edits]  # the last state is scored before stopping
             if hit:
                 edited = checkpoint_cases([c for b in batches[: k + 1] for c in b], cfg.score_sample, n_edits)
+                if any(str(c.case_id) not in pre for c in edited):  # unedited scores of a new sample:
+                    for x in reversed(applied):  # measured on the unedited model, then the edits go back
+                        x.revert(handle)
+                    try:
+                        fill_unedited(handle, edited, cfg, out, pre)
+                    finally:
+                        for x in applied:
+                            x.apply(handle)
                 rows = []
                 for c, post in zip(edited, _scores_many(handle, edited, cfg)):
                     rows.append(case_row(handle, c, post, pre[str(c.case_id)]))
