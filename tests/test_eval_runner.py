@@ -98,7 +98,7 @@ def test_unedited_scores_are_shared_between_runs(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("LOKA_HOME", str(tmp_path / "home"))
     cases = load_cases(DATA / "counterfact_sample5.json", n=2)
     run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "a")
-    monkeypatch.setattr(runner, "_scores", lambda *a, **k: pytest.fail("unedited scores recomputed"))
+    monkeypatch.setattr(runner, "_scores_many", lambda *a, **k: pytest.fail("unedited scores recomputed"))
     s = run_eval(tiny, cases, EvalConfig(method="none", guard=False), tmp_path / "b")
     assert s["post"]["n"] == 2
 
