@@ -676,6 +676,54 @@ def ultraedit_calibration(d: dict) -> str:
     return md(head, out)
 
 
+def _memoir_best(r: dict) -> tuple[str, dict]:
+    """The τ of a calibration row that maximises paraphrases retrieving their own mask minus neighbours
+    firing (the higher τ on a tie), and its rates."""
+    sweep = r["tau_sweep"]
+    gap = {t: v["paraphrase_retrieves_own"] - v["neighbour_fires"] for t, v in sweep.items()}
+    t = max(gap, key=lambda t: (round(gap[t], 6), float(t)))
+    return t, sweep[t]
+
+
+@table("memoir-calibration", "docs/methods/editing.md", "memoir_calibration_smollm2-135m.json")
+def memoir_calibration(d: dict) -> str:
+    s = d["suggested"]
+    pick = [
+        r
+        for r in d["rows"]
+        if (r["layer"] == s["layer"] and r["prompt_feature"] == s["prompt_feature"])
+        or (
+            r["top_k"] == s["top_k"]
+            and (r["layer"] == s["layer"]) != (r["prompt_feature"] == s["prompt_feature"])
+        )
+    ]
+    rows = []
+    for r in pick:
+        t, v = _memoir_best(r)
+        rows.append(
+            [r["layer"], f"`{r['prompt_feature']}`", f"{r['k']} ({num(r['chance'], 2)})"]
+            + [num(r[c][1], 2) for c in ("paraphrase_own", "neighbour_best", "unrelated_best")]
+            + [num(float(t), 2)]
+            + [num(v[c], 2) for c in ("paraphrase_retrieves_own", "neighbour_fires", "unrelated_fires")]
+        )
+    head = ["layer", "feature", "k (k/D)", "paraphrase, own", "neighbour, best", "unrelated, best", "best τ"]
+    return md([*head, "paraphrase retrieves own", "neighbour fires", "unrelated fires"], rows)
+
+
+@table("memoir-edits", "docs/methods/editing.md", "memoir_calibration_smollm2-135m.json")
+def memoir_edits(d: dict) -> str:
+    by = d["sequential_edits"]["by_tau"]
+    first = next(iter(by.values()))["unedited"]
+    out = [["(unedited)", *(num(first[k]) for k in ("ES", "PS", "NS", "S")), DASH]]
+    out += [
+        [num(float(t), 2), *(num(r[k]) for k in ("ES", "PS", "NS", "S")), num(r["edit_seconds"], 0)]
+        for t, r in sorted(by.items(), key=lambda x: -float(x[0]))
+    ]
+    return md(
+        [f"τ ({d['sequential_edits']['n']} edits, one by one)", "ES", "PS", "NS", "S", "edit s (all)"], out
+    )
+
+
 # ---------------------------------------------------------------- docs/methods/unlearning.md
 
 
