@@ -771,7 +771,7 @@ class Memoir(MemoryMethod):
             layer,
         )
         rows, at = pos[:, 0].to(handle.device), pos[:, 1].to(handle.device)
-        P = P0.clone().requires_grad_(True)
+        P = P0.to(handle.device).clone().requires_grad_(True)
         opt = torch.optim.SGD([P], lr=hp.lr, weight_decay=hp.weight_decay)
         c = cols.to(handle.device)
         hook = module.register_forward_hook(
@@ -795,4 +795,4 @@ class Memoir(MemoryMethod):
                     check_update("memoir", {f"W_m after step {step + 1}": P.detach()}, fix=FIX)
         finally:
             hook.remove()
-        return P.detach(), loss_v, step
+        return P.detach().cpu(), loss_v, step
