@@ -118,3 +118,21 @@ def test_a_diverging_turn_is_refused_with_the_weights_untouched(reqs):
     with pytest.raises(loka.LokaError, match="ultraedit"):
         loka.edit(h, list(reqs), "ultraedit", {"lr": 1e12}, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+
+def test_a_session_keeps_the_statistics_across_restarts_and_rollback(reqs, tmp_path):
+    h = loka.load_model("tiny-llama")
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    hp = {"layers": [3], "lr": 1e-3}
+    s = loka.Session(tmp_path / "s", h, method="ultraedit", hparams=hp)
+    s.append(list(reqs[:2]), progress=False)
+    after_one = {k: v.clone() for k, v in s.state.tensors.items()}
+    s.append(list(reqs[2:4]), progress=False)
+    s.close()
+    assert all(torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+    s = loka.Session(tmp_path / "s", h)  # a new process would do the same: the state comes from disk
+    assert s.state.batches == 2 and len(s.state.tensors) == 2
+    s.rollback_last(1)
+    assert s.state.batches == 1 and set(s.state.tensors) == set(after_one)
+    assert all(torch.equal(s.state.tensors[k], after_one[k]) for k in after_one)
+    s.close()
