@@ -568,6 +568,48 @@ def lifelong_1000(d: dict) -> str:
     return md([*head, "MC authors", "MC world", "s for that batch"], rows)
 
 
+@table("lifelong-10000", "docs/sequential.md", "lifelong_smollm2-135m_n10000_wild.json")
+def lifelong_10000(d: dict) -> str:
+    """Per method and checkpoint: teacher-forced and generation (WILD) scores of the sampled edited
+    records, each with the same records' unedited value in brackets where it is not trivially 0 or 1."""
+    rows = []
+    for key, seq in d["series"].items():
+        info = d["rows"].get(key, {})
+        for i, c in enumerate(seq):
+            pre = c.get("pre", {})
+            last = i == len(seq) - 1
+            edits = num(c["n_edits"], 0) + (
+                " (stopped: time)" if last and info.get("reached_all") is False else ""
+            )
+            cells = [edits]
+            for k in ("ES", "PS", "NS", "reliability", "wild_success", "wild_para", "wild_locality"):
+                v = c.get(k)
+                paired = (
+                    f" ({num(pre[k])})"
+                    if k in ("ES", "NS", "reliability", "wild_success") and k in pre
+                    else ""
+                )
+                cells.append(num(v) + paired if v is not None else "–")
+            g = c.get("guard", {})
+            ppl0 = info.get("ppl_unedited")
+            ratio = f" ({g['ppl'] / ppl0:.2f}×)" if ppl0 and "ppl" in g else ""
+            cells += [num(g.get("ppl"), 1) + ratio, num(c.get("last_batch_edit_s"), 1)]
+            label = LIFELONG_ROWS.get(key, key.split("@")[0])
+            rows.append([label if i == 0 else "", *cells])
+    head = [
+        f"SmolLM2, batches of {d['batch']}",
+        "edits",
+        "ES",
+        "PS",
+        "NS",
+        "rel.",
+        "WILD",
+        "WILD para",
+        "WILD loc.",
+    ]
+    return md([*head, "held-out ppl", "s for that batch"], rows)
+
+
 @table("lifelong-300", "docs/sequential.md", "lifelong_smollm2-135m_n300.json")
 def lifelong_300(d: dict) -> str:
     rows = []
