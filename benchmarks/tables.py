@@ -407,6 +407,25 @@ def batch_edit_speed(d: dict) -> str:
 # ---------------------------------------------------------------- docs/concepts.md
 
 
+@table("rome-speed", "docs/benchmarks.md", "rome_speed_smollm2-135m.json")
+def rome_speed(d: dict) -> str:
+    head = [
+        "setting (SmolLM2, layer 8)",
+        "median s per edit",
+        "value search s",
+        "ratio to reference",
+        "ES",
+        "PS",
+        "NS",
+    ]
+    rows = [
+        [name, num(r["median_s"], 2), num(r["median_values_s"], 2), num(r["median_ratio_to_reference"], 2)]
+        + [num(r[k]) for k in ("ES", "PS", "NS")]
+        for name, r in d["rows"].items()
+    ]
+    return md(head, rows)
+
+
 @table("load-time", "docs/concepts.md", "load_time.json")
 def load_time(d: dict) -> str:
     rows = []
