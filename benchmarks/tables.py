@@ -426,6 +426,38 @@ def rome_speed(d: dict) -> str:
     return md(head, rows)
 
 
+@table("vs-easyedit", "docs/benchmarks.md", "vs_easyedit_smollm2-135m.json")
+def vs_easyedit(d: dict) -> str:
+    sm = d["summary"]
+    rows = [
+        [tool, num(r["median_s"], 2), num(r["peak_rss_mb"], 0), *(num(r[k]) for k in ("ES", "PS", "NS"))]
+        for tool, r in (("loka", sm["loka"]), ("EasyEdit", sm["easyedit"]))
+    ]
+    u = sm["loka"]["unedited"]
+    rows.append(["(unedited)", "", "", *(num(u[k]) for k in ("ES", "PS", "NS"))])
+    rows.append(
+        [
+            "EasyEdit / loka",
+            f"{sm['median_time_ratio_easyedit_over_loka']:.2f}× (median of per-record ratios)",
+            f"{sm['peak_rss_ratio_easyedit_over_loka']:.2f}×",
+            "",
+            "",
+            "",
+        ]
+    )
+    return md(
+        [
+            f"ROME, {d['model']}, layer {d['layer']}, {d['n']} records",
+            "median s per edit",
+            "peak RSS MB",
+            "ES",
+            "PS",
+            "NS",
+        ],
+        rows,
+    )
+
+
 @table("load-time", "docs/concepts.md", "load_time.json")
 def load_time(d: dict) -> str:
     rows = []
