@@ -208,7 +208,6 @@ def test_evaluate_from_python_returns_the_cli_summary(tiny, hp, tmp_path):
 
 
 def test_a_sequential_run_out_of_time_stops_with_a_checkpoint_and_resumes(tiny, hp, tmp_path, monkeypatch):
-    import loka.eval.runner as runner
 
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)
     cfg = EvalConfig(
@@ -259,7 +258,9 @@ def test_a_sampled_sequential_run_scores_only_the_drawn_cases_unedited(tiny, hp,
     assert 2 <= len(pre) < 5
 
     def flat(scores):  # every teacher-forced log-probability (packing decides float rounding only)
-        return [x for g in scores.values() for rows in g.values() for sc in rows for x in sc["token_logprobs"]]
+        return [
+            x for g in scores.values() for rows in g.values() for sc in rows for x in sc["token_logprobs"]
+        ]
 
     for p in pre:
         assert flat(p["scores"]) == pytest.approx(flat(ref[p["case_id"]]), abs=1e-4)
