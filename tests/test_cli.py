@@ -663,3 +663,31 @@ def test_memory_and_context_artifacts_apply_in_a_fresh_process(tmp_path):
             timeout=300,
         )
         assert r.returncode == 0, r.stderr
+
+
+def test_export_refuses_memory_and_context_artifacts_instead_of_writing_the_base_model(tmp_path, capsys):
+    import loka
+
+    h = loka.load_model("tiny-llama")
+    req = loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
+    for method, hp in (("grace", {"n_iter": 2}), ("scr", {})):
+        art = loka.edit(h, req, method, hp, progress=False)
+        with pytest.raises(loka.ArtifactError, match="cannot export"):
+            h.save_pretrained(tmp_path / f"{method}-py")
+        art.revert(h)
+        assert not (tmp_path / f"{method}-py").exists()
+        art.save(tmp_path / f"{method}.loka")
+        code, _, err = run(
+            capsys,
+            "apply",
+            "--model",
+            "tiny-llama",
+            "--artifact",
+            str(tmp_path / f"{method}.loka"),
+            "--out",
+            str(tmp_path / method),
+        )
+        assert code == 2 and err.count("\n") == 1 and "cannot export" in err and f"kind {art.kind}" in err
+        assert not (tmp_path / method).exists()
+    h.save_pretrained(tmp_path / "base")  # with nothing hooked, the export works
+    assert (tmp_path / "base" / "config.json").exists()

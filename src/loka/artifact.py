@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT = "loka-artifact"
 FORMAT_VERSION = 2  # 2: the id hashes the tensors and every field in ID_FIELDS
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
-MEMORY_ATTR = "_loka_memory"  # list of (artifact, hook handle) of applied memory artifacts (GRACE, …)
+from .models.hooked import MEMORY_ATTR  # noqa: E402  (applied memory artifacts and their hook handles)
 
 #: method name -> ``attach(model, artifact) -> handle`` (``handle.remove()`` detaches): how a ``memory``
 #: artifact of that method installs its forward hooks. Methods fill it (``loka.methods.base.register``).

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from torch import nn
 
 from .errors import ArtifactError
+from .models.hooked import CONTEXT_ATTR
 
-CONTEXT_ATTR = "_loka_context"  # applied context artifacts, in order
 ROUTER_ATTR = "_loka_routers"  # installed routers
 
 #: method name -> ``fn(handle, prompts, stores) -> prompts``: how that method's context artifacts rewrite prompts

@@ -146,7 +146,9 @@ class ModelHandle:
         given. An existing folder is replaced only if loka exported it (it holds that marker) and
         ``force`` is true; any other folder or file at ``folder`` is refused."""
         from ..hf_compat import quiet_progress
+        from .hooked import check_exportable
 
+        check_exportable(self.model)  # never a silent base model
         folder = check_export_output(folder, force=force)
         with atomic_dir(folder) as tmp, quiet_progress():
             self.model.save_pretrained(tmp)
