@@ -207,6 +207,28 @@ def test_evaluate_from_python_returns_the_cli_summary(tiny, hp, tmp_path):
     assert (tmp_path / "r" / "summary.json").exists() and kept["post"]["n"] == 1
 
 
+def test_a_checkpoint_that_ends_past_the_budget_is_the_last(tiny, hp, tmp_path, monkeypatch):
+    """The budget is checked again after a checkpoint is scored: the run stops there, not one batch on."""
+    import loka.eval.runner as runner
+
+    cases = load_cases(DATA / "counterfact_sample5.json", n=4)
+    cfg = EvalConfig(
+        method="rome", mode="sequential", batch_size=1, hparams=hp, guard=False, checkpoints=(1, 4)
+    )
+    cfg.max_seconds = 3600.0
+    now = [0.0]
+    monkeypatch.setattr(runner, "_clock", lambda: now[0])
+    real = runner.summarise
+
+    def slow(rows, key="post"):  # scoring the first checkpoint "takes" two hours
+        now[0] = 7200.0
+        return real(rows, key)
+
+    monkeypatch.setattr(runner, "summarise", slow)
+    s = run_eval(tiny, cases, cfg, tmp_path)
+    assert [r["n_edits"] for r in s["sequential"]] == [1] and s["post"]["n"] == 1
+
+
 def test_a_sequential_run_out_of_time_stops_with_a_checkpoint_and_resumes(tiny, hp, tmp_path, monkeypatch):
 
     cases = load_cases(DATA / "counterfact_sample5.json", n=4)

@@ -311,6 +311,11 @@ def run_eval(
     return summary
 
 
+def _clock() -> float:
+    """Seconds for the time budget (its own name, so a test can move the clock)."""
+    return time.time()
+
+
 def fill_unedited(handle: ModelHandle, cases: list[EvalCase], cfg: EvalConfig, out: Path, pre: dict) -> None:
     """Add to ``pre`` (and ``pre.jsonl``) the unedited scores of the ``cases`` it lacks, from the cache
     shared across runs (keyed by the model's hash and the case's content) or computed on ``handle``,
@@ -371,7 +376,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
     n_edits = sum(len(b) for b in batches[: len(applied)])
     bar = progress_bar(total=len(cases), initial=n_edits, desc=f"{cfg.method} sequential", unit="case")
     try:
-        deadline = time.time() + cfg.max_seconds if cfg.max_seconds else None
+        deadline = _clock() + cfg.max_seconds if cfg.max_seconds else None
         for k in range(len(applied), len(batches)):
             reqs = [r for c in batches[k] for r in c.requests]
             t_edit = time.time()
@@ -386,7 +391,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
             n_edits += len(batches[k])
             bar.update(len(batches[k]))
             hit = [c for c in checkpoints if n_edits >= c and c not in done_ckpt]
-            out_of_time = deadline is not None and time.time() > deadline and k + 1 < len(batches)
+            out_of_time = deadline is not None and _clock() > deadline and k + 1 < len(batches)
             if out_of_time and not hit and n_edits not in done_ckpt:
                 hit = [n_edits]  # the last state is scored before stopping
             if hit:
@@ -417,6 +422,10 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                     row["guard"] = general_guard(handle)
                 _append(seq_file, row)
                 done_ckpt.update(hit)
+                # a checkpoint that ran past the budget is the last one: no edit follows it unscored
+                out_of_time = out_of_time or (
+                    deadline is not None and _clock() > deadline and k + 1 < len(batches)
+                )
                 if n_edits == len(cases) or out_of_time:  # the per-case rows of the model as it ends
                     atomic_write_bytes(
                         out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()
