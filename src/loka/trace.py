@@ -101,6 +101,29 @@ def run_until_stopped(fn: Callable[[], object]) -> object | None:
         return None
 
 
+@torch.no_grad()
+def inputs_by_batch(
+    handle, path: str, texts: Sequence[str], batch_size: int = 32
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """For each right-padded batch of ``texts``: the input of module ``path`` (B, T, D) and the batch's
+    attention mask. The model runs only up to that module; the tokenizer's padding side is restored."""
+    tok = handle.tokenizer
+    old = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
+            with capture(handle.model, [path], outputs=False, stop_after=path) as rec:
+                run_until_stopped(
+                    lambda enc=enc: handle.model(
+                        **{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False
+                    )
+                )
+            yield rec[path].input, enc["attention_mask"]
+    finally:
+        tok.padding_side = old
+
+
 @contextlib.contextmanager
 def add_at_positions(
     module: nn.Module,

@@ -72,7 +72,7 @@ from ..hf_compat import is_decode_step
 from ..requests import fill_subject
 from ..runtime import add_router, remove_router, routers
 from ..state import EditState
-from ..trace import capture, run_until_stopped
+from ..trace import capture, inputs_by_batch, run_until_stopped
 from .base import (
     MAX_ABS_VALUE,
     HParams,
@@ -603,23 +603,9 @@ def _features(
 ) -> torch.Tensor:
     """The prompt feature of each text (n, D) at the input of module ``path``, one right-padded batch of
     texts at a time."""
-    tok = handle.tokenizer
-    old = tok.padding_side
-    tok.padding_side = "right"
-    out = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
-            with torch.no_grad(), capture(handle.model, [path], outputs=False, stop_after=path) as rec:
-                run_until_stopped(
-                    lambda enc=enc: handle.model(
-                        **{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False
-                    )
-                )
-            out.append(prompt_features(rec[path].input, enc["attention_mask"], kind).cpu())
-    finally:
-        tok.padding_side = old
-    return torch.cat(out)
+    return torch.cat(
+        [prompt_features(x, mask, kind).cpu() for x, mask in inputs_by_batch(handle, path, texts, batch_size)]
+    )
 
 
 def _prefixes(handle: ModelHandle, n: int, seed: int) -> list[str]:

@@ -35,7 +35,7 @@ from torch import nn
 from ...errors import ArtifactError
 from ...hf_compat import is_decode_step
 from ...runtime import add_router, remove_router, routers, suspended
-from ...trace import capture, run_until_stopped
+from ...trace import inputs_by_batch
 
 if TYPE_CHECKING:
     from ...models.loader import ModelHandle
@@ -98,26 +98,11 @@ def query_embeddings(
 ) -> torch.Tensor:
     """``e(x)``: the residual stream entering block ``layer`` at the last token of each text, L2-normalised
     (n, d). Runs the model only up to that block."""
-    path = handle.spec.block_path(layer)
-    tok = handle.tokenizer
-    old = tok.padding_side
-    tok.padding_side = "right"
     out = []
-    try:
-        for i in range(0, len(texts), batch_size):
-            enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True)
-            with capture(handle.model, [path], outputs=False, stop_after=path) as rec:
-                with suspended(handle.model):  # neither routing nor plug for an embedding forward
-                    run_until_stopped(
-                        lambda enc=enc: handle.model(
-                            **{k: v.to(handle.device) for k, v in enc.items()}, use_cache=False
-                        )
-                    )
-            h = rec[path].input
-            last = enc["attention_mask"].sum(1) - 1
+    with suspended(handle.model):  # neither routing nor plug for an embedding forward
+        for h, mask in inputs_by_batch(handle, handle.spec.block_path(layer), texts, batch_size):
+            last = mask.sum(1) - 1
             out.append(F.normalize(h[torch.arange(len(last)), last.to(h.device)].float().cpu(), dim=-1))
-    finally:
-        tok.padding_side = old
     return torch.cat(out) if out else torch.zeros(0, handle.config.hidden_size)
 
 
