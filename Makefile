@@ -76,7 +76,7 @@ lock:
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python $(PIP) --upgrade pip setuptools wheel
 	.venv-lock/bin/python $(PIP) $(TORCH)
-	.venv-lock/bin/python $(PIP) '.[dev,docs]'
+	.venv-lock/bin/python $(PIP) '.[dev,docs,serve]'
 	.venv-lock/bin/python $(PIP) --no-deps $(NODEPS)
 	{ echo "# loka's tested environment (Python 3.11, CPU build of torch): every package at an exact version."; \
 	  echo "# Written by 'make lock' from pyproject.toml's ranges; installed by 'make install' with --no-deps."; \

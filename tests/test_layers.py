@@ -35,8 +35,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("artifact", ("loka.artifact", "loka.sequential")),
     ("methods", ("loka.methods",)),
-    ("api", ("loka.api", "loka.result", "loka.session", "loka.finetune")),
+    ("api", ("loka.api", "loka.result", "loka.session", "loka.finetune", "loka.export")),
     ("eval", ("loka.eval", "loka.bench", "loka.analysis", "loka.report", "loka.demo")),
+    ("serve", ("loka.serve",)),
     ("cli", ("loka.cli",)),
     ("facade", ("loka",)),
 ]
