@@ -140,3 +140,26 @@ def test_apply_false_returns_artifact_without_touching_the_model(tiny):
     )
     assert _same(tiny, before)
     assert art.deltas
+
+
+def test_same_update_twice_has_the_same_id_and_older_formats_still_verify(tiny, tmp_path):
+    """The id hashes what the update is, not how long the method ran (format 3); artifacts written in
+    format 2 (whose ids hashed the phase timings) still load, verified by their own rule."""
+    from loka.artifact import content_id
+
+    req = loka.EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    a, b = (loka.edit(tiny, req, "memit", tiny.hp, progress=False, apply=False) for _ in range(2))
+    assert a.manifest["extra"]["timings"] != b.manifest["extra"]["timings"]  # the runs took different time
+    assert a.id == b.id
+    assert a.manifest["format_version"] == 3
+
+    old = dict(a.manifest, format_version=2)
+    old["id"] = content_id(old, a.deltas)
+    assert old["id"] != a.id  # format 2 hashed the timings
+    v2 = loka.Artifact(a.deltas, old).save(tmp_path / "v2")
+    assert load_artifact(v2).id == old["id"]
+    m = json.loads((v2 / "manifest.json").read_text())
+    m["extra"]["timings"]["values"] += 1.0  # in format 2 the timings are part of the id
+    (v2 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="not derived from its content"):
+        load_artifact(v2)

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "loka-artifact"
-FORMAT_VERSION = 2  # 2: the id hashes the tensors and every field in ID_FIELDS
+FORMAT_VERSION = 3  # 2: the id hashes the tensors and every field in ID_FIELDS; 3: not the phase timings
 _STACK_ATTR = "_loka_applied"  # list of (artifact, {param name: original tensor}) kept on the model
 from .models.hooked import MEMORY_ATTR  # noqa: E402  (applied memory artifacts and their hook handles)
 
@@ -87,9 +87,9 @@ def _model_of(target) -> tuple[nn.Module, str | None]:
 
 #: manifest fields that change what applying the artifact does: the id is a hash of them and the tensors
 ID_FIELDS = ("kind", "method", "hparams", "requests", "params", "extra", "parents")
+#: fields of ``extra`` that say how long the method ran, not what the update is, by format version
+VOLATILE_EXTRA = {1: ("seconds",), 2: ("seconds",), 3: ("seconds", "timings")}
 #: fields a manifest must have to be loaded
-#: ``extra`` keys that describe the run, not the update (left out of the id)
-VOLATILE_EXTRA = ("seconds",)
 REQUIRED_FIELDS = (
     "format",
     "format_version",
@@ -123,8 +123,18 @@ _DTYPE_BYTES = {
 def content_id(manifest: dict, deltas: dict[str, torch.Tensor]) -> str:
     """The artifact's id: a hash over its tensors, the model it was made for and :data:`ID_FIELDS`."""
     fields = {k: manifest.get(k) for k in ID_FIELDS}
+    volatile = VOLATILE_EXTRA.get(manifest.get("format_version"), VOLATILE_EXTRA[FORMAT_VERSION])
     if isinstance(fields["extra"], dict):  # how long the method ran is not part of what the update is
-        fields["extra"] = {k: v for k, v in fields["extra"].items() if k not in VOLATILE_EXTRA}
+        fields["extra"] = {k: v for k, v in fields["extra"].items() if k not in volatile}
+        parts = fields["extra"].get("parts")
+        if manifest.get("format_version", FORMAT_VERSION) >= 3 and isinstance(parts, list):  # a bundle's
+            fields["extra"]["parts"] = [  # parts, each without its own run times
+                {k: v for k, v in p.items() if k != "extra"}
+                | {"extra": {k: v for k, v in p["extra"].items() if k not in volatile}}
+                if isinstance(p, dict) and isinstance(p.get("extra"), dict)
+                else p
+                for p in parts
+            ]
     fields["model_hash"] = (manifest.get("model") or {}).get("hash")
     return hash_json([hash_tensors(deltas), fields])[:16]
 
@@ -595,6 +605,7 @@ def stack_artifacts(artifacts: list[Artifact]) -> Artifact:
     base = artifacts[0].manifest
     manifest = dict(
         base,
+        format_version=FORMAT_VERSION,
         method="stack",
         kind="weight-delta",
         hparams={},
@@ -622,6 +633,7 @@ def bundle_artifacts(artifacts: list[Artifact]) -> Artifact:
     base = parts[0].manifest
     manifest = dict(
         base,
+        format_version=FORMAT_VERSION,
         method="bundle",
         kind="bundle",
         hparams={},
