@@ -1,5 +1,5 @@
 """The ``loka`` command line: one module per command group (:mod:`.update`, :mod:`.models`,
-:mod:`.evaluate`, :mod:`.data`, :mod:`.kg`) and what they share (:mod:`.common`). Every command accepts
+:mod:`.evaluate`, :mod:`.data`, :mod:`.kg`, :mod:`.serve`) and what they share (:mod:`.common`). Every command accepts
 ``--help``; an expected failure prints one line ``error: …`` and exits with status 2."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import sys
 
 from .. import env
-from . import data, evaluate, kg, models, update
+from . import data, evaluate, kg, models, serve, update
 from .common import MethodNames, add_threads, os_message
 
 
@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     methods, forgetters = MethodNames(), MethodNames("forget")
-    for group in (models, update, evaluate, data, kg):
+    for group in (models, update, evaluate, data, kg, serve):
         group.register(sub, methods, forgetters)
     add_threads(p)
     _verbosity_everywhere(sub)
