@@ -265,7 +265,7 @@ class Engine:
         """The prompt's token count, after checking it and ``max_tokens`` fit the model's positions."""
         if max_tokens < 1 or max_tokens > self.max_tokens_limit:
             raise RequestError(
-                f"max_tokens must be 1..{self.max_tokens_limit} (the server's --max-tokens-limit), got {max_tokens}"
+                f"max_tokens: must be 1..{self.max_tokens_limit} (the server's --max-tokens-limit), got {max_tokens}"
             )
         n = len(self.handle.tokenizer(text, add_special_tokens=special)["input_ids"])
         if n == 0:
