@@ -32,6 +32,7 @@ _API = {
         "RequestError",
     ],
     ".eval.run_report": ["write_report"],
+    ".export.gguf": ["GGUFExport", "export_gguf"],
     ".eval.kg_runner": ["run_kg"],
     ".eval.runner": ["evaluate"],
     ".methods": ["default_hparams", "get_method"],
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from .eval.kg_runner import run_kg
     from .eval.run_report import write_report
     from .eval.runner import evaluate
+    from .export.gguf import GGUFExport, export_gguf
     from .methods import REGISTRY as METHODS
     from .methods import default_hparams, get_method
     from .methods.codebook import CodebookFolder, LokaModel, state_from_artifact

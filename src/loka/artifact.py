@@ -151,13 +151,19 @@ def lineage(artifact: Artifact) -> set[str]:
     return ids
 
 
-def applied_lineage(model: nn.Module) -> dict[str, str]:
-    """``{id: applied artifact id}`` over every artifact applied to ``model`` and what it was made from."""
-    out: dict[str, str] = {}
+def applied_artifacts(model: nn.Module) -> list[Artifact]:
+    """The artifacts applied to ``model``: weight deltas and adapters in the order applied, then memories,
+    then context stores (the parts of a bundle each appear on their own)."""
     applied = [a for a, _ in model.__dict__.get(_STACK_ATTR, [])]
     applied += [a for a, _ in model.__dict__.get(MEMORY_ATTR, [])]
     applied += list(runtime.applied_context(model))
-    for a in applied:
+    return applied
+
+
+def applied_lineage(model: nn.Module) -> dict[str, str]:
+    """``{id: applied artifact id}`` over every artifact applied to ``model`` and what it was made from."""
+    out: dict[str, str] = {}
+    for a in applied_artifacts(model):
         for i in lineage(a):
             out[i] = a.id
     return out

@@ -1,4 +1,4 @@
-"""Models and artifacts: ``loka models``, ``generate``, ``apply``, ``inspect``, ``stats``, ``analyze`` and ``demo``."""
+"""Models and artifacts: ``loka models``, ``generate``, ``apply``, ``export``, ``inspect``, ``stats``, ``analyze`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -50,9 +50,54 @@ def cmd_apply(args) -> int:
     handle = load_model(args.model, device=args.device)
     for a in arts:
         a.apply(handle, force=args.force)
-    applied = [{"id": a.id, "method": a.method, "kind": a.kind} for a in arts]
-    out = handle.save_pretrained(args.out, force=args.force, info={"artifacts": applied})
+    out = _save_hf(handle, arts, args.out, args.force)
     print(f"wrote {handle.name} with {len(args.artifact)} artifact(s) applied to {out}")
+    return 0
+
+
+def _save_hf(handle, arts: list, out: str, force: bool) -> Path:
+    """The model with ``arts`` applied as a Hugging Face folder (``loka apply --out``, ``loka export --format hf``)."""
+    applied = [{"id": a.id, "method": a.method, "kind": a.kind} for a in arts]
+    return handle.save_pretrained(out, force=force, info={"artifacts": applied})
+
+
+def cmd_export(args) -> int:
+    from ..export.gguf import check_gguf_output, export_gguf
+    from ..models import load_model
+    from ..models.loader import check_export_output
+    from .common import load_artifacts
+
+    fmt = args.format or ("gguf" if str(args.out).lower().endswith(".gguf") else "hf")
+    if fmt == "hf" and args.quant:
+        raise ConfigError(
+            "--quant applies to --format gguf; a Hugging Face folder keeps the weights in float32"
+        )
+    (check_export_output if fmt == "hf" else check_gguf_output)(args.out, force=args.force)
+    arts = load_artifacts(args.artifact)
+    handle = load_model(args.model, device=args.device)
+    for a in arts:
+        a.apply(handle, force=args.force)
+    what = f"{handle.name} with {len(arts)} artifact(s) applied"
+    if fmt == "hf":
+        out = _save_hf(handle, arts, args.out, args.force)
+        if args.json:
+            print(json.dumps({"format": "hf", "path": str(out), "artifacts": [a.id for a in arts]}, indent=2))
+        else:
+            print(f"wrote {what} to {out}")
+        return 0
+    res = export_gguf(
+        handle, args.out, quant=args.quant or "q8_0", verify=not args.no_verify, force=args.force
+    )
+    if args.json:
+        print(json.dumps({"format": "gguf", **res.to_dict()}, indent=2))
+        return 0
+    print(f"wrote {what} to {res.path} ({res.quant}, {res.bytes / 1e6:.1f} MB, {res.seconds:.1f} s)")
+    if res.verified:
+        print(f"verified in {res.verify_seconds:.1f} s: {res.summary()}")
+        for c in res.lost:
+            print(f"  lost: {c.text!r} -> {c.target!r} (artifact {c.artifact})")
+    else:
+        print("not verified (--no-verify)")
     return 0
 
 
@@ -200,6 +245,44 @@ def register(sub, methods, forgetters) -> None:
         "(a folder loka did not write is never replaced)",
     )
     s.set_defaults(fn=cmd_apply)
+
+    s = sub.add_parser(
+        "export",
+        help="write the model with artifacts applied as a GGUF file (verified) or a Hugging Face folder",
+    )
+    add_model(s)
+    s.add_argument(
+        "--artifact", action="append", default=[], help="artifact folder (repeatable, applied in order)"
+    )
+    s.add_argument(
+        "--out",
+        required=True,
+        help="output: a .gguf file or a folder (new, or one loka exported before, with --force)",
+    )
+    s.add_argument(
+        "--format",
+        choices=("hf", "gguf"),
+        help="gguf: one GGUF file for llama.cpp and Ollama; hf: a Hugging Face folder (as loka apply --out); "
+        "default: gguf when --out ends in .gguf, else hf",
+    )
+    s.add_argument(
+        "--quant",
+        choices=("f16", "q8_0", "q4_0", "q4_1"),
+        help="GGUF tensor type of the 2-D weights (default q8_0; norms stay float32)",
+    )
+    s.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip reading the GGUF back with transformers and re-scoring the artifacts' requests on it",
+    )
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="apply even if made for other weights, and replace an export loka wrote at --out "
+        "(a file or folder loka did not write is never replaced)",
+    )
+    add_json(s, "print the result (and the verification of each request) as JSON")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("inspect", help="show an artifact's manifest")
     s.add_argument("artifact", help="artifact folder")
