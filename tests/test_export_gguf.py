@@ -118,6 +118,57 @@ def test_memory_artifacts_are_refused_and_nothing_is_written(tmp_path, capsys):
     assert not (tmp_path / "g.gguf").exists() and _no_leftovers(tmp_path)
 
 
+def test_gemma3_layout_from_a_source_gguf_norms_stored_as_one_plus_w(tmp_path, monkeypatch):
+    """A source GGUF of the tiny Gemma 3 (its metadata, its tensor names, zero tensors) stands in for a
+    packaged one: the export copies its metadata, writes the model's weights under its names with the
+    norms as 1 + w, and the file answers as the model."""
+    from gguf import MODEL_ARCH, GGUFReader, GGUFWriter, get_tensor_name_map
+
+    import loka.export.gguf as G
+
+    export_gguf(loka.load_model("tiny-llama"), tmp_path / "tok.gguf", quant="f16", verify=False)
+    h = loka.load_model("tiny-gemma3")
+    src = tmp_path / "src.gguf"
+    w = GGUFWriter(src, "gemma3")
+    for k, v in {
+        "context_length": 512,
+        "embedding_length": 64,
+        "block_count": 4,
+        "feed_forward_length": 128,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "attention.key_length": 16,
+        "attention.value_length": 16,
+        "attention.sliding_window": 128,
+    }.items():
+        w.add_uint32(f"gemma3.{k}", v)
+    w.add_float32("gemma3.rope.freq_base", 1e6)
+    w.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    for key, f in GGUFReader(tmp_path / "tok.gguf").fields.items():
+        if key.startswith("tokenizer."):
+            w.add_key_value(key, *G._field_value(f))
+    names = get_tensor_name_map(MODEL_ARCH.GEMMA3, 4)
+    for p, t in h.model.state_dict().items():
+        base, _, suffix = p.rpartition(".")
+        if names.get_name(base) not in (None, "output"):  # tied: no output matrix
+            w.add_tensor(f"{names.get_name(base)}.{suffix}", np.zeros(tuple(t.shape), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setattr(G, "source_gguf", lambda handle: src)
+    res = export_gguf(h, tmp_path / "g.gguf", quant="f16")
+    assert res.metadata_from == "src.gguf" and res.tensor_types == {"F16": 29, "F32": 25}
+    assert res.top1_agreement == 1.0 and res.tokenizer_identical
+    back = load_gguf(tmp_path / "g.gguf")
+    assert back.config.model_type == "gemma3_text"
+    for t in TEXTS:
+        assert torch.allclose(prompt_logits(back, t), prompt_logits(h, t), atol=0.1)
+    stored = {t.name: t for t in GGUFReader(tmp_path / "g.gguf").tensors}["blk.0.attn_norm.weight"]
+    assert stored.tensor_type.name == "F32"  # and holds 1 + w, as llama.cpp's converter writes it
+    assert np.array_equal(stored.data, h.model.model.layers[0].input_layernorm.weight.numpy() + 1)
+
+
 def test_other_architectures_are_refused_in_one_line(tmp_path):
     h = loka.load_model("tiny-gpt2")
     with pytest.raises(loka.ModelError, match="tiny-gpt2 is 'gpt2'"):

@@ -619,7 +619,20 @@ def _judge(kind: str, groups: dict[str, list[dict]]) -> dict[str, float | None]:
     return out
 
 
-def _score_requests(handle: ModelHandle, reqs: list[tuple[str, dict]]) -> list[dict]:
+def applied_requests(handle: ModelHandle) -> list[tuple[str, dict]]:
+    """``(artifact id, request)`` for every request of every artifact applied to ``handle``, in order."""
+    return [
+        (a.id, r)
+        for art in applied_artifacts(handle.model)
+        for a in art.parts()
+        for r in a.manifest.get("requests") or []
+        if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("subject"), str)
+    ]
+
+
+def request_scores(handle: ModelHandle, reqs: list[tuple[str, dict]]) -> list[dict]:
+    """Per request (as :func:`applied_requests` lists them): the fraction of its rewrite, paraphrase and
+    neighbourhood prompts where it holds on ``handle`` (``{}`` for a request that names no answer)."""
     rows, owner, kinds = [], [], []
     for i, (_, req) in enumerate(reqs):
         r, kind = _request_rows(req)
@@ -642,22 +655,27 @@ def _next_token_logits(handle: ModelHandle, prompts: list[str]) -> list[torch.Te
     return out
 
 
-def verify_gguf(handle: ModelHandle, file: str | Path, result: GGUFExport) -> GGUFExport:
-    """Read ``file`` back with transformers and fill ``result``'s checks against the in-memory ``handle``."""
+def verify_gguf(
+    handle: ModelHandle,
+    file: str | Path,
+    result: GGUFExport,
+    *,
+    requests: list[tuple[str, dict]] | None = None,
+    before: list[dict] | None = None,
+) -> GGUFExport:
+    """Read ``file`` back with transformers and fill ``result``'s checks against the in-memory ``handle``.
+
+    ``requests`` (default: the applied artifacts' own, :func:`applied_requests`) are scored on both;
+    ``before``, their scores on ``handle`` from :func:`request_scores`, saves scoring them again."""
     t0 = time.time()
     log.info("verifying: reading %s back with transformers", result.path.name)
     back = load_gguf(file, device=handle.device)
-    reqs = [
-        (a.id, r)
-        for art in applied_artifacts(handle.model)
-        for a in art.parts()
-        for r in a.manifest.get("requests") or []
-        if isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("subject"), str)
-    ]
+    reqs = applied_requests(handle) if requests is None else requests
     checks = []
     if reqs:
-        before, after = _score_requests(handle, reqs), _score_requests(back, reqs)
-        for (aid, req), b, a in zip(reqs, before, after):
+        before = request_scores(handle, reqs) if before is None else before
+        after = request_scores(back, reqs)
+        for (aid, req), b, a in zip(reqs, before, after, strict=True):
             if not b:
                 continue
             checks.append(
