@@ -665,12 +665,13 @@ def test_memory_and_context_artifacts_apply_in_a_fresh_process(tmp_path):
         assert r.returncode == 0, r.stderr
 
 
-def test_export_refuses_memory_and_context_artifacts_instead_of_writing_the_base_model(tmp_path, capsys):
+def test_export_refuses_a_context_artifact_instead_of_writing_the_base_model(tmp_path, capsys):
+    """(GRACE, WISE and MEMOIR export with a modelling file: tests/test_export_remote.py.)"""
     import loka
 
     h = loka.load_model("tiny-llama")
     req = loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome")
-    for method, hp in (("grace", {"n_iter": 2}), ("scr", {})):
+    for method, hp in (("scr", {}),):
         art = loka.edit(h, req, method, hp, progress=False)
         with pytest.raises(loka.ArtifactError, match="cannot export"):
             h.save_pretrained(tmp_path / f"{method}-py")

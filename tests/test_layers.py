@@ -18,7 +18,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundation",
         ("loka.errors", "loka.version", "loka.utils", "loka.resources", "loka.env", "loka.hf_compat"),
     ),
-    ("models", ("loka.models",)),
+    # loka.export.remote writes the modelling file of an exported folder; ModelHandle.save_pretrained calls it
+    ("models", ("loka.models", "loka.export.remote")),
     ("hooks", ("loka.trace", "loka.fastlinear", "loka.packing", "loka.weights", "loka.runtime")),
     (
         "data",

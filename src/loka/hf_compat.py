@@ -176,6 +176,15 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
         del model.config.quantization_config
 
 
+def save_in_model_names(model: nn.Module) -> dict[str, Any]:
+    """Keywords for ``model.save_pretrained`` that write the weights under the in-memory names.
+    transformers 5 otherwise renames some back to the model type's checkpoint names (GPT-NeoX's
+    ``lm_head`` as ``embed_out``) and renames them again on load by model type, which a folder with a
+    model type of its own (an export with a modelling file) does not get."""
+    params = inspect.signature(model.save_pretrained).parameters
+    return {"save_original_format": False} if "save_original_format" in params else {}
+
+
 @contextlib.contextmanager
 def quiet_progress() -> Iterator[None]:
     """No transformers progress bars inside the block: weight loading and shard writing (its own

@@ -28,6 +28,7 @@ from typing import (
 )
 
 from ..errors import ConfigError, DivergenceError, LokaError, ModelError
+from ..models.hooked import ExportedHook, register_export
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -235,6 +236,14 @@ class Method:
     stateful: ClassVar[bool] = False  # needs the EditState of earlier batches in sequential editing
     #: the artifact kind it makes: weight-delta, adapter, memory (forward hooks), context (a fact store)
     kind: ClassVar[Literal["weight-delta", "adapter", "memory", "context"]] = "weight-delta"
+    #: a memory or context method whose artifacts an exported folder cannot carry: why (a clause after
+    #: "because"); one that can implements ``export_hooks`` instead
+    export_refusal: ClassVar[str] = ""
+
+    @classmethod
+    def export_refusal_for(cls, artifact) -> str:
+        """Why ``artifact`` (applied) cannot go into an exported folder; ``""`` when it can."""
+        return cls.export_refusal
 
     def run(
         self, handle: ModelHandle, requests, hparams, progress=None, state=None
@@ -252,12 +261,33 @@ class MemoryMethod(Method):
     def hook(artifact):  # pragma: no cover - interface
         raise NotImplementedError
 
+    #: the hook of the exported modelling file (``loka/export/templates/modeling_loka.py``) that reproduces
+    #: this method's hook, given :meth:`export_tensors`; ``None``: not exportable (say why in
+    #: ``export_refusal``, or override :meth:`export_hooks`)
+    export_kind: ClassVar[str | None] = None
+
     @classmethod
     def attach(cls, model, artifact) -> object:
         """Install ``artifact``'s hook on ``model``; returns the removable hook handle."""
         return model.get_submodule(artifact.manifest["extra"]["module"]).register_forward_hook(
             cls.hook(artifact)
         )
+
+    @staticmethod
+    def export_tensors(artifact) -> tuple[dict, dict]:  # pragma: no cover - interface
+        """The tensors and JSON settings the modelling file's ``export_kind`` hook reads."""
+        raise NotImplementedError
+
+    @classmethod
+    def export_hooks(cls, model, applied: list) -> list[ExportedHook]:
+        """One exported hook per applied artifact (``applied``: its (artifact, hook handle) pairs), in the
+        order their hooks were installed (a handle's id counts up)."""
+        out = []
+        for artifact, handle in applied:
+            tensors, settings = cls.export_tensors(artifact)
+            module = artifact.manifest["extra"]["module"]
+            out.append(ExportedHook(cls.export_kind, module, tensors, settings, [artifact.id], handle.id))
+        return out
 
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -271,6 +301,9 @@ def register(cls: type[Method]) -> type[Method]:
         from ..artifact import register_memory
 
         register_memory(cls.name, cls.attach)
+    if cls.kind in ("memory", "context"):
+        exportable = getattr(cls, "export_kind", None) is not None or "export_hooks" in vars(cls)
+        register_export(cls.name, cls.export_hooks if exportable else None, cls.export_refusal_for)
     return cls
 
 

@@ -98,12 +98,17 @@ class GraceMemory:
 class Grace(MemoryMethod):
     name = "grace"
     hparams_cls = GraceHParams
+    export_kind = "grace"
 
     @staticmethod
     def hook(artifact) -> GraceMemory:
         return GraceMemory(
             artifact.deltas["grace.keys"], artifact.deltas["grace.values"], artifact.deltas["grace.eps"]
         )
+
+    @staticmethod
+    def export_tensors(artifact) -> tuple[dict, dict]:
+        return {n: artifact.deltas[f"grace.{n}"] for n in ("keys", "values", "eps")}, {}
 
     def run(self, handle: ModelHandle, requests, hp: GraceHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")

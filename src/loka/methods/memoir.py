@@ -69,6 +69,7 @@ from torch import nn
 from ..errors import ArtifactError, ConfigError, LokaError
 from ..forgetting import losses as L
 from ..hf_compat import is_decode_step
+from ..models.hooked import ExportedHook
 from ..requests import fill_subject
 from ..runtime import add_router, remove_router, routers
 from ..state import EditState
@@ -623,6 +624,27 @@ class Memoir(MemoryMethod):
     name = "memoir"
     hparams_cls = MemoirHParams
     stateful = True
+
+    @classmethod
+    def export_hooks(cls, model, applied: list) -> list[ExportedHook]:
+        """One exported hook per memory module: the applied parts summed into ``W_m`` and all their masks
+        (the modelling file's ``memoir`` hook retrieves and adds as :class:`MemoirRuntime` does)."""
+        rt = runtime_of(model)
+        if rt is None:
+            return []
+        out = []
+        for path, mem in rt.memories.items():
+            ids = [a.id for a, h in applied if getattr(h, "path", None) == path]
+            tensors = {
+                "W": mem.W,
+                "masks": mem.masks,
+                "taus": mem.taus,
+                "background": mem.background,
+                "perm": mem.perm,
+            }
+            settings = {"top_k": mem.k, "prompt_feature": mem.kind, "width": mem.width}
+            out.append(ExportedHook("memoir", path, tensors, settings, ids, rt._hooks[path].id))
+        return out
 
     @classmethod
     def attach(cls, model, artifact) -> _Attached:

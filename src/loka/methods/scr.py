@@ -50,6 +50,10 @@ class Scr(Method):
     name = "scr"
     hparams_cls = ScrHParams
     kind = "context"
+    export_refusal = (
+        "it rewrites each prompt's text (facts retrieved with the MiniLM sentence encoder, filtered by "
+        "the model) before the model sees it, and a model's forward sees token ids, not prompts"
+    )
 
     def run(self, handle: ModelHandle, requests, hp: ScrHParams, progress=None, state=None):
         from ..encoder import load_encoder

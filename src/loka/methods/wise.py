@@ -132,10 +132,15 @@ def _inputs(handle: ModelHandle, path: str, texts: list[str]) -> torch.Tensor:
 class Wise(MemoryMethod):
     name = "wise"
     hparams_cls = WiseHParams
+    export_kind = "wise"
 
     @staticmethod
     def hook(artifact) -> SideMemory:
         return SideMemory(artifact.deltas["wise.delta"], float(artifact.deltas["wise.tau"]))
+
+    @staticmethod
+    def export_tensors(artifact) -> tuple[dict, dict]:
+        return {"delta": artifact.deltas["wise.delta"], "tau": artifact.deltas["wise.tau"].reshape(1)}, {}
 
     def run(self, handle: ModelHandle, requests, hp: WiseHParams, progress=None, state=None):
         layer = handle.check_layer(hp.layer, "layer")

@@ -140,18 +140,28 @@ class ModelHandle:
     def save_pretrained(
         self, folder: str | Path, *, force: bool = False, info: dict | None = None, files: dict | None = None
     ) -> Path:
-        """Write the model (with whatever artifacts are applied) as a normal HF folder, atomically.
+        """Write the model (with whatever artifacts are applied) as a Hugging Face folder, atomically.
 
-        The folder also gets ``loka-export.json`` (base model, its hash, ``info``) and the JSON ``files``
-        given. An existing folder is replaced only if loka exported it (it holds that marker) and
-        ``force`` is true; any other folder or file at ``folder`` is refused."""
-        from ..hf_compat import quiet_progress
-        from .hooked import check_exportable
+        Weight-delta and adapter artifacts are in the weights. GRACE, WISE and MEMOIR memories go into a
+        modelling file that transformers loads with ``trust_remote_code=True``
+        (:mod:`loka.export.remote`); any other hooked artifact (LOKA's codebook, SCR) is refused with one
+        line before anything is written — never a silent base model. The folder also gets
+        ``loka-export.json`` (base model, its hash, ``info``, and the modelling file's hooks and
+        artifacts) and the JSON ``files`` given. An existing folder is replaced only if loka exported it
+        (it holds that marker) and ``force`` is true; any other folder or file at ``folder`` is refused.
+        The in-memory model is not changed."""
+        from ..export.remote import remote_export
+        from ..hf_compat import quiet_progress, save_in_model_names
 
-        check_exportable(self.model)  # never a silent base model
+        remote = remote_export(self.model)  # refuses what no folder can carry
         folder = check_export_output(folder, force=force)
         with atomic_dir(folder) as tmp, quiet_progress():
-            self.model.save_pretrained(tmp)
+            if remote is None:
+                self.model.save_pretrained(tmp)
+            else:  # the memories' buffers too, under the names the modelling file's model has
+                self.model.save_pretrained(
+                    tmp, state_dict=remote.state_dict(self.model), **save_in_model_names(self.model)
+                )
             self.tokenizer.save_pretrained(tmp)
             marker = {
                 "format": EXPORT_FORMAT,
@@ -159,9 +169,20 @@ class ModelHandle:
                 "base_hash": self.model_hash,
                 **(info or {}),
             }
+            if remote is not None:
+                marker["remote_code"] = remote.write(tmp)
             atomic_write_json(tmp / EXPORT_MARKER, marker)
             for name, obj in (files or {}).items():
                 atomic_write_json(tmp / name, obj)
+        if remote is not None:
+            n = sum(len(h.artifacts) for h in remote.hooks)
+            log.info(
+                "%s carries %d memory artifact(s) in modeling_loka.py: load it with "
+                "AutoModelForCausalLM.from_pretrained(%r, trust_remote_code=True)",
+                folder,
+                n,
+                str(folder),
+            )
         return folder
 
 
@@ -308,6 +329,25 @@ def _tokenizers_tokenizer(tj: Path, cls, kw: dict):
     return tok
 
 
+def _refuse_exported_memories(folder: Path) -> None:
+    """A folder loka exported with memories in its modelling file answers through code loka does not
+    run: loaded as weights alone it would be the base model, so it is refused with what to do instead."""
+    try:
+        config = read_json(folder / "config.json", 64 << 20)
+    except LokaError:
+        return  # transformers says what is wrong with it
+    memory = config.get("loka_memory") if isinstance(config, dict) else None
+    if not isinstance(memory, dict):
+        return
+    ids = [i for h in memory.get("hooks", []) if isinstance(h, dict) for i in h.get("artifacts", [])]
+    raise ModelError(
+        f"{folder} holds loka memory artifacts ({', '.join(map(str, ids)) or 'none listed'}) in its modelling "
+        "file modeling_loka.py, which loka does not run (it would answer as the base model): load the base "
+        "model named in its loka-export.json and apply the artifacts, or load the folder with transformers "
+        "(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True))"
+    )
+
+
 def _load_folder(
     folder: Path, name: str, known_hash: str | None = None, fast_tokenizer: bool = False, device=None
 ) -> ModelHandle:
@@ -315,6 +355,7 @@ def _load_folder(
 
     from ..hf_compat import quiet_progress
 
+    _refuse_exported_memories(folder)
     tok = _fast_tokenizer(folder) if fast_tokenizer else None
     if tok is None:
         tok = AutoTokenizer.from_pretrained(folder)

@@ -242,6 +242,20 @@ class Loka(MemoryMethod):
     tasks = frozenset({"edit", "forget", "retain"})
     stateful = True
 
+    @classmethod
+    def export_refusal_for(cls, artifact) -> str:
+        if "router.head.weight" in artifact.deltas:
+            return (
+                "its router decides on the prompt's text with a fine-tuned MiniLM sentence encoder, a "
+                "second model and tokenizer that the exported model's modelling file does not hold"
+            )
+        if artifact.manifest.get("extra", {}).get("key_source") == "encoder":
+            return (
+                "its keys are MiniLM sentence embeddings of the prompt's text, from a second model and "
+                "tokenizer that the exported model's modelling file does not hold"
+            )
+        return "the modelling file reproduces GRACE, WISE and MEMOIR hooks, not a LOKA codebook's"
+
     @staticmethod
     def hook(artifact) -> Codebook:
         t, x = artifact.deltas, artifact.manifest["extra"]
