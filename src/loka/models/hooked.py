@@ -84,7 +84,8 @@ def _hooked_with_handles(model: nn.Module) -> list[tuple[Any, Any]]:
 
 def _carried() -> str:
     """The methods whose memories a modelling file carries, for messages (``GRACE, MEMOIR, WISE``)."""
-    return ", ".join(sorted(m.upper() for m, rule in EXPORTS.items() if rule.hooks is not None)) or "no"
+    names = sorted(m.upper() for m, rule in EXPORTS.items() if rule.hooks is not None)
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names) or "no"
 
 
 def check_exportable(model: nn.Module) -> None:
@@ -119,7 +120,7 @@ def exported_hooks(model: nn.Module) -> list[ExportedHook]:
     if refused:
         raise ArtifactError(
             f"cannot export: {'; '.join(refused)}; a Hugging Face folder carries weight-delta and adapter "
-            f"artifacts and {_carried()} memories: use the others through loka (loka generate --artifact)"
+            f"artifacts and {_carried()} memories; use the refused ones through loka (loka generate --artifact)"
         )
     hooks: list[ExportedHook] = []
     for method, applied in by_method.items():
