@@ -59,6 +59,11 @@ ROWS = {
     "alphaedit+conflict": ("alphaedit", {"conflict_weighting": True}, None),
     "lyaplock": ("lyaplock", {}, None),
     "scr": ("scr", {}, None),
+    # AlphaEdit's null-space threshold (the reference 2e-2 is the SmolLM2 default): benchmarks/alphaedit_nullspace.py
+    "alphaedit-th0.01": ("alphaedit", {"nullspace_threshold": 0.01}, None),
+    "alphaedit-th0.005": ("alphaedit", {"nullspace_threshold": 0.005}, None),
+    "alphaedit-tofu": ("alphaedit", {"mom2_corpus": "tofu", "mom2_n_tokens": 40000}, None),
+    "alphaedit-vlr0.5": ("alphaedit", {"v_lr": 0.5}, None),
     "ultraedit": ("ultraedit", {}, None),
     "memoir": ("memoir", {}, None),
     "wise": ("wise", {}, None),
@@ -104,6 +109,9 @@ def main() -> None:
     ap.add_argument("--wild", action="store_true", help="also WILD's generation scores at each checkpoint")
     ap.add_argument("--max-hours", type=float, help="stop a row after this long, with a checkpoint there")
     ap.add_argument("--out", default="out/lifelong")
+    ap.add_argument(
+        "--tag", help="suffix of the result and plot file names (a separate table, e.g. for ablations)"
+    )
     args = ap.parse_args()
     data = Path(args.data)
     if not data.exists():
@@ -116,7 +124,7 @@ def main() -> None:
     ckpts = tuple(
         sorted(set(args.checkpoints) if args.checkpoints else {ends[0], ends[-1], *ends[:: args.every]})
     )
-    tag = "_wild" if args.wild else ""
+    tag = ("_wild" if args.wild else "") + (f"_{args.tag}" if args.tag else "")
     res = Path("benchmarks/results") / f"lifelong_{args.model}_n{len(cases)}{tag}.json"
     setting = (len(cases), args.batch, ckpts)
     table, series = _rows_of(res, setting)  # rows finished earlier or by a parallel invocation
@@ -192,7 +200,8 @@ def main() -> None:
         )
         _plot(
             series,
-            Path("benchmarks/results/plots") / f"lifelong_{args.model}_n{len(cases)}.png",
+            Path("benchmarks/results/plots")
+            / f"lifelong_{args.model}_n{len(cases)}{f'_{args.tag}' if args.tag else ''}.png",
             f"{args.model}: sequential editing, batches of {args.batch}",
         )
     cols = ("ES", "PS", "NS", "S", "reliability", "wild_success", "wild_para", "wild_locality")
