@@ -378,6 +378,13 @@ def test_bad_requests_get_one_line_and_the_field(served, rome_id):
             _error(client.post("/v1/completions", json=body), 400, "invalid_request_error")["param"] == param
         )
     _error(client.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404, "not_found_error")
+    stream = {"prompt": "x", "stream": True, "artifacts": ["0123456789abcdef"]}  # refused before the stream
+    _error(client.post("/v1/completions", json=stream), 404, "not_found_error")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}
+    assert (
+        _error(client.post("/v1/chat/completions", json=chat), 400, "invalid_request_error")["param"]
+        == "max_tokens"
+    )
     r = client.post("/v1/artifacts", json={"edit": [{**EDIT, "prompt": "no braces"}]}, headers=AUTH)
     assert _error(r, 400, "invalid_request_error")["param"] == "edit[0]"
     r = client.post("/v1/artifacts", json={"method": "nosuch", "edit": [EDIT]}, headers=AUTH)

@@ -37,7 +37,7 @@ from .. import env
 from ..errors import LokaError
 from ..version import __version__
 from .engine import PROBE_TOKENS, Engine, Generation, GenParams, chat_prompt, check_model_name
-from .store import MAX_UPLOAD_BYTES, ArtifactStore, ConflictError, NotFoundError
+from .store import MAX_UPLOAD_BYTES, ArtifactStore, ConflictError, Entry, NotFoundError
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -316,7 +316,7 @@ def create_app(
             for m in body.messages
         ]
         text, special = chat_prompt(engine.handle, msgs)
-        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        max_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), 16)
         params = _params(body, max_tokens)
         rid, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": engine.handle.name}
@@ -352,15 +352,14 @@ def create_app(
         return {"data": rows, "loka": {"artifacts": eff}}
 
     # -- artifacts -----------------------------------------------------------------------------------
-    def summary(art_id: str) -> dict:
-        entry = engine.store.entry(art_id)
-        out = {**entry.summary(), "applied": art_id in engine.stack}
+    def summary(entry: Entry) -> dict:
+        out = {**entry.summary(), "applied": entry.id in engine.stack}
         out["compatible"] = (entry.manifest.get("model") or {}).get("hash") == engine.handle.model_hash
         return out
 
     @app.get("/v1/artifacts")
     def list_artifacts() -> dict:
-        return {"data": [summary(e.id) for e in engine.store.entries()]}
+        return {"data": [summary(e) for e in engine.store.entries()]}
 
     @app.post("/v1/artifacts", dependencies=auth, status_code=201)
     def create(body: CreateBody) -> dict:
@@ -373,7 +372,12 @@ def create_app(
             forget_method=body.forget_method,
             apply=body.apply,
         )
-        return {**summary(art.id), "report": report, "seconds": seconds, "steps": art.steps}
+        return {
+            **summary(engine.store.entry(art.id)),
+            "report": report,
+            "seconds": seconds,
+            "steps": art.steps,
+        }
 
     @app.post("/v1/artifacts/upload", dependencies=auth, status_code=201)
     async def upload(request: Request) -> dict:
@@ -386,15 +390,15 @@ def create_app(
             )
             if art.id in engine.store:
                 raise ConflictError(f"artifact {art.id} is already in the store")
-            await run_in_threadpool(engine.store.add, art)
+            entry = await run_in_threadpool(engine.store.add, art)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        return summary(art.id)
+        return summary(entry)
 
     @app.get("/v1/artifacts/{art_id}")
     def get_artifact(art_id: str) -> dict:
         entry = engine.store.entry(art_id)
-        return {**summary(art_id), "manifest": entry.manifest, "report": entry.meta.get("report")}
+        return {**summary(entry), "manifest": entry.manifest, "report": entry.meta.get("report")}
 
     @app.get("/v1/artifacts/{art_id}/download")
     def download(art_id: str):
@@ -468,7 +472,8 @@ def _install_errors(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             why = (first.get("ctx") or {}).get("error", "")
             return error_response(400, f"the request body is not valid JSON ({why}); send a JSON object")
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc = [str(x) for x in first.get("loc", ())]
+        loc = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
         param = ".".join(loc) or None
         if first.get("type") == "extra_forbidden":
             msg = f"{param}: unknown field; see the API reference in docs/serve.md"

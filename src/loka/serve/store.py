@@ -230,15 +230,19 @@ class ArtifactStore:
         """Save ``art`` as ``<store>/<id>/`` (an artifact already there, with the same content id, is kept)
         and ``meta`` beside it."""
         path = self.root / art.id
-        if art.id not in self.scan():
+        new = art.id not in self.scan()
+        if new:
             art.save(path)  # refuses a folder in the way that loka did not write
         if meta:
             atomic_write_json(self.root / f"{art.id}{META_SUFFIX}", {"format": META_FORMAT, **meta})
-            with self._lock:
-                self._by_name.pop(art.id, None)  # re-read with its meta
+        entry = self.scan().get(art.id)  # a new folder is verified (and its meta read) here
+        if entry is None:
+            raise ArtifactError(f"{path} was written but does not verify; the store's disk may be failing")
+        if meta and not new:
+            entry.meta = self._read_meta(art.id)
         with self._lock:
             self._remember(art)
-        return self.entry(art.id)
+        return entry
 
     def remove(self, art_id: str) -> None:
         """Delete ``<store>/<id>/`` (and its sidecar): only a folder the store wrote, moved aside in one
