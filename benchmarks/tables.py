@@ -1245,6 +1245,56 @@ def kg_geometry(d: dict) -> str:
     return md([*head, "‖Δ‖/‖W‖"], rows)
 
 
+# ---------------------------------------------------------------- docs/serve.md
+
+
+@table("serve-load", "docs/serve.md", "serve_load_smollm2-135m.json")
+def serve_load(d: dict) -> str:
+    """Latency per phase and request stack, then the concurrent phase's totals and failures."""
+
+    def ms(x: float) -> str:
+        return f"{num(1000 * x, 0)} ms"
+
+    seq, conc = d["sequential"], d["concurrent"]
+    rows = []
+    for phase, part in (("1 (sequential)", seq), (f"{d['clients']} (concurrent)", conc)):
+        for key, what in (("none", "none"), ("per_request", "[a], [b] or [a, b]")):
+            lat = part[key]
+            rows.append([phase, what, lat["n"], ms(lat["p50_s"]), ms(lat["p95_s"]), ms(lat["max_s"])])
+    lat_table = md(["clients", "per-request stack", "requests", "p50", "p95", "max"], rows)
+    total = md(
+        [
+            "requests",
+            "clients",
+            "tokens each",
+            "wall",
+            "throughput",
+            "global apply/revert of c meanwhile",
+            "answers under c",
+            "streamed",
+            "failures",
+            "apply + revert [a] / [b] / [a, b]",
+            "load average at the start",
+        ],
+        [
+            [
+                d["n"],
+                d["clients"],
+                d["max_tokens"],
+                f"{num(conc['wall_s'], 1)} s",
+                f"{num(conc['throughput_rps'], 2)} req/s",
+                conc["global_toggles"],
+                conc["under_global_c"],
+                conc["streamed"],
+                d["failures"],
+                " / ".join(f"{num(d['apply_and_revert_ms'][k], 2)}" for k in ("a", "b", "a+b")) + " ms",
+                f"{num(d['provenance']['loadavg'][0], 1)} on {d['provenance']['cpus']} CPUs",
+            ]
+        ],
+    )
+    return f"{lat_table}\n\n{total}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
