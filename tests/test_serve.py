@@ -623,3 +623,40 @@ def test_smollm2_edit_through_the_api_changes_the_answer_for_its_requests_only(s
         assert "Paris" in chat["choices"][0]["message"]["content"]
         client.post("/v1/completions", json={**q, "max_tokens": 1})
     assert _same(smollm2, w0)
+
+
+# -- export ------------------------------------------------------------------------------------------
+def test_export_writes_the_served_model_and_leaves_nothing_behind(tmp_path, rome_hp):
+    pytest.importorskip("loka.export.gguf")
+    from safetensors.torch import load as load_safetensors
+
+    h = loka.load_model("tiny-llama")
+    app = create_app(h, store=tmp_path / "s", token=TOKEN)
+    with TestClient(app) as client:
+        _error(client.get("/v1/export?format=hf"), 401, "authentication_error")
+        r = client.post(
+            "/v1/artifacts", json={"hparams": rome_hp, "edit": [EDIT], "apply": True}, headers=AUTH
+        )
+        aid = r.json()["id"]
+        art = app.state.engine.store.get(aid)
+        [(name, delta)] = art.deltas.items()
+        r = client.get("/v1/export?format=hf", headers=AUTH)
+        assert r.status_code == 200 and 'filename="tiny-llama-hf.tar"' in r.headers["content-disposition"]
+        with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+            names = set(tar.getnames())
+            marker = json.loads(tar.extractfile("tiny-llama/loka-export.json").read())
+            weights = load_safetensors(tar.extractfile("tiny-llama/model.safetensors").read())
+        assert {"tiny-llama/config.json", "tiny-llama/model.safetensors"} <= names
+        assert marker["artifacts"] == [aid]
+        assert torch.equal(weights[name], h.model.get_parameter(name))  # the edited weight, as served
+        client.post(f"/v1/artifacts/{aid}/revert", headers=AUTH)
+        assert not torch.equal(weights[name], h.model.get_parameter(name))
+        r = client.get("/v1/export?format=gguf&quant=q8_0", headers=AUTH)
+        assert r.status_code == 200 and r.content[:4] == b"GGUF"
+        _error(client.get("/v1/export?format=gguf&quant=q2_k", headers=AUTH), 422, "invalid_request_error")
+        edit = {"prompt": "{} was born in the city of", "subject": "Zorblax Quint", "target": "Q"}
+        body = {"method": "grace", "hparams": GRACE_HP, "edit": [edit], "apply": True}
+        assert client.post("/v1/artifacts", json=body, headers=AUTH).status_code == 201
+        err = _error(client.get("/v1/export?format=gguf", headers=AUTH), 409, "conflict_error")
+        assert "grace" in err["message"]
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.startswith(".")]  # scratch folders removed

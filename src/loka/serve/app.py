@@ -613,7 +613,6 @@ def _add_export(app: FastAPI, engine: Engine, auth: list) -> None:
     scratch folder of the store, sent, then removed."""
     from ..artifact import ArtifactError
     from ..export.gguf import export_gguf
-    from ..models.hooked import check_exportable
 
     @app.get("/v1/export", dependencies=auth)
     def export(
@@ -624,21 +623,19 @@ def _add_export(app: FastAPI, engine: Engine, auth: list) -> None:
         try:
             with engine.using([]) as eff:
                 h = engine.handle
-                try:
-                    check_exportable(h.model)
+                try:  # what a file cannot carry (hooks in a GGUF, a codebook anywhere) is refused: a 409
+                    if fmt == "gguf":
+                        out = scratch / f"{h.name}-{quant}.gguf"
+                        export_gguf(h, out, quant=quant, verify=True)
+                        media = "application/octet-stream"
+                    else:
+                        info = {"artifacts": eff, "served_by": "loka serve"}
+                        folder = h.save_pretrained(scratch / h.name, info=info)
+                        out = scratch / f"{h.name}-hf.tar"
+                        _tar_folder(folder, out)
+                        media = "application/x-tar"
                 except ArtifactError as e:
                     raise ConflictError(str(e)) from None
-                if fmt == "gguf":
-                    out = scratch / f"{h.name}-{quant}.gguf"
-                    export_gguf(h, out, quant=quant, verify=True)
-                    media = "application/octet-stream"
-                else:
-                    folder = h.save_pretrained(
-                        scratch / h.name, info={"artifacts": eff, "served_by": "loka serve"}
-                    )
-                    out = scratch / f"{h.name}-hf.tar"
-                    _tar_folder(folder, out)
-                    media = "application/x-tar"
         except BaseException:
             engine.store.drop_scratch(scratch)
             raise
@@ -651,12 +648,13 @@ def _add_export(app: FastAPI, engine: Engine, auth: list) -> None:
 
 
 def _tar_folder(folder: Path, out: Path) -> None:
+    """``out``: a tar of every regular file under ``folder`` (which this server just wrote), under its name."""
     import tarfile
 
     with tarfile.open(out, "w") as tar:
-        for p in sorted(folder.iterdir()):
+        for p in sorted(folder.rglob("*")):
             if p.is_file() and not p.is_symlink():
-                tar.add(p, arcname=f"{folder.name}/{p.name}", recursive=False)
+                tar.add(p, arcname=f"{folder.name}/{p.relative_to(folder).as_posix()}", recursive=False)
 
 
 __all__ = ["AuthError", "create_app", "error_response"]
