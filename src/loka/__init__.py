@@ -41,6 +41,7 @@ _API = {
     ".requests": ["EditRequest", "ForgetRequest", "RetainRequest", "read_requests", "request_from_record"],
     ".result": ["EditResult"],
     ".scoring": ["generate", "target_logprobs"],
+    ".serve": ["create_app"],
     ".session": ["Session"],
     ".state": ["EditState"],
     ".stats": ["second_moments"],
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
     from .requests import EditRequest, ForgetRequest, RetainRequest, read_requests, request_from_record
     from .result import EditResult
     from .scoring import generate, target_logprobs
+    from .serve import create_app
     from .session import Session
     from .state import EditState
     from .stats import second_moments
