@@ -261,12 +261,16 @@ class Engine:
             self.handle = handle
 
     # -- generation -----------------------------------------------------------------------------------
-    def check_prompt(self, text: str, max_tokens: int, special: bool = True) -> int:
-        """The prompt's token count, after checking it and ``max_tokens`` fit the model's positions."""
+    def check_max_tokens(self, max_tokens: int) -> None:
         if max_tokens < 1 or max_tokens > self.max_tokens_limit:
             raise RequestError(
                 f"max_tokens: must be 1..{self.max_tokens_limit} (the server's --max-tokens-limit), got {max_tokens}"
             )
+
+    def check_prompt(self, text: str, max_tokens: int, special: bool = True) -> int:
+        """The prompt's token count, after checking it and ``max_tokens`` fit the model's positions (the
+        caller holds the lock)."""
+        self.check_max_tokens(max_tokens)
         n = len(self.handle.tokenizer(text, add_special_tokens=special)["input_ids"])
         if n == 0:
             raise RequestError("prompt: empty; give some text to continue")
@@ -365,9 +369,12 @@ class Engine:
         special: bool = True,
     ) -> tuple[list[str], list[Generation]]:
         """Continue every prompt under the global stack plus ``artifacts``: (effective stack, generations)."""
-        for t in prompts:
-            self.check_prompt(t, p.max_tokens, special)
-        with self.using(artifacts) as eff:
+        self.check_max_tokens(p.max_tokens)
+        with self.using(
+            artifacts
+        ) as eff:  # prompts are tokenised under the lock: a method run may be using the tokenizer
+            for t in prompts:
+                self.check_prompt(t, p.max_tokens, special)
             return eff, [self.generate(t, p, special=special) for t in prompts]
 
     def stream(
@@ -381,9 +388,12 @@ class Engine:
     ) -> None:
         """What :meth:`complete` does, as events passed to ``emit``: ``start`` (the effective stack), ``text``
         (a piece of prompt ``index``'s continuation), ``end`` (its finish reason and token counts)."""
-        for t in prompts:
-            self.check_prompt(t, p.max_tokens, special)
+        self.check_max_tokens(p.max_tokens)
         with self.using(artifacts) as eff:
+            for t in prompts:
+                self.check_prompt(t, p.max_tokens, special)
+            if cancel.is_set():  # the client went away while it waited for the model
+                return
             emit({"type": "start", "artifacts": eff})
             for i, t in enumerate(prompts):
                 g = self.generate(
@@ -445,9 +455,10 @@ class Engine:
             raise RequestError(
                 f"targets: {len(targets)} given for {len(prompts)} prompts; give one per prompt or null"
             )
-        for t in prompts:
-            self.check_prompt(t, max_tokens)
+        self.check_max_tokens(max_tokens)
         with self.using(artifacts) as eff:
+            for t in prompts:
+                self.check_prompt(t, max_tokens)
             return eff, self.probe_rows(prompts, targets, max_tokens)
 
     # -- making artifacts -------------------------------------------------------------------------------
