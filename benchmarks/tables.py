@@ -675,6 +675,34 @@ def lifelong_300(d: dict) -> str:
     return md([*head, "held-out ppl", "MC authors", "MC world", "s for that batch"], rows)
 
 
+@table(
+    "alphaedit-nullspace",
+    "docs/sequential.md",
+    "alphaedit_nullspace_smollm2-135m.json",
+    note="Fractions are means over the edited layers; the rank is per layer, lowest to highest.",
+)
+def alphaedit_nullspace(d: dict) -> str:
+    """Per statistics source and threshold: the null space's size and which share of each kind of key
+    lies in it (so an update can still move it)."""
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in d["rows"]:
+        groups.setdefault((r["stats"], r["threshold"]), []).append(r)
+    rows = []
+    for (stats, th), rs in groups.items():
+        ranks = sorted(r["rank"] for r in rs)
+        if ranks[-1] == 0:
+            continue  # no eigenvalue below the threshold at any layer: nothing is projected
+        mean = {
+            k: sum(r[k] for r in rs) / len(rs) for k in ("in_sample", "leak_nbr", "leak_text", "keep_edit")
+        }
+        rows.append(
+            [stats, f"{th:g}", f"{ranks[0]}–{ranks[-1]} of {rs[0]['dim']}"]
+            + [num(mean[k]) for k in ("in_sample", "leak_nbr", "leak_text", "keep_edit")]
+        )
+    head = ["statistics (corpus:tokens)", "threshold", "null-space rank", "C's own keys", "neighbour keys"]
+    return md([*head, "held-out text", "edit keys"], rows)
+
+
 # ---------------------------------------------------------------- docs/methods/editing.md
 
 SWEEP_COLS = ["ES", "GS", "NS", "score", "s/edit"]
