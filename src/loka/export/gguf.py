@@ -412,8 +412,10 @@ def _artifact_list(handle: ModelHandle) -> list[dict]:
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _write(handle: ModelHandle, tmp: Path, quant: str, source: Path | None) -> tuple[str, dict[str, int]]:
-    """Write the GGUF to ``tmp``; returns (where the metadata came from, tensor type counts)."""
+def _write(
+    handle: ModelHandle, tmp: Path, quant: str, source: Path | None, path: Path
+) -> tuple[str, dict[str, int]]:
+    """Write the GGUF meant for ``path`` to ``tmp``; returns (where the metadata came from, tensor type counts)."""
     from gguf import GGUFReader, GGUFWriter, LlamaFileType
 
     reader = GGUFReader(source) if source is not None else None
@@ -432,6 +434,7 @@ def _write(handle: ModelHandle, tmp: Path, quant: str, source: Path | None) -> t
             f"GGUF export writes the {' and '.join(ARCHITECTURES)} layouts; {handle.name}'s GGUF is {arch!r}: "
             "export it as a Hugging Face folder (--format hf)"
         )
+    log.info("writing %s as GGUF %s to %s", handle.name, quant, path)
     by_gguf = _gguf_names(handle, arch)
     order = [t.name for t in reader.tensors] if reader is not None else list(by_gguf)
     state = handle.model.state_dict()
@@ -526,8 +529,7 @@ def export_gguf(
     tmp = path.parent / tmp_sibling(path)
     t0 = time.time()
     try:
-        log.info("writing %s as GGUF %s to %s", handle.name, quant, path)
-        metadata_from, types = _write(handle, tmp, quant, source)
+        metadata_from, types = _write(handle, tmp, quant, source, path)
         result = GGUFExport(
             path=path,
             quant=quant,
