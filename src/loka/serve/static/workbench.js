@@ -8,12 +8,12 @@ const state = {
   token: null,
   model: null,
   methods: [],
-  defaults: {},
+  defaults: {}, // the method of each mode when none is chosen (the API's defaults)
+  chosen: {}, // the method chosen in each mode
   artifacts: [], // summaries, newest first
   stack: [], // ids applied globally, bottom first
   result: null, // the artifact of the last run
   busy: false,
-  running: false, // an update is being computed
 };
 
 // ---------------------------------------------------------------- the API
@@ -94,39 +94,42 @@ function markInvalid(id) {
 
 let busyTimer = null;
 
-function setBusy(text) {
+// One request at a time: every control waits, and the indicators of the part of the page that asked
+// (data-zone: update, result, try, history, export, model) count the seconds.
+function setBusy(text, zone) {
   state.busy = Boolean(text);
   document.body.classList.toggle("is-busy", state.busy);
   for (const b of document.querySelectorAll("button, select")) {
     if (b.id !== "token-save" && !b.classList.contains("close")) b.disabled = state.busy;
   }
   clearInterval(busyTimer);
-  $("busy").hidden = !state.busy;
-  $("results-busy").hidden = !(state.busy && state.running);
-  if (state.running) $("results-empty").hidden = Boolean(state.busy) || Boolean(state.result);
+  const shown = state.busy ? [...document.querySelectorAll(`.busy[data-zone~="${zone}"]`)] : [];
+  for (const n of document.querySelectorAll(".busy")) n.hidden = !shown.includes(n);
+  if (zone === "update") $("results-empty").hidden = state.busy || Boolean(state.result);
   if (!state.busy) {
     refreshControls();
     return;
   }
   const t0 = Date.now();
   const tick = () => {
-    for (const n of document.querySelectorAll(".busy-text")) n.textContent = `${text} ${Math.round((Date.now() - t0) / 1000)} s`;
+    const line = `${text} ${Math.round((Date.now() - t0) / 1000)} s`;
+    for (const n of shown) n.querySelector(".busy-text").textContent = line;
   };
   tick();
   busyTimer = setInterval(tick, 500);
 }
 
-async function busy(text, fn) {
+async function busy(text, zone, fn) {
   if (state.busy) return undefined;
   clearMessage();
-  setBusy(text);
+  setBusy(text, zone);
   try {
     return await fn();
   } catch (e) {
     showError(e);
     return undefined;
   } finally {
-    setBusy(null);
+    setBusy(null, zone);
   }
 }
 
@@ -234,7 +237,7 @@ function renderStack() {
 async function switchModel() {
   const name = $("model-select").value;
   if (name === state.model) return;
-  const done = await busy(`Loading ${name}…`, async () => {
+  const done = await busy(`Loading ${name}…`, "model", async () => {
     await postJSON("/v1/models/load", { model: name });
     return true;
   });
@@ -258,7 +261,6 @@ function mode() {
 function renderMethods() {
   const want = mode();
   const sel = $("method");
-  const previous = sel.value;
   sel.replaceChildren();
   const fits = state.methods.filter((m) => m.does.includes(want));
   const groups = [
@@ -272,7 +274,8 @@ function renderMethods() {
     sel.append(g);
   }
   const names = fits.map((m) => m.name);
-  sel.value = names.includes(previous) ? previous : names.includes(state.defaults[want]) ? state.defaults[want] : names[0] || "";
+  const pick = [state.chosen[want], state.defaults[want]].find((n) => names.includes(n));
+  sel.value = pick || names[0] || "";
   describeMethod();
 }
 
@@ -336,10 +339,7 @@ async function runUpdate(ev) {
     showMessage(e.message);
     return;
   }
-  state.running = true;
-  const art = await busy(`Running ${body.method}…`, () => postJSON("/v1/artifacts", body)).finally(() => {
-    state.running = false;
-  });
+  const art = await busy(`Running ${body.method}…`, "update", () => postJSON("/v1/artifacts", body));
   if (!art) return;
   state.result = art;
   renderResult(body);
@@ -415,14 +415,14 @@ function renderResultState() {
 async function keepResult() {
   const a = state.result;
   if (!a) return;
-  await busy("Applying…", () => postJSON(`/v1/artifacts/${encodeURIComponent(a.id)}/apply`));
+  await busy("Applying…", "result", () => postJSON(`/v1/artifacts/${encodeURIComponent(a.id)}/apply`));
   await refresh();
 }
 
 async function discardResult() {
   const a = state.result;
   if (!a) return;
-  await busy("Deleting…", () => call("DELETE", `/v1/artifacts/${encodeURIComponent(a.id)}`));
+  await busy("Deleting…", "result", () => call("DELETE", `/v1/artifacts/${encodeURIComponent(a.id)}`));
   await refresh();
 }
 
@@ -444,21 +444,22 @@ function renderHistory() {
   $("history-table").hidden = state.artifacts.length === 0;
   for (const a of state.artifacts) {
     const applied = state.stack.includes(a.id) || a.applied === true;
-    const tr = el("tr", { "data-id": a.id, class: applied ? "applied" : null });
+    const foreign = a.compatible === false;
+    const tr = el("tr", { "data-id": a.id, class: applied ? "applied" : foreign ? "foreign" : null });
     tr.append(
       el("td", {}, el("code", { title: a.id }, shortId(a.id))),
       el("td", {}, a.method ?? ""),
       el("td", { class: "targets" }, targetsOf(a)),
-      el("td", {}, el("span", { class: `badge ${applied ? "on" : "off"}` }, applied ? "applied" : "no")),
+      el("td", {}, el("span", { class: `badge ${applied ? "on" : "off"}`, title: foreign ? `made for ${a.model || "another model"}` : null }, applied ? "applied" : foreign ? `for ${a.model || "another model"}` : "no")),
       el("td", { class: "muted" }, fmtTime(a.created))
     );
     const act = el("td", { class: "row-actions" });
-    const toggle = el("button", { type: "button", class: applied ? "revert" : "apply", "data-action": applied ? "revert" : "apply" }, applied ? "Revert" : "Apply");
+    const toggle = el("button", { type: "button", class: applied ? "revert" : "apply", "data-action": applied ? "revert" : "apply", disabled: foreign && !applied }, applied ? "Revert" : "Apply");
     toggle.addEventListener("click", () => toggleApplied(a.id, applied));
     const del = el("button", { type: "button", class: "delete", "data-action": "delete", disabled: applied, title: applied ? "revert it first" : null }, "Delete");
     del.addEventListener("click", () => deleteArtifact(a.id));
     const dl = el("button", { type: "button", class: "download", "data-action": "download" }, "Download");
-    dl.addEventListener("click", () => download(`/v1/artifacts/${encodeURIComponent(a.id)}/download`, `${a.id}.tar`));
+    dl.addEventListener("click", () => download(`/v1/artifacts/${encodeURIComponent(a.id)}/download`, `${a.id}.loka.tar`, "history"));
     act.append(toggle, del, dl);
     tr.append(act);
     tbody.append(tr);
@@ -467,12 +468,12 @@ function renderHistory() {
 
 async function toggleApplied(id, applied) {
   const verb = applied ? "revert" : "apply";
-  await busy(applied ? "Reverting…" : "Applying…", () => postJSON(`/v1/artifacts/${encodeURIComponent(id)}/${verb}`));
+  await busy(applied ? "Reverting…" : "Applying…", "history", () => postJSON(`/v1/artifacts/${encodeURIComponent(id)}/${verb}`));
   await refresh();
 }
 
 async function deleteArtifact(id) {
-  await busy("Deleting…", () => call("DELETE", `/v1/artifacts/${encodeURIComponent(id)}`));
+  await busy("Deleting…", "history", () => call("DELETE", `/v1/artifacts/${encodeURIComponent(id)}`));
   await refresh();
 }
 
@@ -482,20 +483,23 @@ function filenameOf(res, fallback) {
   return m ? decodeURIComponent(m[1]) : fallback;
 }
 
-async function download(path, fallback) {
-  await busy("Preparing the download…", async () => {
+async function download(path, fallback, zone) {
+  await busy(zone === "export" ? "Exporting (a minute or more)…" : "Preparing the download…", zone, async () => {
     const res = await call("GET", path);
     const type = res.headers.get("content-type") || "";
     if (type.includes("application/json")) {
       const data = await res.json();
-      if (data && data.error) throw new ApiError(res.status, data.error);
+      throw new ApiError(res.status, (data && data.error) || { message: `${path}: the server sent JSON, not a file` });
     }
-    const url = URL.createObjectURL(await res.blob());
-    const a = el("a", { href: url, download: filenameOf(res, fallback) });
+    const blob = await res.blob();
+    const name = filenameOf(res, fallback);
+    const url = URL.createObjectURL(blob);
+    const a = el("a", { href: url, download: name });
     document.body.append(a);
     a.click();
     a.remove();
     setTimeout(() => URL.revokeObjectURL(url), 60000);
+    showMessage(`Downloaded ${name} (${(blob.size / 1e6).toFixed(1)} MB).`, "info");
   });
 }
 
@@ -509,8 +513,10 @@ function renderTryStack() {
   for (const a of state.artifacts) {
     const id = `try-${a.id}`;
     const applied = state.stack.includes(a.id);
-    const input = el("input", { type: "checkbox", id, value: a.id, checked: checked.has(a.id), disabled: applied });
-    const label = el("label", { for: id, class: applied ? "muted" : null }, el("code", {}, shortId(a.id)), ` ${a.method}: ${targetsOf(a)}`, applied ? " (applied)" : "");
+    const off = applied || a.compatible === false;
+    const note = applied ? " (applied to every request)" : a.compatible === false ? ` (made for ${a.model || "another model"})` : "";
+    const input = el("input", { type: "checkbox", id, value: a.id, checked: checked.has(a.id) && !off, disabled: off });
+    const label = el("label", { for: id, class: off ? "muted" : null }, el("code", {}, shortId(a.id)), ` ${a.method}: ${targetsOf(a)}`, note);
     box.append(el("div", { class: "check" }, input, label));
   }
 }
@@ -529,15 +535,16 @@ async function generate(ev) {
   }
   const artifacts = [...$("try-stack").querySelectorAll("input:checked")].map((i) => i.value);
   const max = Math.max(1, Math.min(256, parseInt($("try-max").value, 10) || 12));
-  const out = await busy("Generating…", () =>
+  const out = await busy("Generating…", "try", () =>
     postJSON("/v1/completions", { model: state.model, prompt, max_tokens: max, temperature: 0, artifacts })
   );
   if (!out) return;
   const text = out.choices && out.choices[0] ? out.choices[0].text : "";
   const byId = Object.fromEntries(state.artifacts.map((a) => [a.id, a]));
-  const stack = [...state.stack, ...artifacts];
-  const label = stack.length ? stack.map((id) => `${shortId(id)} ${byId[id] ? byId[id].method : ""}`.trim()).join(" + ") : "base model";
-  const li = el("li", { class: "output" });
+  const stack = out.loka && Array.isArray(out.loka.artifacts) ? out.loka.artifacts : [...state.stack, ...artifacts];
+  const named = (id) => `${shortId(id)} ${byId[id] ? byId[id].method : ""}`.trim() + (state.stack.includes(id) ? " (applied)" : "");
+  const label = stack.length ? stack.map(named).join(" + ") : "base model";
+  const li = el("li", { class: "output", "data-stack": stack.join(" ") });
   li.append(el("div", { class: "stack-label" }, label), el("div", { class: "completion" }, el("span", { class: "given" }, prompt), el("span", { class: "generated" }, text)));
   $("try-output").prepend(li);
 }
@@ -549,7 +556,7 @@ async function exportModel(ev) {
   const format = $("export-format").value;
   const q = new URLSearchParams({ format });
   if (format === "gguf") q.set("quant", $("export-quant").value);
-  await download(`/v1/export?${q}`, `${state.model || "model"}-${format}${format === "gguf" ? ".gguf" : ".tar"}`);
+  await download(`/v1/export?${q}`, `${state.model || "model"}-${format}${format === "gguf" ? ".gguf" : ".tar"}`, "export");
 }
 
 // ---------------------------------------------------------------- wiring
@@ -573,6 +580,7 @@ async function refresh() {
 
 async function start() {
   readToken();
+  window.addEventListener("hashchange", readToken); // the printed URL pasted into an open tab
   $("token-box").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const t = $("token-input").value.trim();
@@ -584,7 +592,10 @@ async function start() {
     clearMessage();
   });
   for (const r of document.querySelectorAll("input[name=mode]")) r.addEventListener("change", onMode);
-  $("method").addEventListener("change", describeMethod);
+  $("method").addEventListener("change", () => {
+    state.chosen[mode()] = $("method").value;
+    describeMethod();
+  });
   $("model-select").addEventListener("change", switchModel);
   $("update-form").addEventListener("submit", runUpdate);
   $("keep").addEventListener("click", keepResult);
