@@ -11,6 +11,7 @@ import re
 import secrets
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
@@ -234,9 +235,11 @@ def _get(base: str, path: str) -> dict:
         return json.loads(r.read())
 
 
-def test_workbench_token_errors_methods_and_discard_in_chromium(handle, tmp_path):
-    """tiny-llama in this process: the token field and the hash token, an API error shown with its field,
-    the method select per mode from the registry, a GRACE edit run and discarded (gone from the store)."""
+def test_workbench_on_tiny_llama_in_chromium(handle, tmp_path):
+    """tiny-llama in this process: the token field and the hash token, form and API errors shown, the
+    method select per mode from the registry, a GRACE edit run, tried, kept, refused by a GGUF export,
+    reverted and discarded (gone from the store), the base model downloaded as a Hugging Face tar, a
+    forget run."""
     store = tmp_path / "store"
     app = create_app(handle, store=store, token=TOKEN)
     with _uvicorn(app) as base, chrome(tmp_path) as d:
@@ -276,7 +279,7 @@ def test_workbench_token_errors_methods_and_discard_in_chromium(handle, tmp_path
         p.wait(lambda: "no_such_knob" in p.message())
         p.idle()
         assert not p.shown("results-body") and not list(store.glob("*/manifest.json"))
-        # a GRACE edit: the result table, tried, then discarded
+        # a GRACE edit: the result table, tried, kept, refused by a GGUF export, reverted, discarded
         from selenium.webdriver.support.ui import Select
 
         Select(p.el("method")).select_by_value("grace")
@@ -293,12 +296,45 @@ def test_workbench_token_errors_methods_and_discard_in_chromium(handle, tmp_path
         assert p.el("try-prompt").get_attribute("value") == "Eiffel Tower is located in the city of"
         assert p.generate([art["id"]])["stack"] == [art["id"]]
         assert p.generate([])["stack"] == []
+        p.el("keep").click()
+        p.wait(lambda: p.history() == {art["id"]: "applied"})
+        p.idle()
+        assert _get(base, "/health")["stack"] == [art["id"]]
+        # a GGUF cannot carry a GRACE memory: the server's refusal is shown, nothing is downloaded
+        downloads = tmp_path / "downloads"
+        d.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        Select(p.el("export-format")).select_by_value("gguf")
+        p.el("export-run").click()
+        p.wait(lambda: "GRACE" in p.message() or "grace" in p.message())
+        p.idle()
+        assert "error" in p.el("messages").find_element(p.By.CSS_SELECTOR, ".message").get_attribute("class")
+        p.row_button(art["id"], "revert").click()
+        p.wait(lambda: p.history() == {art["id"]: "no"})
+        p.idle()
+        assert _get(base, "/health")["stack"] == []
+        # the base model exports as a Hugging Face folder: the tar arrives with the model's config
+        Select(p.el("export-format")).select_by_value("hf")
+        p.el("export-run").click()
+        p.wait(lambda: p.message().startswith("Downloaded tiny-llama-hf.tar"))
+        p.wait(lambda: (downloads / "tiny-llama-hf.tar").is_file())
+        with tarfile.open(downloads / "tiny-llama-hf.tar") as tar:
+            assert "tiny-llama/config.json" in tar.getnames()
         p.el("discard").click()
         p.wait(lambda: p.history() == {})
         assert p.el("result-state").text == "Discarded."
         assert not (store / art["id"]).exists() and _get(base, "/v1/artifacts")["data"] == []
-        assert p.js_errors(allowed_network=("status of 401", "status of 400")) == []
-        assert len(p.network_errors) == 2  # the refused run without a token, the unknown hyperparameter
+        # forget: the answer to forget is scored, the table says so
+        p.css("label[for=mode-forget]")[0].click()
+        p.fill("hparams", '{"max_steps": 2}')
+        p.fill("paraphrases", "")
+        p.el("run").click()
+        p.wait(lambda: "npo made" in p.el("result-artifact").text)
+        p.idle()
+        assert p.el("p-head").text == "P(ANSWER TO FORGET)" and [r["kind"] for r in p.results()] == ["prompt"]
+        assert [a["targets"] for a in _get(base, "/v1/artifacts")["data"]] == [["forget Eiffel Tower → R"]]
+        assert p.js_errors(allowed_network=("status of 401", "status of 400", "status of 409")) == []
+        # the refused run without a token, the unknown hyperparameter, the refused export
+        assert len(p.network_errors) == 3
 
 
 @contextmanager
