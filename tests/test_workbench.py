@@ -161,7 +161,8 @@ class Page:
         )
 
     def message(self) -> str:
-        return self.el("messages").text
+        """The message area's text (empty when it shows none)."""
+        return "".join(e.text for e in self.css("#messages .text"))
 
     def options(self) -> list[str]:
         return [o.get_attribute("value") for o in self.css("#method option")]
@@ -239,7 +240,7 @@ def test_workbench_on_tiny_llama_in_chromium(handle, tmp_path):
     """tiny-llama in this process: the token field and the hash token, form and API errors shown, the
     method select per mode from the registry, a GRACE edit run, tried, kept, refused by a GGUF export,
     reverted and discarded (gone from the store), the base model downloaded as a Hugging Face tar, a
-    forget run."""
+    forget run, another model loaded."""
     store = tmp_path / "store"
     app = create_app(handle, store=store, token=TOKEN)
     with _uvicorn(app) as base, chrome(tmp_path) as d:
@@ -331,7 +332,16 @@ def test_workbench_on_tiny_llama_in_chromium(handle, tmp_path):
         p.wait(lambda: "npo made" in p.el("result-artifact").text)
         p.idle()
         assert p.el("p-head").text == "P(ANSWER TO FORGET)" and [r["kind"] for r in p.results()] == ["prompt"]
-        assert [a["targets"] for a in _get(base, "/v1/artifacts")["data"]] == [["forget Eiffel Tower → R"]]
+        [forgot] = _get(base, "/v1/artifacts")["data"]
+        assert forgot["targets"] == ["forget Eiffel Tower → R"]
+        # another model from the catalogue: the artifact made for tiny-llama can no longer be applied
+        Select(p.el("model-select")).select_by_value("tiny-gpt2")
+        p.wait(lambda: p.message() == "Loaded tiny-gpt2.")
+        p.idle()
+        assert _get(base, "/health")["model"] == "tiny-gpt2"
+        assert p.el("model-select").get_attribute("value") == "tiny-gpt2"
+        assert p.history() == {forgot["id"]: "for tiny-llama"}
+        assert not p.row_button(forgot["id"], "apply").is_enabled()
         assert p.js_errors(allowed_network=("status of 401", "status of 400", "status of 409")) == []
         # the refused run without a token, the unknown hyperparameter, the refused export
         assert len(p.network_errors) == 3
