@@ -168,7 +168,7 @@ class HParams:
         """A copy with ``changes`` (the overrides of ``--set`` / ``--hparams``), checked like a config."""
         return self.from_dict(
             {**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}},
-            where="hyperparameter overrides (--set / --hparams)",
+            where="hparams",
         )
 
 
