@@ -122,10 +122,10 @@ def main() -> None:
     ap.add_argument("--out", default="out/gguf_survival")
     ap.add_argument("--keep", action="store_true", help="keep the GGUF files")
     args = ap.parse_args()
-    started = stamp()
     reqs = loka.read_requests(args.data)[: args.n]
     out = Path(args.out) / f"{args.model}-n{args.n}"
     handle = loka.load_model(args.model)
+    started = stamp()  # after the first load, which applies the thread setting the stamp records
     rows: dict[str, dict] = {}
     llama_missing = importlib.util.find_spec("llama_cpp") is None
     if llama_missing:
