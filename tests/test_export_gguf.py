@@ -270,3 +270,20 @@ def test_the_public_api_and_the_cli_offer_the_same_types():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     quant = next(a for a in sub.choices["export"]._actions if a.dest == "quant")
     assert tuple(quant.choices) == QUANTS
+
+
+@pytest.mark.slow
+def test_smollm2_unedited_q4_1_export_is_the_packaged_file_tensor_for_tensor(smollm2, tmp_path):
+    """SmolLM2 ships as Q4_1 (llama.cpp's converter and quantizer): the de-quantised weights written back
+    as q4_1 give the same bytes for every tensor — names, order, q/k permutation, types, blocks."""
+    from gguf import GGUFReader
+
+    from loka.export.gguf import source_gguf
+
+    export_gguf(smollm2, tmp_path / "base.gguf", quant="q4_1", verify=False)
+    src, out = GGUFReader(source_gguf(smollm2)).tensors, GGUFReader(tmp_path / "base.gguf").tensors
+    assert [t.name for t in out] == [t.name for t in src]
+    for a, b in zip(src, out):
+        assert a.tensor_type == b.tensor_type and np.array_equal(np.asarray(a.data), np.asarray(b.data)), (
+            a.name
+        )
