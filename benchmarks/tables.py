@@ -1323,6 +1323,53 @@ def serve_load(d: dict) -> str:
     return f"{lat_table}\n\n{total}"
 
 
+# ---------------------------------------------------------------- docs/export.md
+
+GGUF_METHOD = {"none": "unedited", "memit": "MEMIT, one batch", "rome": "ROME, one after another"}
+
+
+@table("gguf-survival", "docs/export.md", "gguf_survival_smollm2-135m.json")
+def gguf_survival(d: dict) -> str:
+    """Per edited model and GGUF type: the file's size and times, ES/PS/NS in memory → in the file,
+    survival (of the edits that succeeded in memory) and flips (rewrite outcomes that differ)."""
+
+    def arrow(r: dict, k: str) -> str:
+        return f"{num(r[k + '_before'])} → {num(r[k + '_after'])}"
+
+    rows = []
+    for r in d["rows"].values():
+        edited = r["method"] != "none"
+        rows.append(
+            [
+                GGUF_METHOD.get(r["method"], r["method"]) + (f" ({d['n']} edits)" if edited else ""),
+                r["quant"],
+                f"{num(r['bytes'] / 1e6, 1)} MB",
+                arrow(r, "es"),
+                f"{r['survived']} of {r['succeeded_before']}" if edited else DASH,
+                r["flips"],
+                arrow(r, "ps"),
+                arrow(r, "ns"),
+                num(r["top1_agreement"], 2),
+                f"{num(r['export_seconds'], 1)} s",
+                f"{num(r['verify_seconds'], 1)} s",
+            ]
+        )
+    head = [
+        f"{d['model']}, {d['n']} CounterFact records",
+        "type",
+        "file",
+        "ES memory → file",
+        "edits survived",
+        "flips",
+        "PS memory → file",
+        "NS memory → file",
+        "next-token agreement",
+        "export",
+        "read back and scored",
+    ]
+    return md(head, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is stale")
