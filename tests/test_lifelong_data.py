@@ -252,3 +252,30 @@ def test_baseline_is_resumable(tmp_path, capsys):
     assert rc == 2 and "not of tiny-gpt2" in err
     rc, _, err = _run([*base[:-1], str(data), "--force"], capsys)  # the stream is no baseline file
     assert rc == 2 and "never replaces" in err
+
+
+def test_output_file_rules_shared_by_file_outputs(tmp_path):
+    """utils.io.check_output_file (the stream, GGUF exports): a link, a folder or a companion that is not
+    a file is refused; an existing file only when it is loka's and with force; nothing is touched."""
+    from loka.errors import OutputError
+    from loka.utils.io import check_output_file
+
+    def ours(p):
+        return p.is_file() and p.read_text() == "ours"
+
+    out, side = tmp_path / "a.json", tmp_path / "a.meta.json"
+    assert check_output_file(out, is_ours=ours, what="a test file", force=False, companions=(side,)) == out
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_file(tmp_path / "dir.json", is_ours=ours, what="a test file", force=True)
+    (tmp_path / "link.json").symlink_to(out)
+    with pytest.raises(OutputError, match="symbolic link"):
+        check_output_file(tmp_path / "link.json", is_ours=ours, what="a test file", force=True)
+    side.write_text("theirs")  # only the companion exists: still a decision about the pair
+    with pytest.raises(OutputError, match="never replaces"):
+        check_output_file(out, is_ours=ours, what="a test file", force=True, companions=(side,))
+    out.write_text("ours")
+    with pytest.raises(OutputError, match="pass --force"):
+        check_output_file(out, is_ours=ours, what="a test file", force=False)
+    assert check_output_file(out, is_ours=ours, what="a test file", force=True) == out
+    assert out.read_text() == "ours" and side.read_text() == "theirs"

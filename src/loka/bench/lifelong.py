@@ -36,7 +36,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InputError, OutputError
 from ..relations import RELATIONS
-from ..utils.io import atomic_write_bytes, check_writable, read_json, sha256_bytes, sha256_file
+from ..utils.io import (
+    atomic_write_bytes,
+    check_output_file,
+    check_writable,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 from .counterfact import load_known, mquake_facts
 
 if TYPE_CHECKING:
@@ -753,23 +760,9 @@ def check_lifelong_output(out: str | Path, force: bool = False) -> Path:
     out = Path(out)
     if out.suffix != ".json":
         raise ConfigError(f"--out {out}: the stream is a .json file (its sidecar is {meta_path(out).name})")
-    for p in (out, meta_path(out)):
-        if p.is_symlink():
-            raise OutputError(
-                f"{p} is a symbolic link; loka does not write through links: choose another --out"
-            )
-        if p.exists() and not p.is_file():
-            raise OutputError(f"{p} exists and is not a file: choose another --out")
-    if out.exists() or meta_path(out).exists():
-        if not is_lifelong_output(out):
-            raise OutputError(
-                f"{out} exists and is not a lifelong stream loka wrote (or was changed since); loka never "
-                "replaces it, even with --force: choose another --out"
-            )
-        if not force:
-            raise OutputError(f"{out} already holds a lifelong stream; pass --force to replace it")
-    check_writable(out.parent if str(out.parent) else Path("."))
-    return out
+    return check_output_file(
+        out, is_ours=is_lifelong_output, what="a lifelong stream", force=force, companions=(meta_path(out),)
+    )
 
 
 def write_lifelong(records: list[dict], meta: dict, out: str | Path, command: str) -> dict:

@@ -50,7 +50,14 @@ from ..errors import ConfigError, LokaError, ModelError, OutputError
 from ..models.catalog import KNOWN_MODELS, cached_folder
 from ..models.hooked import check_exportable
 from ..scoring import score_targets
-from ..utils.io import check_regular, check_writable, clean_stale_tmp, read_json, sha256_file, tmp_sibling
+from ..utils.io import (
+    check_output_file,
+    check_regular,
+    clean_stale_tmp,
+    read_json,
+    sha256_file,
+    tmp_sibling,
+)
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -179,25 +186,9 @@ def read_marker(path: str | Path) -> dict | None:
 def check_gguf_output(path: str | Path, force: bool = False) -> Path:
     """Before any work: may a GGUF file be written at ``path``? A missing path may; a GGUF file loka
     exported only with ``force``; anything else (a folder, a link, a file loka did not write) never."""
-    path = Path(path)
-    if path.is_symlink():
-        raise OutputError(
-            f"{path} is a symbolic link; loka does not write through links: choose another path"
-        )
-    if path.exists():
-        if path.is_dir():
-            raise OutputError(
-                f"{path} is a folder; a GGUF export is one file: give a file path such as model.gguf"
-            )
-        if read_marker(path) is None:
-            raise OutputError(
-                f"{path} is a file loka did not write (no {MARKER_KEY} entry); loka never replaces it, "
-                "even with --force: choose another path"
-            )
-        if not force:
-            raise OutputError(f"{path} already holds a GGUF file loka exported; pass --force to replace it")
-    check_writable(path.parent if str(path.parent) else Path("."))
-    return path
+    return check_output_file(
+        path, is_ours=lambda p: read_marker(p) is not None, what="a GGUF file", force=force
+    )
 
 
 # -- the source GGUF and the tensor layout ---------------------------------------------------------

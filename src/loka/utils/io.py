@@ -393,6 +393,43 @@ def check_writable(folder: str | Path) -> None:
         raise OutputError(f"cannot write in {folder} ({e.strerror}); choose a writable folder") from None
 
 
+def check_output_file(
+    path: str | Path,
+    *,
+    is_ours: Callable[[Path], bool],
+    what: str,
+    force: bool,
+    companions: tuple[Path, ...] = (),
+    flag: str = "--force",
+) -> Path:
+    """:func:`check_output_dir` for a file (with ``companions`` written beside it, such as a sidecar): a
+    missing path may be written; an existing file that ``is_ours`` (loka wrote it, it is ``what`` and is
+    unchanged) only with ``force``; anything else — a folder, a link, a file loka did not write — never.
+    Also checks the parent is writable."""
+    from ..errors import OutputError
+
+    path = Path(path)
+    for p in (path, *companions):
+        if p.is_symlink():
+            raise OutputError(
+                f"{p} is a symbolic link; loka does not write through links: choose another path"
+            )
+        if p.exists() and not p.is_file():
+            raise OutputError(
+                f"{p} is a folder or another non-file; loka writes {what} as a file: choose another path"
+            )
+    if any(p.exists() for p in (path, *companions)):
+        if not is_ours(path):
+            raise OutputError(
+                f"{path} exists and loka did not write it as {what} (or it was changed since); loka never "
+                "replaces it, even with --force: choose another path"
+            )
+        if not force:
+            raise OutputError(f"{path} already holds {what}; pass {flag} to replace it")
+    check_writable(path.parent if str(path.parent) else Path("."))
+    return path
+
+
 def check_output_dir(
     path: str | Path, *, is_ours: Callable[[Path], bool], what: str, force: bool, flag: str = "--force"
 ) -> Path:
