@@ -703,6 +703,30 @@ def alphaedit_nullspace(d: dict) -> str:
     return md([*head, "held-out text", "edit keys"], rows)
 
 
+THRESHOLD_ROWS = {"alphaedit": 0.02, "alphaedit-th0.01": 0.01, "alphaedit-th0.005": 0.005}
+
+
+@table("alphaedit-threshold", "docs/sequential.md", "lifelong_smollm2-135m_n300_threshold.json")
+def alphaedit_threshold(d: dict) -> str:
+    """AlphaEdit's null-space threshold over the first 300 records of the stream: per checkpoint,
+    ES/PS/NS of all facts edited so far (the same facts unedited in brackets) and the guards."""
+    rows = []
+    for key, seq in d["series"].items():
+        th = THRESHOLD_ROWS.get(key)
+        for i, c in enumerate(seq):
+            pre = c.get("pre", {})
+            cells = [
+                num(c[k]) + (f" ({num(pre[k])})" if k in pre and k != "PS" else "")
+                for k in ("ES", "PS", "NS")
+            ]
+            rows.append(
+                [f"{th:g}" if i == 0 and th is not None else ("" if i else key), num(c["n_edits"], 0), *cells]
+                + [num(c["S"]), *_guard(c["guard"]), num(c["last_batch_edit_s"], 0)]
+            )
+    head = [f"null-space threshold (batches of {d['batch']})", "edits", "ES", "PS", "NS", "S"]
+    return md([*head, "held-out ppl", "MC authors", "MC world", "s for that batch"], rows)
+
+
 # ---------------------------------------------------------------- docs/methods/editing.md
 
 SWEEP_COLS = ["ES", "GS", "NS", "score", "s/edit"]
