@@ -83,13 +83,8 @@ def load_in_plain_transformers(
     {i.logits.name, i.gen.name: tensor})``."""
     src, dst = tmp_path / "inputs.safetensors", tmp_path / "outputs.safetensors"
     save_file({k: v.clone().contiguous() for k, v in inputs.items()}, src)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
-    env |= {
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_MODULES_CACHE": str(tmp_path / "mods"),
-    }
-    r = subprocess.run(
+    _run_isolated(
+        tmp_path,
         [
             sys.executable,
             "-I",
@@ -99,15 +94,23 @@ def load_in_plain_transformers(
             str(src),
             str(dst),
         ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
+    )
+    return json.loads(Path(f"{dst}.json").read_text()), load_file(dst)
+
+
+def _run_isolated(tmp_path: Path, argv: list[str]) -> None:
+    """Run ``argv`` (``python -I -c SCRIPT ...``) offline, with no HF/transformers/Python settings of this
+    process and caches under ``tmp_path``; fail with its stderr unless it exits 0."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_MODULES_CACHE": str(tmp_path / "mods"),
+    }
+    r = subprocess.run(
+        argv, capture_output=True, text=True, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, timeout=600
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(Path(f"{dst}.json").read_text()), load_file(dst)
 
 
 def _ids(h, text: str) -> torch.Tensor:
@@ -416,22 +419,10 @@ def test_smollm2_grace_folder_answers_the_edit_in_plain_transformers_and_loka_is
         out = h.save_pretrained(tmp_path / "smollm2-grace")
     finally:
         art.revert(h)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "PYTHON"))}
-    env |= {
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_MODULES_CACHE": str(tmp_path / "mods"),
-    }
-    r = subprocess.run(
+    _run_isolated(
+        tmp_path,
         [sys.executable, "-I", "-c", ANSWER_SCRIPT, str(out), req.text, str(tmp_path / "answer.txt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
     )
-    assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "answer.txt").read_text(encoding="utf-8").startswith(" Rome")
 
     codebook = loka.update(
