@@ -239,3 +239,31 @@ def test_token_tree_runs_shared_prefixes_once(name):
                 torch.tensor(a["token_logprobs"]), torch.tensor(x["token_logprobs"]), atol=1e-4
             )
     assert t_ids[0][:5] == t_ids[1][:5]  # the two targets' branches share their first tokens too
+
+
+def test_value_search_packs_only_the_blocks_it_replays(text_corpus):
+    """A value search at layer ``l`` packs the matrices of blocks ``l..L-1`` and the unembedding,
+    ``Wᵀ`` only where gradients flow (above δ); the blocks below run on the model's own weights. A bfloat16
+    search of one request leaves no float32 copies behind (ROME's peak memory on SmolLM2)."""
+    from loka import fastlinear
+    from loka.fastlinear import packed_linears
+
+    h = loka.load_model("tiny-llama")
+    layer = 1
+    hp = {"mom2_n_tokens": 500, "mom2_corpus": str(text_corpus), "v_steps": 3, "layer": layer}
+    req = loka.EditRequest("{} is located in", "Eiffel Tower", "Rome")
+    ids = lambda blocks: {  # noqa: E731
+        id(m) for i in blocks for m in h.block(i).modules() if type(m) is torch.nn.Linear
+    }
+    lower, upper = ids(range(layer)), ids(range(layer, h.n_layers)) | {id(h.module(h.spec.unembed))}
+    cache = packed_linears(h)
+    cache._packs.clear()
+    loka.edit(h, req, "rome", hp, apply=False, progress=False)
+    packed = {mid: wt is not None for (mid, _), (_, (_, _, wt, _)) in cache._packs.items()}
+    assert packed and not set(packed) & lower and set(packed) <= upper
+    # δ enters at block l's MLP output: only the matrices above it pass gradients to their input
+    assert {m for m, wt in packed.items() if wt} == upper - ids([layer])
+    if fastlinear._POINTWISE:
+        cache._packs.clear()
+        loka.edit(h, req, "rome", {**hp, "v_dtype": "bfloat16"}, apply=False, progress=False)
+        assert {dt for (_, dt) in cache._packs} == {torch.bfloat16}

@@ -16,7 +16,7 @@ dense path up to float32 summation order (|Δ log p| ~1e-5; tests/test_scoring.p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,38 +86,57 @@ class PackedLinears:
 
     A copy is looked up on every call and re-packed when the weight's storage or in-place version
     changed, so an edit made while :meth:`active` is open (MEMIT's layer-by-layer update) is seen by
-    the next forward.
+    the next forward. ``Wᵀ`` (for input gradients) is packed only for modules that actually receive
+    an input requiring grad, so a value search's frozen lower blocks never hold one.
     """
 
     def __init__(self):
+        # (id(module), dtype) -> (weight key, (packed W, bias, packed Wᵀ or None, zero bias))
         self._packs: dict[tuple[int, torch.dtype], tuple[tuple[int, int, int], tuple]] = {}
         self.enabled = True  # set False to score with plain F.linear (benchmarks, tests)
         self.dtype = torch.float32  # compute dtype of the matmuls (see :meth:`compute`)
         self.on = False  # inside :meth:`active` with the packed path in use
+        self._dense: torch.dtype | None = None  # a compute dtype that runs plain F.linear (see active)
 
     def _pack(self, m: nn.Linear, grad: bool, dtype: torch.dtype = torch.float32) -> tuple:
         key = (m.weight.data_ptr(), m.weight._version, -1 if m.bias is None else m.bias._version)
         hit = self._packs.get((id(m), dtype))
-        if hit is None or hit[0] != key or (grad and hit[1][2] is None):
+        if hit is None or hit[0] != key:
             w = m.weight.detach().to(dtype)
             bias = m.bias.detach().to(dtype) if m.bias is not None else None
-            b = _pack_bias(bias, m.out_features)
-            wt = _pack_weight(w.T.contiguous()) if grad else None  # for ∂x; packed only when needed
-            hit = (key, (_pack_weight(w), b, wt, _pack_bias(None, m.in_features)))
+            hit = (
+                key,
+                (_pack_weight(w), _pack_bias(bias, m.out_features), None, _pack_bias(None, m.in_features)),
+            )
+            self._packs[(id(m), dtype)] = hit
+        if grad and hit[1][2] is None:  # Wᵀ for ∂x, packed on the first call that needs it
+            wt = _pack_weight(m.weight.detach().to(dtype).T.contiguous())
+            hit = (hit[0], (hit[1][0], hit[1][1], wt, hit[1][3]))
             self._packs[(id(m), dtype)] = hit
         return hit[1]
 
     def _forward(self, m: nn.Linear, grad: bool, x: torch.Tensor) -> torch.Tensor:
-        w, b, wt, zero = self._pack(m, grad, self.dtype)
-        if grad and torch.is_grad_enabled() and x.requires_grad:
+        if self.dtype == self._dense:
+            return nn.functional.linear(x, m.weight, m.bias)
+        need = grad and torch.is_grad_enabled() and x.requires_grad
+        w, b, wt, zero = self._pack(m, need, self.dtype)
+        if need:
             return _PackedLinearFn.apply(x, w, wt, b, zero)
         return _mm(x, w, b)
 
     @contextlib.contextmanager
-    def active(self, model: nn.Module, grad: bool = False) -> Iterator[bool]:
-        """Inside: every float32 ``nn.Linear`` of ``model`` uses its packed weight. ``grad=True``
-        also packs ``Wᵀ`` so that gradients flow to the *inputs* (weights must be frozen).
-        Yields whether the packed path is in use."""
+    def active(
+        self,
+        model: nn.Module,
+        grad: bool = False,
+        modules: Iterable[nn.Module] | None = None,
+        dense: torch.dtype | None = None,
+    ) -> Iterator[bool]:
+        """Inside: every float32 ``nn.Linear`` of ``model`` (or of ``modules``, a subset) uses its
+        packed weight. ``grad=True`` lets gradients flow to the *inputs* through a packed ``Wᵀ``
+        (weights must be frozen). ``dense``: a compute dtype that stays on plain ``F.linear`` — a
+        bfloat16 value search passes float32 so that its one reference forward does not leave float32
+        copies of every matrix behind. Yields whether the packed path is in use."""
         if (
             not self.enabled
             or not available(model)
@@ -126,8 +145,9 @@ class PackedLinears:
             yield False
             return
         patched = []
+        old_dense, self._dense = self._dense, dense
         try:
-            for m in model.modules():
+            for m in model.modules() if modules is None else modules:
                 if type(m) is nn.Linear:
                     m.forward = lambda x, m=m: self._forward(
                         m, grad, x
@@ -137,6 +157,7 @@ class PackedLinears:
             yield True
         finally:
             self.on = False
+            self._dense = old_dense
             for m in patched:
                 del m.forward
 

@@ -78,7 +78,7 @@ def optimize_values(
     chunks = [order[i : i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
     outs = []
     _search_precision(handle, hp)  # a wrong v_dtype fails before any forward
-    with packed_linears(handle).active(handle.model, grad=True):  # prepacked frozen weights for the search
+    with _packed_search(handle, layer, hp, len(requests)):
         for idx in chunks:
             chunk = [requests[i] for i in idx]
             mode = (
@@ -119,6 +119,20 @@ def optimize_values(
         nll=[nll[int(i)] for i in back],
         steps=max(o.steps for o in outs),
         timings={k: sum(o.timings[k] for o in outs) for k in ("keys", "values")},
+    )
+
+
+def _packed_search(handle: ModelHandle, layer: int, hp, n_requests: int):
+    """Prepacked frozen weights (:mod:`loka.fastlinear`) for the blocks the search replays, ``layer``
+    and above; the blocks below run once per chunk (the reference forward) on the model's own
+    weights, and the unembedding, read at a few positions per row, stays unpacked. A bfloat16 search
+    of a few requests also runs its float32 reference forward unpacked: packing every matrix in
+    float32 for one forward costs more time than it saves and holds a second copy of the model."""
+    blocks = [handle.block(i) for i in range(layer, handle.n_layers)] + [handle.module(handle.spec.unembed)]
+    few = n_requests < KL_GROUP_MIN_REQUESTS
+    dense = torch.float32 if few and getattr(hp, "v_dtype", "float32") == "bfloat16" else None
+    return packed_linears(handle).active(
+        handle.model, grad=True, modules=[m for b in blocks for m in b.modules()], dense=dense
     )
 
 
