@@ -62,7 +62,9 @@ ROWS = {
     # AlphaEdit's null-space threshold (the reference 2e-2 is the SmolLM2 default): benchmarks/alphaedit_nullspace.py
     "alphaedit-th0.01": ("alphaedit", {"nullspace_threshold": 0.01}, None),
     "alphaedit-th0.005": ("alphaedit", {"nullspace_threshold": 0.005}, None),
+    "alphaedit-th0.05": ("alphaedit", {"nullspace_threshold": 0.05}, None),
     "alphaedit-tofu": ("alphaedit", {"mom2_corpus": "tofu", "mom2_n_tokens": 40000}, None),
+    "alphaedit-self100k": ("alphaedit", {"mom2_n_tokens": 100_000}, None),
     "alphaedit-vlr0.5": ("alphaedit", {"v_lr": 0.5}, None),
     "ultraedit": ("ultraedit", {}, None),
     "memoir": ("memoir", {}, None),
