@@ -703,6 +703,35 @@ def alphaedit_nullspace(d: dict) -> str:
     return md([*head, "held-out text", "edit keys"], rows)
 
 
+@table(
+    "alphaedit-capacity",
+    "docs/sequential.md",
+    "alphaedit_capacity_smollm2-135m.json",
+    note="Per edited layer, lowest to highest; blocked is the mean over the layers.",
+)
+def alphaedit_capacity(d: dict) -> str:
+    """After each number of edits: the null-space dimensions the earlier edits hold, the null space's
+    size, and the share of the next batch's projected keys that meets them."""
+    by: dict[int, list[dict]] = {}
+    for r in d["rows"]:
+        by.setdefault(r["edits"], []).append(r)
+    rows = []
+    for edits, rs in sorted(by.items()):
+        taken, rank = sorted(r["taken"] for r in rs), sorted(r["rank"] for r in rs)
+        blocked = sorted(r["blocked"] for r in rs)
+        rows.append(
+            [
+                num(edits, 0),
+                f"{taken[0]}–{taken[-1]}",
+                f"{rank[0]}–{rank[-1]} of {rs[0]['dim']}",
+                num(sum(blocked) / len(blocked)),
+                f"{num(blocked[0])}–{num(blocked[-1])}",
+            ]
+        )
+    head = ["edits so far", "null-space dimensions taken", "null-space rank", "next batch blocked"]
+    return md([*head, "blocked, per layer"], rows)
+
+
 THRESHOLD_ROWS = {"alphaedit": 0.02, "alphaedit-th0.01": 0.01, "alphaedit-th0.005": 0.005}
 
 
