@@ -77,6 +77,33 @@ def test_rome_update_in_out_orientation_matches_weight_view(tiny):
     assert torch.allclose(mod(k[None])[0] - y0, d_view @ k, atol=1e-4)
 
 
+def test_rome_update_solves_with_the_statistics_it_is_given():
+    """ROME's ``u ∝ C⁻¹k*`` (solved through a factorisation cached by content) maps the plain key to
+    the target, and a changed ``C`` — even in place — is never answered from the cache."""
+    from loka.methods.rome import rome_update
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(12, 40, generator=g)
+    C = A @ A.T / 40
+    ks, k, vt, vc = (torch.randn(n, generator=g) for n in (12, 12, 5, 5))
+    for _ in range(2):  # the second call hits the cache
+        dW = rome_update(ks, k, vt, vc, C)
+        u = torch.linalg.solve(C.double(), ks.double())
+        assert torch.allclose(
+            dW.double(),
+            torch.outer((vt - vc).double() / (k.double() @ u / u.norm()), u / u.norm()),
+            atol=1e-5,
+        )
+        assert torch.allclose(dW @ k, vt - vc, atol=1e-4)
+    C.mul_(2.0).add_(torch.eye(12))  # same tensor, new content
+    u2 = torch.linalg.solve(C.double(), ks.double())
+    assert torch.allclose(
+        rome_update(ks, k, vt, vc, C).double(),
+        torch.outer((vt - vc).double() / (k.double() @ u2 / u2.norm()), u2 / u2.norm()),
+        atol=1e-5,
+    )
+
+
 def test_memit_solution_matches_a_direct_least_squares_solve():
     torch.manual_seed(0)
     d_in, d_out, n, lam = 12, 7, 5, 3.0

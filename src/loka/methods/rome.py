@@ -9,6 +9,7 @@ Several requests are applied one after another, each on the model edited by the 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +18,7 @@ import torch
 from .. import env
 from ..corpus import corpus_from_spec
 from ..stats import second_moments
+from ..utils.io import hash_tensors
 from ..weights import preserved_weights
 from .base import HParams, Layer, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import optimize_values
@@ -48,11 +50,28 @@ class RomeHParams(HParams):
     seed: int = 0
 
 
+_FACTORS: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+
+def _lu(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 LU factorisation of ``C``, kept for the few most recent statistics (by content
+    hash): every edit of a session solves with the same ``C``, and factorising it cost more than the
+    rest of the update."""
+    key = hash_tensors({"C": C})
+    hit = _FACTORS.get(key)
+    if hit is None:
+        hit = _FACTORS[key] = torch.linalg.lu_factor(C.to(env.SOLVE_DTYPE))
+        while len(_FACTORS) > 4:
+            _FACTORS.popitem(last=False)
+    _FACTORS.move_to_end(key)
+    return hit
+
+
 def rome_update(k_star, k, v_target, v_current, C) -> torch.Tensor:
     """ROME's rank-one ``ΔW`` (out × in): direction ``u ∝ C⁻¹k*`` (``k*`` = template average, solved in
     float64), scaled so that ``(W + ΔW) k = v_target`` on the plain-prompt key ``k``."""
     k64, ks64 = k.to(env.SOLVE_DTYPE), k_star.to(env.SOLVE_DTYPE)
-    u = torch.linalg.solve(C.to(env.SOLVE_DTYPE), ks64) if C is not None else ks64.clone()
+    u = torch.linalg.lu_solve(*_lu(C), ks64[:, None])[:, 0] if C is not None else ks64.clone()
     u = u / u.norm()
     right = (v_target - v_current).to(env.SOLVE_DTYPE) / (k64 @ u)
     return torch.outer(right, u).to(torch.float32)
