@@ -27,8 +27,9 @@ from loka.eval.metrics import case_metrics, score_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
-    "v_lr 0.5 (reference)": {"v_lr": 0.5},
-    "v_lr 2.0": {"v_lr": 2.0},
+    "v_lr 0.5 (reference)": {"v_lr": 0.5, "v_dtype": "float32"},
+    "v_lr 0.5, bfloat16 search": {"v_lr": 0.5, "v_dtype": "bfloat16"},
+    "v_lr 2.0": {"v_lr": 2.0, "v_dtype": "float32"},
     "v_lr 2.0, bfloat16 search": {"v_lr": 2.0, "v_dtype": "bfloat16"},
 }
 

@@ -619,6 +619,34 @@ def lifelong_1000(d: dict) -> str:
     return md([*head, "MC authors", "MC world", "s for that batch"], rows)
 
 
+@table(
+    "lifelong-speed",
+    "docs/benchmarks.md",
+    "lifelong_smollm2-135m_n10000_wild.json",
+    note="Method time only (scoring and checkpoints excluded), one thread per run.",
+)
+def lifelong_speed(d: dict) -> str:
+    """Per method on the 10,000-edit stream: edits reached, method time and time per edit."""
+    rows = []
+    for key, r in d["rows"].items():
+        secs, edits = r.get("edit_seconds"), r["edits"]
+        if secs is None:
+            continue
+        reached = num(edits, 0) + ("" if r.get("reached_all") else " (stopped: time)")
+        per = secs / edits
+        rows.append(
+            [
+                LIFELONG_ROWS.get(key, key.split("@")[0]),
+                reached,
+                num(secs, 0),
+                f"{per * 1000:.0f} ms" if per < 1 else f"{per:.2f} s",
+                num(secs * 10_000 / edits / 60, 0),
+            ]
+        )
+    head = [f"SmolLM2, batches of {d['batch']}", "edits", "method s", "per edit"]
+    return md([*head, "minutes for 10,000 at that rate"], rows)
+
+
 @table("lifelong-10000", "docs/sequential.md", "lifelong_smollm2-135m_n10000_wild.json")
 def lifelong_10000(d: dict) -> str:
     """Per method and checkpoint: teacher-forced and generation (WILD) scores of the sampled edited
