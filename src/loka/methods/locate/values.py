@@ -123,14 +123,19 @@ def optimize_values(
 
 
 def _packed_search(handle: ModelHandle, layer: int, hp, n_requests: int):
-    """Prepacked frozen weights (:mod:`loka.fastlinear`) for the blocks the search replays, ``layer``
-    and above; the blocks below run once per chunk (the reference forward) on the model's own
-    weights, and the unembedding, read at a few positions per row, stays unpacked. A bfloat16 search
-    of a few requests also runs its float32 reference forward unpacked: packing every matrix in
-    float32 for one forward costs more time than it saves and holds a second copy of the model."""
+    """Prepacked frozen weights (:mod:`loka.fastlinear`) for the value search; ``Wᵀ`` is packed only
+    where gradients flow (above δ).
+
+    A few requests (ROME, small batches): only the blocks the search replays, ``layer`` and above, and
+    the unembedding are packed; the blocks below run once, in the reference forward of a handful of
+    rows, on the model's own weights, and a bfloat16 search runs that float32 forward unpacked too —
+    packing every matrix for one small forward costs about what it saves and holds a second copy of
+    the model (ROME's peak memory). A batch packs every matrix: its reference forward runs hundreds
+    of rows, and MEMIT's key passes use the same copies afterwards."""
+    if n_requests >= KL_GROUP_MIN_REQUESTS:
+        return packed_linears(handle).active(handle.model, grad=True)
     blocks = [handle.block(i) for i in range(layer, handle.n_layers)] + [handle.module(handle.spec.unembed)]
-    few = n_requests < KL_GROUP_MIN_REQUESTS
-    dense = torch.float32 if few and getattr(hp, "v_dtype", "float32") == "bfloat16" else None
+    dense = torch.float32 if getattr(hp, "v_dtype", "float32") == "bfloat16" else None
     return packed_linears(handle).active(
         handle.model, grad=True, modules=[m for b in blocks for m in b.modules()], dense=dense
     )
