@@ -760,6 +760,39 @@ def alphaedit_capacity(d: dict) -> str:
     return md([*head, "blocked, per layer"], rows)
 
 
+ALPHAEDIT_ABLATION_ROWS = {
+    "alphaedit@300": "defaults (threshold 2e-2, statistics from 20k self-sampled tokens, v_lr 2.0)",
+    "alphaedit-th0.05@300": "null-space threshold 5e-2",
+    "alphaedit-self100k@300": "statistics from 100k self-sampled tokens",
+}
+
+
+@table(
+    "alphaedit-ablation",
+    "docs/sequential.md",
+    "lifelong_smollm2-135m_n10000_wild.json",
+    "lifelong_smollm2-135m_n1000_ablation.json",
+    note="The same 300 sampled facts in every row; the unedited model's values for them in brackets.",
+)
+def alphaedit_ablation(stream: dict, ablation: dict) -> str:
+    """AlphaEdit after the first 1,000 edits of the stream, one row per setting: the defaults from the
+    10,000-edit run's checkpoint, each ablation from its own 1,000-edit run (same records, same sample)."""
+    rows = []
+    for d in (stream, ablation):
+        for key, seq in d["series"].items():
+            if key not in ALPHAEDIT_ABLATION_ROWS:
+                continue
+            for c in seq:
+                if c["n_edits"] != 1000:
+                    continue
+                pre = c.get("pre", {})
+                cells = [num(c[k]) + (f" ({num(pre[k])})" if k in pre else "") for k in ("ES", "PS", "NS")]
+                g = c.get("guard", {})
+                rows.append([ALPHAEDIT_ABLATION_ROWS[key], *cells, num(c["S"]), *_guard(g)])
+    head = ["AlphaEdit, 1,000 edits in batches of 100", "ES", "PS", "NS", "S", "held-out ppl"]
+    return md([*head, "MC authors", "MC world"], rows)
+
+
 THRESHOLD_ROWS = {"alphaedit": 0.02, "alphaedit-th0.01": 0.01, "alphaedit-th0.005": 0.005}
 
 
