@@ -82,7 +82,8 @@ def test_batched_values_with_early_stopping_match_one_by_one(smollm2, hp):
         loka.EditRequest("{} is located in the city of", "Eiffel Tower", "Rome"),
         loka.EditRequest("{} plays the sport of", "Lionel Messi", "basketball"),
     ]
-    rome = loka.default_hparams("rome", h, hp)
+    # float32: the batched and the single search round differently in bfloat16 (other shapes)
+    rome = loka.default_hparams("rome", h, {**hp, "v_dtype": "float32"})
     tm = context_templates(h)
     both = optimize_values(h, reqs, rome.layer, tm, rome)
     for i, r in enumerate(reqs):
