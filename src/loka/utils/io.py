@@ -419,15 +419,28 @@ def check_output_file(
                 f"{p} is a folder or another non-file; loka writes {what} as a file: choose another path"
             )
     if any(p.exists() for p in (path, *companions)):
-        if not is_ours(path):
-            raise OutputError(
-                f"{path} exists and loka did not write it as {what} (or it was changed since); loka never "
-                "replaces it, even with --force: choose another path"
-            )
-        if not force:
-            raise OutputError(f"{path} already holds {what}; pass {flag} to replace it")
+        _replace_only_ours(
+            path,
+            is_ours,
+            f"{path} exists and loka did not write it as {what} (or it was changed since)",
+            what,
+            force,
+            flag,
+        )
     check_writable(path.parent if str(path.parent) else Path("."))
     return path
+
+
+def _replace_only_ours(
+    path: Path, is_ours: Callable[[Path], bool], not_ours: str, what: str, force: bool, flag: str
+) -> None:
+    """The rule for an existing output: never replaced unless loka wrote it, and then only with ``flag``."""
+    from ..errors import OutputError
+
+    if not is_ours(path):
+        raise OutputError(f"{not_ours}; loka never replaces it, even with --force: choose another path")
+    if not force:
+        raise OutputError(f"{path} already holds {what}; pass {flag} to replace it")
 
 
 def check_output_dir(
@@ -450,15 +463,10 @@ def check_output_dir(
                 f"{path} is an existing file; loka writes {what} as a folder and never replaces "
                 "a file it did not write: choose another path"
             )
-        entries = [e for e in os.listdir(path)]
+        entries = os.listdir(path)
         if entries:
-            if not is_ours(path):
-                shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-                raise OutputError(
-                    f"{path} is a folder loka did not write as {what} (it holds {shown}); loka never "
-                    "replaces it, even with --force: choose another path"
-                )
-            if not force:
-                raise OutputError(f"{path} already holds {what}; pass {flag} to replace it")
+            shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            not_ours = f"{path} is a folder loka did not write as {what} (it holds {shown})"
+            _replace_only_ours(path, is_ours, not_ours, what, force, flag)
     check_writable(path.parent if str(path.parent) else Path("."))
     return path
