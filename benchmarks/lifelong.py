@@ -66,6 +66,7 @@ ROWS = {
     "alphaedit-tofu": ("alphaedit", {"mom2_corpus": "tofu", "mom2_n_tokens": 40000}, None),
     "alphaedit-self100k": ("alphaedit", {"mom2_n_tokens": 100_000}, None),
     "alphaedit-vlr0.5": ("alphaedit", {"v_lr": 0.5}, None),
+    "alphaedit-nopast": ("alphaedit", {"accumulate_keys": False}, None),
     "ultraedit": ("ultraedit", {}, None),
     "memoir": ("memoir", {}, None),
     "wise": ("wise", {}, None),

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 class AlphaEditHParams(MemitHParams):
     nullspace_threshold: PosFloat = 2e-2
     L2: NonNegFloat = 10.0
+    # keep K_pK_pᵀ, the keys of earlier batches, in the solve (Eq. 9); off = every batch is solved as if
+    # it were the first (its own null-space projection only), the ablation of the accumulated-keys term
+    accumulate_keys: bool = True
     # AlphaEdit+ (seed 002), each off by default and independent
     relax_projection: bool = False
     relax_epsilon: UnitFloat = 0.01  # stop relaxing when the edit loss falls by less than this fraction
@@ -186,7 +189,7 @@ class AlphaEdit(Memit):
                 layer,
                 hp.nullspace_threshold,
             )
-        past = past_moment(handle, layer, state)
+        past = past_moment(handle, layer, state) if hp.accumulate_keys else None
         if hp.conflict_weighting and past is not None:
             keys = state.batch_tensors(past_key_name(handle, layer))
             Kp = torch.cat(keys).double()
