@@ -32,6 +32,8 @@ def test_replay_reproduces_the_full_forward(tiny, align):
     for start in (0, 2, 3):
         rep = Replay(tiny, batch, start)
         assert (rep.split is not None) == align  # the suffix-only path is really taken
+        # the shared prefixes ran once, as token trees, wherever the cache is a plain full-attention one
+        assert rep.prefix_packed == (align and tiny.name != "tiny-gemma3")
         for _ in range(2):  # the cache is cropped back between replays
             got = rep.logits_at(batch.tgt_rows, batch.tgt_cols)
             assert torch.allclose(got, ref, atol=1e-4)

@@ -9,7 +9,7 @@ names a cache keyword or imports from transformers' internals.
 What lives here:
 
 * the KV cache: the keyword a model's forward takes it by, reading it from a forward's keywords or
-  outputs, its length, cropping, detaching and row selection;
+  outputs, its length, cropping, detaching, row selection and regathering (:func:`gather_cache`);
 * how a decode step is told from a prefill (:func:`is_decode_step`), for hooks that route a whole
   generation on its prompt (LOKA's codebook);
 * generation keywords (:func:`generate`: a ``GenerationConfig`` built from the model's own, so that
@@ -112,6 +112,22 @@ def crop_cache(cache: Any, length: int) -> None:
 def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
     """Keep only batch rows ``rows`` of ``cache``, in place."""
     cache.batch_select_indices(rows)
+
+
+def gather_cache(cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> bool:
+    """Rebuild ``cache`` in place so that batch row ``b``, position ``j`` holds the keys and values it
+    held at (``rows[b, j]``, ``cols[b, j]``): a token-tree forward's cache laid out as the rows of a
+    padded batch. Only caches of plain full-attention layers can be regathered; for any other
+    (sliding-window, quantised, static) it returns ``False`` and leaves the cache as it was."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
+        return False
+    for layer in layers:  # (P, H, W, d) indexed at (B, s) -> (B, s, H, d) -> (B, H, s, d)
+        layer.keys = layer.keys[rows, :, cols].permute(0, 2, 1, 3).contiguous()
+        layer.values = layer.values[rows, :, cols].permute(0, 2, 1, 3).contiguous()
+    return True
 
 
 # -- masks ----------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...hf_compat import cache_out, crop_cache, select_cache_rows, with_cache
+from ...hf_compat import cache_out, crop_cache, gather_cache, select_cache_rows, with_cache
+from ...packing import pack_trees, within_window
 from ...trace import block_output, capture, run_until_stopped
 from .prompts import PromptBatch, prompt_forward
 
@@ -52,6 +53,7 @@ class Replay:
         paths = [spec.block_path(i) for i in range(start, last + 1)]
         stop = spec.final_norm if end is None else spec.block_path(end)
         self.split, self.cache = None, None
+        self.prefix_packed = False  # the prefix ran as token trees (:meth:`_prefix_cache`)
         if batch.split and end is None:
             try:
                 self._capture_suffix(paths)
@@ -91,14 +93,7 @@ class Replay:
         b, s, dev = self.batch, self.batch.split, self.handle.device
         model = self.handle.model
         with torch.no_grad():
-            out = model(
-                input_ids=b.input_ids[:, :s].to(dev),
-                attention_mask=b.attention_mask[:, :s].to(dev),
-                position_ids=b.position_ids[:, :s].to(dev),
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            cache = cache_out(out)
+            cache = self._prefix_cache()
             with (
                 capture(
                     model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm
@@ -120,6 +115,46 @@ class Replay:
         self._store_probes(
             probe, torch.arange(len(b)), torch.zeros(len(b), dtype=torch.long)
         )  # lookup = column 0
+
+    def _prefix_cache(self):
+        """The keys and values of every row's columns before ``split``, as one KV cache.
+
+        The prefixes run as token trees (:mod:`loka.packing`): a context template that a hundred
+        requests share, or a relation's words before the subject, runs once instead of once per
+        row, and no column is spent on padding; the tree's cache is then laid out as the padded
+        rows (:func:`~loka.hf_compat.gather_cache`). Where that cannot be done (a sliding-window
+        cache, a tree deeper than the window) the padded prefix runs as it is."""
+        b, s, handle = self.batch, self.batch.split, self.handle
+        model, dev = handle.model, handle.device
+        real = b.attention_mask[:, :s].bool()
+        seqs = [b.input_ids[r, :s][real[r]].tolist() for r in range(len(b))]
+        if within_window(handle.config, s) and any(seqs):
+            tree = pack_trees([[q] for q in sorted(seqs)], 512, handle.tokenizer.pad_token_id or 0)
+            out = model(
+                input_ids=tree.input_ids.to(dev),
+                attention_mask=tree.attention_mask(next(model.parameters()).dtype).to(dev),
+                position_ids=tree.position_ids.to(dev),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            rows = torch.zeros((len(b), s), dtype=torch.long)
+            cols = torch.zeros((len(b), s), dtype=torch.long)
+            for r, q in enumerate(seqs):  # row r's prefix sits right-aligned before ``split``
+                path = [tree.at(0, q[: i + 1]) for i in range(len(q))]
+                rows[r, s - len(q) :] = torch.tensor([p[0] for p in path])
+                cols[r, s - len(q) :] = torch.tensor([p[1] for p in path])
+            cache = cache_out(out)
+            self.prefix_packed = gather_cache(cache, rows.to(dev), cols.to(dev))
+            if self.prefix_packed:
+                return cache
+        out = model(
+            input_ids=b.input_ids[:, :s].to(dev),
+            attention_mask=b.attention_mask[:, :s].to(dev),
+            position_ids=b.position_ids[:, :s].to(dev),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return cache_out(out)
 
     def subset(self, keep: torch.Tensor) -> Replay:
         """The same replay restricted to batch rows ``keep`` (tensors of batch size are sliced)."""
