@@ -114,6 +114,14 @@ def select_cache_rows(cache: Any, rows: torch.Tensor) -> None:
     cache.batch_select_indices(rows)
 
 
+def same_block_inputs(config: Any) -> bool:
+    """True when every transformer block of a model gets the same keyword arguments in a forward
+    (mask, rotary embeddings, cache): no per-layer attention types (``config.layer_types``, as in
+    Gemma's alternating sliding-window and global layers)."""
+    types = getattr(config, "layer_types", None)
+    return not types or len(set(types)) == 1
+
+
 def gather_cache(cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> bool:
     """Rebuild ``cache`` in place so that batch row ``b``, position ``j`` holds the keys and values it
     held at (``rows[b, j]``, ``cols[b, j]``): a token-tree forward's cache laid out as the rows of a

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...hf_compat import cache_out, crop_cache, gather_cache, select_cache_rows, with_cache
+from ...hf_compat import (
+    cache_out,
+    crop_cache,
+    gather_cache,
+    same_block_inputs,
+    select_cache_rows,
+    with_cache,
+)
 from ...packing import pack_trees, within_window
 from ...trace import block_output, capture, run_until_stopped
 from .prompts import PromptBatch, prompt_forward
@@ -73,11 +80,13 @@ class Replay:
         self.unembed = handle.module(spec.unembed)
         self.softcap = getattr(handle.config, "final_logit_softcapping", None)
 
-    def _store(self, rec, paths) -> None:
+    def _store(self, rec, paths, same: bool = False) -> None:
+        """The input of the first block and every block's other arguments (``same``: the first
+        block's, for all)."""
         self.h0 = rec[paths[0]].input
         self.calls = []
         for p in paths:
-            kw = dict(rec[p].kwargs)
+            kw = dict(rec[paths[0] if same else p].kwargs)
             args = kw.pop("__args__", ())
             kw.pop("hidden_states", None)
             self.calls.append((args, kw))
@@ -90,15 +99,21 @@ class Replay:
         crop_cache(self.cache, self.split)
 
     def _capture_suffix(self, paths) -> None:
+        """The prefix into a cache (:meth:`_prefix_cache`), then the suffix columns up to the blocks
+        whose inputs a replay needs. Where every block takes the same keyword arguments
+        (:func:`~loka.hf_compat.same_block_inputs`) the suffix forward stops after block ``start``:
+        the blocks above would be recomputed by every replay anyway."""
         b, s, dev = self.batch, self.batch.split, self.handle.device
         model = self.handle.model
+        same = same_block_inputs(self.handle.config)
+        stop = paths[0] if same else self.handle.spec.final_norm
         with torch.no_grad():
             cache = self._prefix_cache()
             with (
+                capture(model, self.probes) as probe,  # first: its hooks run before the stop
                 capture(
-                    model, paths, outputs=False, kwargs=True, stop_after=self.handle.spec.final_norm
+                    model, paths[:1] if same else paths, outputs=False, kwargs=True, stop_after=stop
                 ) as rec,
-                capture(model, self.probes) as probe,
             ):
                 run_until_stopped(
                     lambda: model(
@@ -111,7 +126,7 @@ class Replay:
                 )
         self.split, self.cache = s, cache
         self._reset_cache()
-        self._store(rec, paths)
+        self._store(rec, paths, same)
         self._store_probes(
             probe, torch.arange(len(b)), torch.zeros(len(b), dtype=torch.long)
         )  # lookup = column 0
@@ -121,7 +136,8 @@ class Replay:
 
         The prefixes run as token trees (:mod:`loka.packing`): a context template that a hundred
         requests share, or a relation's words before the subject, runs once instead of once per
-        row, and no column is spent on padding; the tree's cache is then laid out as the padded
+        row, and no column is spent on padding (packs of 256 nodes: wider ones spend more on the dense
+        tree mask than they share); the tree's cache is then laid out as the padded
         rows (:func:`~loka.hf_compat.gather_cache`). Where that cannot be done (a sliding-window
         cache, a tree deeper than the window) the padded prefix runs as it is."""
         b, s, handle = self.batch, self.batch.split, self.handle
@@ -129,7 +145,7 @@ class Replay:
         real = b.attention_mask[:, :s].bool()
         seqs = [b.input_ids[r, :s][real[r]].tolist() for r in range(len(b))]
         if within_window(handle.config, s) and any(seqs):
-            tree = pack_trees([[q] for q in sorted(seqs)], 512, handle.tokenizer.pad_token_id or 0)
+            tree = pack_trees([[q] for q in sorted(seqs)], 256, handle.tokenizer.pad_token_id or 0)
             out = model(
                 input_ids=tree.input_ids.to(dev),
                 attention_mask=tree.attention_mask(next(model.parameters()).dtype).to(dev),
