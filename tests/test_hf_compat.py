@@ -4,6 +4,7 @@ keyword is found under either of its names, and plain ``model.generate`` runs th
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -107,6 +108,33 @@ def test_gathered_cache_continues_like_each_row_on_its_own():
 def test_block_inputs_are_shared_unless_layers_have_types():
     assert hf_compat.same_block_inputs(loka.load_model("tiny-llama").config)
     assert not hf_compat.same_block_inputs(loka.load_model("tiny-gemma3").config)  # sliding and global layers
+
+
+def test_native_gqa_is_scoped_and_changes_no_result(monkeypatch):
+    h = loka.load_model("tiny-llama")
+    assert h.config.num_key_value_heads < h.config.num_attention_heads  # grouped-query attention
+    ids, mask = torch.tensor([[5, 6, 7, 8], [0, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    ref = h.model(input_ids=ids, attention_mask=mask).logits
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    sdpa, calls = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *a, **kw):
+        calls.append((q.shape[1], k.shape[1], kw.get("enable_gqa", False)))
+        return sdpa(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with hf_compat.native_gqa(torch.device("cpu")):
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "1"
+        got = h.model(input_ids=ids, attention_mask=mask).logits
+    assert calls and all(kv < q and gqa for q, kv, gqa in calls)  # the key/value heads went in ungrouped
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # set only inside the block
+    assert torch.allclose(got[:, 1:], ref[:, 1:], atol=1e-5)
+    with hf_compat.native_gqa(torch.device("cuda")):  # not on other devices
+        assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ
+    monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "0")  # the user's own setting wins and stays
+    with hf_compat.native_gqa(torch.device("cpu")):
+        assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
+    assert os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] == "0"
 
 
 def test_additive_mask_convention():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ...errors import LokaError
 from ...fastlinear import packed_linears
+from ...hf_compat import native_gqa
 from ...requests import EditRequest
 from ...trace import add_at_positions
 from .grouping import GROUP_MIN_REQUESTS, GROUPINGS, KL_GROUP_MIN_REQUESTS, suffix_buckets, suffix_len
@@ -78,7 +79,7 @@ def optimize_values(
     chunks = [order[i : i + hp.v_batch_size] for i in range(0, len(order), hp.v_batch_size)]
     outs = []
     _search_precision(handle, hp)  # a wrong v_dtype fails before any forward
-    with _packed_search(handle, layer, hp, len(requests)):
+    with _packed_search(handle, layer, hp, len(requests)), native_gqa(handle.device):
         for idx in chunks:
             chunk = [requests[i] for i in idx]
             mode = (
