@@ -68,6 +68,8 @@ ROWS = {
     "alphaedit-vlr0.5": ("alphaedit", {"v_lr": 0.5}, None),
     "alphaedit-nopast": ("alphaedit", {"accumulate_keys": False}, None),
     "ultraedit": ("ultraedit", {}, None),
+    # gradient rows clipped at 5x the turn's median (not in the reference): src/loka/methods/ultraedit.py
+    "ultraedit-clip5": ("ultraedit", {"grad_clip": 5.0}, None),
     "memoir": ("memoir", {}, None),
     "wise": ("wise", {}, None),
     "grace": ("grace", {}, None),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loka
-from loka.methods.ultraedit import Normaliser, keys_and_gradients, solve_shift
+from loka.methods.ultraedit import Normaliser, clip_gradients, keys_and_gradients, solve_shift
 from loka.models.catalog import TINY_NAMES
 from loka.scoring import target_logprobs
 
@@ -46,6 +46,31 @@ def test_the_normaliser_updates_exactly_as_specified():
     z = torch.randn(4, 5, generator=g)
     assert torch.allclose(nm(z).double(), (z.double() - nm.mean) / (nm.std + eps), atol=1e-6)
     assert torch.equal(Normaliser.from_tensor(nm.to_tensor()).to_tensor(), nm.to_tensor())
+
+
+def test_gradient_clip_shortens_only_the_outlier_rows():
+    g = torch.Generator().manual_seed(2)
+    K = torch.randn(9, 4, generator=g)
+    G = torch.randn(9, 3, generator=g)
+    G[4] *= 100.0  # one request far from its answer
+    rows = {7: [(K[:5], G[:5].clone()), (K[5:], G[5:].clone())]}
+    assert clip_gradients(rows, 3.0) == {"7": 1}
+    got = torch.cat([b for _, b in rows[7]])
+    cap = 3.0 * float(G.norm(dim=1).median())
+    assert abs(float(got[4].norm()) - cap) < 1e-4 * cap  # scaled down to the cap ...
+    assert torch.allclose(got[4] / got[4].norm(), G[4] / G[4].norm())  # ... keeping its direction
+    keep = torch.arange(9) != 4
+    assert torch.equal(got[keep], G[keep])  # the others untouched
+    assert torch.equal(torch.cat([k for k, _ in rows[7]]), K)
+
+
+def test_gradient_clip_reaches_the_update(reqs):
+    h = loka.load_model("tiny-llama")
+    hp = {"layers": [3], "lr": 1e-3, "batch_size": 2}
+    plain = loka.edit(h, list(reqs), "ultraedit", hp, apply=False)
+    clipped = loka.edit(h, list(reqs), "ultraedit", {**hp, "grad_clip": 1.0}, apply=False)
+    (name,) = plain.deltas
+    assert not torch.allclose(plain.deltas[name], clipped.deltas[name])  # rows above the median were cut
 
 
 def test_the_update_is_the_specified_solve_on_the_captured_rows(reqs):

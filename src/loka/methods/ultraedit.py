@@ -31,7 +31,7 @@ import torch
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..requests import UpdateBatch
-from .base import HParams, Layers, Method, PosFloat, PosInt, check_loss, register
+from .base import HParams, Layers, Method, NonNegFloat, PosFloat, PosInt, check_loss, register
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -46,6 +46,9 @@ class UltraEditHParams(HParams):
     lr: PosFloat = 1e-6  # η of the pseudo-values
     ridge: PosFloat = 1.0  # λ of the ridge regression (the reference's identity)
     batch_size: PosInt = 10  # requests per forward/backward mini-batch
+    # 0 = off (the reference). c > 0: a gradient row longer than c × the turn's median row (per matrix)
+    # is scaled down to that length before it enters the statistics and the pseudo-values
+    grad_clip: NonNegFloat = 0.0
 
 
 @dataclass
@@ -150,6 +153,27 @@ def keys_and_gradients(
     return out
 
 
+def clip_gradients(rows: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], c: float) -> dict[str, int]:
+    """Scale every gradient row longer than ``c`` × the median row length of its matrix (over the whole
+    turn) down to that length, in place; returns how many rows were clipped per layer.
+
+    Not in the reference. A single request the model is far from answering can give a gradient row
+    tens of times the others'; the per-dimension normalisation, whose spread one turn barely moves,
+    passes it on at full size, and that turn's update is several times the usual one."""
+    out = {}
+    for layer, blocks in rows.items():
+        norms = torch.cat([g.norm(dim=1) for _, g in blocks])
+        cap = c * float(norms.median())
+        n = 0
+        for i, (k, g) in enumerate(blocks):
+            r = g.norm(dim=1, keepdim=True)
+            over = r > cap
+            n += int(over.sum())
+            blocks[i] = (k, torch.where(over, g * (cap / r.clamp_min(1e-30)), g))
+        out[str(layer)] = n
+    return out
+
+
 def solve_shift(K: torch.Tensor, V: torch.Tensor, ridge: float) -> torch.Tensor:
     """``Δ = (KᵀK + λI)⁻¹ KᵀV`` (d_in, d_out), solved in float64."""
     K, V = K.double(), V.double()
@@ -179,6 +203,7 @@ class UltraEdit(Method):
         t0 = time.time()
         rows = keys_and_gradients(handle, edits, layers, hp.batch_size, progress)
         t1 = time.time()
+        clipped = clip_gradients(rows, hp.grad_clip) if hp.grad_clip > 0 else {}
         # statistics first, block by block in the reference's order (mini-batch, then matrix) ...
         for b in range(len(next(iter(rows.values())))):
             for layer in layers:
@@ -208,6 +233,8 @@ class UltraEdit(Method):
         if state is not None:
             for shape, nm in norms.items():
                 state.add_batch_tensor(_state_name(shape), nm.to_tensor())
+        if hp.grad_clip > 0:
+            info["clipped_rows"] = clipped
         info["normaliser_rows"] = {f"{s[0]}x{s[1]}": int(nm.n) for s, nm in norms.items()}
         # the evaluation runner's per-phase split (edits.jsonl): the passes, then statistics and solves
         info["timings"] = {"keys": t1 - t0, "update": time.time() - t1}
