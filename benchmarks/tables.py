@@ -764,6 +764,8 @@ ALPHAEDIT_ABLATION_ROWS = {
     "alphaedit@300": "defaults (threshold 2e-2, statistics from 20k self-sampled tokens, v_lr 2.0)",
     "alphaedit-th0.05@300": "null-space threshold 5e-2",
     "alphaedit-self100k@300": "statistics from 100k self-sampled tokens",
+    "alphaedit-vlr0.5@300": "value-search learning rate 0.5 (the reference's)",
+    "alphaedit-nopast@300": "without the accumulated-keys term (K_pK_pᵀ dropped from Eq. 9)",
 }
 
 
@@ -791,6 +793,43 @@ def alphaedit_ablation(stream: dict, ablation: dict) -> str:
                 rows.append([ALPHAEDIT_ABLATION_ROWS[key], *cells, num(c["S"]), *_guard(g)])
     head = ["AlphaEdit, 1,000 edits in batches of 100", "ES", "PS", "NS", "S", "held-out ppl"]
     return md([*head, "MC authors", "MC world"], rows)
+
+
+@table(
+    "ultraedit-drift",
+    "docs/sequential.md",
+    "ultraedit_drift_smollm2-135m.json",
+    note="Spectral norms per edited matrix (layers 26, 27, 28); spreads are the statistics' mean per-dimension standard deviations.",
+)
+def ultraedit_drift(d: dict) -> str:
+    """UltraEdit's 10,000-edit stream turn by turn: the turn's shift, the edits so far against the
+    unedited matrix, and the normalisation statistics, at the turns around the first oversized one."""
+    series, spike = d["series"], d.get("spike")
+    show = {1, 10, 30, 50, len(series)}
+    if spike:
+        show |= {spike - 1, spike, spike + 1, spike + 2, spike + 10}
+    rows = []
+    for r in series:
+        if r["batch"] not in show:
+            continue
+        shift = " / ".join(num(v, 1) for v in r["shift"].values())
+        growth = " / ".join(num(v, 2) for v in r["growth"].values())
+        mark = " ← first oversized turn" if r["batch"] == spike else ""
+        rows.append(
+            [f"{num(r['edits'], 0)}{mark}", shift, growth, f"{r['g_spread']:.2e}", num(r["k_spread"])]
+        )
+    head = ["edits", "‖Δ of the turn‖₂", "‖ΣΔ‖₂ / ‖W‖₂", "gradient spread", "key spread"]
+    out = md(head, rows)
+    for b, c in sorted(d.get("culprits", {}).items(), key=lambda kv: int(kv[0])):
+        top = c["top"][0]
+        out += (
+            f"\n\nTurn {b} (edits {num((int(b) - 1) * 100 + 1, 0)}–{num(int(b) * 100, 0)}), each request alone on"
+            f" the model as it was before turn {spike}: median gradient row {c['median']:.3f}; largest"
+            f" {num(top['x_median'], 1)}× the median (“{top['request']}” → {top['target']}), then "
+            + ", ".join(f"{num(t['x_median'], 1)}×" for t in c["top"][1:])
+            + "."
+        )
+    return out
 
 
 THRESHOLD_ROWS = {"alphaedit": 0.02, "alphaedit-th0.01": 0.01, "alphaedit-th0.005": 0.005}
