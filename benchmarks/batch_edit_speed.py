@@ -1,7 +1,7 @@
 """A batch of 100 MEMIT / AlphaEdit edits on SmolLM2: time per phase and edit quality, before and
 after each optimisation of the batched value search. Prints a table and writes JSON.
 
-    python benchmarks/batch_edit_speed.py [--rows before,suffix,tree,default,bf16,alphaedit]
+    python benchmarks/batch_edit_speed.py [--rows before,suffix,tree,v_lr2,default,bf16,alphaedit]
 
 Each row edits records 0-99 of ``data/generated/cf_all_300.json`` in one batch through the
 evaluation runner (``loka eval --mode batch --batch-size 100``), so the same ES/PS/NS come with the
@@ -12,18 +12,23 @@ time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows of
   of 16 requests, ``v_lr`` 0.5, padded key rows in the update phase;
 * ``suffix`` — requests bucketed by suffix length in one chunk (``v_grouping="suffix"``);
 * ``tree`` — the update phase's key forwards as token trees (``key_tree``);
-* ``default`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);
+* ``v_lr2`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);
+* ``default`` — the search's reference forward runs shared prefixes once, as token trees
+  (``v_prefix_tree``; the rows above pad them), and grouped-query attention takes the key/value heads
+  without copying them per group (the rows above run with ``TRANSFORMERS_SDPA_FORCE_GQA=0``, which
+  turns that off). Every row's reference forward stops at the first replayed block.
 * ``bf16`` — the search's matmuls in bfloat16 (``v_dtype``), optional;
 * ``alphaedit`` — AlphaEdit with its defaults;
 * ``ultraedit`` — UltraEdit with its defaults (one turn: no value search, no statistics).
 
-Target: <= 180 s for a batch of 100 (2 cores).
+Target: <= 60 s for a batch of 100 (2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -37,14 +42,21 @@ import loka
 from loka.eval.data import load_cases
 from loka.eval.runner import EvalConfig, run_eval
 
-ROWS = {
-    "before": ("memit", {"v_grouping": "template", "v_batch_size": 16, "v_lr": 0.5, "key_tree": False}),
-    "suffix": ("memit", {"v_lr": 0.5, "key_tree": False}),
-    "tree": ("memit", {"v_lr": 0.5}),
-    "default": ("memit", {}),
-    "bf16": ("memit", {"v_dtype": "bfloat16"}),
-    "alphaedit": ("alphaedit", {}),
-    "ultraedit": ("ultraedit", {}),
+_PADDED = {"v_prefix_tree": False}  # the reference forward's prefixes as padded rows
+_NO_GQA = {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}  # key/value heads repeated per query group
+ROWS = {  # name: (method, hparams, environment)
+    "before": (
+        "memit",
+        {"v_grouping": "template", "v_batch_size": 16, "v_lr": 0.5, "key_tree": False, **_PADDED},
+        _NO_GQA,
+    ),
+    "suffix": ("memit", {"v_lr": 0.5, "key_tree": False, **_PADDED}, _NO_GQA),
+    "tree": ("memit", {"v_lr": 0.5, **_PADDED}, _NO_GQA),
+    "v_lr2": ("memit", dict(_PADDED), _NO_GQA),
+    "default": ("memit", {}, {}),
+    "bf16": ("memit", {"v_dtype": "bfloat16"}, {}),
+    "alphaedit": ("alphaedit", {}, {}),
+    "ultraedit": ("ultraedit", {}, {}),
 }
 
 
@@ -63,18 +75,28 @@ def main() -> None:
     results = json.loads(out.read_text())["rows"] if out.exists() else {}
     work = Path(tempfile.mkdtemp(prefix="batch_edit_speed_"))
     for name in args.rows.split(","):
-        method, hp = ROWS[name]
+        method, hp, env = ROWS[name]
         folder = work / name
-        s = run_eval(
-            handle,
-            cases,
-            EvalConfig(method=method, mode="batch", batch_size=args.n, hparams=hp, guard=False),
-            folder,
-        )
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            s = run_eval(
+                handle,
+                cases,
+                EvalConfig(method=method, mode="batch", batch_size=args.n, hparams=hp, guard=False),
+                folder,
+            )
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         edit = json.loads((folder / "edits.jsonl").read_text().splitlines()[0])
         row = {
             "method": method,
             "hparams": hp,
+            **({"env": env} if env else {}),
             "seconds": edit["seconds"],
             "timings": edit["timings"],
             **{k: round(s["post"][k], 3) for k in ("ES", "PS", "NS", "reliability")},
@@ -82,7 +104,7 @@ def main() -> None:
         results = merge_rows(results, {name: row}, started)
         write_result(
             out,
-            {"model": args.model, "records": args.n, "target_s": 180, "rows": results},
+            {"model": args.model, "records": args.n, "target_s": 60, "rows": results},
             provenance=started,
         )
         print(f"{name}: {edit['seconds']:.1f} s {edit['timings']}", flush=True)

@@ -383,9 +383,10 @@ def edit_speed(*runs: dict) -> str:
 
 #: the rows of batch_edit_speed.py the docs show, with what each setting is
 BATCH_ROWS = {
-    "default": "defaults (SmolLM2 config: `v_lr` 2.0)",
+    "tree": "`v_lr` 0.5 (the reference value), padded prefixes, KV heads copied per group",
+    "v_lr2": "`v_lr` 2.0 (the SmolLM2 config), padded prefixes, KV heads copied per group",
+    "default": "defaults: prefixes as token trees, grouped-query attention without copies",
     "bf16": "+ `v_dtype=bfloat16` (optional)",
-    "tree": "`v_lr` 0.5 (the reference value)",
     "alphaedit": "defaults",
 }
 

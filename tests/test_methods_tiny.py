@@ -29,11 +29,11 @@ def test_replay_reproduces_the_full_forward(tiny, align):
     ref = prompt_forward(tiny, plain).logits[
         plain.tgt_rows, plain.tgt_cols
     ]  # unpadded positions, no alignment
-    for start in (0, 2, 3):
-        rep = Replay(tiny, batch, start)
+    for start, tree in ((0, True), (2, True), (3, True), (2, False)):
+        rep = Replay(tiny, batch, start, prefix_tree=tree)
         assert (rep.split is not None) == align  # the suffix-only path is really taken
         # the shared prefixes ran once, as token trees, wherever the cache is a plain full-attention one
-        assert rep.prefix_packed == (align and tiny.name != "tiny-gemma3")
+        assert rep.prefix_packed == (tree and align and tiny.name != "tiny-gemma3")
         for _ in range(2):  # the cache is cropped back between replays
             got = rep.logits_at(batch.tgt_rows, batch.tgt_cols)
             assert torch.allclose(got, ref, atol=1e-4)

@@ -56,6 +56,7 @@ class MemitHParams(HParams):
     v_grouping: Literal["auto", "suffix", "template", "kl", "none"] = (
         "auto"  # "suffix": by suffix length; "template": per template; "kl"; "none": one batch
     )
+    v_prefix_tree: bool = True  # the search's reference forward: shared prefixes run once (locate.Replay)
     key_tree: bool = True  # the update phase's key forwards as token trees (:func:`locate.tree_batch`)
     mom2_update_weight: PosFloat = 15000.0
     mom2_corpus: str = "self"

@@ -47,12 +47,15 @@ class Replay:
         start: int,
         probes: Sequence[str] = (),
         end: int | None = None,
+        prefix_tree: bool = True,
     ):
         """``probes``: module paths whose input and output at the subject's last token are recorded
         during the reference forward (``self.probe_in`` / ``self.probe_out``, each (B, d)).
         ``end``: the last block to record (default: all); with it the reference forward stops there
-        and only :meth:`run_blocks` can be used (no logits)."""
+        and only :meth:`run_blocks` can be used (no logits). ``prefix_tree``: run the columns before
+        ``split`` as token trees (:meth:`_prefix_cache`); ``False``: as the padded rows."""
         self.handle, self.batch, self.start = handle, batch, start
+        self.prefix_tree = prefix_tree
         self.probes = list(probes)
         spec = handle.spec
         last = handle.n_layers - 1 if end is None else end
@@ -144,7 +147,7 @@ class Replay:
         model, dev = handle.model, handle.device
         real = b.attention_mask[:, :s].bool()
         seqs = [b.input_ids[r, :s][real[r]].tolist() for r in range(len(b))]
-        if within_window(handle.config, s) and any(seqs):
+        if self.prefix_tree and within_window(handle.config, s) and any(seqs):
             tree = pack_trees([[q] for q in sorted(seqs)], 256, handle.tokenizer.pad_token_id or 0)
             out = model(
                 input_ids=tree.input_ids.to(dev),

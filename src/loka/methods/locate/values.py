@@ -162,6 +162,11 @@ def _search_precision(handle: ModelHandle, hp):
     return torch.autocast(handle.device.type, dtype=torch.bfloat16)
 
 
+def _prefix_tree(hp) -> bool:
+    """``hp.v_prefix_tree`` (default on): the reference forward runs shared prefixes once."""
+    return bool(getattr(hp, "v_prefix_tree", True))
+
+
 @torch.no_grad()
 def _project(delta: torch.Tensor, max_norm: torch.Tensor, active: torch.Tensor, frozen: torch.Tensor) -> None:
     """After an Adam step: clamp ``‖δ_i‖ ≤ clamp · ‖v_0,i‖`` (ROME Eq. 4) and pin finished requests
@@ -207,7 +212,7 @@ def _one_group(handle: ModelHandle, requests, layer, templates, hp, key_path, va
     """All rows in one group: every template row and the KL rows, aligned and replayed together."""
     n = len(requests)
     batch = build_prompts(handle, requests, templates, align=True)
-    replay = Replay(handle, batch, layer, probes=[key_path, val_path])
+    replay = Replay(handle, batch, layer, probes=[key_path, val_path], prefix_tree=_prefix_tree(hp))
     plain = (batch.template == 0).nonzero().squeeze(1)  # rows of the bare "{}" template, one per request
     v0 = replay.probe_out[val_path][plain]
     keys_all = replay.probe_in[key_path]
@@ -243,7 +248,9 @@ def _split_groups(handle: ModelHandle, requests, layer, templates, hp, key_path,
         )
         b.owner = torch.tensor(idx)[b.owner]  # request indices of the chunk
         b.template = torch.tensor(tids)[b.template]
-        g = _Group(b, Replay(handle, b, layer, probes=[key_path, val_path]), no_kl)
+        g = _Group(
+            b, Replay(handle, b, layer, probes=[key_path, val_path], prefix_tree=_prefix_tree(hp)), no_kl
+        )
         groups.append(g)
         k_in, v_out = g.replay.probe_in[key_path], g.replay.probe_out[val_path]
         if v0 is None:
@@ -256,7 +263,7 @@ def _split_groups(handle: ModelHandle, requests, layer, templates, hp, key_path,
         k_cnt.index_add_(0, b.owner, torch.ones(len(b)))
     k_star = k_sum / k_cnt[:, None]  # k* averaged over the context templates
     kb = build_prompts(handle, requests, [], with_targets=False, align=True)
-    kl_group = _Group(kb, Replay(handle, kb, layer), torch.arange(len(kb)))
+    kl_group = _Group(kb, Replay(handle, kb, layer, prefix_tree=_prefix_tree(hp)), torch.arange(len(kb)))
     groups.append(kl_group)
     with torch.no_grad(), _search_precision(handle, hp):
         kl_ref = F.log_softmax(kl_group.replay.logits_at(kl_group.kl_rows, kb.lookup), dim=-1)
