@@ -95,6 +95,19 @@ def test_alphaedit_past_keys_protect_earlier_edits(hp):
     w = h.weight_name(2)
     hit = lambda art: float((art.deltas[w].double() @ kA).norm() / art.deltas[w].double().norm())  # noqa: E731
     assert hit(with_state) < 0.5 * hit(without)
+    # accumulate_keys off: the earlier keys are ignored, as if the state were empty
+    ablated = loka.edit(
+        h,
+        REQ_B,
+        "alphaedit",
+        {**hp, **thr, "accumulate_keys": False},
+        state=state.copy(),
+        apply=False,
+        progress=False,
+    )
+    assert torch.allclose(
+        ablated.deltas[w], without.deltas[w], atol=1e-6 * float(without.deltas[w].abs().max())
+    )
     a.revert(h)
 
 
