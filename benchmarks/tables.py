@@ -387,7 +387,7 @@ BATCH_ROWS = {
     "v_lr2": "`v_lr` 2.0 (the SmolLM2 config), padded prefixes, KV heads copied per group",
     "default": "defaults: prefixes as token trees, grouped-query attention without copies",
     "bf16": "+ `v_dtype=bfloat16` (optional)",
-    "alphaedit": "defaults",
+    "alphaedit": "defaults (`v_lr` 0.5, the reference value)",
 }
 
 
@@ -762,11 +762,11 @@ def alphaedit_capacity(d: dict) -> str:
 
 
 ALPHAEDIT_ABLATION_ROWS = {
-    "alphaedit@300": "defaults (threshold 2e-2, statistics from 20k self-sampled tokens, v_lr 2.0)",
-    "alphaedit-th0.05@300": "null-space threshold 5e-2",
-    "alphaedit-self100k@300": "statistics from 100k self-sampled tokens",
-    "alphaedit-vlr0.5@300": "value-search learning rate 0.5 (the reference's)",
-    "alphaedit-nopast@300": "without the accumulated-keys term (K_pK_pᵀ dropped from Eq. 9)",
+    "alphaedit@300": "v_lr 2.0, threshold 2e-2, statistics from 20k self-sampled tokens (the stream's row)",
+    "alphaedit-th0.05@300": "v_lr 2.0, null-space threshold 5e-2",
+    "alphaedit-self100k@300": "v_lr 2.0, statistics from 100k self-sampled tokens",
+    "alphaedit-nopast@300": "v_lr 2.0, without the accumulated-keys term (K_pK_pᵀ dropped from Eq. 9)",
+    "alphaedit-vlr0.5@300": "**v_lr 0.5** (the reference's; the SmolLM2 default)",
 }
 
 

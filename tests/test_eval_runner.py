@@ -92,6 +92,24 @@ def test_resume_refuses_other_settings(tiny, hp, tmp_path):
         run_eval(tiny, cases, EvalConfig(method="rome", hparams=hp, guard=False), tmp_path, resume=True)
 
 
+def test_resume_refuses_a_changed_default(tiny, hp, tmp_path, monkeypatch):
+    """A method's config changed between the run and its resumption (a new SmolLM2 default, say): the
+    given overrides are the same, but the method would run with other hyperparameters."""
+    cases = load_cases(DATA / "counterfact_sample5.json", n=2)
+    cfg = EvalConfig(method="rome", mode="single", hparams=hp, guard=False)
+    run_eval(tiny, cases[:1], cfg, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["resolved_hparams"]
+    assert saved["v_steps"] == 3 and "v_lr" in saved  # what the method ran with, defaults included
+    import loka.methods.base as base
+
+    real = base.method_config
+    monkeypatch.setattr(base, "method_config", lambda m, h: {**real(m, h), "v_lr": 0.123})
+    with pytest.raises(loka.ConfigError, match=r"resolved_hparams\.v_lr: .* in the folder, 0\.123 now"):
+        run_eval(tiny, cases, cfg, tmp_path, resume=True)
+    monkeypatch.setattr(base, "method_config", real)
+    run_eval(tiny, cases, cfg, tmp_path, resume=True)  # unchanged: it goes on
+
+
 def test_unedited_scores_are_shared_between_runs(tiny, tmp_path, monkeypatch):
     import loka.eval.runner as runner
 

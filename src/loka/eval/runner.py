@@ -23,7 +23,7 @@ from .. import env
 from ..api import edit
 from ..errors import ConfigError, LokaError, OutputError, RequestError
 from ..methods import REGISTRY as METHODS
-from ..methods import get_method
+from ..methods import default_hparams, get_method
 from ..sequential import BatchFolder
 from ..state import EditState
 from ..utils.io import atomic_write_bytes, atomic_write_json, check_writable, hash_json, read_json
@@ -159,6 +159,22 @@ def is_eval_run(folder: Path) -> bool:
     return isinstance(cfg, dict) and {"method", "mode"} <= set(cfg)
 
 
+def _resolved(cfg: EvalConfig, handle: ModelHandle) -> dict:
+    return default_hparams(cfg.method, handle, cfg.hparams).to_dict()
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every setting that differs (nested dicts key by key)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} in the folder, {b!r} now")
+    return out
+
+
 def check_run_folder(out: str | Path, resume: bool = False, force: bool = False) -> Path:
     """Before any work: may a run be written to ``out``? A new or empty folder may; an earlier run only
     with ``resume`` (continue it) or ``force`` (replace it); a folder loka did not write never."""
@@ -204,6 +220,8 @@ def run_eval(
         "mode": cfg.mode,
         "batch_size": cfg.batch_size,
         "hparams": cfg.hparams,
+        # what the method runs with (its model config, then the overrides): a changed default shows here
+        **({"resolved_hparams": _resolved(cfg, handle)} if cfg.method in METHODS else {}),
         "n_cases": len(cases),
         "generation": cfg.generation,
         **({"wild": True} if cfg.wild else {}),
@@ -214,9 +232,12 @@ def run_eval(
         old = json.loads(cfg_file.read_text())
         # every key of either run (an option only one of them set counts too); a resumed run may extend to more cases
         same = (set(meta) | set(old)) - {"n_cases"}
-        if {k: old.get(k) for k in same} != {k: meta.get(k) for k in same}:
+        if "resolved_hparams" not in old:  # a folder without them is compared on the given hparams alone
+            same.discard("resolved_hparams")
+        diff = _differences({k: old.get(k) for k in same}, {k: meta.get(k) for k in same})
+        if diff:
             raise ConfigError(
-                f"{out} holds a run with other settings ({old}); use another --out or drop --resume"
+                f"{out} holds a run with other settings ({'; '.join(diff)}); use another --out or drop --resume"
             )
     elif not resume:
         for f in (
