@@ -59,14 +59,17 @@ ROWS = {
     "alphaedit+conflict": ("alphaedit", {"conflict_weighting": True}, None),
     "lyaplock": ("lyaplock", {}, None),
     "scr": ("scr", {}, None),
-    # AlphaEdit's null-space threshold (the reference 2e-2 is the SmolLM2 default): benchmarks/alphaedit_nullspace.py
-    "alphaedit-th0.01": ("alphaedit", {"nullspace_threshold": 0.01}, None),
-    "alphaedit-th0.005": ("alphaedit", {"nullspace_threshold": 0.005}, None),
-    "alphaedit-th0.05": ("alphaedit", {"nullspace_threshold": 0.05}, None),
-    "alphaedit-tofu": ("alphaedit", {"mom2_corpus": "tofu", "mom2_n_tokens": 40000}, None),
-    "alphaedit-self100k": ("alphaedit", {"mom2_n_tokens": 100_000}, None),
+    # AlphaEdit's ablations (docs/sequential.md): the threshold (the reference 2e-2 is the SmolLM2 default;
+    # benchmarks/alphaedit_nullspace.py), the statistics and the accumulated-keys term at v_lr 2.0, the
+    # value-search step at 0.5 (the SmolLM2 default)
+    "alphaedit-th0.01": ("alphaedit", {"nullspace_threshold": 0.01, "v_lr": 2.0}, None),
+    "alphaedit-th0.005": ("alphaedit", {"nullspace_threshold": 0.005, "v_lr": 2.0}, None),
+    "alphaedit-th0.05": ("alphaedit", {"nullspace_threshold": 0.05, "v_lr": 2.0}, None),
+    "alphaedit-tofu": ("alphaedit", {"mom2_corpus": "tofu", "mom2_n_tokens": 40000, "v_lr": 2.0}, None),
+    "alphaedit-self100k": ("alphaedit", {"mom2_n_tokens": 100_000, "v_lr": 2.0}, None),
     "alphaedit-vlr0.5": ("alphaedit", {"v_lr": 0.5}, None),
-    "alphaedit-nopast": ("alphaedit", {"accumulate_keys": False}, None),
+    "alphaedit-vlr2": ("alphaedit", {"v_lr": 2.0}, None),
+    "alphaedit-nopast": ("alphaedit", {"accumulate_keys": False, "v_lr": 2.0}, None),
     "ultraedit": ("ultraedit", {}, None),
     # gradient rows clipped at 5x the turn's median (not in the reference): src/loka/methods/ultraedit.py
     "ultraedit-clip5": ("ultraedit", {"grad_clip": 5.0}, None),

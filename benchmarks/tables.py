@@ -833,7 +833,12 @@ def ultraedit_drift(d: dict) -> str:
     return out
 
 
-THRESHOLD_ROWS = {"alphaedit": 0.02, "alphaedit-th0.01": 0.01, "alphaedit-th0.005": 0.005}
+THRESHOLD_ROWS = {
+    "alphaedit": 0.02,
+    "alphaedit-vlr2": 0.02,
+    "alphaedit-th0.01": 0.01,
+    "alphaedit-th0.005": 0.005,
+}
 
 
 @table("alphaedit-threshold", "docs/sequential.md", "lifelong_smollm2-135m_n300_threshold.json")

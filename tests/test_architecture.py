@@ -56,9 +56,10 @@ def _handle(name: str, family: str, n_layers: int):
 def test_configs_extend_others():
     h = _handle("smollm2-135m", "llama", 30)
     memit, alpha, lyap = (default_hparams(m, h).to_dict() for m in ("memit", "alphaedit", "lyaplock"))
-    for k in ("layers", "v_lr", "v_steps", "clamp_norm_factor", "mom2_n_tokens"):
+    for k in ("layers", "v_steps", "clamp_norm_factor", "mom2_n_tokens"):
         assert alpha[k] == memit[k] == lyap[k], k
     assert alpha["nullspace_threshold"] == 0.02 and lyap["alpha"] == 60.0
+    assert memit["v_lr"] == lyap["v_lr"] == 2.0 and alpha["v_lr"] == 0.5  # an extending config overrides
     for m in ("ga", "gd", "idk", "dpo", "relearn"):  # the trainers share NPO's config
         assert method_config(m, h) == method_config("npo", h)
 

@@ -350,7 +350,8 @@ def test_workbench_on_tiny_llama_in_chromium(handle, tmp_path):
 @contextmanager
 def _loka_serve(tmp_path: Path, model: str, token: str):
     """``loka serve`` as a subprocess on a free port; yields the workbench URL it prints."""
-    cmd = [sys.executable, "-m", "loka.cli", "serve", "--model", model, "--port", "0", "--token", token]
+    # "--token=…": a random token may begin with "-", which argparse would take for an option
+    cmd = [sys.executable, "-m", "loka.cli", "serve", "--model", model, "--port", "0", f"--token={token}"]
     cmd += ["--store", str(tmp_path / "store"), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
