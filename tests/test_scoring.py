@@ -204,6 +204,17 @@ def test_bfloat16_value_search_runs_on_bfloat16_packed_weights(text_corpus):
         loka.edit(h, req, "rome", {**hp, "v_dtype": "float16"}, apply=False, progress=False)
 
 
+def test_a_tree_path_holds_the_sequence_and_shares_its_prefix():
+    from loka.packing import pack_trees
+
+    a, b = [5, 6, 7], [5, 6, 9, 4]
+    tree = pack_trees([[a], [b]], 16, 0)
+    pa, pb = tree.path(0, a), tree.path(0, b)
+    assert [int(tree.input_ids[r, c]) for r, c in pa] == a and [int(tree.input_ids[r, c]) for r, c in pb] == b
+    assert pa[:2] == pb[:2] and pa[2] != pb[2]  # the shared "5 6" is one pair of nodes
+    assert [int(tree.position_ids[r, c]) for r, c in pb] == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_token_tree_runs_shared_prefixes_once(name):
     """Prompts sharing a template, and targets sharing a first token, run their common prefix once,

@@ -9,7 +9,8 @@ names a cache keyword or imports from transformers' internals.
 What lives here:
 
 * the KV cache: the keyword a model's forward takes it by, reading it from a forward's keywords or
-  outputs, its length, cropping, detaching, row selection and regathering (:func:`gather_cache`);
+  outputs, its length, cropping, detaching, row selection, and an empty full-attention cache laid out anew (:func:`plain_cache`,
+  :func:`gather_cache`);
 * attention: whether every block takes the same inputs (:func:`same_block_inputs`) and grouped-query
   attention without per-group copies on CPU (:func:`native_gqa`);
 * how a decode step is told from a prefill (:func:`is_decode_step`), for hooks that route a whole
@@ -148,20 +149,23 @@ def same_block_inputs(config: Any) -> bool:
     return not types or len(set(types)) == 1
 
 
-def gather_cache(cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> bool:
-    """Rebuild ``cache`` in place so that batch row ``b``, position ``j`` holds the keys and values it
-    held at (``rows[b, j]``, ``cols[b, j]``): a token-tree forward's cache laid out as the rows of a
-    padded batch. Only caches of plain full-attention layers can be regathered; for any other
-    (sliding-window, quantised, static) it returns ``False`` and leaves the cache as it was."""
-    from transformers.cache_utils import DynamicLayer
+def plain_cache(model: nn.Module) -> Any | None:
+    """An empty KV cache for ``model`` whose every layer keeps all positions (no sliding window), the
+    kind :func:`gather_cache` can lay out anew; ``None`` for a model whose cache would be any other."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    cache = DynamicCache(config=model.config)
     layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
-        return False
-    for layer in layers:  # (P, H, W, d) indexed at (B, s) -> (B, s, H, d) -> (B, H, s, d)
+    return cache if layers and all(type(layer) is DynamicLayer for layer in layers) else None
+
+
+def gather_cache(cache: Any, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Rebuild a filled :func:`plain_cache` in place so that batch row ``b``, position ``j`` holds the
+    keys and values it held at (``rows[b, j]``, ``cols[b, j]``): a token-tree forward's cache laid out
+    as the rows of a padded batch."""
+    for layer in cache.layers:  # (P, H, W, d) indexed at (B, s) -> (B, s, H, d) -> (B, H, s, d)
         layer.keys = layer.keys[rows, :, cols].permute(0, 2, 1, 3).contiguous()
         layer.values = layer.values[rows, :, cols].permute(0, 2, 1, 3).contiguous()
-    return True
 
 
 # -- masks ----------------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ class TreePack:
         """(row, column) of the node that ends ``prefix`` of a sequence of ``group``."""
         return self.node[self.key(group, tuple(prefix))]
 
+    def path(self, group: int, seq: Sequence[int]) -> list[tuple[int, int]]:
+        """(row, column) of every node of ``seq`` in order: where each of its tokens' states are."""
+        return [self.at(group, seq[: i + 1]) for i in range(len(seq))]
+
     def key(self, group: int, prefix: tuple[int, ...]) -> tuple:
         return prefix if self.share else (group, prefix)
 

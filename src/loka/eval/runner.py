@@ -159,10 +159,6 @@ def is_eval_run(folder: Path) -> bool:
     return isinstance(cfg, dict) and {"method", "mode"} <= set(cfg)
 
 
-def _resolved(cfg: EvalConfig, handle: ModelHandle) -> dict:
-    return default_hparams(cfg.method, handle, cfg.hparams).to_dict()
-
-
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """``key: old -> new`` for every setting that differs (nested dicts key by key)."""
     out = []
@@ -221,7 +217,11 @@ def run_eval(
         "batch_size": cfg.batch_size,
         "hparams": cfg.hparams,
         # what the method runs with (its model config, then the overrides): a changed default shows here
-        **({"resolved_hparams": _resolved(cfg, handle)} if cfg.method in METHODS else {}),
+        **(
+            {"resolved_hparams": default_hparams(cfg.method, handle, cfg.hparams).to_dict()}
+            if cfg.method in METHODS
+            else {}
+        ),
         "n_cases": len(cases),
         "generation": cfg.generation,
         **({"wild": True} if cfg.wild else {}),

@@ -18,6 +18,7 @@ from ...hf_compat import (
     cache_out,
     crop_cache,
     gather_cache,
+    plain_cache,
     same_block_inputs,
     select_cache_rows,
     with_cache,
@@ -141,31 +142,34 @@ class Replay:
         requests share, or a relation's words before the subject, runs once instead of once per
         row, and no column is spent on padding (packs of 256 nodes: wider ones spend more on the dense
         tree mask than they share); the tree's cache is then laid out as the padded
-        rows (:func:`~loka.hf_compat.gather_cache`). Where that cannot be done (a sliding-window
-        cache, a tree deeper than the window) the padded prefix runs as it is."""
+        rows (:func:`~loka.hf_compat.gather_cache`). Where that cannot be done (a model whose cache is
+        not a plain one, such as Gemma's sliding-window layers; a tree deeper than the window) the
+        padded prefix runs as it is."""
         b, s, handle = self.batch, self.batch.split, self.handle
         model, dev = handle.model, handle.device
         real = b.attention_mask[:, :s].bool()
         seqs = [b.input_ids[r, :s][real[r]].tolist() for r in range(len(b))]
-        if self.prefix_tree and within_window(handle.config, s) and any(seqs):
+        cache = (
+            plain_cache(model) if self.prefix_tree and within_window(handle.config, s) and any(seqs) else None
+        )
+        if cache is not None:
             tree = pack_trees([[q] for q in sorted(seqs)], 256, handle.tokenizer.pad_token_id or 0)
-            out = model(
+            model(
                 input_ids=tree.input_ids.to(dev),
                 attention_mask=tree.attention_mask(next(model.parameters()).dtype).to(dev),
                 position_ids=tree.position_ids.to(dev),
                 use_cache=True,
                 logits_to_keep=1,
+                **with_cache(model, cache),
             )
             rows = torch.zeros((len(b), s), dtype=torch.long)
             cols = torch.zeros((len(b), s), dtype=torch.long)
             for r, q in enumerate(seqs):  # row r's prefix sits right-aligned before ``split``
-                path = [tree.at(0, q[: i + 1]) for i in range(len(q))]
-                rows[r, s - len(q) :] = torch.tensor([p[0] for p in path])
-                cols[r, s - len(q) :] = torch.tensor([p[1] for p in path])
-            cache = cache_out(out)
-            self.prefix_packed = gather_cache(cache, rows.to(dev), cols.to(dev))
-            if self.prefix_packed:
-                return cache
+                if q:
+                    rows[r, s - len(q) :], cols[r, s - len(q) :] = torch.tensor(tree.path(0, q)).T
+            gather_cache(cache, rows.to(dev), cols.to(dev))
+            self.prefix_packed = True
+            return cache
         out = model(
             input_ids=b.input_ids[:, :s].to(dev),
             attention_mask=b.attention_mask[:, :s].to(dev),
