@@ -293,3 +293,20 @@ def test_suffix_buckets_are_optimal_and_cover_every_request():
     assert cost(got) == best
     assert len(suffix_buckets(lengths, 3, group_cost=10_000)) == 1  # groups too dear: one padded group
     assert len(suffix_buckets(lengths, 3, group_cost=0)) == len(set(lengths))  # free: one per length
+
+
+def test_v_beta1_is_the_value_search_momentum(text_corpus):
+    """``v_beta1`` is Adam's β₁ in the value search: 0.9 is the reference search bit for bit, another
+    value moves δ differently, and a value Adam cannot take (β₁ ≥ 1) is refused by name."""
+    from loka.methods.locate import optimize_values
+
+    h = loka.load_model("tiny-llama")
+    base = {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "v_steps": 4, "layer": 1}
+    base["early_stop_loss"] = 0.0  # every step runs, so the momentum acts on steps 2-4
+    tm = context_templates(h)
+    run = lambda **kw: optimize_values(h, [REQ], 1, tm, loka.default_hparams("rome", h, {**base, **kw}))  # noqa: E731
+    ref, same, low = run(), run(v_beta1=0.9), run(v_beta1=0.0)
+    assert torch.equal(ref.targets, same.targets)
+    assert not torch.allclose(ref.targets, low.targets)
+    with pytest.raises(loka.LokaError, match="v_beta1"):
+        loka.edit(h, REQ, "rome", {**base, "v_beta1": 1.0}, apply=False, progress=False)

@@ -79,6 +79,7 @@ class Domain:
 PosFloat = Annotated[float, Domain(gt=0)]
 NonNegFloat = Annotated[float, Domain(ge=0)]
 UnitFloat = Annotated[float, Domain(ge=0, le=1)]  # a fraction, a probability or a threshold on one
+Momentum = Annotated[float, Domain(ge=0, lt=1)]  # an exponential-average coefficient (Adam's β)
 Cosine = Annotated[float, Domain(ge=-1, le=1)]
 PosInt = Annotated[int, Domain(ge=1)]
 NonNegInt = Annotated[int, Domain(ge=0)]

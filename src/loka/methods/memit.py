@@ -25,7 +25,7 @@ from ..packing import within_window
 from ..stats import second_moments
 from ..trace import capture
 from ..weights import preserved_weights
-from .base import HParams, Layers, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
+from .base import HParams, Layers, Method, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import (
     Replay,
     build_prompts,
@@ -45,6 +45,7 @@ class MemitHParams(HParams):
     layers: Layers = field(default_factory=lambda: [3, 4, 5, 6, 7])
     v_lr: PosFloat = 0.5
     v_steps: PosInt = 20
+    v_beta1: Momentum = 0.9  # Adam's momentum in the value search (0.9 as in the reference)
     v_weight_decay: NonNegFloat = 0.5
     kl_factor: NonNegFloat = 0.0625
     clamp_norm_factor: PosFloat = 0.75

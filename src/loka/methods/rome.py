@@ -20,7 +20,7 @@ from ..corpus import corpus_from_spec
 from ..stats import second_moments
 from ..utils.io import hash_tensors
 from ..weights import preserved_weights
-from .base import HParams, Layer, Method, NonNegFloat, NonNegInt, PosFloat, PosInt, register
+from .base import HParams, Layer, Method, Momentum, NonNegFloat, NonNegInt, PosFloat, PosInt, register
 from .locate import optimize_values
 from .templates import context_templates
 
@@ -33,6 +33,7 @@ class RomeHParams(HParams):
     layer: Layer = 4
     v_lr: PosFloat = 0.5
     v_steps: PosInt = 20
+    v_beta1: Momentum = 0.9  # Adam's momentum in the value search (0.9 as in the reference)
     v_weight_decay: NonNegFloat = 0.5
     kl_factor: NonNegFloat = 0.0625
     clamp_norm_factor: PosFloat = 4.0

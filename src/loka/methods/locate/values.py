@@ -300,7 +300,7 @@ def _search(
     n = len(v0)
     t1 = time.perf_counter()
     delta = torch.zeros_like(v0, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr, betas=(getattr(hp, "v_beta1", 0.9), 0.999))
     v0_norm = v0.norm(dim=1)
     max_norm = hp.clamp_norm_factor * v0_norm
     nll_final = torch.full((n,), float("nan"))
