@@ -310,3 +310,36 @@ def test_v_beta1_is_the_value_search_momentum(text_corpus):
     assert not torch.allclose(ref.targets, low.targets)
     with pytest.raises(loka.LokaError, match="v_beta1"):
         loka.edit(h, REQ, "rome", {**base, "v_beta1": 1.0}, apply=False, progress=False)
+
+
+def test_a_request_that_stops_takes_no_backward(text_corpus, monkeypatch):
+    """A request whose NLL falls below ``early_stop_loss`` at a step is not back-propagated at that
+    step (its gradient would be discarded): the same search, one backward fewer per stopping step."""
+    import loka.methods.locate.values as values
+
+    h = loka.load_model("tiny-llama")
+    hp = loka.default_hparams(
+        "rome",
+        h,
+        {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "layer": 1, "v_steps": 20, "v_lr": 2.0},
+    )
+    tm = context_templates(h)
+    calls = []
+    backward = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda t, *a, **k: (calls.append(1), backward(t, *a, **k)))
+    hp.early_stop_loss = 10.0  # stops wherever the first forward is: no backward at all
+    first = values.optimize_values(h, [REQ], 1, tm, hp)
+    assert first.steps == 1 and not calls
+    hp.early_stop_loss = 0.0
+    last = values.optimize_values(h, [REQ], 1, tm, hp).nll[0]
+    hp.early_stop_loss = (first.nll[0] + last) / 2  # reached halfway through the search
+    calls.clear()
+    fast = values.optimize_values(h, [REQ], 1, tm, hp)
+    n_fast = len(calls)
+    search = values._search
+    monkeypatch.setattr(values, "_search", lambda *a, **k: search(*a, **{**k, "whole_requests": False}))
+    calls.clear()
+    slow = values.optimize_values(h, [REQ], 1, tm, hp)
+    assert 1 < fast.steps == slow.steps < 20  # it stopped early, at the same step
+    assert n_fast == len(calls) - 2  # the loss's and the decay term's backward of the last step
+    assert torch.allclose(fast.targets, slow.targets, atol=1e-6)

@@ -288,15 +288,30 @@ def _optimize(
         setup = _one_group(handle, requests, layer, templates, hp, key_path, val_path)
     else:
         setup = _split_groups(handle, requests, layer, templates, hp, key_path, val_path, mode, suffix_lens)
-    return _search(handle, hp, hook_mod, len(templates), *setup, t0)
+    return _search(handle, hp, hook_mod, len(templates), *setup, t0, whole_requests=mode != "template")
 
 
 def _search(
-    handle: ModelHandle, hp, hook_mod, n_prompts, groups, v0, k_star, k_plain, kl_ref, t0
+    handle: ModelHandle,
+    hp,
+    hook_mod,
+    n_prompts,
+    groups,
+    v0,
+    k_star,
+    k_plain,
+    kl_ref,
+    t0,
+    whole_requests: bool = False,
 ) -> ValueResult:
     """The optimisation (ROME Eq. 4), written once for every grouping: each step runs forward and
     backward group by group (one group's graph in memory at a time), adds the decay term, stops the
-    requests whose target NLL fell below ``early_stop_loss``, steps Adam and applies the norm clamp."""
+    requests whose target NLL fell below ``early_stop_loss``, steps Adam and applies the norm clamp.
+
+    ``whole_requests``: every request's target rows lie in one group (the KL group last), so a
+    request's NLL is known right after its group's forward; a request that stops at this step then
+    takes no part in the backward (its gradient would be discarded): the same search, and the last
+    step of a lone request (ROME) is a forward only."""
     n = len(v0)
     t1 = time.perf_counter()
     delta = torch.zeros_like(v0, requires_grad=True)
@@ -312,6 +327,7 @@ def _search(
         opt.zero_grad()
         nll_req = torch.zeros(n)
         weight = active.float()
+        stopping = torch.zeros(n, dtype=torch.bool)  # requests already known to stop at this step
         for g in groups:
             if not active[g.batch.owner].any():  # a group whose requests have all converged
                 continue
@@ -329,14 +345,21 @@ def _search(
                     torch.zeros(n).index_add(0, v.owner, per_row) / n_prompts
                 )  # mean over a request's prompts
                 nll_req += part.detach()
+                if whole_requests:
+                    mine = torch.zeros(n, dtype=torch.bool)
+                    mine[v.owner[v.tgt_rows]] = True
+                    stopping |= mine & active & (nll_req < hp.early_stop_loss)
+                    weight = (active & ~stopping).float()
                 loss = loss + (part * weight).sum()
             if len(v.kl_rows):
                 kl_new = F.log_softmax(logits[nt:].float(), dim=-1)
                 kl = (kl_new.exp() * (kl_new - kl_ref[v.kl_index])).sum(-1)  # KL(p_δ ‖ p_0) at the subject
                 kl_req = torch.zeros(n).index_add(0, v.owner[v.kl_rows], kl)
                 loss = loss + hp.kl_factor * (kl_req * weight).sum()
-            loss.backward()
-        ((hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2) * weight).sum().backward()
+            if weight[v.owner].any():
+                loss.backward()
+        if weight.any():
+            ((hp.v_weight_decay * delta.norm(dim=1) / v0_norm**2) * weight).sum().backward()
         nll_final[active] = nll_req[active]
         log.debug(
             "value step %d: %d active, NLL median %.3f max %.3f",
