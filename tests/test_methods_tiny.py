@@ -343,3 +343,24 @@ def test_a_request_that_stops_takes_no_backward(text_corpus, monkeypatch):
     assert 1 < fast.steps == slow.steps < 20  # it stopped early, at the same step
     assert n_fast == len(calls) - 2  # the loss's and the decay term's backward of the last step
     assert torch.allclose(fast.targets, slow.targets, atol=1e-6)
+
+
+def test_the_kl_term_holds_the_unedited_distribution(text_corpus):
+    """The KL term's reference is the unedited model's next-token distribution after "{subject} is a"
+    (taken from the search's first step, where δ = 0): weighting it keeps the edited model closer to it."""
+    h = loka.load_model("tiny-llama")
+    hp = {"mom2_n_tokens": 1000, "mom2_corpus": str(text_corpus), "layer": 1, "v_steps": 10, "v_lr": 1.0}
+    ids = h.tokenizer(f"{REQ.subject} is a", return_tensors="pt").input_ids
+
+    def log_p():
+        with torch.no_grad():
+            return torch.log_softmax(h.model(ids).logits[0, -1], -1)
+
+    p0 = log_p()
+    kl = {}
+    for factor in (0.0, 50.0):
+        art = loka.edit(h, REQ, "rome", {**hp, "kl_factor": factor}, progress=False)
+        lp = log_p()
+        kl[factor] = float((lp.exp() * (lp - p0)).sum())
+        art.revert(h)
+    assert kl[50.0] < 0.5 * kl[0.0]

@@ -218,9 +218,7 @@ def _one_group(handle: ModelHandle, requests, layer, templates, hp, key_path, va
     keys_all = replay.probe_in[key_path]
     k_star = mean_over_templates(keys_all, batch, n)
     kl_rows = batch.is_kl.nonzero().squeeze(1)  # one "{} is a" row per request, in request order
-    with torch.no_grad(), _search_precision(handle, hp):
-        kl_ref = F.log_softmax(replay.logits_at(kl_rows, batch.lookup[kl_rows]), dim=-1)
-    return [_Group(batch, replay, kl_rows)], v0, k_star, keys_all[plain], kl_ref
+    return [_Group(batch, replay, kl_rows)], v0, k_star, keys_all[plain]
 
 
 def _split_groups(handle: ModelHandle, requests, layer, templates, hp, key_path, val_path, mode, suffix_lens):
@@ -265,9 +263,7 @@ def _split_groups(handle: ModelHandle, requests, layer, templates, hp, key_path,
     kb = build_prompts(handle, requests, [], with_targets=False, align=True)
     kl_group = _Group(kb, Replay(handle, kb, layer, prefix_tree=_prefix_tree(hp)), torch.arange(len(kb)))
     groups.append(kl_group)
-    with torch.no_grad(), _search_precision(handle, hp):
-        kl_ref = F.log_softmax(kl_group.replay.logits_at(kl_group.kl_rows, kb.lookup), dim=-1)
-    return groups, v0, k_star, k_plain, kl_ref
+    return groups, v0, k_star, k_plain
 
 
 def _optimize(
@@ -300,7 +296,6 @@ def _search(
     v0,
     k_star,
     k_plain,
-    kl_ref,
     t0,
     whole_requests: bool = False,
 ) -> ValueResult:
@@ -311,7 +306,10 @@ def _search(
     ``whole_requests``: every request's target rows lie in one group (the KL group last), so a
     request's NLL is known right after its group's forward; a request that stops at this step then
     takes no part in the backward (its gradient would be discarded): the same search, and the last
-    step of a lone request (ROME) is a forward only."""
+    step of a lone request (ROME) is a forward only.
+
+    The KL term's reference distributions ``p_0`` are the first step's own (δ = 0 there): no separate
+    forward of the unedited model."""
     n = len(v0)
     t1 = time.perf_counter()
     delta = torch.zeros_like(v0, requires_grad=True)
@@ -322,6 +320,7 @@ def _search(
     active = torch.ones(n, dtype=torch.bool)
     frozen = torch.zeros_like(v0)
     steps = 0
+    kl_ref = None  # log p_0 of every KL row, in request order: taken from the first step
     for step in range(hp.v_steps):
         steps = step + 1
         opt.zero_grad()
@@ -353,6 +352,8 @@ def _search(
                 loss = loss + (part * weight).sum()
             if len(v.kl_rows):
                 kl_new = F.log_softmax(logits[nt:].float(), dim=-1)
+                if kl_ref is None:  # the first step: δ = 0, every request's KL row present
+                    kl_ref = kl_new.detach()
                 kl = (kl_new.exp() * (kl_new - kl_ref[v.kl_index])).sum(-1)  # KL(p_δ ‖ p_0) at the subject
                 kl_req = torch.zeros(n).index_add(0, v.owner[v.kl_rows], kl)
                 loss = loss + hp.kl_factor * (kl_req * weight).sum()
