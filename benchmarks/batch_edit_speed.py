@@ -1,23 +1,26 @@
 """A batch of 100 MEMIT / AlphaEdit edits on SmolLM2: time per phase and edit quality, before and
 after each optimisation of the batched value search. Prints a table and writes JSON.
 
-    python benchmarks/batch_edit_speed.py [--rows before,suffix,tree,v_lr2,default,bf16,alphaedit]
+    python benchmarks/batch_edit_speed.py [--rows before,suffix,tree,v_lr2,trees,beta,default,alphaedit-ref,alphaedit]
 
 Each row edits records 0-99 of ``data/generated/cf_all_300.json`` in one batch through the
 evaluation runner (``loka eval --mode batch --batch-size 100``), so the same ES/PS/NS come with the
 time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows of earlier runs in
-``--out`` are kept; each row carries the provenance of the run that measured it. Rows, cumulative:
+``--out`` are kept; each row carries the provenance of the run that measured it. Rows, cumulative
+(each pins the settings it measures, so a change of the defaults does not change a row):
 
 * ``before`` — the search without these optimisations: a row group per context template, chunks
-  of 16 requests, ``v_lr`` 0.5, padded key rows in the update phase;
+  of 16 requests, ``v_lr`` 0.5, padded key rows in the update phase, Adam's β₁ 0.9, float32;
 * ``suffix`` — requests bucketed by suffix length in one chunk (``v_grouping="suffix"``);
 * ``tree`` — the update phase's key forwards as token trees (``key_tree``);
 * ``v_lr2`` — ``v_lr`` 2.0, the SmolLM2 config (all targets converge, fewer steps);
-* ``default`` — the search's reference forward runs shared prefixes once, as token trees
+* ``trees`` — the search's reference forward runs shared prefixes once, as token trees
   (``v_prefix_tree``; the rows above pad them), and grouped-query attention takes the key/value heads
   without copying them per group (the rows above run with ``TRANSFORMERS_SDPA_FORCE_GQA=0``, which
   turns that off). Every row's reference forward stops at the first replayed block.
-* ``bf16`` — the search's matmuls in bfloat16 (``v_dtype``), optional;
+* ``beta`` — Adam's β₁ 0.5 in the search (``v_beta1``; the reference's is 0.9);
+* ``default`` — the search's matmuls in bfloat16 as well (``v_dtype``): MEMIT's SmolLM2 defaults;
+* ``alphaedit-ref`` — AlphaEdit with the reference's search (``v_lr`` 0.5, β₁ 0.9, float32);
 * ``alphaedit`` — AlphaEdit with its defaults;
 * ``ultraedit`` — UltraEdit with its defaults (one turn: no value search, no statistics).
 
@@ -44,17 +47,27 @@ from loka.eval.runner import EvalConfig, run_eval
 
 _PADDED = {"v_prefix_tree": False}  # the reference forward's prefixes as padded rows
 _NO_GQA = {"TRANSFORMERS_SDPA_FORCE_GQA": "0"}  # key/value heads repeated per query group
+_REF_ADAM = {"v_beta1": 0.9, "v_dtype": "float32"}  # the reference's Adam momentum, float32
 ROWS = {  # name: (method, hparams, environment)
     "before": (
         "memit",
-        {"v_grouping": "template", "v_batch_size": 16, "v_lr": 0.5, "key_tree": False, **_PADDED},
+        {
+            "v_grouping": "template",
+            "v_batch_size": 16,
+            "v_lr": 0.5,
+            "key_tree": False,
+            **_PADDED,
+            **_REF_ADAM,
+        },
         _NO_GQA,
     ),
-    "suffix": ("memit", {"v_lr": 0.5, "key_tree": False, **_PADDED}, _NO_GQA),
-    "tree": ("memit", {"v_lr": 0.5, **_PADDED}, _NO_GQA),
-    "v_lr2": ("memit", dict(_PADDED), _NO_GQA),
+    "suffix": ("memit", {"v_lr": 0.5, "key_tree": False, **_PADDED, **_REF_ADAM}, _NO_GQA),
+    "tree": ("memit", {"v_lr": 0.5, **_PADDED, **_REF_ADAM}, _NO_GQA),
+    "v_lr2": ("memit", {**_PADDED, **_REF_ADAM}, _NO_GQA),
+    "trees": ("memit", _REF_ADAM, {}),
+    "beta": ("memit", {"v_dtype": "float32"}, {}),
     "default": ("memit", {}, {}),
-    "bf16": ("memit", {"v_dtype": "bfloat16"}, {}),
+    "alphaedit-ref": ("alphaedit", {"v_lr": 0.5, **_REF_ADAM}, {}),
     "alphaedit": ("alphaedit", {}, {}),
     "ultraedit": ("ultraedit", {}, {}),
 }

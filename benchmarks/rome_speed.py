@@ -27,10 +27,15 @@ from loka.eval.metrics import case_metrics, score_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
-    "v_lr 0.5 (reference)": {"v_lr": 0.5, "v_dtype": "float32"},
-    "v_lr 0.5, bfloat16 search": {"v_lr": 0.5, "v_dtype": "bfloat16"},
-    "v_lr 2.0": {"v_lr": 2.0, "v_dtype": "float32"},
-    "v_lr 2.0, bfloat16 search": {"v_lr": 2.0, "v_dtype": "bfloat16"},
+    "v_lr 0.5, β₁ 0.9 (reference)": {"v_lr": 0.5, "v_beta1": 0.9, "v_dtype": "float32"},
+    "v_lr 0.5, β₁ 0.9, bfloat16 search": {"v_lr": 0.5, "v_beta1": 0.9, "v_dtype": "bfloat16"},
+    "v_lr 2.0, β₁ 0.9, bfloat16 search": {"v_lr": 2.0, "v_beta1": 0.9, "v_dtype": "bfloat16"},
+    "v_lr 1.0, β₁ 0.5": {"v_lr": 1.0, "v_beta1": 0.5, "v_dtype": "float32"},
+    "v_lr 1.0, β₁ 0.5, bfloat16 search (SmolLM2 default)": {
+        "v_lr": 1.0,
+        "v_beta1": 0.5,
+        "v_dtype": "bfloat16",
+    },
 }
 
 
@@ -47,7 +52,7 @@ def main() -> None:
     loka.edit(handle, cases[0].requests, "rome", progress=False).revert(handle)  # statistics cached
     pre = score_cases(handle, cases)
     rec: dict[str, dict[str, list]] = {
-        k: {"s": [], "values": [], "ES": [], "PS": [], "NS": []} for k in SETTINGS
+        k: {"s": [], "values": [], "steps": [], "ES": [], "PS": [], "NS": []} for k in SETTINGS
     }
     for i, (c, p) in enumerate(zip(cases, pre)):
         for name, hp in SETTINGS.items():
@@ -59,6 +64,7 @@ def main() -> None:
             r = rec[name]
             r["s"].append(dt)
             r["values"].append(art.manifest["extra"].get("timings", {}).get("values"))
+            r["steps"].append(art.manifest["extra"]["per_request"][0]["steps"])
             for k in ("ES", "PS", "NS"):
                 r[k].append(m[k])
         print(f"record {i}: " + ", ".join(f"{k} {rec[k]['s'][-1]:.2f}s" for k in SETTINGS), flush=True)
@@ -72,6 +78,7 @@ def main() -> None:
             "median_ratio_to_reference": round(
                 statistics.median(a / b for a, b in zip(r["s"], rec[first]["s"])), 3
             ),
+            "mean_steps": round(statistics.mean(r["steps"]), 2),
             **{k: round(sum(r[k]) / len(r[k]), 4) for k in ("ES", "PS", "NS")},
             "seconds": [round(x, 3) for x in r["s"]],
         }

@@ -415,12 +415,14 @@ def rome_speed(d: dict) -> str:
         "median s per edit",
         "value search s",
         "ratio to reference",
+        "Adam steps (mean)",
         "ES",
         "PS",
         "NS",
     ]
     rows = [
         [name, num(r["median_s"], 2), num(r["median_values_s"], 2), num(r["median_ratio_to_reference"], 2)]
+        + [num(r.get("mean_steps"), 1)]
         + [num(r[k]) for k in ("ES", "PS", "NS")]
         for name, r in d["rows"].items()
     ]
