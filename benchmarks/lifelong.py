@@ -49,6 +49,7 @@ _REF_SEARCH = {"v_beta1": 0.9, "v_dtype": "float32"}  # the reference's Adam, fl
 _V_LR2 = {**_REF_SEARCH, "v_lr": 2.0}
 ROWS = {
     "memit": ("memit", {}, None),
+    "memit-b0.9": ("memit", _REF_SEARCH, None),  # the reference's Adam in float32, MEMIT's SmolLM2 step
     "memit+prune": ("memit", {}, math.e),
     "alphaedit": ("alphaedit", {}, None),
     "alphaedit+": (
@@ -72,6 +73,7 @@ ROWS = {
     "alphaedit-self100k": ("alphaedit", {"mom2_n_tokens": 100_000, **_V_LR2}, None),
     "alphaedit-vlr0.5": ("alphaedit", {**_REF_SEARCH, "v_lr": 0.5}, None),
     "alphaedit-vlr2": ("alphaedit", _V_LR2, None),
+    "alphaedit-ref": ("alphaedit", {**_REF_SEARCH, "v_lr": 0.5}, None),  # the reference's search
     "alphaedit-nopast": ("alphaedit", {"accumulate_keys": False, **_V_LR2}, None),
     "alphaedit-vlr1-b0.5-bf16": ("alphaedit", {"v_lr": 1.0, "v_beta1": 0.5, "v_dtype": "bfloat16"}, None),
     "ultraedit": ("ultraedit", {}, None),

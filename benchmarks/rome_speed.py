@@ -52,7 +52,7 @@ def main() -> None:
     loka.edit(handle, cases[0].requests, "rome", progress=False).revert(handle)  # statistics cached
     pre = score_cases(handle, cases)
     rec: dict[str, dict[str, list]] = {
-        k: {"s": [], "values": [], "steps": [], "ES": [], "PS": [], "NS": []} for k in SETTINGS
+        k: {"s": [], "values": [], "steps": [], "norm": [], "ES": [], "PS": [], "NS": []} for k in SETTINGS
     }
     for i, (c, p) in enumerate(zip(cases, pre)):
         for name, hp in SETTINGS.items():
@@ -65,6 +65,7 @@ def main() -> None:
             r["s"].append(dt)
             r["values"].append(art.manifest["extra"].get("timings", {}).get("values"))
             r["steps"].append(art.manifest["extra"]["per_request"][0]["steps"])
+            r["norm"].append(art.manifest["extra"]["per_request"][0]["delta_norm"])
             for k in ("ES", "PS", "NS"):
                 r[k].append(m[k])
         print(f"record {i}: " + ", ".join(f"{k} {rec[k]['s'][-1]:.2f}s" for k in SETTINGS), flush=True)
@@ -79,6 +80,7 @@ def main() -> None:
                 statistics.median(a / b for a, b in zip(r["s"], rec[first]["s"])), 3
             ),
             "mean_steps": round(statistics.mean(r["steps"]), 2),
+            "median_update_norm": round(statistics.median(r["norm"]), 2),  # ‖ΔW‖_F of the rank-one edit
             **{k: round(sum(r[k]) / len(r[k]), 4) for k in ("ES", "PS", "NS")},
             "seconds": [round(x, 3) for x in r["s"]],
         }

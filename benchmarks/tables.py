@@ -384,10 +384,12 @@ def edit_speed(*runs: dict) -> str:
 #: the rows of batch_edit_speed.py the docs show, with what each setting is
 BATCH_ROWS = {
     "tree": "`v_lr` 0.5 (the reference value), padded prefixes, KV heads copied per group",
-    "v_lr2": "`v_lr` 2.0 (the SmolLM2 config), padded prefixes, KV heads copied per group",
-    "default": "defaults: prefixes as token trees, grouped-query attention without copies",
-    "bf16": "+ `v_dtype=bfloat16` (optional)",
-    "alphaedit": "defaults (`v_lr` 0.5, the reference value)",
+    "v_lr2": "`v_lr` 2.0 (the SmolLM2 step), padded prefixes, KV heads copied per group",
+    "trees": "prefixes as token trees, grouped-query attention without copies",
+    "beta": "+ Adam's β₁ 0.5 (`v_beta1`)",
+    "default": "+ a bfloat16 search: the SmolLM2 defaults",
+    "alphaedit-ref": "the reference's search: `v_lr` 0.5, β₁ 0.9, float32",
+    "alphaedit": "defaults: `v_lr` 1.0, β₁ 0.5, bfloat16 search",
 }
 
 
@@ -416,13 +418,14 @@ def rome_speed(d: dict) -> str:
         "value search s",
         "ratio to reference",
         "Adam steps (mean)",
+        "‖ΔW‖ (median)",
         "ES",
         "PS",
         "NS",
     ]
     rows = [
         [name, num(r["median_s"], 2), num(r["median_values_s"], 2), num(r["median_ratio_to_reference"], 2)]
-        + [num(r.get("mean_steps"), 1)]
+        + [num(r.get("mean_steps"), 1), num(r.get("median_update_norm"), 1)]
         + [num(r[k]) for k in ("ES", "PS", "NS")]
         for name, r in d["rows"].items()
     ]
@@ -768,7 +771,8 @@ ALPHAEDIT_ABLATION_ROWS = {
     "alphaedit-th0.05@300": "v_lr 2.0, null-space threshold 5e-2",
     "alphaedit-self100k@300": "v_lr 2.0, statistics from 100k self-sampled tokens",
     "alphaedit-nopast@300": "v_lr 2.0, without the accumulated-keys term (K_pK_pᵀ dropped from Eq. 9)",
-    "alphaedit-vlr0.5@300": "**v_lr 0.5** (the reference's; the SmolLM2 default)",
+    "alphaedit-vlr0.5@300": "v_lr 0.5, β₁ 0.9, float32: the reference's search",
+    "alphaedit-vlr1-b0.5-bf16@300": "**v_lr 1.0, Adam's β₁ 0.5, bfloat16 search** (the SmolLM2 default)",
 }
 
 

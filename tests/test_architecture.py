@@ -59,7 +59,8 @@ def test_configs_extend_others():
     for k in ("layers", "v_steps", "clamp_norm_factor", "mom2_n_tokens"):
         assert alpha[k] == memit[k] == lyap[k], k
     assert alpha["nullspace_threshold"] == 0.02 and lyap["alpha"] == 60.0
-    assert memit["v_lr"] == lyap["v_lr"] == 2.0 and alpha["v_lr"] == 0.5  # an extending config overrides
+    assert memit["v_lr"] == lyap["v_lr"] == 2.0 and alpha["v_lr"] == 1.0  # an extending config overrides
+    assert memit["v_dtype"] == alpha["v_dtype"] == lyap["v_dtype"] == "bfloat16"  # and inherits the rest
     for m in ("ga", "gd", "idk", "dpo", "relearn"):  # the trainers share NPO's config
         assert method_config(m, h) == method_config("npo", h)
 
