@@ -98,6 +98,9 @@ MISMATCHES = [
     "delta changes (same loss, different floating-point order).",
     "The covariance is loka's (self-sampled corpus, loka's token count), not EasyEdit's default "
     "(100,000 Wikipedia texts): Wikipedia is not available offline and the comparison needs one C.",
+    "The optimiser: EasyEdit's value search is torch's Adam with its default betas (beta1 0.9) in "
+    "float32, with no setting for either; loka runs its config's (on SmolLM2 beta1 0.5 and bfloat16 "
+    "products). Both take the config's v_lr.",
     "EasyEdit is called at apply_rome_to_model, not through BaseEditor.edit (which would also run "
     "EasyEdit's own pre/post evaluation and imports every method): the model and tokenizer are "
     "loaded as BaseEditor loads a Llama model (float32, pad = eos, right padding for ROME).",

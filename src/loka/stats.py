@@ -254,7 +254,8 @@ def _compute(
         )
         p.unlink(missing_ok=True)
         result[layer] = mom2
-    log.info("statistics for layers %s: %d tokens in %.1fs", layers, count, time.time() - t0)
+    # the progress stage reports the same line; this one is for debug logs
+    log.debug("statistics for layers %s: %d tokens in %.1fs", layers, count, time.time() - t0)
     return result
 
 

@@ -387,7 +387,7 @@ def load(folder: Path, stamp: list, kw: dict, reference: Callable[[], object]):
         with contextlib.suppress(OSError):  # a read-only cache converts (and checks) again next time
             atomic_write_json(meta, rec)
         if not rec["ok"]:
-            log.info("tokenizer of %s stays on tokenizers: %s", folder, rec["reason"])
+            log.debug("tokenizer of %s stays on tokenizers: %s", folder, rec["reason"])
     if not rec["ok"]:
         return None
     try:
