@@ -1,6 +1,7 @@
 """Provenance for benchmark results: every result JSON records how and where it was made.
 
-``stamp()`` returns the command line, the commit (and whether the tree had uncommitted changes), the
+``stamp()`` returns the command line, the commit (and whether the code differed from it: uncommitted
+changes outside the result files and the docs, which runs write or which do not run), the
 package versions, the CPU model and count, the intra-op threads, the load average (what else was
 running) and the date. ``write_result(path, payload)`` adds it under ``"provenance"`` and writes the
 file atomically. A script that collects rows from several runs into one file stamps each row it adds
@@ -24,13 +25,29 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("loka", "torch", "transformers", "peft", "accelerate", "numpy", "tokenizers", "safetensors")
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, root: Path = ROOT) -> str | None:
     try:
         return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def uncommitted_code(root: Path = ROOT) -> bool | None:
+    """Whether tracked files differ from the commit, not counting result files (runs write them, often a
+    parallel run) and the docs: neither changes what is measured. None outside a git checkout."""
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!benchmarks/results",
+        ":!docs",
+        root=root,
+    )
+    return bool(dirty) if dirty is not None else None
 
 
 def cpu_model() -> str:
@@ -56,11 +73,10 @@ def versions() -> dict[str, str | None]:
 def stamp(threads: int | None = None) -> dict:
     if threads is None and "torch" in sys.modules:
         threads = sys.modules["torch"].get_num_threads()
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(dirty) if dirty is not None else None,
+        "uncommitted_changes": uncommitted_code(),
         "python": platform.python_version(),
         "packages": versions(),
         "cpu": cpu_model(),

@@ -130,3 +130,28 @@ def test_the_source_note_says_when_rows_are_stamped_individually():
     )
     plain = t.source_line({"r.json": {"rows": {"a": {"x": 1}}, "provenance": OLD}})
     assert "(commit 1111111, 2026-01-02, Old CPU, 2 threads)" in plain and "individually" not in plain
+
+
+def test_uncommitted_code_ignores_result_files_and_docs(tmp_path):
+    """A run's stamp says "uncommitted changes" when the code differs from the commit, not when a
+    parallel run has written its result file or the prose changed."""
+    import subprocess
+
+    stamp = _module("_stamp", BENCH / "_stamp.py")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    for rel in ("benchmarks/results/r.json", "docs/a.md", "src/m.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    assert stamp.uncommitted_code(tmp_path) is False
+    (tmp_path / "benchmarks/results/r.json").write_text("1\n")
+    (tmp_path / "docs/a.md").write_text("1\n")
+    assert stamp.uncommitted_code(tmp_path) is False
+    (tmp_path / "src/m.py").write_text("1\n")
+    assert stamp.uncommitted_code(tmp_path) is True
+    assert stamp.uncommitted_code(tmp_path / "nowhere") is None
