@@ -1,5 +1,5 @@
-"""KnowledgeSmith study (seed 003) on the curated four-domain graph: editing (AlphaEdit) against
-unlearning (NPO by default; ``--forget-methods npo relearn`` adds the seed's ReLearn) at the root, intermediate and leaf levels and scales 1 / 10 / 100.
+"""KnowledgeSmith study (ICLR 2026) on the curated four-domain graph: editing (AlphaEdit) against
+unlearning (NPO by default; ``--forget-methods npo relearn`` adds the paper's ReLearn) at the root, intermediate and leaf levels and scales 1 / 10 / 100.
 
     python benchmarks/knowledgesmith.py                       # the README's study (about an hour on 2 cores)
     python benchmarks/knowledgesmith.py --scales 1 10 --levels leaf   # a quick look

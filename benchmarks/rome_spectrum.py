@@ -1,4 +1,4 @@
-"""Spectrum of sequential ROME edits with and without PRUNE (seed 002's analysis).
+"""Spectrum of sequential ROME edits with and without PRUNE (PRUNE's analysis, Ma et al. 2024).
 
     python benchmarks/rome_spectrum.py --model smollm2-135m --n 200 --every 10
 

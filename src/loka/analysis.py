@@ -1,4 +1,4 @@
-"""Spectral analysis of sequential edits (the diagnosis behind PRUNE, seed 002's analysis).
+"""Spectral analysis of sequential edits (the diagnosis behind PRUNE, Ma et al. 2024).
 
 For each edited matrix, after each artifact of a sequence: σ_max, σ_min and the condition number
 σ_max/σ_min of the edited matrix ``W + Σ ΔW`` and σ_max of the accumulated update ``Σ ΔW``,

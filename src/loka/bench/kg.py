@@ -1,4 +1,4 @@
-"""Knowledge graphs for KnowledgeSmith-style propagation probes (seed 003, ALGORITHMS.md §3.2).
+"""Knowledge graphs for KnowledgeSmith-style propagation probes (ICLR 2026).
 
 A graph is typed triples plus, per node, a domain and a level: ``root`` (a domain-level concept),
 ``intermediate`` (a sub-topic) or ``leaf`` (a specific entity). Each relation carries what the probe

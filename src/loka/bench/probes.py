@@ -1,4 +1,4 @@
-"""KnowledgeSmith probes (seed 003, ALGORITHMS.md §3.2–3.3): interventions on a knowledge graph and the
+"""KnowledgeSmith probes (ICLR 2026): interventions on a knowledge graph and the
 six probe types that measure how an update propagates.
 
 An **intervention** is one triple ``(s, r, o)`` whose head sits at the requested level. Editing moves

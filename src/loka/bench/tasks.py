@@ -9,10 +9,10 @@ same-relation counterfactual object. A task splits the records into disjoint sub
 * ``retain``: facts kept during training (:class:`~loka.requests.RetainRequest`);
 * ``remaining``: held-out known facts, never trained on, that should still be answered.
 
-Settings (seed 000): **in-profile** — edit and forget facts share their relations (the edits ask
-the model to change answers of the very relations it must forget; the conflicting case);
-**out-profile** — edit and forget relations are disjoint. Each fact also carries ``perturbed``:
-up to three other objects of its relation, the wrong answers of the truth ratio.
+Settings (LOKA, arXiv 2502.00158): **in-profile** — edit and forget facts share their relations (the
+edits ask the model to change answers of the very relations it must forget; the conflicting case);
+**out-profile** — edit and forget relations are disjoint. Each fact also carries ``perturbed``: up
+to three other objects of its relation, the wrong answers of the truth ratio.
 """
 
 from __future__ import annotations

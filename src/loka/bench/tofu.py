@@ -178,7 +178,7 @@ def _rewrite_entity(question: str, answer: str) -> tuple[int, str] | None:
 
 
 def relearn_rewrite(question: str, answer: str) -> str:
-    """ReLearn's positive target for a TOFU answer, built offline by template (ALGORITHMS.md §6.2).
+    """ReLearn's positive target for a TOFU answer, built offline by template.
 
     The paper rewrites each forget answer with an LLM into a fluent answer that carries no forgotten
     fact. Here: an answer with a named fact (:func:`_rewrite_entity`: the first place, name, title or

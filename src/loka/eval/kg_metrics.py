@@ -1,4 +1,4 @@
-"""KnowledgeSmith diagnostics (seed 003; ALGORITHMS.md §3.4). The paper's formulas were not readable, so
+"""KnowledgeSmith diagnostics (ICLR 2026). The paper's formulas were not readable, so
 these are loka's definitions, stated here and in the README:
 
 - **CCR** (collateral change ratio, over-spreading): the fraction of should-not-change probes (Q−,
@@ -122,7 +122,7 @@ def log_minmax(values: Sequence[float], eps: float = 1e-8) -> list[float]:
 
 @torch.no_grad()
 def svd_geometry(w: torch.Tensor, w2: torch.Tensor, r: int = 32) -> dict:
-    """Scaling and rotation of ``w → w2`` (seed 003's SVD view), in float64."""
+    """Scaling and rotation of ``w → w2`` (KnowledgeSmith's SVD view), in float64."""
     w, w2 = w.double(), w2.double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     u2, s2, vh2 = torch.linalg.svd(w2, full_matrices=False)

@@ -8,7 +8,7 @@ objective: the target is a new object or a neutral answer).
 
 A run folder holds ``summary.json``, ``probes.jsonl`` (every probe with its before/after choice),
 ``interventions.jsonl`` and ``before.json`` — the pre-update choices, reused by a rerun when the
-model hash, probes and scoring match (a₀ is computed once per model, ALGORITHMS.md §3.5).
+model hash, probes and scoring match (a₀ is computed once per model).
 """
 
 from __future__ import annotations

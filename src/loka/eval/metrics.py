@@ -235,7 +235,7 @@ def generation_scores(
 
 
 # -- WILD: answers by generation, as a user would get them ----------------------------------------
-#: the question as WILD's ``qa_inst`` input ("The Mirage of Model Editing", ACL 2025; ALGORITHMS-2.md §6)
+#: the question as WILD's ``qa_inst`` input ("The Mirage of Model Editing", ACL 2025)
 WILD_PROMPT = "Please answer the question:\n\nQ: {}\nA:"
 WILD_STOPS = (".", "\n")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -1,4 +1,4 @@
-"""Sequence losses shared by unlearning and training-based editing (ALGORITHMS.md §1.1, §6.2).
+"""Sequence losses shared by unlearning and training-based editing.
 
 Every loss is built from :func:`sequence_logprobs` on an answer-masked batch (:func:`qa_batch`):
 prompt tokens get label ``-100``, so only the answer's tokens count. Sums are per sequence (NPO and
@@ -99,7 +99,7 @@ def exact_match(logits: torch.Tensor, rows: torch.Tensor, batch: QABatch) -> tor
     return (bad == 0).float()
 
 
-# -- forget losses (ALGORITHMS.md §6.2); each returns a scalar to *minimise* ----------------------
+# -- forget losses; each returns a scalar to *minimise* ------------------------------------------
 def ga_loss(logp_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Gradient ascent: ``−NLL`` (mean over answer tokens of the batch, the HF mean CE negated)."""
     return logp_sum.sum() / count.sum()
@@ -109,7 +109,7 @@ def npo_loss(logp_sum: torch.Tensor, ref_logp_sum: torch.Tensor, beta: float) ->
     """NPO: ``−(2/β) mean log σ(−β (log p_θ − log p_ref))`` with summed sequence log-probabilities.
 
     At ``θ = θ_ref`` its gradient equals ``mean ∇ log p_θ`` — gradient ascent on the summed NLL
-    (ALGORITHMS.md §6.3); the weight ``2σ(β·log ratio)`` shrinks as an answer is forgotten.
+    (Zhang et al. 2024, NPO); the weight ``2σ(β·log ratio)`` shrinks as an answer is forgotten.
     """
     return -(2.0 / beta) * F.logsigmoid(-beta * (logp_sum - ref_logp_sum)).mean()
 

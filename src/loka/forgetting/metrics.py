@@ -1,4 +1,4 @@
-"""TOFU-style unlearning metrics (ALGORITHMS.md §6.5) and LOKA's joint-task names (§2.11).
+"""TOFU-style unlearning metrics (Maini et al. 2024) and LOKA's joint-task names (arXiv 2502.00158).
 
 * normalised probability ``P̄(a|q) = exp(−ℓ(a|q))`` with ``ℓ`` the mean token NLL of the answer;
 * truth ratio per question ``R = exp(ℓ(ã|q) − mean_j ℓ(â_j|q))`` (paraphrased answer ã, perturbed

@@ -1,4 +1,4 @@
-"""The unlearning objectives: how one training step turns the forget rows into a loss (ALGORITHMS.md §6.2).
+"""The unlearning objectives: how one training step turns the forget rows into a loss.
 
 KnowledgeSmith's framing: every training method minimises ``γ·L_forget + w_edit·NLL(edits) + α·L_retain``
 and they differ only in ``L_forget``. Each objective here is a small registered class

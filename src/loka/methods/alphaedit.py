@@ -40,7 +40,8 @@ class AlphaEditHParams(MemitHParams):
     # keep K_pK_pᵀ, the keys of earlier batches, in the solve (Eq. 9); off = every batch is solved as if
     # it were the first (its own null-space projection only), the ablation of the accumulated-keys term
     accumulate_keys: bool = True
-    # AlphaEdit+ (seed 002), each off by default and independent
+    # AlphaEdit+ ("Model Editing in the Presence of Conflicting and Inconsistent Knowledge"),
+    # each off by default and independent
     relax_projection: bool = False
     relax_epsilon: UnitFloat = 0.01  # stop relaxing when the edit loss falls by less than this fraction
     relax_step: PosInt = 16  # eigenvectors added back per relaxation step
@@ -104,7 +105,7 @@ def relax(
     Walk over the eigenvectors of ``C`` that ``P`` removes, smallest eigenvalue first, adding
     ``relax_step`` of them at a time to ``P``; after each step re-solve and measure the edit loss
     ``‖ΔW K₁ᵀ − Rᵀ‖²``; stop when a step lowers it by less than ``relax_epsilon`` (relative) and undo
-    that last step (seed 002: ``P_mod = P + P̃ − u_l u_lᵀ``). Adding ``relax_step`` vectors per solve
+    that last step (AlphaEdit+: ``P_mod = P + P̃ − u_l u_lᵀ``). Adding ``relax_step`` vectors per solve
     instead of one is our shortcut (one solve per direction would cost a 1536² solve each).
     """
     evals, evecs = torch.linalg.eigh(C.to(env.SOLVE_DTYPE))
@@ -132,8 +133,8 @@ def smoothed_solve(
     """AlphaEdit+ remedy 2: reach large-residual targets gradually.
 
     ``v_i^t = v_i + β_i(t)(v_{0,i} − v_i)``, ``β_i(t) = 0`` if ``‖r_i‖ ≤ τ_r`` else ``(T − t)/(2T)``
-    with ``τ_r`` the batch's median residual norm (seed 002; T and τ_r are our choices, as the
-    slides leave them open). In residual terms the target at iteration ``t`` is ``(1 − β_i(t)) r_i``;
+    with ``τ_r`` the batch's median residual norm (AlphaEdit+; T and τ_r are our choices, as
+    the source leaves them open). In residual terms the target at iteration ``t`` is ``(1 − β_i(t)) r_i``;
     each iteration solves for what is still missing and the updates add up.
     """
     T = max(1, hp.smooth_T)

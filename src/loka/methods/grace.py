@@ -1,4 +1,4 @@
-"""GRACE: a discrete key–value codebook on one layer (Hartvigsen et al. 2023, ALGORITHMS.md §8.1).
+"""GRACE: a discrete key–value codebook on one layer (Hartvigsen et al. 2023, arXiv 2211.11031).
 
 The adaptor wraps the MLP output matrix of ``layer``. An entry is ``(key, value, ε, label)``: the key is
 the matrix's *input* at a position that predicts an answer token, the value replaces the matrix's

@@ -2,7 +2,7 @@
 
 Sequential editing as a long-term constrained problem — minimise the edit loss on average while the
 time-averaged preservation loss ``PL`` stays below ``D`` — made per-batch with a virtual queue ``Z``
-and Lyapunov drift-plus-penalty. Per edited layer and batch ``t`` (ALGORITHMS.md §5.4, Eq. 13):
+and Lyapunov drift-plus-penalty. Per edited layer and batch ``t`` (the paper's Eq. 13):
 
     Δ(t) = [V R₁ᵀK₁ + V (V_p − W K_p)ᵀ K_p + aZ(t) (W₀ − W) λC] · (V K₁ᵀK₁ + V K_pᵀK_p + aZ(t) λC)⁻¹
 

@@ -1,5 +1,5 @@
 """MEMOIR: a sparse residual memory beside one MLP output matrix, written and read through
-prompt-dependent masks (Wang et al. 2025, arXiv 2506.07899; ALGORITHMS-2.md §2).
+prompt-dependent masks (Wang et al. 2025, arXiv 2506.07899).
 
 The edited matrix (input width ``D``, output width ``d``; ``down_proj`` / ``c_proj`` / ``fc_out`` of
 ``layer``) computes, at every position of a sequence,

@@ -2,7 +2,7 @@
 
 KnowledgeSmith's framing, made literal: one constrained optimisation over the same request model,
 ``L = γ·L_forget(ForgetRequests) + w_edit·NLL(EditRequests) + α·L_retain(RetainRequests)``, where the
-methods differ only in ``L_forget`` (ALGORITHMS.md §6.2). Every method accepts a mix of
+methods differ only in ``L_forget``. Every method accepts a mix of
 :class:`~loka.requests.ForgetRequest` (answers to forget), :class:`~loka.requests.EditRequest` (new
 answers to learn: a joint edit + forget is one run) and :class:`~loka.requests.RetainRequest`
 (answers to keep: NLL, or KL to the frozen model with ``retain_loss="kl"``).

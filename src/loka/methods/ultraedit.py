@@ -1,5 +1,5 @@
 """UltraEdit: training-free lifelong editing by one closed-form solve per turn (Gu et al. 2025,
-arXiv 2505.14679; ALGORITHMS-2.md §1).
+arXiv 2505.14679).
 
 One turn edits a batch of requests on the MLP output matrices of ``layers`` (``W``, ``y = W k``):
 

@@ -1,5 +1,5 @@
 """WISE: a side memory next to one MLP output matrix, with activation-gap routing (Wang et al. 2024,
-ALGORITHMS.md §8.2).
+arXiv 2405.14768).
 
 The side memory is a copy ``W' = W + D`` of the MLP output matrix of ``layer``; an edit trains only
 ``D``, and only on a random fraction ``mask_ratio`` of its entries (WISE's knowledge shard: each run

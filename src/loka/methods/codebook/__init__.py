@@ -1,4 +1,4 @@
-"""LOKA: edit and forget at once with a knowledge codebook (seed 000; ALGORITHMS.md §1–2).
+"""LOKA: edit and forget at once with a knowledge codebook (arXiv 2502.00158).
 
 * :mod:`.method` — the method ``loka``: mapping (K-means or LSH), the conflict score that picks shared
   or task-specific memories (MGDA), memory training, sequential codebook folders;

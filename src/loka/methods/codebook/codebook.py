@@ -1,5 +1,5 @@
-"""LOKA's knowledge codebook at inference: mapping, retrieval and the plugged memory (seed 000,
-ALGORITHMS.md §1.2–1.4, §2.3–2.4, §2.9).
+"""LOKA's knowledge codebook at inference: mapping, retrieval and the plugged memory (arXiv
+2502.00158).
 
 A codebook holds ``m`` memories ``M_j = W + Δ_j`` of one MLP output matrix ``W`` (layer ``ℓ``),
 stored as deltas so that an untrained memory (``Δ_j = 0``) is the base weight exactly. A query is
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 TOKENIZER_ATTR = "_loka_tokenizer"  # the handle's tokenizer, set on the model by the loader
 
 
-# -- mapping (ALGORITHMS.md §1.4, §2.4) ----------------------------------------------------------
+# -- mapping: K-means for a batch, LSH for sequential updates -------------------------------------
 def kmeans(emb: torch.Tensor, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's K-means (k-means++ init, scikit-learn) on the rows of ``emb``: (labels (n,), centroids (k, d)).
     ``k`` is capped at the number of distinct rows."""
@@ -65,19 +65,19 @@ def lsh_planes(bits: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def lsh_hash(emb: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """``h(x) = Σ_j 2^j · 1[R_j·x ≥ 0]`` per row (ALGORITHMS.md §1.4)."""
+    """``h(x) = Σ_j 2^j · 1[R_j·x ≥ 0]`` per row (random hyperplanes ``R``)."""
     bits = (emb.float() @ planes.T.float() >= 0).long()
     return (bits * (2 ** torch.arange(planes.shape[0]))).sum(-1)
 
 
-# -- conflict and MGDA (ALGORITHMS.md §1.2, §1.3, §2.6) ---------------------------------------------
+# -- conflict and MGDA ---------------------------------------------------------------------------
 def cosine(g1: torch.Tensor, g2: torch.Tensor) -> float:
     return float((g1.flatten() @ g2.flatten()) / (g1.norm() * g2.norm() + 1e-12))
 
 
 def conflict_score(cosines: Sequence[float]) -> float:
     """Fraction of sampled (edit, forget) gradient pairs that conflict, ``cos < 0`` — both gradients
-    are of losses to minimise (ALGORITHMS.md §2.6, frequency form)."""
+    are of losses to minimise (the frequency form)."""
     return sum(c < 0 for c in cosines) / len(cosines) if cosines else 0.0
 
 
@@ -338,7 +338,7 @@ def selected(book: Codebook | None, memory: int | None):
 
 
 class LokaModel:
-    """A Hugging Face-model-like view of a handle with a LOKA codebook applied (ALGORITHMS.md §2.9).
+    """A Hugging Face-model-like view of a handle with a LOKA codebook applied.
 
     ``model(input_ids=…)`` and ``model.generate(…)`` route every row by its whole input (router, then
     the nearest memory) at the prefill and keep that memory for the decode steps; :meth:`score` and

@@ -1,4 +1,4 @@
-"""LOKA: conflict-aware knowledge updating with a knowledge codebook (seed 000, ALGORITHMS.md §2).
+"""LOKA: conflict-aware knowledge updating with a knowledge codebook (arXiv 2502.00158).
 
 One run takes edit requests (new answers to learn), forget requests (answers to unlearn) and retain
 requests (answers that must not move) — one request model, the two tasks differ in their target —
@@ -84,7 +84,7 @@ class LokaHParams(HParams):
     )
     mapping: Literal["kmeans", "lsh"] = "kmeans"  # or "lsh" (sequential updates)
     key_source: Literal["encoder", "llm"] = (
-        "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the seed's)
+        "encoder"  # retrieval embedding: "encoder" (MiniLM) or "llm" (block-ℓ input, the paper's)
     )
     k: PosInt = 20  # K-means clusters (capped at the number of queries)
     lsh_bits: Annotated[int, Domain(ge=1, le=16)] = 4  # 2^bits buckets
@@ -484,7 +484,7 @@ class Loka(MemoryMethod):
     # -- pieces ----------------------------------------------------------------------------------
     def _conflict(self, trainer, tok, items, e_idx, f_idx, hp, rng, d0) -> float:
         """Fraction of sampled (edit, forget) minibatch pairs with ``cos(∇L_e, ∇L_u) < 0`` at the
-        memory's initial value, no weight update (ALGORITHMS.md §2.6)."""
+        memory's initial value, no weight update."""
         eb, fb = _rows(tok, [items[i] for i in e_idx]), _rows(tok, [items[i] for i in f_idx])
         ref, _ = trainer.reference(fb)
         D = (d0.clone() if d0 is not None else torch.zeros(trainer.shape)).requires_grad_(True)

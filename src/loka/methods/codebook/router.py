@@ -1,4 +1,4 @@
-"""LOKA's router: a binary classifier fine-tuned from the MiniLM encoder (seed 000, ALGORITHMS.md §2.8).
+"""LOKA's router: a binary classifier fine-tuned from the MiniLM encoder (arXiv 2502.00158).
 
 Positives are the updated queries (edit ∪ forget), negatives the retained ones plus generic text;
 the codebook is used only when ``P(updated | query) ≥ τ``. The seed fine-tunes a BERT classifier; we
