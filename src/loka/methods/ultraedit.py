@@ -7,7 +7,7 @@ One turn edits a batch of requests on the MLP output matrices of ``layers`` (``W
    at every position that predicts an answer token, each matrix's input ``k_p`` and the gradient of
    the mini-batch's mean answer cross-entropy with respect to its output, ``g_p = ∂L/∂y_p``;
 2. *lifelong normalisation*: running per-dimension statistics of ``z = [k | g]`` over every turn so
-   far (one set per weight shape, never reset; Chan's update per block of rows, eq. in §1.2) are
+   far (one set per weight shape, never reset; Chan et al.'s pairwise update per block of rows) are
    updated with this turn's rows, then ``ẑ = (z − μ) ⊘ (σ + ε)``;
 3. pseudo-values ``v_p = −η ‖k̂_p‖² ĝ_p`` (the output change one gradient step on token ``p`` alone
    would make);

@@ -11,9 +11,9 @@ and returns a codebook artifact (kind ``memory``; the base weights never change)
    ``"sparse"`` gives every fact its own.
 3. **Conflict-aware allocation** per cluster holding both edit and forget data (``conflict``):
    ``auto`` computes the conflict score — the fraction of ``conflict_pairs`` sampled (edit, forget)
-   minibatch pairs whose loss gradients on the memory have ``cos < 0`` (§2.6) — and gives the two
+   minibatch pairs whose loss gradients on the memory have ``cos < 0`` — and gives the two
    tasks separate memories when it exceeds ``conflict_threshold``, else one shared memory trained
-   along the two-task MGDA direction (§1.2); ``separate`` / ``shared`` force either.
+   along the two-task MGDA direction; ``separate`` / ``shared`` force either.
 4. **Training** each memory ``Δ_j`` (the only trainable tensor; ``M_j = W + Δ_j``): edit loss = token
    NLL of the new answers, forget loss = NPO against the base model (β), retention = forward KL to
    the base model on the ``retain_per_memory`` retained queries nearest to the memory's key, weight
