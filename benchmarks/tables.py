@@ -957,6 +957,11 @@ def ultraedit_calibration(d: dict) -> str:
     return md(head, out)
 
 
+table("ultraedit-calibration-gemma3", "docs/methods/editing.md", "ultraedit_calibration_gemma3-270m.json")(
+    ultraedit_calibration
+)
+
+
 def _memoir_best(r: dict) -> tuple[str, dict]:
     """The τ of a calibration row that maximises paraphrases retrieving their own mask minus neighbours
     firing (the higher τ on a tie), and its rates."""
@@ -1003,6 +1008,12 @@ def memoir_edits(d: dict) -> str:
     return md(
         [f"τ ({d['sequential_edits']['n']} edits, one by one)", "ES", "PS", "NS", "S", "edit s (all)"], out
     )
+
+
+table("memoir-calibration-gemma3", "docs/methods/editing.md", "memoir_calibration_gemma3-270m.json")(
+    memoir_calibration
+)
+table("memoir-edits-gemma3", "docs/methods/editing.md", "memoir_calibration_gemma3-270m.json")(memoir_edits)
 
 
 # ---------------------------------------------------------------- docs/methods/unlearning.md
