@@ -305,3 +305,13 @@ def test_a_sampled_sequential_run_scores_only_the_drawn_cases_unedited(tiny, hp,
     for p in pre:
         assert flat(p["scores"]) == pytest.approx(flat(ref[p["case_id"]]), abs=1e-4)
     assert [r["n"] for r in s["sequential"]] == [2, 2]
+
+
+def test_a_run_refused_for_its_hyperparameters_leaves_no_folder(tiny, tmp_path):
+    """An invalid ``--set`` is refused before anything is written: the output folder is not created,
+    so the same --out takes the corrected run without --force."""
+    cases = load_cases(DATA / "counterfact_sample5.json", n=1)
+    out = tmp_path / "run"
+    with pytest.raises(loka.LokaError, match="v_steps"):
+        run_eval(tiny, cases, EvalConfig(method="rome", mode="single", hparams={"v_steps": -3}), out)
+    assert not out.exists()

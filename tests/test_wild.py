@@ -1,5 +1,7 @@
 """WILD scoring: answers by greedy generation to a stop rule, matched after SQuAD normalisation."""
 
+import json
+
 import pytest
 
 import loka
@@ -65,5 +67,13 @@ def test_an_eval_run_reports_wild_and_an_unedited_model_keeps_its_neighbours(tmp
     s = run_eval(h, cases, EvalConfig(method="none", wild=True, guard=False), tmp_path / "r")
     assert s["post"]["wild_locality"] == 1.0 and {"wild_em", "wild_success", "wild_para"} <= set(s["post"])
     assert s["config"]["wild"] is True
-    with pytest.raises(loka.ConfigError, match="other settings"):  # resuming without --wild is another run
+    # every case's generated answers are kept beside the scores that matched them
+    rows = [json.loads(x) for x in (tmp_path / "r" / "results.jsonl").read_text().splitlines()]
+    for r, c in zip(rows, cases):
+        wild = r["after"]["wild"]
+        assert wild == r["before"]["wild"]  # nothing edited
+        assert len(wild["question"]) == 1 and len(wild["neighborhood"]) == len(c.neighborhood)
+        assert all(isinstance(a, str) for a in wild["paraphrase"])
+    # resuming without --wild is another run, and the message says which setting differs
+    with pytest.raises(loka.ConfigError, match="wild: True in the folder, not set now"):
         run_eval(h, cases, EvalConfig(method="none", guard=False), tmp_path / "r", resume=True)

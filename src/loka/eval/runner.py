@@ -117,6 +117,8 @@ def probe_detail(handle: ModelHandle, scores: dict) -> dict:
         out["p_true"] = float(np.exp(np.sum(rw["true"][0]["token_logprobs"])))
     if scores.get("_gen", {}).get("text") is not None:
         out["generation"] = scores["_gen"]["text"]
+    if scores.get("_wild"):  # the generated answers the WILD metrics matched
+        out["wild"] = {k: v for k, v in scores["_wild"].items() if k != "target"}
     return out
 
 
@@ -159,6 +161,10 @@ def is_eval_run(folder: Path) -> bool:
     return isinstance(cfg, dict) and {"method", "mode"} <= set(cfg)
 
 
+def _setting(v: object) -> str:
+    return "not set" if v is None else repr(v)
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """``key: old -> new`` for every setting that differs (nested dicts key by key)."""
     out = []
@@ -167,7 +173,7 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
         elif a != b:
-            out.append(f"{prefix}{k}: {a!r} in the folder, {b!r} now")
+            out.append(f"{prefix}{k}: {_setting(a)} in the folder, {_setting(b)} now")
     return out
 
 
@@ -207,9 +213,7 @@ def run_eval(
         raise ConfigError(
             f"batch_size (--batch-size) must be a positive number of cases, got {cfg.batch_size}"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_file = out / "config.json"
-    meta = {
+    meta = {  # resolving the hyperparameters validates them: a refused run leaves no folder behind
         "model": handle.name,
         "model_hash": handle.model_hash,
         "method": cfg.method,
@@ -228,6 +232,8 @@ def run_eval(
         **({"prune": cfg.prune} if cfg.prune is not None else {}),
         **({"score_sample": cfg.score_sample} if cfg.score_sample is not None else {}),
     }
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file = out / "config.json"
     if resume and cfg_file.exists():
         old = json.loads(cfg_file.read_text())
         # every key of either run (an option only one of them set counts too); a resumed run may extend to more cases
