@@ -87,3 +87,63 @@ def test_grace_refuses_bad_hyperparameters(bad, field):
     h = loka.load_model("tiny-llama")
     with pytest.raises((loka.LokaError, loka.ModelError), match=field):
         loka.edit(h, A, "grace", {**HP, **bad}, progress=False)
+
+
+def _values_one_by_one(h, reqs, hp):
+    """GRACE's protocol as written: each request alone, a full forward per step (the reference the
+    batched training must follow)."""
+    from loka.forgetting import losses as L
+    from loka.methods.grace import _io_at_answer_positions
+    from loka.trace import add_at_positions
+
+    module = h.mlp_out(hp["layer"])
+    out = []
+    for req in reqs:
+        batch = L.qa_batch(h.tokenizer, [req.text], [req.target_new])
+        _, V0, pos = _io_at_answer_positions(h, hp["layer"], batch)
+        delta = torch.zeros_like(V0, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp["lr"])
+        step, nll = 0, float("nan")
+        while step < hp["n_iter"]:
+            step += 1
+            with add_at_positions(module, delta, pos):
+                lg, rows = L.answer_logits(h, batch)
+            loss = L.nll_loss(*L.sequence_logprobs(lg, rows, batch))
+            nll = float(loss.detach())
+            if nll < hp["early_stop_loss"]:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out.append((V0 + delta.detach(), nll, step))
+    return out
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_values_trained_together_follow_each_requests_own_training(name):
+    """The batched, replayed training equals training each request alone with full forwards: the same
+    number of steps per request (some stop early, some run to ``n_iter``), the same values."""
+    from loka.forgetting import losses as L
+    from loka.methods.grace import GraceHParams, _io_at_answer_positions, _train_values
+
+    h = loka.load_model(name)
+    reqs = [
+        A,
+        B,
+        loka.EditRequest("The capital of {} is", "Quorvia", "Blen Tor"),
+        loka.EditRequest("{} speaks", "Ida", "Q"),
+    ]
+    # a threshold just above the lowest NLL after three steps: that request stops by step 4
+    probe = _values_one_by_one(h, reqs, {"layer": 1, "lr": 0.5, "n_iter": 4, "early_stop_loss": 0.0})
+    stop = min(n for _, n, _ in probe) + 1e-4
+    hp = {"layer": 1, "eps": 0.2, "lr": 0.5, "n_iter": 10, "early_stop_loss": stop}
+    ref = _values_one_by_one(h, reqs, hp)
+    batch = L.qa_batch(h.tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
+    _, V0, pos = _io_at_answer_positions(h, 1, batch)
+    delta, nll, steps = _train_values(h, 1, h.mlp_out(1), batch, pos, V0, GraceHParams(**hp))
+    assert steps == [s for _, _, s in ref]
+    assert len(set(steps)) > 1  # the requests stop at different steps: the test covers leaving the batch
+    for i, (v_ref, nll_ref, _) in enumerate(ref):
+        at = (pos[:, 0] == i).nonzero()[:, 0]
+        torch.testing.assert_close(V0[at] + delta[at], v_ref, rtol=1e-4, atol=1e-4)
+        assert nll[i] == pytest.approx(nll_ref, rel=1e-4, abs=1e-5)

@@ -34,12 +34,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LokaError
 from ..forgetting import losses as L
 from ..trace import add_at_positions, capture, run_until_stopped
 from .base import HParams, Layer, MemoryMethod, NonNegFloat, PosFloat, PosInt, check_loss, register
+from .locate.prompts import PromptBatch
+from .locate.replay import Replay
 
 if TYPE_CHECKING:
     from ..models.loader import ModelHandle
@@ -71,6 +74,84 @@ def _io_at_answer_positions(
         )
     r = rec[path]
     return r.input[pos[:, 0], pos[:, 1]].float(), r.output[pos[:, 0], pos[:, 1]].float(), pos
+
+
+GROUP = 32  # requests whose values are trained together (one padded batch; memory, not results)
+
+
+def _train_values(
+    handle: ModelHandle,
+    layer: int,
+    module: nn.Module,
+    batch: L.QABatch,
+    pos: torch.Tensor,
+    V0: torch.Tensor,
+    hp: GraceHParams,
+) -> tuple[torch.Tensor, list[float], list[int]]:
+    """Train each request's value shifts ``δ`` (one per answer position, added to ``V0``) so that its
+    target is likely: Adam on the request's mean answer NLL, at most ``n_iter`` evaluations, stopping
+    at NLL < ``early_stop_loss`` — for every row of the batch at once.
+
+    The rows are independent (each ``δ`` acts on its own row only) and Adam is elementwise, so
+    training them together follows each request's own trajectory: a request that stops keeps the
+    ``δ`` it stopped with and leaves the batch. Only the blocks from ``layer`` up are re-run
+    (:class:`~loka.methods.locate.replay.Replay`; nothing below depends on ``δ``). Returns ``δ``,
+    each request's last NLL and its number of evaluations."""
+    n = len(batch)
+    targets = batch.labels[pos[:, 0], pos[:, 1]]
+    zeros = torch.zeros(n, dtype=torch.long)
+    prompts = PromptBatch(
+        batch.input_ids,
+        batch.attention_mask,
+        zeros,
+        zeros,
+        zeros.bool(),
+        zeros,
+        pos[:, 0],
+        pos[:, 1],
+        targets,
+    )
+    full = Replay(handle, prompts, layer)
+    delta = torch.zeros_like(V0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    nll = [float("nan")] * n
+    steps = [0] * n
+    active = torch.ones(n, dtype=torch.bool)  # requests still training
+    stopped = torch.zeros(len(pos), dtype=torch.bool)  # answer positions of requests that stopped
+    saved = torch.zeros_like(V0)  # the δ each stopped request stopped with
+    replay = full
+    for step in range(1, hp.n_iter + 1):
+        rows_of = active.nonzero()[:, 0]  # batch row of each row of the active replay
+        sel = ~stopped
+        p_rows = (torch.cumsum(active, 0) - 1)[pos[sel, 0]]  # rows within the active replay
+        p_cols = pos[sel, 1]
+        with add_at_positions(module, lambda sel=sel: delta[sel], torch.stack([p_rows, p_cols], 1)):
+            logits = replay.logits_at(p_rows.to(handle.device), p_cols.to(handle.device))
+        tok = F.cross_entropy(logits, targets[sel].to(handle.device), reduction="none").cpu()
+        m = len(rows_of)
+        count = torch.zeros(m).index_add(0, p_rows, torch.ones_like(tok))
+        per_row = torch.zeros(m).index_add(0, p_rows, tok) / count.clamp(min=1)
+        check_loss(per_row.sum(), "grace", step)
+        stops = per_row < hp.early_stop_loss
+        for r, v in zip(rows_of.tolist(), per_row.tolist()):
+            nll[r], steps[r] = v, step
+        if bool(stops.any()):  # these requests keep the δ they have now and leave the batch
+            done = torch.zeros(n, dtype=torch.bool)
+            done[rows_of[stops]] = True
+            at = done[pos[:, 0]]
+            saved[at] = delta.detach()[at]
+            stopped |= at
+            active &= ~done
+        if not bool(active.any()):
+            break
+        opt.zero_grad()
+        per_row[~stops].sum().backward()
+        opt.step()
+        with torch.no_grad():  # Adam's momentum moves every row: put the stopped ones back
+            delta[stopped] = saved[stopped]
+        if bool(stops.any()):
+            replay = full.subset(active.nonzero()[:, 0])
+    return delta.detach(), nll, steps
 
 
 class GraceMemory:
@@ -124,29 +205,22 @@ class Grace(MemoryMethod):
         eps: list[float] = []
         labels: list[str] = []
         nll_final, steps_used, counts = [], [], {"added": 0, "covered": 0, "overwritten": 0, "split": 0}
-        for req in requests:
-            batch = L.qa_batch(handle.tokenizer, [req.text], [req.target_new])
+        requests = list(requests)
+        for g in range(0, len(requests), GROUP):
+            group = requests[g : g + GROUP]
+            batch = L.qa_batch(handle.tokenizer, [r.text for r in group], [r.target_new for r in group])
             K, V0, pos = _io_at_answer_positions(handle, layer, batch)
-            delta = torch.zeros_like(V0, requires_grad=True)
-            opt = torch.optim.Adam([delta], lr=hp.lr)
-            nll, step = float("nan"), 0
-            while step < hp.n_iter:
-                step += 1
-                with add_at_positions(module, delta, pos):
-                    lg, rows = L.answer_logits(handle, batch)
-                loss = L.nll_loss(*L.sequence_logprobs(lg, rows, batch))
-                nll = check_loss(loss, "grace", step)
-                if nll < hp.early_stop_loss:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            for t, (k, v) in enumerate(zip(K, (V0 + delta.detach()).float())):
-                counts[_insert(keys, values, eps, labels, k, v, f"{req.target_new}\x1f{t}", hp.eps)] += 1
-            nll_final.append(nll)
-            steps_used.append(step)
-            if progress is not None:
-                progress.update(1)
+            delta, nll, steps = _train_values(handle, layer, module, batch, pos, V0, hp)
+            V = (V0 + delta).float()
+            for i, req in enumerate(group):  # the codebook is updated request by request, in order
+                at = (pos[:, 0] == i).nonzero()[:, 0]
+                for t, j in enumerate(at.tolist()):
+                    label = f"{req.target_new}\x1f{t}"
+                    counts[_insert(keys, values, eps, labels, K[j], V[j], label, hp.eps)] += 1
+                nll_final.append(nll[i])
+                steps_used.append(steps[i])
+                if progress is not None:
+                    progress.update(1)
         tensors = {
             "grace.keys": torch.stack(keys),
             "grace.values": torch.stack(values),
