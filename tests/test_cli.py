@@ -583,7 +583,7 @@ def test_unlearn_one_fact_from_flags(capsys):
 
 
 def test_edit_lists_only_editing_methods_and_takes_state(capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:  # argparse's own refusal of a choice: usage + one error line
+    with pytest.raises(SystemExit) as e:  # argparse's refusal of a choice: one line (test_cli_oneline.py)
         main(
             [
                 "edit",
@@ -599,7 +599,7 @@ def test_edit_lists_only_editing_methods_and_takes_state(capsys, tmp_path):
                 "Q",
             ]
         )
-    assert e.value.code == 2 and "invalid choice: 'npo'" in capsys.readouterr().err
+    assert e.value.code == 2 and "--method: invalid choice 'npo'" in capsys.readouterr().err
     code, out, err = run(
         capsys,
         "edit",

@@ -67,6 +67,17 @@ from .models.hooked import MEMORY_ATTR  # noqa: E402  (applied memory artifacts 
 MEMORY_KINDS: dict[str, Callable[[nn.Module, Artifact], Any]] = {}
 
 
+#: tensors that hold indices or labels, not values (saved as float32 like every artifact tensor): MEMOIR's
+#: column permutation, stored masks and written columns, LOKA's memory groups and hash buckets. A norm of
+#: them means nothing, so :meth:`Artifact.summary` (``loka inspect``) gives none.
+INDEX_TENSORS = frozenset({"memoir.perm", "memoir.masks", "memoir.cols", "loka.groups", "loka.buckets"})
+
+
+def holds_values(name: str, t: torch.Tensor) -> bool:
+    """Whether tensor ``name`` holds values whose norm says something (a float tensor, not indices)."""
+    return t.is_floating_point() and name not in INDEX_TENSORS
+
+
 def register_memory(method: str, attach: Callable[[nn.Module, Artifact], Any]) -> None:
     """Say how a ``memory`` artifact of ``method`` is installed (its hooks) on a model."""
     MEMORY_KINDS[method] = attach
@@ -577,13 +588,23 @@ class Artifact:
             raise ArtifactError(f"{mf}: fields requests (a list) and hparams (an object) are malformed")
 
     def summary(self) -> dict[str, Any]:
-        """The manifest plus the norm of each delta (what ``loka inspect`` prints)."""
+        """The manifest plus, under ``deltas``, the shape and dtype of each delta (the merged update of
+        an adapter, the stored tensors of a memory or context) with its norm where it holds values
+        (:func:`holds_values`: not for index tensors); ``delta_norms`` has those norms alone (what
+        ``loka inspect`` prints)."""
         out = {k: v for k, v in self.manifest.items() if k != "requests"}
         out["n_requests"] = len(self.manifest.get("requests", []))
         out["requests"] = self.manifest.get("requests", [])
-        out["delta_norms"] = {
-            k: round(float(v.norm()), 6) for k, v in (self.weight_deltas() or self.deltas).items()
+        shown = self.weight_deltas() or self.deltas
+        out["deltas"] = {
+            k: {
+                "shape": list(v.shape),
+                "dtype": str(v.dtype).removeprefix("torch."),
+                **({"norm": round(float(v.norm()), 6)} if holds_values(k, v) else {"indices": True}),
+            }
+            for k, v in shown.items()
         }
+        out["delta_norms"] = {k: d["norm"] for k, d in out["deltas"].items() if "norm" in d}
         return out
 
 

@@ -6,17 +6,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from typing import NoReturn
 
 from .. import env
 from . import data, evaluate, kg, models, serve, update
 from .common import MethodNames, add_threads, os_message
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusals (a wrong choice, a bad number, a missing or unknown flag) are one
+    line on stderr and exit status 2, like every other loka error: ``error: loka edit: --method: invalid
+    choice 'x' (choose from ...); see loka edit --help``. Subparsers are made of the same class
+    (``add_subparsers`` uses the parent's type), so every command refuses the same way; ``--help`` is unchanged."""
+
+    def error(self, message: str) -> NoReturn:
+        text = re.sub(r"^argument ", "", message)  # "argument --n: invalid int value: 'abc'" → "--n: ..."
+        text = re.sub(r"invalid choice: ", "invalid choice ", text)
+        text = " ".join(text.split())  # one line whatever argparse said
+        self.exit(2, f"error: {self.prog}: {text}; see {self.prog} --help\n")
+
+    def parse_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but unknown arguments are blamed on the (sub)command that was given them."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._chosen(ns).error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+    def _chosen(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
+        """The deepest subcommand parser that ``ns`` went through (``loka kg stats`` → its parser)."""
+        parser: argparse.ArgumentParser = self
+        while True:
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(ns, sub.dest, None) if sub is not None else None
+            if sub is None or name not in sub.choices:
+                return parser
+            parser = sub.choices[name]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="loka", description="Edit, unlearn and measure what a language model knows."
-    )
+    p = OneLineParser(prog="loka", description="Edit, unlearn and measure what a language model knows.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress and no log lines but warnings and errors"

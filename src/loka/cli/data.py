@@ -94,7 +94,7 @@ def cmd_data_lifelong_baseline(args) -> int:
 
 def cmd_data_tasks(args) -> int:
     from ..bench.tasks import build_tasks
-    from ..utils.io import atomic_write_json, read_json
+    from ..utils.io import atomic_write_bytes, atomic_write_json, read_json
 
     src = Path(args.source)
     if not src.exists():
@@ -109,9 +109,7 @@ def cmd_data_tasks(args) -> int:
     keep = ("prompt", "subject", "answer", "paraphrases", "case_id", "relation_id")
     for name in ("forget", "retain", "remaining"):
         lines = "".join(json.dumps({k: f[k] for k in keep}) + "\n" for f in task[name])
-        tmp = out / f".{name}.jsonl.tmp"
-        tmp.write_text(lines)
-        tmp.replace(out / f"{name}.jsonl")
+        atomic_write_bytes(out / f"{name}.jsonl", lines.encode("utf-8"))
     counts = {k: len(task[k]) for k in ("edit", "forget", "retain", "remaining")}
     print(
         json.dumps({**counts, "setting": args.setting, "relations": task["relations"], "out": str(out)})

@@ -96,6 +96,8 @@ def cmd_export(args) -> int:
         print(f"verified in {res.verify_seconds:.1f} s: {res.summary()}")
         for c in res.lost:
             print(f"  lost: {c.text!r} -> {c.target!r} (artifact {c.artifact})")
+        for c in res.not_held:
+            print(f"  did not hold before export: {c.text!r} -> {c.target!r} (artifact {c.artifact})")
     else:
         print("not verified (--no-verify)")
     return 0
@@ -110,6 +112,7 @@ def cmd_inspect(args) -> int:
         return 0
     print(f"artifact   {s['id']}  ({args.artifact})")
     print(f"method     {s['method']}")
+    print(f"kind       {s['kind']}")
     print(f"model      {s['model']['name']}  hash {s['model']['hash'][:16]}  family {s['model']['family']}")
     print(f"created    {s['created']}  loka {s['loka_version']}")
     print(f"requests   {s['n_requests']}")
@@ -121,8 +124,9 @@ def cmd_inspect(args) -> int:
         )
         print(f"  - {r['prompt'].replace('{}', r['subject'])!r} {what}")
     print("deltas")
-    for k, v in s["delta_norms"].items():
-        print(f"  {k:40s} shape {s['params'][k]['shape']}  norm {v:.4f}")
+    for k, d in s["deltas"].items():
+        what = f"norm {d['norm']:.4f}" if "norm" in d else f"{d['dtype']} holding indices (no norm)"
+        print(f"  {k:40s} shape {d['shape']}  {what}")
     print("hparams    " + json.dumps(s["hparams"]))
     mem = s.get("extra", {}).get("memories")
     if mem:  # a LOKA codebook

@@ -214,16 +214,22 @@ def cmd_session(args) -> int:
         check_export_output(args.export, force=args.force)
     s = Session(args.folder, handle)
     keep = rollback_request(args, s.n_batches, args.folder)
+    removed = None
     if keep is not None:
+        removed = s.summary()["batch_list"][keep:]
         s.keep_first(keep)
     if args.export:
         handle.save_pretrained(
             args.export, force=args.force, info={"session": str(args.folder), "batches": s.batches.ids()}
         )
     info = s.summary()
+    if removed is not None:
+        info["removed"] = removed
     if args.json:
         print(json.dumps(info, indent=2))
     else:
+        if removed is not None:
+            print(_removed_line(removed, s.n_batches))
         print(
             f"{args.folder}: {info['model']} · {info['method']}"
             + (f" + PRUNE(α={info['prune']:.3g})" if info["prune"] else "")
@@ -234,6 +240,20 @@ def cmd_session(args) -> int:
         if args.export:
             print(f"wrote the edited model to {args.export}")
     return 0
+
+
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def _removed_line(removed: list[dict], left: int) -> str:
+    """``removed 1 batch (3 requests): <id>; the session now holds 2 batches``."""
+    now = f"the session now holds {_plural(left, 'batch', 'batches')}"
+    if not removed:
+        return f"removed nothing; {now}"
+    n_req = sum(b["requests"] for b in removed)
+    ids = ", ".join(b["id"] for b in removed)
+    return f"removed {_plural(len(removed), 'batch', 'batches')} ({_plural(n_req, 'request')}): {ids}; {now}"
 
 
 def register(sub, methods, forgetters) -> None:

@@ -117,6 +117,7 @@ class GGUFExport:
     tokenizer_identical: bool | None = None
     top1_agreement: float | None = None  # next token after each probe prompt: same argmax in both
     max_logit_diff: float | None = None  # largest |logit difference| at those positions
+    n_requests: int | None = None  # the requests verified: those in ``requests`` and those naming no answer
 
     @property
     def succeeded(self) -> list[RequestCheck]:
@@ -131,15 +132,37 @@ class GGUFExport:
     def lost(self) -> list[RequestCheck]:
         return [r for r in self.requests if r.before and not r.after]
 
+    @property
+    def not_held(self) -> list[RequestCheck]:
+        """The requests that fail already on the in-memory model: the export cannot lose them."""
+        return [r for r in self.requests if not r.before]
+
+    @property
+    def n_unchecked(self) -> int:
+        """Requests that name no answer to check (neither a new nor a true target)."""
+        return max(0, (self.n_requests or len(self.requests)) - len(self.requests))
+
+    def _survival(self) -> str:
+        """``2 of 2 edits survived q8_0 (rewrite)``, saying also what became of the other requests."""
+        held = f"{len(self.survived)} of {len(self.succeeded)} edits"
+        others = []
+        total = len(self.requests) + self.n_unchecked
+        if self.not_held:
+            others.append(f"{len(self.not_held)} of {total} requests did not hold before export")
+        if self.n_unchecked:
+            others.append(f"{self.n_unchecked} of {total} name no answer to check")
+        if not others:
+            return f"{held} survived {self.quant} (rewrite)"
+        return f"{held} that held in memory survived {self.quant} (rewrite; {'; '.join(others)})"
+
     def summary(self) -> str:
-        """One line: how many edits survived, paraphrase and neighbourhood rates before → after."""
+        """One line: how many edits survived (of those that held in memory, and what became of the other
+        requests), paraphrase and neighbourhood rates before → after."""
         if not self.verified:
             return f"not verified ({self.quant})"
         parts = []
         if self.requests:
-            parts.append(
-                f"{len(self.survived)} of {len(self.succeeded)} edits survived {self.quant} (rewrite)"
-            )
+            parts.append(self._survival())
             for name, b, a in (
                 ("paraphrases", "paraphrase_before", "paraphrase_after"),
                 ("neighbourhood", "neighborhood_before", "neighborhood_after"),
@@ -162,6 +185,9 @@ class GGUFExport:
         d["summary"] = self.summary()
         d["n_succeeded"] = len(self.succeeded)
         d["n_survived"] = len(self.survived)
+        d["n_not_held"] = len(self.not_held)
+        d["n_unchecked"] = self.n_unchecked
+        d["n_requests"] = len(self.requests) + self.n_unchecked
         return d
 
 
@@ -694,6 +720,7 @@ def verify_gguf(
     if not math.isfinite(result.max_logit_diff):
         raise OutputError(f"{result.path}: the file read back gives non-finite logits; it was not written")
     result.requests = checks
+    result.n_requests = len(reqs)
     result.verified = True
     result.verify_seconds = round(time.time() - t0, 2)
     for c in result.lost:

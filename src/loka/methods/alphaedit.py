@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import env
-from ..utils.io import atomic_write_json, hash_tensors, sha256_file
+from ..utils.io import atomic_write_json, hash_tensors, save_safetensors, sha256_file, tmp_sibling
 from .base import NonNegFloat, PosFloat, PosInt, UnitFloat, register
 from .memit import Memit, MemitHParams
 
@@ -74,9 +74,12 @@ def cached_projection(
         log.warning("projection cache %s failed its sha256 check; recomputing", f)
     P, rank = nullspace_projection(C, threshold)
     d.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name(f".{f.name}.tmp")
-    save_file({"P": P.contiguous()}, str(tmp))
-    tmp.replace(f)
+    tmp = d / tmp_sibling(f)
+    try:
+        save_safetensors({"P": P.contiguous()}, tmp)
+        tmp.replace(f)
+    finally:
+        tmp.unlink(missing_ok=True)
     atomic_write_json(
         meta_f, {"sha256": sha256_file(f), "rank": rank, "threshold": threshold, "dim": P.shape[0]}
     )

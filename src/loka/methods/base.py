@@ -8,6 +8,7 @@ it fails), so the caller decides whether to apply the result.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import math
@@ -136,6 +137,29 @@ def field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls, include_extras=True)
 
 
+#: an unknown field's likely meaning when the spelling is far off: the one-layer and many-layer fields
+_FIELD_ALIASES = {"layers": "layer", "layer": "layers"}
+#: fields a command-line flag of their own sets (``--layer 3``), named in a hint beside the field
+_FIELD_FLAGS = {"layer": "--layer", "layers": "--layers"}
+
+
+def did_you_mean(unknown: list[str], names: set[str]) -> str:
+    """``; did you mean 'layer' (--layer)?`` for unknown fields with a close known one (difflib, or the
+    ``layer``/``layers`` swap), naming the flag that sets it where there is one; ``""`` when none is close."""
+    hints = []
+    for u in unknown:
+        alias = _FIELD_ALIASES.get(u)
+        close = [alias] if alias in names else difflib.get_close_matches(u, sorted(names), n=1)
+        if close:
+            flag = f" ({_FIELD_FLAGS[close[0]]})" if close[0] in _FIELD_FLAGS else ""
+            hints.append((u, f"'{close[0]}'{flag}"))
+    if not hints:
+        return ""
+    if len(unknown) == 1:
+        return f"; did you mean {hints[0][1]}?"
+    return "; did you mean " + ", ".join(f"{h} for '{u}'" for u, h in hints) + "?"
+
+
 @dataclass
 class HParams:
     """Base of every method's hyperparameters: typed fields with declared domains, loaded from JSON,
@@ -152,6 +176,7 @@ class HParams:
         if unknown:
             raise ConfigError(
                 f"{where}: unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}"
+                + did_you_mean(unknown, names)
             )
         types_ = field_types(cls)
         for name in sorted(names & set(data)):  # every field: a wrong value fails here, not deep in a run

@@ -100,6 +100,27 @@ def clean_stale_tmp(path: str | Path) -> int:
     return removed
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (the only portable way to read it)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the umask."""
+    return 0o666 & ~_umask()
+
+
+def set_default_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have (for files made by writers that create
+    them private, such as safetensors' ``save_file``, 0600), so every file loka writes has the same mode."""
+    os.chmod(path, default_file_mode())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or the new, never a part: a unique temporary
     file beside it, fsync, then one rename."""
@@ -108,7 +129,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     clean_stale_tmp(path)
     tmp = path.parent / tmp_sibling(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # 0o666 less the umask (applied by the system), as open(path, "w") would give
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -227,7 +249,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~_umask())  # what a plain mkdir gives
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,7 +305,8 @@ def read_regular(path: str | Path, max_bytes: int, *, dir_fd: int | None = None,
 
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as ``OSError``."""
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk) raised as ``OSError``; the file
+    gets the mode ``open(path, "w")`` would give (:func:`default_file_mode`), not safetensors' 0600."""
     import errno as _errno
     import re as _re
 
@@ -299,6 +322,7 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
         if "No space left" in str(e):
             raise OSError(_errno.ENOSPC, os.strerror(_errno.ENOSPC), str(path)) from None
         raise
+    set_default_mode(path)  # save_file creates the file 0600; give it a plain file's mode
 
 
 @contextlib.contextmanager
