@@ -640,6 +640,7 @@ def lifelong_speed(d: dict) -> str:
             continue
         reached = num(edits, 0) + ("" if r.get("reached_all") else " (stopped: time)")
         per = secs / edits
+        last = (d.get("series", {}).get(key) or [{}])[-1].get("last_batch_edit_s")
         rows.append(
             [
                 LIFELONG_ROWS.get(key, key.split("@")[0]),
@@ -647,10 +648,11 @@ def lifelong_speed(d: dict) -> str:
                 num(secs, 0),
                 f"{per * 1000:.0f} ms" if per < 1 else f"{per:.2f} s",
                 num(secs * 10_000 / edits / 60, 0),
+                DASH if last is None else num(last, 1),
             ]
         )
     head = [f"SmolLM2, batches of {d['batch']}", "edits", "method s", "per edit"]
-    return md([*head, "minutes for 10,000 at that rate"], rows)
+    return md([*head, "minutes for 10,000 at that rate", "last batch s"], rows)
 
 
 @table("lifelong-10000", "docs/sequential.md", "lifelong_smollm2-135m_n10000_wild.json")
