@@ -41,7 +41,7 @@ from ..errors import LokaError
 from ..forgetting import losses as L
 from ..trace import add_at_positions, capture, run_until_stopped
 from .base import HParams, Layer, MemoryMethod, NonNegFloat, PosFloat, PosInt, check_loss, register
-from .locate.prompts import PromptBatch
+from .locate.prompts import answer_prompts
 from .locate.replay import Replay
 
 if TYPE_CHECKING:
@@ -99,18 +99,7 @@ def _train_values(
     each request's last NLL and its number of evaluations."""
     n = len(batch)
     targets = batch.labels[pos[:, 0], pos[:, 1]]
-    zeros = torch.zeros(n, dtype=torch.long)
-    prompts = PromptBatch(
-        batch.input_ids,
-        batch.attention_mask,
-        zeros,
-        zeros,
-        zeros.bool(),
-        zeros,
-        pos[:, 0],
-        pos[:, 1],
-        targets,
-    )
+    prompts = answer_prompts(batch.input_ids, batch.attention_mask, batch.labels, L.IGNORE)
     full = Replay(handle, prompts, layer)
     delta = torch.zeros_like(V0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)

@@ -88,7 +88,7 @@ from .base import (
     check_update,
     register,
 )
-from .locate.prompts import PromptBatch
+from .locate.prompts import answer_prompts
 from .locate.replay import Replay
 from .templates import context_templates
 from .wise import OUT_OF_SCOPE
@@ -762,20 +762,9 @@ class Memoir(MemoryMethod):
         targets = batch.labels[pos[:, 0], pos[:, 1]].to(handle.device)
         n = len(batch)
         count = torch.zeros(n).index_add_(0, pos[:, 0], torch.ones(len(pos)))
-        zeros = torch.zeros(n, dtype=torch.long)
         replay = Replay(
             handle,
-            PromptBatch(
-                batch.input_ids,
-                batch.attention_mask,
-                zeros,
-                zeros,
-                zeros.bool(),
-                zeros,
-                pos[:, 0],
-                pos[:, 1],
-                targets.cpu(),
-            ),
+            answer_prompts(batch.input_ids, batch.attention_mask, batch.labels, L.IGNORE),
             layer,
         )
         rows, at = pos[:, 0].to(handle.device), pos[:, 1].to(handle.device)

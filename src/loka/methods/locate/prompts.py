@@ -52,6 +52,27 @@ class PromptBatch:
         return torch.arange(len(self)) if self.rows is None else self.rows
 
 
+def answer_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, ignore: int
+) -> PromptBatch:
+    """A :class:`PromptBatch` whose targets are the answer tokens of right-padded question–answer rows
+    (``labels`` as :func:`loka.forgetting.losses.qa_batch` makes them): no subject lookup, no KL rows,
+    for methods that train at the answer positions through a :class:`~.replay.Replay`."""
+    pos = (labels != ignore).nonzero()
+    zeros = torch.zeros(len(input_ids), dtype=torch.long)
+    return PromptBatch(
+        input_ids,
+        attention_mask,
+        zeros,
+        zeros,
+        zeros.bool(),
+        zeros,
+        pos[:, 0],
+        pos[:, 1],
+        labels[pos[:, 0], pos[:, 1]],
+    )
+
+
 def tree_batch(batch: PromptBatch, pad_id: int, dtype: torch.dtype, max_len: int = 512) -> PromptBatch:
     """A keys-only batch (rows ending at the subject, no targets) packed as token trees
     (:mod:`loka.packing`): the prefixes rows share — a context template, a relation's words before
