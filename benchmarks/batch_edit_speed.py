@@ -22,7 +22,9 @@ time; the time is the method's alone (``edits.jsonl``), not the scoring. Rows of
 * ``default`` — the search's matmuls in bfloat16 as well (``v_dtype``): MEMIT's SmolLM2 defaults;
 * ``alphaedit-ref`` — AlphaEdit with the reference's search (``v_lr`` 0.5, β₁ 0.9, float32);
 * ``alphaedit`` — AlphaEdit with its defaults;
-* ``ultraedit`` — UltraEdit with its defaults (one turn: no value search, no statistics).
+* ``ultraedit`` — UltraEdit with its defaults (one turn: no value search, no statistics);
+* ``grace`` — GRACE with its defaults (the batch's codebook values trained together; no keys or
+  update phase).
 
 Target: <= 60 s for a batch of 100 (2 cores).
 """
@@ -70,6 +72,7 @@ ROWS = {  # name: (method, hparams, environment)
     "alphaedit-ref": ("alphaedit", {"v_lr": 0.5, **_REF_ADAM}, {}),
     "alphaedit": ("alphaedit", {}, {}),
     "ultraedit": ("ultraedit", {}, {}),
+    "grace": ("grace", {}, {}),
 }
 
 

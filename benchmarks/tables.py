@@ -390,6 +390,7 @@ BATCH_ROWS = {
     "default": "+ a bfloat16 search: the SmolLM2 defaults",
     "alphaedit-ref": "the reference's search: `v_lr` 0.5, β₁ 0.9, float32",
     "alphaedit": "defaults: `v_lr` 1.0, β₁ 0.5, bfloat16 search",
+    "grace": "defaults: the batch's codebook values trained together",
 }
 
 
@@ -397,11 +398,13 @@ BATCH_ROWS = {
 def batch_edit_speed(d: dict) -> str:
     rows = []
     for key, label in BATCH_ROWS.items():
-        r = d["rows"][key]
+        r = d["rows"].get(key)
+        if r is None:
+            continue
         t = r["timings"]
         rows.append(
-            [label, r["method"], num(r["seconds"], 1), num(t["keys"], 1), num(t["values"], 1)]
-            + [num(t["update"], 1), *(num(r[k]) for k in ("ES", "PS", "NS"))]
+            [label, r["method"], num(r["seconds"], 1), num(t.get("keys"), 1), num(t.get("values"), 1)]
+            + [num(t.get("update"), 1), *(num(r[k]) for k in ("ES", "PS", "NS"))]
         )
     head = ["setting", "method", "total s", "keys", "value search", "update", "ES", "PS", "NS"]
     return md(head, rows)
