@@ -62,6 +62,14 @@ def test_help_still_prints_the_whole_usage(capsys):
     assert cap.out.startswith("usage: loka edit [-h]") and cap.out.count("\n") > 20 and "--method" in cap.out
 
 
+def test_version_prints_the_package_version(capsys):
+    import loka
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"loka {loka.__version__}"
+
+
 # -- unknown hyperparameters: did you mean ------------------------------------------------------------
 def test_layers_for_a_one_layer_method_suggests_layer_and_its_flag():
     from loka.methods import get_method

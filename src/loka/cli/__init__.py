@@ -11,6 +11,7 @@ import sys
 from typing import NoReturn
 
 from .. import env
+from ..version import __version__
 from . import data, evaluate, kg, models, serve, update
 from .common import MethodNames, add_threads, os_message
 
@@ -49,6 +50,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="loka", description="Edit, unlearn and measure what a language model knows.")
+    p.add_argument(
+        "--version", action="version", version=f"loka {__version__}", help="print the version and exit"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument(
         "-q", "--quiet", action="store_true", help="no progress and no log lines but warnings and errors"
