@@ -632,7 +632,7 @@ def lifelong_1000(d: dict) -> str:
     "lifelong-speed",
     "docs/benchmarks.md",
     "lifelong_smollm2-135m_n10000_wild.json",
-    note="Method time only (scoring and checkpoints excluded), one thread per run.",
+    note="Method time only (scoring and checkpoints excluded); threads per row as the text says.",
 )
 def lifelong_speed(d: dict) -> str:
     """Per method on the 10,000-edit stream: edits reached, method time and time per edit."""
