@@ -459,7 +459,7 @@ def _run_sequential(handle: ModelHandle, cases, cfg, out: Path, pre: dict) -> li
                     )
             if out_of_time:
                 log.warning(
-                    "%s: stopped after %d of %d edits: max_seconds %.0f passed (--resume goes on)",
+                    "%s: stopped after %d of %d edits: max_seconds %.0f passed (resuming the run goes on from there)",
                     cfg.method,
                     n_edits,
                     len(cases),
