@@ -503,10 +503,9 @@ def _same_data(res: Path, old: dict, data: Path, data_info: dict) -> None:
         old.get("provenance"),
         *(r.get("provenance") for r in old["rows"].values() if isinstance(r, dict)),
     ]
-    base = res.parents[2]  # such a file was written to benchmarks/results/ of the folder its command ran in
-    for st in stamps:
+    for st in stamps:  # a relative --data of a recorded command is read from the repository root
         given = _data_arg(st.get("command")) if isinstance(st, dict) else None
-        if given is not None and (base / given).resolve() != data.resolve():
+        if given is not None and (ROOT / given).resolve() != data.resolve():
             raise ConfigError(
                 f"{res} holds rows made from other data (--data {given}) than --data {data}; {fix}"
             )

@@ -71,7 +71,7 @@ def test_version_prints_the_package_version(capsys):
 
 
 # -- unknown hyperparameters: did you mean ------------------------------------------------------------
-def test_layers_for_a_one_layer_method_suggests_layer_and_its_flag():
+def test_layers_for_a_one_layer_method_suggests_layer():
     from loka.methods import get_method
 
     hp = get_method("memoir").hparams_cls
@@ -79,13 +79,13 @@ def test_layers_for_a_one_layer_method_suggests_layer_and_its_flag():
         hp.from_dict({"layers": [3, 4]})
     msg = str(e.value)
     assert "unknown field(s) ['layers'] for MemoirHParams" in msg
-    assert msg.endswith("; did you mean 'layer' (--layer)?") and "\n" not in msg
+    assert msg.endswith("; did you mean 'layer'?") and "\n" not in msg
 
 
 def test_close_spellings_are_suggested_and_far_ones_are_not():
     names = {"layer", "n_iter", "lr", "tau"}
     assert did_you_mean(["n_iters"], names) == "; did you mean 'n_iter'?"
-    assert did_you_mean(["layer"], {"layers", "lr"}) == "; did you mean 'layers' (--layers)?"
+    assert did_you_mean(["layer"], {"layers", "lr"}) == "; did you mean 'layers'?"
     assert did_you_mean(["zzz"], names) == ""
     assert did_you_mean(["n_iters", "zzz"], names) == "; did you mean 'n_iter' for 'n_iters'?"
 
@@ -97,4 +97,4 @@ def test_cli_memoir_with_layers_says_did_you_mean_layer_in_one_line(capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert err.startswith("error: ") and err.rstrip("\n").endswith("; did you mean 'layer' (--layer)?")
+    assert err.startswith("error: ") and err.rstrip("\n").endswith("; did you mean 'layer'?")

@@ -147,3 +147,39 @@ def test_values_trained_together_follow_each_requests_own_training(name):
         at = (pos[:, 0] == i).nonzero()[:, 0]
         torch.testing.assert_close(V0[at] + delta[at], v_ref, rtol=1e-4, atol=1e-4)
         assert nll[i] == pytest.approx(nll_ref, rel=1e-4, abs=1e-5)
+
+
+def test_values_trained_together_under_an_applied_memoir_memory():
+    """A MEMOIR memory applied above GRACE's layer keeps per-forward state sized to the replayed batch:
+    requests that stop must not leave that batch, or the memory reads the wrong rows."""
+    from loka.forgetting import losses as L
+    from loka.methods.grace import GraceHParams, _io_at_answer_positions, _train_values
+
+    h = loka.load_model("tiny-llama")
+    memory = loka.edit(
+        h, [A, loka.EditRequest("{} speaks", "Ida", "Q")], "memoir", {"layer": 2}, progress=False
+    )
+    reqs = [
+        loka.EditRequest("{} was born in the city of", "Zorblax Quint", "Berlin Zed"),
+        loka.EditRequest("{} speaks", "Ida", "Frenchy"),
+        loka.EditRequest("The capital of {} is", "Quorvia", "Blen Tor"),
+        loka.EditRequest("{} plays the", "Rob Ert", "violin maker"),
+    ]
+    first = _values_one_by_one(h, reqs, {"layer": 1, "lr": 0.5, "n_iter": 1, "early_stop_loss": 0.0})
+    hp = {
+        "layer": 1,
+        "eps": 0.2,
+        "lr": 0.5,
+        "n_iter": 4,
+        "early_stop_loss": min(n for _, n, _ in first) + 1e-3,
+    }
+    ref = _values_one_by_one(h, reqs, hp)
+    batch = L.qa_batch(h.tokenizer, [r.text for r in reqs], [r.target_new for r in reqs])
+    _, V0, pos = _io_at_answer_positions(h, 1, batch)
+    delta, nll, steps = _train_values(h, 1, h.mlp_out(1), batch, pos, V0, GraceHParams(**hp))
+    memory.revert(h)
+    assert steps == [s for _, _, s in ref] and 1 in steps and max(steps) > 1  # one request stops at once
+    for i, (v_ref, nll_ref, _) in enumerate(ref):
+        at = (pos[:, 0] == i).nonzero()[:, 0]
+        torch.testing.assert_close(V0[at] + delta[at], v_ref, rtol=1e-4, atol=1e-4)
+        assert nll[i] == pytest.approx(nll_ref, rel=1e-4, abs=1e-5)

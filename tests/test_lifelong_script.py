@@ -184,9 +184,11 @@ def test_committed_wild_result_still_merges(ll):
         ll._rows_of(WILD_RESULT, setting, ROOT / "data/generated/cf_lifelong.json", {"sha256": "0" * 64})
 
 
-def test_a_legacy_file_is_checked_against_its_commands_data(ll, tmp_path):
-    """A file without a data hash was written to benchmarks/results of the folder its command ran in."""
-    res = tmp_path / "benchmarks" / "results" / "r.json"
+def test_a_legacy_file_is_checked_against_its_commands_data(ll, tmp_path, monkeypatch):
+    """A file without a data hash is checked against the ``--data`` of its recorded commands, read from
+    the repository root wherever the file is."""
+    monkeypatch.setattr(ll, "ROOT", tmp_path)
+    res = tmp_path / "elsewhere" / "r.json"
     res.parent.mkdir(parents=True)
     (tmp_path / "d.json").write_text("[]")
     cmd = "python benchmarks/lifelong.py --data d.json --n 4"

@@ -139,20 +139,17 @@ def field_types(cls: type) -> dict[str, Any]:
 
 #: an unknown field's likely meaning when the spelling is far off: the one-layer and many-layer fields
 _FIELD_ALIASES = {"layers": "layer", "layer": "layers"}
-#: fields a command-line flag of their own sets (``--layer 3``), named in a hint beside the field
-_FIELD_FLAGS = {"layer": "--layer", "layers": "--layers"}
 
 
 def did_you_mean(unknown: list[str], names: set[str]) -> str:
-    """``; did you mean 'layer' (--layer)?`` for unknown fields with a close known one (difflib, or the
-    ``layer``/``layers`` swap), naming the flag that sets it where there is one; ``""`` when none is close."""
+    """``; did you mean 'layer'?`` for unknown fields with a close known one (difflib, or the
+    ``layer``/``layers`` swap); ``""`` when none is close."""
     hints = []
     for u in unknown:
         alias = _FIELD_ALIASES.get(u)
         close = [alias] if alias in names else difflib.get_close_matches(u, sorted(names), n=1)
         if close:
-            flag = f" ({_FIELD_FLAGS[close[0]]})" if close[0] in _FIELD_FLAGS else ""
-            hints.append((u, f"'{close[0]}'{flag}"))
+            hints.append((u, f"'{close[0]}'"))
     if not hints:
         return ""
     if len(unknown) == 1:

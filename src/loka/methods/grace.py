@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import LokaError
 from ..forgetting import losses as L
+from ..runtime import routers
 from ..trace import add_at_positions, capture, run_until_stopped
 from .base import HParams, Layer, MemoryMethod, NonNegFloat, PosFloat, PosInt, check_loss, register
 from .locate.prompts import answer_prompts
@@ -108,18 +109,21 @@ def _train_values(
     active = torch.ones(n, dtype=torch.bool)  # requests still training
     stopped = torch.zeros(len(pos), dtype=torch.bool)  # answer positions of requests that stopped
     saved = torch.zeros_like(V0)  # the δ each stopped request stopped with
+    # stopped requests leave the replayed batch, unless a router (a MEMOIR memory, a LOKA codebook) is
+    # applied: its per-forward state is sized to the batch of the reference forward, so that batch stays
+    shrink = not routers(handle.model)
     replay = full
     for step in range(1, hp.n_iter + 1):
-        rows_of = active.nonzero()[:, 0]  # batch row of each row of the active replay
+        rows_of = active.nonzero()[:, 0]  # the requests still training
+        idx = torch.cumsum(active, 0) - 1 if shrink else torch.arange(n)  # batch row -> replay row
         sel = ~stopped
-        p_rows = (torch.cumsum(active, 0) - 1)[pos[sel, 0]]  # rows within the active replay
-        p_cols = pos[sel, 1]
+        p_rows, p_cols = idx[pos[sel, 0]], pos[sel, 1]
         with add_at_positions(module, lambda sel=sel: delta[sel], torch.stack([p_rows, p_cols], 1)):
             logits = replay.logits_at(p_rows.to(handle.device), p_cols.to(handle.device))
         tok = F.cross_entropy(logits, targets[sel].to(handle.device), reduction="none").cpu()
-        m = len(rows_of)
+        m = len(rows_of) if shrink else n
         count = torch.zeros(m).index_add(0, p_rows, torch.ones_like(tok))
-        per_row = torch.zeros(m).index_add(0, p_rows, tok) / count.clamp(min=1)
+        per_row = (torch.zeros(m).index_add(0, p_rows, tok) / count.clamp(min=1))[idx[rows_of]]
         check_loss(per_row.sum(), "grace", step)
         stops = per_row < hp.early_stop_loss
         for r, v in zip(rows_of.tolist(), per_row.tolist()):
@@ -138,7 +142,7 @@ def _train_values(
         opt.step()
         with torch.no_grad():  # Adam's momentum moves every row: put the stopped ones back
             delta[stopped] = saved[stopped]
-        if bool(stops.any()):
+        if shrink and bool(stops.any()):
             replay = full.subset(active.nonzero()[:, 0])
     return delta.detach(), nll, steps
 
