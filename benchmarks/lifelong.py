@@ -36,14 +36,12 @@ stream).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -52,10 +50,11 @@ from _stamp import ROOT, merge_rows, stamp, write_result
 
 import loka
 from loka.bench.counterfact import build_counterfact, load_known, mquake_facts
+from loka.cli import OneLineParser
 from loka.errors import ConfigError, InputError, LokaError
 from loka.eval.data import load_cases
 from loka.eval.runner import EvalConfig, run_eval
-from loka.utils.io import atomic_write_json
+from loka.utils.io import atomic_write_json, sha256_file
 
 DEFAULT_DATA = ROOT / "data" / "generated" / "cf_lifelong_1000.json"  # built when missing
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
@@ -111,18 +110,8 @@ def _finite(out: Path) -> None:
                 assert math.isfinite(v), f"{out}: {k} = {v} at {row['n_edits']} edits"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Refusals (a wrong choice, a bad number, an unknown flag) are one line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        text = " ".join(
-            re.sub(r"^argument ", "", message).replace("invalid choice: ", "invalid choice ").split()
-        )
-        self.exit(2, f"error: {self.prog}: {text}; see {self.prog} --help\n")
-
-
 def parser() -> argparse.ArgumentParser:
-    ap = _Parser(
+    ap = OneLineParser(  # refusals are one line and exit status 2, as loka's own commands
         prog="lifelong.py",
         description=__doc__.splitlines()[0],
         epilog=f"Results: RESULTS/lifelong_<model>_n<N>[_wild][_<tag>].json, plot: "
@@ -269,14 +258,10 @@ def data_file(arg: str | None, n: int) -> Path:
 
 def data_record(data: Path) -> dict:
     """What a result records of its data: the path (relative to the repository when inside it), sha256."""
-    h = hashlib.sha256()
-    with open(data, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     path = data.resolve()
     return {
         "path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-        "sha256": h.hexdigest(),
+        "sha256": sha256_file(data),
     }
 
 
@@ -321,10 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return run(args)
-    except LokaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
+    except (LokaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
