@@ -60,3 +60,22 @@ def test_weight_delta_and_adapter_show_kind_and_norms(capsys, tmp_path):
     )
     out = _inspect(capsys, str(ft.save(tmp_path / "f.loka")))
     assert "kind       weight-delta" in out and "holding indices" not in out
+
+
+def test_a_fresh_process_knows_the_index_tensors(memoir_artifact):
+    """``loka inspect`` in a process that has run no method still knows which tensors are indices (the
+    methods declare them when they are registered)."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "loka.cli", "inspect", str(memoir_artifact)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LOKA_THREADS": "1"},
+        timeout=120,
+        check=True,
+    ).stdout
+    rows = [ln for ln in out.splitlines() if ln.startswith("  memoir.perm")]
+    assert rows and "holding indices (no norm)" in rows[0]

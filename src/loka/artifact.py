@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,10 +67,15 @@ from .models.hooked import MEMORY_ATTR  # noqa: E402  (applied memory artifacts 
 MEMORY_KINDS: dict[str, Callable[[nn.Module, Artifact], Any]] = {}
 
 
-#: tensors that hold indices or labels, not values (saved as float32 like every artifact tensor): MEMOIR's
-#: column permutation, stored masks and written columns, LOKA's memory groups and hash buckets. A norm of
-#: them means nothing, so :meth:`Artifact.summary` (``loka inspect``) gives none.
-INDEX_TENSORS = frozenset({"memoir.perm", "memoir.masks", "memoir.cols", "loka.groups", "loka.buckets"})
+#: tensors that hold indices or labels, not values (saved as float32 like every artifact tensor), as
+#: their methods declare them (``Method.index_tensors``). A norm of them means nothing, so
+#: :meth:`Artifact.summary` (``loka inspect``) gives none.
+INDEX_TENSORS: set[str] = set()
+
+
+def register_index_tensors(names: Iterable[str]) -> None:
+    """Say which artifact tensors of a method hold indices, not values."""
+    INDEX_TENSORS.update(names)
 
 
 def holds_values(name: str, t: torch.Tensor) -> bool:

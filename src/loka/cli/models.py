@@ -104,6 +104,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from .. import methods  # noqa: F401  (each method declares its index tensors when registered)
     from ..artifact import load_artifact
 
     s = load_artifact(args.artifact).summary()

@@ -259,6 +259,8 @@ class Method:
     stateful: ClassVar[bool] = False  # needs the EditState of earlier batches in sequential editing
     #: the artifact kind it makes: weight-delta, adapter, memory (forward hooks), context (a fact store)
     kind: ClassVar[Literal["weight-delta", "adapter", "memory", "context"]] = "weight-delta"
+    #: artifact tensors that hold indices or labels, not values (``loka inspect`` gives them no norm)
+    index_tensors: ClassVar[frozenset[str]] = frozenset()
     #: a memory or context method whose artifacts an exported folder cannot carry: why (a clause after
     #: "because"); one that can implements ``export_hooks`` instead
     export_refusal: ClassVar[str] = ""
@@ -320,6 +322,10 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add the method to :data:`REGISTRY` (and tell the artifact layer how its
     ``memory`` artifacts are installed)."""
     REGISTRY[cls.name] = cls
+    if cls.index_tensors:
+        from ..artifact import register_index_tensors
+
+        register_index_tensors(cls.index_tensors)
     if cls.kind == "memory":
         from ..artifact import register_memory
 

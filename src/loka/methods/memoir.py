@@ -623,6 +623,7 @@ def _prefixes(handle: ModelHandle, n: int, seed: int) -> list[str]:
 class Memoir(MemoryMethod):
     name = "memoir"
     hparams_cls = MemoirHParams
+    index_tensors = frozenset({"memoir.perm", "memoir.masks", "memoir.cols"})
     stateful = True
 
     @classmethod

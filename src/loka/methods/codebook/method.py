@@ -239,6 +239,7 @@ def _sub(batch, idx):
 class Loka(MemoryMethod):
     name = "loka"
     hparams_cls = LokaHParams
+    index_tensors = frozenset({"loka.groups", "loka.buckets"})
     tasks = frozenset({"edit", "forget", "retain"})
     stateful = True
 
